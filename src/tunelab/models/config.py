@@ -1,0 +1,26 @@
+"""The ``model:`` section of a recipe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunelab.config_base import Section
+
+
+class ModelConfig(Section):
+    """Which model to start from.
+
+    ``name`` is a packaged alias (``tunelab models`` lists them), a local Hugging Face model
+    directory, a ``.gguf`` file, or a tunelab run directory (its saved model is used).
+    """
+
+    name: str = Field("smollm2-135m", description="Alias, HF model directory, .gguf file or run directory.")
+    kind: Literal["auto", "causal-lm", "encoder"] = Field(
+        "auto", description="Architecture family; auto reads it from the model config."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer directory when it differs from the model's.")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose."
+    )

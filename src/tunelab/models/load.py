@@ -32,11 +32,17 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
 from tunelab import atomic  # noqa: E402
 from tunelab.errors import UserError  # noqa: E402
 from tunelab.models import cache  # noqa: E402
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
 from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
+
+# Loading bars for sub-second loads and advice aimed at Hub users are noise in a CLI tool.
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
 
 Task = Literal["causal-lm", "base", "sequence-classification", "token-classification", "masked-lm"]
 

@@ -9,6 +9,7 @@ from pydantic import Field
 from tunelab.config_base import Section
 
 DataFormat = Literal["auto", "chat", "prompt_completion", "instruction", "text", "classification"]
+TemplateName = Literal["auto", "model", "chatml", "llama3", "alpaca", "plain"]
 
 
 class DataConfig(Section):
@@ -17,9 +18,27 @@ class DataConfig(Section):
     train: str | None = Field(None, description="A JSONL/JSON/CSV/Parquet file or a folder of shards.")
     validation: str | None = Field(None, description="A separate validation file; else val_fraction is held out.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
-    format: DataFormat = "auto"
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the fields of the first row.")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename fields: {their_name: our_name}.")
-    max_length: int = Field(512, gt=0)
-    train_on_prompt: bool = False
+    template: TemplateName = Field(
+        "auto",
+        description="Chat template: auto = the model's own, else chatml; model = the model's own (required); "
+        "or a named fallback.",
+    )
+    prompt_template: str | None = Field(
+        None, description="Builds the user turn from row fields, e.g. 'Review: {text}\\nPositive or negative?'."
+    )
+    completion_template: str | None = Field(
+        None, description="Builds the assistant answer from row fields, e.g. '{label}' (rows without a completion)."
+    )
+    system_prompt: str | None = Field(None, description="System message for rows that do not carry their own.")
+    few_shot: int = Field(0, ge=0, description="Prepend this many solved training examples (seeded) as earlier turns.")
+    labels: list[str | int] | None = Field(
+        None, description="Classification label names in class-id order; default: sorted labels of the train split."
+    )
+    max_length: int = Field(512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left.")
+    truncation_side: Literal["left", "right"] = Field("right", description="Which end of a long example is cut.")
+    train_on_prompt: bool = Field(False, description="Supervise prompt tokens too (default: only assistant turns).")
+    dedup: bool = Field(True, description="Remove exact duplicate rows (and train rows repeated in validation).")
     packing: bool = True
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: Literal["error", "skip"] = Field("error", description="error: stop at a bad row; skip: count and go on.")

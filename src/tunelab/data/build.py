@@ -1,0 +1,134 @@
+"""``build_datasets``: from the ``data:`` section to tokenized train/validation examples.
+
+read rows -> rename columns -> detect format -> validate rows into records -> drop duplicates
+-> split (seeded) -> label map -> few-shot + template + tokenize + mask -> truncate -> report
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.bad_rows import BadRows
+from tunelab.data.bundle import DataBundle, DataReport, Example
+from tunelab.data.config import DataConfig
+from tunelab.data.encode import Encoder, learned_tokens
+from tunelab.data.formats import Record, Task, check_settings, rename_columns, resolve_format, to_record
+from tunelab.data.labels import label_names
+from tunelab.data.prompting import few_shot_pool_sample
+from tunelab.data.readers import Row, read_rows
+from tunelab.data.split import hold_out, remove_duplicates, shuffled
+from tunelab.data.templates import resolve_chat_template
+from tunelab.errors import UserError
+
+
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task: Task, seed: int) -> DataBundle:
+    """Read, validate, split, template and tokenize the recipe's data for ``task``.
+
+    ``task``: ``sft`` (chat / prompt-completion / instruction, loss on answers), ``text`` (raw
+    text, every token learned) or ``classification`` (text + label). Everything dropped or cut on
+    the way is counted in the report; ending with no training example is a UserError.
+    """
+    if not cfg.train:
+        raise UserError("data.train is not set", hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them")
+    bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
+    train_rows = _renamed(read_rows(cfg.train, bad_rows), cfg.columns)
+    val_rows = _renamed(read_rows(cfg.validation, bad_rows), cfg.columns) if cfg.validation else []
+    report = DataReport(format="", rows_read=len(train_rows) + len(val_rows) + bad_rows.count)
+    if not train_rows:
+        report.bad_rows_skipped = bad_rows.count
+        raise _nothing_left(cfg, report)
+
+    report.format = resolve_format(cfg, ((r.fields, r.where) for r in train_rows), task)
+    check_settings(cfg, report.format, task)
+    train = _records(train_rows, report.format, task, cfg, bad_rows)
+    validation = _records(val_rows, report.format, task, cfg, bad_rows)
+
+    if cfg.dedup:
+        validation, repeats = remove_duplicates(validation)
+        train, train_repeats = remove_duplicates(train, also_seen=(r.key() for r in validation))
+        report.duplicates_removed = repeats + train_repeats
+    if cfg.validation:
+        train = shuffled(train, seed)
+    else:
+        train, validation = hold_out(train, cfg.val_fraction, seed)
+
+    encoder = _encoder(cfg, tokenizer, task, train, report)
+    train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
+    val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)
+
+    report.bad_rows_skipped = bad_rows.count
+    report.bad_row_samples = bad_rows.samples
+    report.truncated, report.dropped = encoder.truncated, encoder.dropped
+    report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
+    report.tokens = sum(len(e.input_ids) for e in train_examples)
+    report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
+    if not train_examples:
+        raise _nothing_left(cfg, report)
+    return DataBundle(train_examples, val_examples, report, report.label_names)
+
+
+def _nothing_left(cfg: DataConfig, report: DataReport) -> UserError:
+    return UserError(
+        "no training examples left",
+        where=cfg.train,
+        hint=f"rows read {report.rows_read}, bad rows skipped {report.bad_rows_skipped}, duplicates "
+        f"{report.duplicates_removed}, held out for validation {report.validation_examples}, dropped "
+        f"{report.dropped} with nothing to learn within data.max_length = {cfg.max_length}",
+    )
+
+
+def _renamed(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+    if not columns:
+        return rows
+    return [Row(rename_columns(row.fields, columns), row.where) for row in rows]
+
+
+def _records(rows: Sequence[Row], fmt: str, task: Task, cfg: DataConfig, bad_rows: BadRows) -> list[Record]:
+    records = []
+    for row in rows:
+        try:
+            records.append(to_record(row.fields, fmt, task, cfg, row.where))
+        except UserError as exc:
+            bad_rows.handle(exc)
+    return records
+
+
+def _encoder(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, task: Task, train: Sequence[Record], report: DataReport
+) -> Encoder:
+    """The encoder for ``task``, after the template (sft) or label map (classification) is fixed."""
+    if task == "sft":
+        template, report.template = resolve_chat_template(tokenizer, cfg.template)
+        return Encoder(tokenizer, cfg, task, chat_template=template)
+    if task == "classification":
+        report.label_names = label_names(cfg.labels, train)
+        return Encoder(tokenizer, cfg, task, label_index={name: i for i, name in enumerate(report.label_names)})
+    return Encoder(tokenizer, cfg, task)
+
+
+def _encode_all(
+    encoder: Encoder,
+    records: Sequence[Record],
+    pool: Sequence[Record],
+    seed: int,
+    split: str,
+    bad_rows: BadRows,
+    *,
+    exclude_self: bool,
+) -> list[Example]:
+    """Encode ``records``, each with its own reproducible draw of ``few_shot`` demonstrations."""
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            shots = few_shot_pool_sample(pool, encoder.cfg.few_shot, f"{seed}/{split}/{i}", i if exclude_self else None)
+            example = encoder.encode(record, shots)
+        except UserError as exc:
+            if exc.where is None:  # a setting problem (e.g. few_shot larger than the pool), not a row's
+                raise
+            bad_rows.handle(exc)
+            continue
+        if example is not None:
+            examples.append(example)
+    return examples

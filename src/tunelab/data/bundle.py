@@ -1,0 +1,55 @@
+"""What the data stage hands to the trainer: tokenized examples and a report of what happened."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and Hugging Face models) skip
+
+
+@dataclass
+class Example:
+    """One tokenized example.
+
+    ``labels`` has the length of ``input_ids``, with ``IGNORE_INDEX`` where no loss is taken. For
+    classification it is empty and ``label`` holds the class id.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    label: int | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataReport:
+    """Counts a user needs to trust the data: nothing is dropped or cut without being reported."""
+
+    format: str
+    template: str | None = None
+    rows_read: int = 0
+    bad_rows_skipped: int = 0
+    bad_row_samples: list[str] = field(default_factory=list)
+    duplicates_removed: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    label_names: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (for the run directory's report)."""
+        return asdict(self)
+
+
+@dataclass
+class DataBundle:
+    """Train and validation examples, ready for ``collate_packed`` / ``collate_padded``."""
+
+    train: list[Example]
+    validation: list[Example]
+    report: DataReport
+    label_names: list[str] | None = None

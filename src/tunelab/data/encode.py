@@ -1,0 +1,65 @@
+"""Turn validated records into tokenized ``Example``s for one task, counting truncation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.bundle import IGNORE_INDEX, Example
+from tunelab.data.chat_masking import tokenize_chat
+from tunelab.data.config import DataConfig
+from tunelab.data.formats import Record, Task
+from tunelab.data.labels import label_id
+from tunelab.data.prompting import build_messages
+from tunelab.data.tokenize import tokenize_for_classification, tokenize_text, truncate
+
+
+def learned_tokens(example: Example) -> int:
+    """Tokens that produce a loss term: labels after the first, since causal LMs predict token t+1
+    from token t and the first token is never a target."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+@dataclass
+class Encoder:
+    """Encodes records for ``task``; ``truncated``/``dropped`` count what ``max_length`` did."""
+
+    tokenizer: PreTrainedTokenizerBase
+    cfg: DataConfig
+    task: Task
+    chat_template: str | None = None
+    label_index: dict[str, int] | None = None
+    truncated: int = 0
+    dropped: int = 0
+    _declared_labels: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._declared_labels = self.cfg.labels is not None
+
+    def encode(self, record: Record, shots: Sequence[Record] = ()) -> Example | None:
+        """The example for ``record`` (``shots`` as demonstrations), or None when truncation left
+        nothing to learn."""
+        cfg = self.cfg
+        if self.task == "classification":
+            assert self.label_index is not None, "classification needs a label map"
+            ids, cut = tokenize_for_classification(self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side)
+            self.truncated += cut
+            return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
+        if self.task == "text":
+            ids = tokenize_text(self.tokenizer, record.text or "")
+            labels = list(ids)
+        else:
+            assert self.chat_template is not None and record.messages is not None, "sft needs a template and messages"
+            messages = build_messages(cfg.system_prompt, [s.messages or [] for s in shots], record.messages)
+            ids, labels = tokenize_chat(
+                self.tokenizer, messages, self.chat_template, train_on_prompt=cfg.train_on_prompt, where=record.where
+            )
+        ids, labels, cut = truncate(ids, labels, cfg.max_length, cfg.truncation_side)
+        example = Example(ids, labels)
+        if learned_tokens(example) == 0:
+            self.dropped += 1
+            return None
+        self.truncated += cut
+        return example

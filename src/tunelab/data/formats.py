@@ -1,0 +1,201 @@
+"""Row formats: detect which one a file uses and turn each row into a ``Record``.
+
+A ``Record`` is what the model will see, before tokenization: a conversation (``sft``), a text
+(``text``), or a text and its label (``classification``). Every check on a row's content lives
+here and raises a ``UserError`` that names the row's ``file:line`` and the fix.
+
+Formats (by the fields present, after ``data.columns`` renaming):
+
+- ``chat``: ``messages`` = [{role: system|user|assistant, content, weight?: 0|1}, ...]
+- ``prompt_completion``: ``prompt``, ``completion``
+- ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
+- ``classification``: ``text``, ``label``
+- ``text``: ``text`` (continued pretraining)
+- ``fields``: any fields, turned into prompts/answers/texts by ``data.prompt_template`` and
+  ``data.completion_template``
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tunelab.data.config import DataConfig
+from tunelab.data.prompting import Message, qa_messages, render
+from tunelab.errors import UserError
+
+Task = Literal["sft", "classification", "text"]
+
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first match wins
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant")
+FORMATS_HINT = "expected messages | prompt+completion | instruction+output | text+label | text"
+
+
+@dataclass
+class Record:
+    """One row, validated and reduced to what the model sees."""
+
+    where: str
+    messages: list[Message] | None = None
+    text: str | None = None
+    label: str | int | None = None
+
+    def key(self) -> str:
+        """Identity for exact-duplicate removal: two rows the model would see identically."""
+        return json.dumps([self.messages, self.text, self.label], sort_keys=True, ensure_ascii=False)
+
+
+def rename_columns(fields: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``data.columns`` ({their_name: our_name})."""
+    return {columns.get(name, name): value for name, value in fields.items()}
+
+
+def detect_format(fields: Mapping[str, Any]) -> str | None:
+    """The first format whose required fields are all present, or None."""
+    for name, required in FORMAT_FIELDS.items():
+        if all(fields.get(f) is not None for f in required):
+            return name
+    return None
+
+
+def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]], task: Task) -> str:
+    """``data.format``, or the format most rows match (one odd row does not decide for the file)."""
+    if cfg.format != "auto":
+        return cfg.format
+    counts: Counter[str] = Counter()
+    first: tuple[Mapping[str, Any], str] | None = None
+    for fields, where in rows:
+        first = first or (fields, where)
+        detected = detect_format(fields)
+        if detected:
+            counts[detected] += 1
+    if counts:
+        return counts.most_common(1)[0][0]
+    templated = cfg.prompt_template and (cfg.completion_template or task != "sft")
+    if templated:
+        return "fields"
+    fields, where = first or ({}, None)
+    raise UserError(
+        f"cannot tell the data format from the fields {', '.join(fields) or '(none)'}",
+        where=where,
+        hint=f"{FORMATS_HINT}; rename yours with data.columns {{their_name: our_name}} or set data.format",
+    )
+
+
+def check_settings(cfg: DataConfig, fmt: str, task: Task) -> None:
+    """Reject settings that this format/task combination would silently ignore."""
+    if fmt == "chat" and (cfg.prompt_template or cfg.completion_template):
+        raise UserError(
+            "data.prompt_template/completion_template build turns from row fields, but chat rows already hold their messages",
+            hint="remove them, or use prompt/completion rows",
+        )
+    if task != "sft":
+        for name in ("completion_template", "system_prompt"):
+            if getattr(cfg, name):
+                raise UserError(f"data.{name} applies to sft data only (this task is '{task}')", hint=f"remove data.{name}")
+        if cfg.few_shot:
+            raise UserError(f"data.few_shot applies to sft data only (this task is '{task}')", hint="set data.few_shot: 0")
+        if fmt in ("chat", "prompt_completion", "instruction") and not cfg.prompt_template:
+            raise UserError(
+                f"task '{task}' needs a 'text' field{' and a label' if task == 'classification' else ''}, but the rows are {fmt}",
+                hint="set data.prompt_template to build the text from row fields, or map a column with data.columns",
+            )
+    elif fmt in ("text", "classification", "fields") and not (cfg.prompt_template and cfg.completion_template):
+        raise UserError(
+            f"sft needs a prompt and an answer per row, but the rows are {fmt}",
+            hint="use chat, prompt/completion or instruction rows, or set data.prompt_template and "
+            "data.completion_template (e.g. '{label}') to build them from fields",
+        )
+
+
+def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, where: str) -> Record:
+    """Validate one row and reduce it to a Record for ``task``."""
+    if task == "sft":
+        if fmt == "chat":
+            return Record(where, messages=chat_messages(fields.get("messages"), where))
+        prompt = render(cfg.prompt_template, fields, where) if cfg.prompt_template else _prompt_field(fields, fmt, where)
+        answer = (
+            render(cfg.completion_template, fields, where) if cfg.completion_template else _answer_field(fields, fmt, where)
+        )
+        return Record(where, messages=qa_messages(prompt, answer))
+    text = render(cfg.prompt_template, fields, where) if cfg.prompt_template else _string(fields, "text", where)
+    if task == "text":
+        return Record(where, text=text)
+    label = fields.get("label")
+    if label is None:
+        raise _missing("label", fields, where)
+    if not isinstance(label, (str, int)):
+        raise UserError(f"'label' must be a string or an integer, got {type(label).__name__}", where=where)
+    return Record(where, text=text, label=label)
+
+
+def chat_messages(value: Any, where: str) -> list[Message]:
+    """Validated messages with an explicit weight (1 unless the row says 0)."""
+    if not isinstance(value, list) or not value:
+        raise UserError(
+            "'messages' must be a non-empty list of {role, content} objects",
+            where=where,
+            hint='e.g. [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+        )
+    messages = []
+    for n, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            raise UserError(f"message {n} is not an object", where=where, hint="write {\"role\": ..., \"content\": ...}")
+        role, content, weight = message.get("role"), message.get("content"), message.get("weight", 1)
+        if role not in ROLES:
+            raise UserError(f"message {n} has role {role!r}", where=where, hint=f"roles are {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise UserError(f"message {n} needs a string 'content'", where=where)
+        if weight not in (0, 1):
+            raise UserError(f"message {n} has weight {weight!r}", where=where, hint="weight is 1 (learn this turn) or 0 (context only)")
+        messages.append({"role": role, "content": content, "weight": int(weight)})
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if "assistant" not in turns:
+        raise UserError(
+            "chat has no assistant turn, so there is nothing to learn",
+            where=where,
+            hint='add the answer as {"role": "assistant", "content": "..."}',
+        )
+    if turns[0] != "user":
+        raise UserError("a chat must start with a user turn (after an optional system message)", where=where)
+    return messages
+
+
+def _prompt_field(fields: Mapping[str, Any], fmt: str, where: str) -> str:
+    if fmt == "instruction":
+        instruction = _string(fields, "instruction", where)
+        extra = fields.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise UserError(f"'input' must be a string, got {type(extra).__name__}", where=where)
+        return f"{instruction}\n\n{extra}" if extra else instruction
+    return _string(fields, "prompt", where)
+
+
+def _answer_field(fields: Mapping[str, Any], fmt: str, where: str) -> str:
+    return _string(fields, "output" if fmt == "instruction" else "completion", where)
+
+
+def _string(fields: Mapping[str, Any], name: str, where: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        raise _missing(name, fields, where)
+    if not isinstance(value, str):
+        raise UserError(f"'{name}' must be a string, got {type(value).__name__}", where=where)
+    return value
+
+
+def _missing(name: str, fields: Mapping[str, Any], where: str) -> UserError:
+    return UserError(
+        f"missing column '{name}' (the row has: {', '.join(fields) or 'no fields'})",
+        where=where,
+        hint=f"add it, or map yours with data.columns: {{their_name: {name}}}",
+    )

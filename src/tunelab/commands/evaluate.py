@@ -1,4 +1,4 @@
-"""``tunelab metrics``: score predictions from files; ``tunelab eval``: evaluate a model on a task."""
+"""``tunelab metrics``: score predictions from files; ``tunelab eval``: compare systems on a task."""
 
 from __future__ import annotations
 
@@ -36,4 +36,78 @@ def metrics_command(metric_list: str, predictions_path: str, reference_paths: tu
     click.echo(json.dumps({"items": len(predictions), "scores": scores, "settings": settings(names)}, indent=2))
 
 
-commands = [metrics_command]
+def _unescape(text: str) -> str:
+    """Shells make a newline hard to type, so ``\\n`` and ``\\t`` in a stop string mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _shots(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write counts separated by commas, e.g. 0,1,5") from None
+
+
+@click.command("eval")
+@click.option("--model", "-m", "model_name", default=None, help="Base model (alias, HF directory, .gguf, run directory); default: the recipe's model.")
+@click.option("--run", "runs", multiple=True, help="A fine-tuned model or run directory, evaluated zero-shot (repeatable).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None, help="Take eval:/data: settings from this recipe.")
+@click.option("--data", default=None, help="Evaluation file (JSONL, JSON, CSV, Parquet).")
+@click.option("--pool", default=None, help="File of solved examples for few-shot demonstrations.")
+@click.option("--task", type=click.Choice(["generation", "choice", "classification", "perplexity"]), default=None)
+@click.option("--metrics", "metric_list", default=None, help=f"Comma-separated: {', '.join(METRICS)}.")
+@click.option("--shots", default=None, help="In-context examples for the base model, e.g. 0,5.")
+@click.option("--prompt-template", default=None, help="E.g. '{passage}\nQuestion: {question}?'.")
+@click.option("--answer-field", default=None, help="Field with the reference answer(s) or correct option.")
+@click.option("--text-field", default=None, help="Field with the text (classification, perplexity).")
+@click.option("--choice", "choices", multiple=True, help="An option shared by all items (repeat: --choice no --choice yes).")
+@click.option("--format", "prompt_format", type=click.Choice(["chat", "plain"]), default=None)
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--max-examples", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None, help="0 = greedy.")
+@click.option("--stop", multiple=True, help="Stop string for generation (repeatable; '\\n' means a newline).")
+@click.option("--extract", type=click.Choice(["none", "first_line", "regex", "choice_letter"]), default=None)
+@click.option("--extract-pattern", default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--out", "out_dir", default=None, help="Output folder; default: <recipe output_dir>/eval or ./eval-<task>.")
+def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str | None, out_dir: str | None, **options: object) -> None:
+    """Evaluate the base model zero-/few-shot and fine-tuned runs on one task; write eval.json, eval.md, predictions."""
+    from pathlib import Path
+
+    from tunelab.errors import UserError
+    from tunelab.evaluate.report import markdown_table, write_report
+    from tunelab.evaluate.runner import evaluate
+    from tunelab.evaluate.setup import resolve_setup
+    from tunelab.hardware import configure_threads
+    from tunelab.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    overrides = {
+        "data": options["data"], "pool": options["pool"], "task": options["task"],
+        "metrics": _metric_names(str(options["metric_list"])) if options["metric_list"] else None,
+        "shots": _shots(options["shots"]),  # type: ignore[arg-type]
+        "prompt_template": options["prompt_template"], "answer_field": options["answer_field"],
+        "text_field": options["text_field"], "choices": list(options["choices"]) or None,  # type: ignore[call-overload]
+        "format": options["prompt_format"], "system_prompt": options["system_prompt"],
+        "max_examples": options["max_examples"], "batch_size": options["batch_size"],
+        "max_new_tokens": options["max_new_tokens"], "temperature": options["temperature"],
+        "stop": [_unescape(s) for s in options["stop"]] or None,  # type: ignore[attr-defined]
+        "extract": options["extract"], "extract_pattern": options["extract_pattern"], "seed": options["seed"],
+    }
+    setup = resolve_setup(recipe, overrides)
+    base = model_name or (recipe.model.name if recipe else None)
+    if not base and not runs:
+        raise UserError("nothing to evaluate", hint="pass --model NAME and/or --run DIR")
+    configure_threads()
+    results = evaluate(setup, base, runs)
+    out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe else Path(f"eval-{setup.cfg.task}"))
+    path = write_report(out, setup, results)
+    click.echo(markdown_table(results), nl=False)
+    click.echo(f"wrote {path}, {out / 'eval.md'} and per-system predictions")
+
+
+commands = [metrics_command, eval_command]

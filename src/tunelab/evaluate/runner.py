@@ -1,0 +1,95 @@
+"""Evaluate several systems on one task: the base model at each k shots, then each fine-tuned run.
+
+This answers the question tunelab exists for -- which approach is best for this goal? -- with
+numbers made the same way for every system: the same items, template, metrics and seed. The base
+model is prompted with k in-context examples for each k in ``eval.shots``; a fine-tuned run is
+evaluated zero-shot (its training replaces the demonstrations). Models load through
+``tunelab.models.load_model``, so any alias, Hugging Face directory, GGUF file or run directory works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunelab.evaluate.config import EvalConfig
+from tunelab.evaluate.items import read_items
+from tunelab.evaluate.metrics import get_metrics
+from tunelab.evaluate.prompts import PromptBuilder
+from tunelab.evaluate.tasks import FEW_SHOT_TASKS, MODEL_TASK, TASKS, TaskInputs, check_shots
+
+DEFAULT_TEMPLATE = "{prompt}"
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """An evaluation fully resolved from a recipe and command-line options."""
+
+    cfg: EvalConfig
+    data: str
+    pool: str | None = None
+    chat_template: str = "auto"
+
+
+@dataclass
+class SystemResult:
+    """One row of the comparison table, plus its per-item records."""
+
+    system: str
+    model: str
+    source: str
+    shots: int
+    examples: int
+    seconds: float
+    scores: dict[str, float]
+    records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> dict[str, Any]:
+        """What eval.json records for this system."""
+        return {
+            "system": self.system, "model": self.model, "source": self.source, "shots": self.shots,
+            "examples": self.examples, "seconds": self.seconds, "examples_per_second": self.examples_per_second,
+            "scores": self.scores,
+        }
+
+
+def evaluate(setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, show_progress: bool = True) -> list[SystemResult]:
+    """Score ``base`` at every k in ``setup.cfg.shots`` and each of ``runs`` zero-shot."""
+    from tunelab.models import load_model
+
+    cfg = setup.cfg
+    shots = cfg.shots if cfg.task in FEW_SHOT_TASKS else [0]
+    check_shots(cfg, cfg.shots)
+    if cfg.metric_names():
+        get_metrics(cfg.metric_names())  # a typo fails before any model is loaded
+    items = read_items(setup.data, cfg.max_examples)
+    pool = read_items(setup.pool) if setup.pool and any(shots) else []
+    same_file = bool(setup.pool) and Path(setup.pool).resolve() == Path(setup.data).resolve()
+    plan = ([(base, k) for k in shots] if base else []) + [(run, 0) for run in runs]
+    results: list[SystemResult] = []
+    loaded, loaded_name = None, None
+    for name, k in plan:
+        if loaded_name != name:
+            loaded, loaded_name = load_model(name, MODEL_TASK[cfg.task], seed=cfg.seed), name
+        assert loaded is not None
+        system = f"{name} {k}-shot" if name == base and cfg.task in FEW_SHOT_TASKS else name
+        inputs = TaskInputs(items, cfg, _builder(setup, loaded.tokenizer), pool, same_file, k)
+        output = TASKS[cfg.task](loaded.model, loaded.tokenizer, inputs, progress=system if show_progress else None)
+        results.append(SystemResult(system, name, loaded.source, k, len(items), output.seconds, output.scores, output.records))
+    return results
+
+
+def _builder(setup: EvalSetup, tokenizer: Any) -> PromptBuilder:
+    return PromptBuilder(
+        tokenizer=tokenizer,
+        template=setup.cfg.prompt_template or DEFAULT_TEMPLATE,
+        format=setup.cfg.format,
+        system=setup.cfg.system_prompt,
+        chat_template_name=setup.chat_template,
+    )
+

@@ -110,4 +110,35 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
     click.echo(f"wrote {path}, {out / 'eval.md'} and per-system predictions")
 
 
-commands = [metrics_command, eval_command]
+@click.group("human")
+def human_group() -> None:
+    """Blinded side-by-side human review: export a page, import the ratings."""
+
+
+@human_group.command("export")
+@click.option("--predictions", "predictions", multiple=True, required=True, type=click.Path(dir_okay=False), help="A system's predictions JSONL (from `tunelab eval`); repeat for 2+ systems.")
+@click.option("--name", "names", multiple=True, help="System names, in --predictions order (default: file names).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The HTML page to write (its key goes to <out>.key.json).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the per-item shuffle.")
+def human_export_command(predictions: tuple[str, ...], names: tuple[str, ...], out_path: str, seed: int) -> None:
+    """Write a self-contained HTML page where raters compare blinded outputs and download ratings."""
+    from tunelab.evaluate.human_export import export_review, key_path
+
+    page = export_review(predictions, out_path, names, seed)
+    click.echo(f"wrote {page} (send this to raters) and {key_path(page)} (keep it: it unblinds the ratings)")
+
+
+@human_group.command("import")
+@click.argument("ratings", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False), help="The page's .key.json.")
+def human_import_command(ratings: tuple[str, ...], key_file: str) -> None:
+    """Win rates with 95% intervals and rater agreement (Cohen's/Fleiss' kappa), as JSON."""
+    from pathlib import Path
+
+    from tunelab.evaluate.human_stats import read_ratings, summarize
+
+    key = json.loads(Path(key_file).read_text(encoding="utf-8"))
+    click.echo(json.dumps(summarize(read_ratings(ratings, key), key["systems"]), indent=2))
+
+
+commands = [metrics_command, eval_command, human_group]

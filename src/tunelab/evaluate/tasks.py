@@ -113,7 +113,7 @@ def run_generation(model: torch.nn.Module, tokenizer: Any, inputs: TaskInputs, p
     seconds = time.perf_counter() - start
     answers = [extract_answer(text, cfg.extract, cfg.extract_pattern) for text in outputs]
     records = [
-        {"where": row.where, "output": text, "prediction": ans, "references": r}
+        {"where": row.where, "prompt": builder.prompt(row), "output": text, "prediction": ans, "references": r}
         for row, text, ans, r in zip(inputs.items, outputs, answers, refs)
     ]
     return TaskOutput(score(cfg.metric_names(), answers, refs), records, seconds)

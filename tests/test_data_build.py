@@ -43,7 +43,9 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tmp_path):
 def test_right_truncation_that_keeps_part_of_the_answer_is_truncated_not_dropped(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a long answer"}])
     full = build_datasets(DataConfig(train=path, val_fraction=0), TOK, task="sft", seed=0).train[0]
-    cut = build_datasets(DataConfig(train=path, val_fraction=0, max_length=len(full.input_ids) - 5), TOK, task="sft", seed=0)
+    cut = build_datasets(
+        DataConfig(train=path, val_fraction=0, max_length=len(full.input_ids) - 5), TOK, task="sft", seed=0
+    )
     assert (cut.report.truncated, cut.report.dropped) == (1, 0)
     assert cut.train[0].input_ids == full.input_ids[:-5]
 
@@ -52,7 +54,12 @@ def test_classification_truncation_keeps_encoder_special_tokens(tmp_path):
     tok = byte_tokenizer(encoder_style=True)
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "abcdefgh", "label": "x"}])
     for side, kept in (("right", "abc"), ("left", "fgh")):
-        bundle = build_datasets(DataConfig(train=path, val_fraction=0, max_length=5, truncation_side=side), tok, task="classification", seed=0)
+        bundle = build_datasets(
+            DataConfig(train=path, val_fraction=0, max_length=5, truncation_side=side),
+            tok,
+            task="classification",
+            seed=0,
+        )
         assert tok.decode(bundle.train[0].input_ids) == f"[CLS]{kept}[SEP]"
         assert bundle.report.truncated == 1
 
@@ -65,6 +72,13 @@ def test_duplicates_are_removed_and_counted_including_train_rows_seen_in_validat
     assert (report.train_examples, report.validation_examples) == (3, 2)
     kept = build_datasets(DataConfig(train=train, validation=val, dedup=False), TOK, task="sft", seed=0).report
     assert (kept.duplicates_removed, kept.train_examples, kept.validation_examples) == (0, 5, 3)
+
+
+def test_validation_file_that_leaves_nothing_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [qa(0), qa(1)])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "no answer"}])
+    with pytest.raises(UserError, match="no validation examples left"):
+        build_datasets(DataConfig(train=train, validation=val, on_bad_row="skip"), TOK, task="sft", seed=0)
 
 
 def test_held_out_split_is_seeded(tmp_path):
@@ -102,14 +116,21 @@ def test_labels_default_to_sorted_train_labels_integers_numerically(tmp_path):
 
 
 def test_declared_labels_fix_the_class_ids(tmp_path):
-    bundle = cls_bundle(tmp_path, [{"text": "a", "label": "pos"}], [{"text": "b", "label": "neg"}], labels=["pos", "neg", "neutral"])
+    bundle = cls_bundle(
+        tmp_path, [{"text": "a", "label": "pos"}], [{"text": "b", "label": "neg"}], labels=["pos", "neg", "neutral"]
+    )
     assert bundle.label_names == ["pos", "neg", "neutral"]
     assert (bundle.train[0].label, bundle.validation[0].label) == (0, 1)
 
 
 def test_undeclared_label_is_an_error_at_its_row(tmp_path):
     with pytest.raises(UserError, match="label 'meh' is not one of the labels") as info:
-        cls_bundle(tmp_path, [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}], [{"text": "c", "label": "pos"}], labels=["pos", "neg"])
+        cls_bundle(
+            tmp_path,
+            [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}],
+            [{"text": "c", "label": "pos"}],
+            labels=["pos", "neg"],
+        )
     assert info.value.where == f"{tmp_path / 't.jsonl'}:2"
     assert "data.labels" in info.value.hint
 
@@ -125,7 +146,9 @@ def test_validation_label_unseen_in_train_is_an_error_unless_skipped(tmp_path):
 
 
 def test_report_counts_tokens_that_carry_loss(tmp_path):
-    bundle = build_datasets(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", [qa(0)]), val_fraction=0), TOK, task="sft", seed=0)
+    bundle = build_datasets(
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", [qa(0)]), val_fraction=0), TOK, task="sft", seed=0
+    )
     report = bundle.report.as_dict()
     assert report["supervised_tokens"] == len("answer 0") + 1  # the answer's bytes and <|im_end|>
     assert report["tokens"] == len(bundle.train[0].input_ids)

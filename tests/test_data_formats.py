@@ -60,7 +60,7 @@ def test_chat_supervises_each_assistant_turn_and_its_end_marker(tmp_path):
         "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n"
     )
     assert supervised_runs(example) == ["4<|im_end|>", "6<|im_end|>"]
-    assert example.labels == [t if l != IGNORE_INDEX else l for t, l in zip(example.input_ids, example.labels)]
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels, strict=True))
 
 
 def test_weight_zero_turn_is_context_only(tmp_path):
@@ -77,7 +77,9 @@ def test_train_on_prompt_supervises_everything(tmp_path):
 
 def test_prompt_completion(tmp_path):
     example = only_example(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Capital of France?", "completion": "Paris"}]))
-    assert text_of(example) == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n"
+    assert (
+        text_of(example) == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n"
+    )
     assert supervised_runs(example) == ["Paris<|im_end|>"]
 
 
@@ -86,7 +88,9 @@ def test_alpaca_instruction_with_and_without_input(tmp_path):
         {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
         {"instruction": "Say hi.", "input": "", "output": "hi"},
     ]
-    bundle = build_datasets(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="sft", seed=0)
+    bundle = build_datasets(
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="sft", seed=0
+    )
     by_answer = {supervised_runs(e)[0]: text_of(e) for e in bundle.train}
     assert "<|im_start|>user\nTranslate to French.\n\ncat<|im_end|>" in by_answer["chat<|im_end|>"]
     assert "<|im_start|>user\nSay hi.<|im_end|>" in by_answer["hi<|im_end|>"]
@@ -101,7 +105,9 @@ def test_raw_text_supervises_every_token_and_ends_with_eos(tmp_path):
 
 def test_classification_rows_map_labels_to_ids(tmp_path):
     rows = [{"text": "great", "label": "pos"}, {"text": "awful", "label": "neg"}]
-    bundle = build_datasets(DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="classification", seed=0)
+    bundle = build_datasets(
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="classification", seed=0
+    )
     assert bundle.label_names == ["neg", "pos"]
     assert {TOK.decode(e.input_ids): e.label for e in bundle.train} == {"great": 1, "awful": 0}
     assert all(e.labels == [] for e in bundle.train)
@@ -161,7 +167,10 @@ def test_settings_that_would_be_ignored_are_errors(tmp_path):
     [
         ([{"role": "robot", "content": "x"}], "message 1 has role 'robot'"),
         ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "message 1 needs a string 'content'"),
-        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}], "message 2 has weight 0.5"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}],
+            "message 2 has weight 0.5",
+        ),
         ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], "must start with a user turn"),
         ([], "non-empty list"),
     ],

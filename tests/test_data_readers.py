@@ -66,7 +66,10 @@ def test_csv_and_tsv(tmp_path):
     (tmp_path / "d.csv").write_text('prompt,completion\n"a, with comma",b\n"multi\nline",c\n', encoding="utf-8")
     (tmp_path / "d.tsv").write_text("prompt\tcompletion\nx\ty\n", encoding="utf-8")
     rows = read_rows(tmp_path / "d.csv", BadRows("error"))
-    assert [r.fields for r in rows] == [{"prompt": "a, with comma", "completion": "b"}, {"prompt": "multi\nline", "completion": "c"}]
+    assert [r.fields for r in rows] == [
+        {"prompt": "a, with comma", "completion": "b"},
+        {"prompt": "multi\nline", "completion": "c"},
+    ]
     assert [r.where.rsplit(":", 1)[1] for r in rows] == ["2", "3"]
     assert fields(tmp_path / "d.tsv") == [{"prompt": "x", "completion": "y"}]
 

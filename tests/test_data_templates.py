@@ -36,7 +36,11 @@ def supervised_runs(tokenizer, example: Example) -> list[str]:
 @pytest.mark.parametrize(
     ("template", "rendered", "learned"),
     [
-        ("chatml", "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n", "Paris<|im_end|>"),
+        (
+            "chatml",
+            "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n",
+            "Paris<|im_end|>",
+        ),
         (
             "llama3",
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nCapital of France?<|eot_id|>"
@@ -63,7 +67,16 @@ def test_named_templates_render_and_mask(tmp_path, template, rendered, learned):
 
 def test_system_prompt_comes_first_unless_the_row_has_one(tmp_path):
     tok = byte_tokenizer()
-    rows = [ROW, {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    rows = [
+        ROW,
+        {
+            "messages": [
+                {"role": "system", "content": "Own."},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
     texts = []
     for i, row in enumerate(rows):
         cfg = DataConfig(train=write_jsonl(tmp_path / f"{i}.jsonl", [row]), val_fraction=0, system_prompt="Be exact.")
@@ -117,11 +130,15 @@ def test_smollm2_real_template_masks_assistant_turns(smollm2_tokenizer):
 @pytest.mark.slow
 def test_quickstart_data_fits_smollm2_without_loss(smollm2_tokenizer):
     data = Path(__file__).parents[1] / "examples" / "data"
-    cfg = DataConfig(train=str(data / "rt_sentiment_train.jsonl"), validation=str(data / "rt_sentiment_test.jsonl"), max_length=256)
+    cfg = DataConfig(
+        train=str(data / "rt_sentiment_train.jsonl"), validation=str(data / "rt_sentiment_test.jsonl"), max_length=256
+    )
     report = build_datasets(cfg, smollm2_tokenizer, task="sft", seed=0).report
     assert (report.train_examples, report.validation_examples) == (500, 200)
     assert (report.truncated, report.dropped, report.template) == (0, 0, "model")
     # exactly the answer word's tokens plus <|im_end|> are learned, nothing of the prompt
-    per_answer = {w: len(smollm2_tokenizer(w, add_special_tokens=False)["input_ids"]) + 1 for w in ("positive", "negative")}
+    per_answer = {
+        w: len(smollm2_tokenizer(w, add_special_tokens=False)["input_ids"]) + 1 for w in ("positive", "negative")
+    }
     assert per_answer["positive"] == per_answer["negative"]
     assert report.supervised_tokens == per_answer["positive"] * report.train_examples

@@ -66,6 +66,12 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task:
     report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
     if not train_examples:
         raise _nothing_left(cfg, report)
+    if cfg.validation and not val_examples:
+        raise UserError(
+            "no validation examples left",
+            where=cfg.validation,
+            hint="every row was a bad row, a duplicate of another, or had nothing to learn within data.max_length",
+        )
     return DataBundle(train_examples, val_examples, report, report.label_names)
 
 

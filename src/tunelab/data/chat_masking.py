@@ -79,7 +79,7 @@ def tokenize_chat(
             hint="use a model whose tokenizer has a tokenizer.json",
         ) from None
     labels = []
-    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
         overlapping = [span for span in spans if start < span.end and end > span.start]
         learned = all(s.learned for s in overlapping) if train_on_prompt else any(s.learned for s in overlapping)
         labels.append(token if learned else IGNORE_INDEX)

@@ -36,9 +36,13 @@ class DataConfig(Section):
     labels: list[str | int] | None = Field(
         None, description="Classification label names in class-id order; default: sorted labels of the train split."
     )
-    max_length: int = Field(512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left.")
+    max_length: int = Field(
+        512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left."
+    )
     truncation_side: Literal["left", "right"] = Field("right", description="Which end of a long example is cut.")
     train_on_prompt: bool = Field(False, description="Supervise prompt tokens too (default: only assistant turns).")
     dedup: bool = Field(True, description="Remove exact duplicate rows (and train rows repeated in validation).")
     packing: bool = True
-    on_bad_row: Literal["error", "skip"] = Field("error", description="error: stop at a bad row; skip: count and go on.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop at a bad row; skip: count and go on."
+    )

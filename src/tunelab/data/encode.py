@@ -44,7 +44,9 @@ class Encoder:
         cfg = self.cfg
         if self.task == "classification":
             assert self.label_index is not None, "classification needs a label map"
-            ids, cut = tokenize_for_classification(self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side)
+            ids, cut = tokenize_for_classification(
+                self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side
+            )
             self.truncated += cut
             return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
         if self.task == "text":

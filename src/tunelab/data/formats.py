@@ -101,9 +101,13 @@ def check_settings(cfg: DataConfig, fmt: str, task: Task) -> None:
     if task != "sft":
         for name in ("completion_template", "system_prompt"):
             if getattr(cfg, name):
-                raise UserError(f"data.{name} applies to sft data only (this task is '{task}')", hint=f"remove data.{name}")
+                raise UserError(
+                    f"data.{name} applies to sft data only (this task is '{task}')", hint=f"remove data.{name}"
+                )
         if cfg.few_shot:
-            raise UserError(f"data.few_shot applies to sft data only (this task is '{task}')", hint="set data.few_shot: 0")
+            raise UserError(
+                f"data.few_shot applies to sft data only (this task is '{task}')", hint="set data.few_shot: 0"
+            )
         if fmt in ("chat", "prompt_completion", "instruction") and not cfg.prompt_template:
             raise UserError(
                 f"task '{task}' needs a 'text' field{' and a label' if task == 'classification' else ''}, but the rows are {fmt}",
@@ -122,9 +126,13 @@ def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, 
     if task == "sft":
         if fmt == "chat":
             return Record(where, messages=chat_messages(fields.get("messages"), where))
-        prompt = render(cfg.prompt_template, fields, where) if cfg.prompt_template else _prompt_field(fields, fmt, where)
+        prompt = (
+            render(cfg.prompt_template, fields, where) if cfg.prompt_template else _prompt_field(fields, fmt, where)
+        )
         answer = (
-            render(cfg.completion_template, fields, where) if cfg.completion_template else _answer_field(fields, fmt, where)
+            render(cfg.completion_template, fields, where)
+            if cfg.completion_template
+            else _answer_field(fields, fmt, where)
         )
         return Record(where, messages=qa_messages(prompt, answer))
     text = render(cfg.prompt_template, fields, where) if cfg.prompt_template else _string(fields, "text", where)
@@ -149,14 +157,18 @@ def chat_messages(value: Any, where: str) -> list[Message]:
     messages = []
     for n, message in enumerate(value, 1):
         if not isinstance(message, dict):
-            raise UserError(f"message {n} is not an object", where=where, hint="write {\"role\": ..., \"content\": ...}")
+            raise UserError(f"message {n} is not an object", where=where, hint='write {"role": ..., "content": ...}')
         role, content, weight = message.get("role"), message.get("content"), message.get("weight", 1)
         if role not in ROLES:
             raise UserError(f"message {n} has role {role!r}", where=where, hint=f"roles are {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise UserError(f"message {n} needs a string 'content'", where=where)
         if weight not in (0, 1):
-            raise UserError(f"message {n} has weight {weight!r}", where=where, hint="weight is 1 (learn this turn) or 0 (context only)")
+            raise UserError(
+                f"message {n} has weight {weight!r}",
+                where=where,
+                hint="weight is 1 (learn this turn) or 0 (context only)",
+            )
         messages.append({"role": role, "content": content, "weight": int(weight)})
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if "assistant" not in turns:

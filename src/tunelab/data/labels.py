@@ -30,6 +30,10 @@ def label_id(record: Record, index: dict[str, int], declared: bool) -> int:
     name = str(record.label)
     if name not in index:
         known = ", ".join(index) if len(index) <= 20 else f"{len(index)} labels"
-        hint = "add it to data.labels, or fix the row" if declared else "it does not occur in the training split; declare data.labels"
+        hint = (
+            "add it to data.labels, or fix the row"
+            if declared
+            else "it does not occur in the training split; declare data.labels"
+        )
         raise UserError(f"label {record.label!r} is not one of the labels ({known})", where=record.where, hint=hint)
     return index[name]

@@ -26,7 +26,9 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise UserError(f"bad prompt template {template!r}: {exc}", hint="write {field} for a row field and {{ }} for braces") from None
+        raise UserError(
+            f"bad prompt template {template!r}: {exc}", hint="write {field} for a row field and {{ }} for braces"
+        ) from None
     return [name.split(".")[0].split("[")[0] for _, name, _, _ in parsed if name is not None]
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunelab.data.bad_rows import BadRows
 from tunelab.errors import UserError
@@ -206,7 +207,9 @@ def read_csv(path: Path, bad_rows: BadRows, delimiter: str = ",") -> list[Row]:
             except UserError as exc:
                 bad_rows.handle(exc)
     except csv.Error as exc:
-        raise UserError(f"malformed CSV ({exc})", where=f"{path}:{reader.line_num}", hint="fix the quoting there") from None
+        raise UserError(
+            f"malformed CSV ({exc})", where=f"{path}:{reader.line_num}", hint="fix the quoting there"
+        ) from None
     return rows
 
 

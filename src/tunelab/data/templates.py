@@ -78,7 +78,9 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, name: str) -> tupl
     if name == "auto":
         return NAMED_TEMPLATES["chatml"], "chatml"
     if name not in NAMED_TEMPLATES:
-        raise UserError(f"unknown chat template '{name}'", hint=f"choose auto, model, or one of: {', '.join(NAMED_TEMPLATES)}")
+        raise UserError(
+            f"unknown chat template '{name}'", hint=f"choose auto, model, or one of: {', '.join(NAMED_TEMPLATES)}"
+        )
     return NAMED_TEMPLATES[name], name
 
 

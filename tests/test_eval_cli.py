@@ -36,7 +36,7 @@ def run(*args):
 
 def read_report(out):
     report = json.loads((out / "eval.json").read_text())
-    records = {s["system"]: [json.loads(l) for l in (out / s["predictions"]).read_text().splitlines()] for s in report["systems"]}
+    records = {s["system"]: [json.loads(line) for line in (out / s["predictions"]).read_text().splitlines()] for s in report["systems"]}
     return report, records
 
 
@@ -128,3 +128,25 @@ def test_bad_input_is_one_line_exit_2(qa, args, message):
     result = run(*[data if a == "DATA" else a for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.strip().count("\n") == 0
+
+
+def test_recipe_eval_section_after_training_compares_base_and_run(tmp_path):
+    from tunelab.evaluate.pipeline import eval_after_training
+    from tunelab.models import load_model
+    from tunelab.recipe import load_recipe
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        "model: {name: tiny-llama}\n"
+        "data: {train: qa.jsonl, validation: qa.jsonl, prompt_template: 'Q: {question}?'}\n"
+        "eval: {task: choice, choices: ['no', 'yes'], shots: [0, 1]}\n"
+    )
+    run_dir = tmp_path / "run"
+    loaded = load_model("tiny-llama", seed=5)
+    loaded.model.save_pretrained(run_dir)
+    loaded.tokenizer.save_pretrained(run_dir)
+    report = json.loads(eval_after_training(load_recipe(recipe_file), run_dir).read_text())
+    assert [s["system"] for s in report["systems"]] == ["tiny-llama 0-shot", "tiny-llama 1-shot", str(run_dir)]
+    assert report["settings"]["prompt_template"] == "Q: {question}?"  # taken from data: when eval: has none
+    assert (run_dir / "eval" / "eval.md").read_text().startswith("# choice evaluation")

@@ -15,7 +15,13 @@ from click.testing import CliRunner
 from tunelab.cli import cli
 from tunelab.errors import UserError
 from tunelab.evaluate.human_export import export_review, key_path
-from tunelab.evaluate.human_stats import Rating, agreement, cohen_kappa, fleiss_kappa, wilson_interval
+from tunelab.evaluate.human_stats import (
+    Rating,
+    agreement,
+    cohen_kappa,
+    fleiss_kappa,
+    wilson_interval,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMPTS = ["Say hi", "Name a colour", "Count to three", "Give a <b>bold</b> </script> answer"]

@@ -78,10 +78,8 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
     """Evaluate the base model zero-/few-shot and fine-tuned runs on one task; write eval.json, eval.md, predictions."""
     from pathlib import Path
 
-    from tunelab.errors import UserError
-    from tunelab.evaluate.report import markdown_table, write_report
-    from tunelab.evaluate.runner import evaluate
-    from tunelab.evaluate.setup import resolve_setup
+    from tunelab.evaluate.pipeline import run_eval
+    from tunelab.evaluate.report import markdown_table
     from tunelab.hardware import configure_threads
     from tunelab.recipe import load_recipe
 
@@ -98,14 +96,11 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
         "stop": [_unescape(s) for s in options["stop"]] or None,  # type: ignore[attr-defined]
         "extract": options["extract"], "extract_pattern": options["extract_pattern"], "seed": options["seed"],
     }
-    setup = resolve_setup(recipe, overrides)
     base = model_name or (recipe.model.name if recipe else None)
-    if not base and not runs:
-        raise UserError("nothing to evaluate", hint="pass --model NAME and/or --run DIR")
+    task = overrides["task"] or (recipe.eval.task if recipe else "generation")
+    out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe else Path(f"eval-{task}"))
     configure_threads()
-    results = evaluate(setup, base, runs)
-    out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe else Path(f"eval-{setup.cfg.task}"))
-    path = write_report(out, setup, results)
+    results, path = run_eval(recipe, overrides, base, runs, out, recipe_dir=Path(recipe_path).parent if recipe_path else None)
     click.echo(markdown_table(results), nl=False)
     click.echo(f"wrote {path}, {out / 'eval.md'} and per-system predictions")
 

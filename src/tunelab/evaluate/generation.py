@@ -8,7 +8,7 @@ and are cut from the text, so the scored answer never includes them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm

@@ -13,8 +13,9 @@ import hashlib
 import json
 import random
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tunelab import atomic
 from tunelab.data.bad_rows import BadRows

@@ -13,10 +13,11 @@ import csv
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any
 
 from tunelab.errors import UserError
 

@@ -7,7 +7,8 @@ a multiple-choice item's correct option is its text or its index among the optio
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tunelab.data.bad_rows import BadRows
 from tunelab.data.readers import Row, read_rows

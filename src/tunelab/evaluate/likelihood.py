@@ -10,8 +10,8 @@ pass over the prompt, not two).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from tqdm import tqdm

@@ -19,9 +19,9 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Callable, Sequence
 
 from tunelab.errors import UserError
 

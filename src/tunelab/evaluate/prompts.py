@@ -8,10 +8,16 @@ saw its training data), in plain format as "prompt answer" paragraphs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from tunelab.data.prompting import build_messages, few_shot_pool_sample, qa_messages, render
+from tunelab.data.prompting import (
+    build_messages,
+    few_shot_pool_sample,
+    qa_messages,
+    render,
+)
 from tunelab.data.readers import Row
 from tunelab.data.templates import render_chat, resolve_chat_template
 from tunelab.errors import UserError

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tunelab import atomic
 from tunelab.evaluate.metrics import settings as metric_settings
@@ -25,6 +26,20 @@ def markdown_table(results: Sequence[SystemResult]) -> str:
         cells = [r.system, *(_number(r.scores.get(key)) for key in keys), str(r.examples), f"{r.examples_per_second:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_report(setup: EvalSetup, results: Sequence[SystemResult]) -> str:
+    """The table under a header that says what was measured and how."""
+    cfg = setup.cfg
+    lines = [
+        f"# {cfg.task} evaluation on {setup.data}",
+        "",
+        f"- prompt template ({cfg.format}): `{json.dumps(cfg.prompt_template)}`",
+        f"- few-shot pool: {setup.pool or 'none'}; shots for the base model: {cfg.shots}; seed {cfg.seed}",
+        *(f"- {name}: {text}" for name, text in report_dict(setup, results)["metric_settings"].items()),
+        "",
+    ]
+    return "\n".join(lines) + markdown_table(results)
 
 
 def _number(value: float | None) -> str:
@@ -56,6 +71,6 @@ def write_report(out_dir: str | Path, setup: EvalSetup, results: Sequence[System
     out = Path(out_dir)
     for r in results:
         atomic.write_text(out / predictions_file(r.system), "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in r.records))
-    atomic.write_text(out / "eval.md", f"# {setup.cfg.task} evaluation on {setup.data}\n\n" + markdown_table(results))
+    atomic.write_text(out / "eval.md", markdown_report(setup, results))
     atomic.write_json(out / "eval.json", report_dict(setup, results))
     return out / "eval.json"

@@ -9,15 +9,22 @@ evaluated zero-shot (its training replaces the demonstrations). Models load thro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tunelab.evaluate.config import EvalConfig
 from tunelab.evaluate.items import read_items
 from tunelab.evaluate.metrics import get_metrics
 from tunelab.evaluate.prompts import PromptBuilder
-from tunelab.evaluate.tasks import FEW_SHOT_TASKS, MODEL_TASK, TASKS, TaskInputs, check_shots
+from tunelab.evaluate.tasks import (
+    FEW_SHOT_TASKS,
+    MODEL_TASK,
+    TASKS,
+    TaskInputs,
+    check_shots,
+)
 
 DEFAULT_TEMPLATE = "{prompt}"
 

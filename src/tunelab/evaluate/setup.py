@@ -7,6 +7,7 @@ chat template), so a recipe states its prompt once for training and evaluation a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,8 +18,12 @@ from tunelab.evaluate.runner import EvalSetup
 from tunelab.recipe import Recipe
 
 
-def resolve_setup(recipe: Recipe | None, overrides: dict[str, Any]) -> EvalSetup:
-    """An ``EvalSetup`` from ``recipe`` (may be None) with ``overrides`` (None values ignored)."""
+def resolve_setup(recipe: Recipe | None, overrides: dict[str, Any], recipe_dir: str | Path | None = None) -> EvalSetup:
+    """An ``EvalSetup`` from ``recipe`` (may be None) with ``overrides`` (None values ignored).
+
+    A recipe's relative ``eval.data`` / ``eval.pool`` are found next to the recipe file
+    (``recipe_dir``) when they do not exist from the working directory, like ``data.train``.
+    """
     base = recipe.eval.model_dump() if recipe else {}
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
@@ -39,4 +44,12 @@ def resolve_setup(recipe: Recipe | None, overrides: dict[str, Any]) -> EvalSetup
     if not data:
         raise UserError("no evaluation data", hint="pass --data FILE (or set eval.data / data.validation in the recipe)")
     pool = cfg.pool or (data_cfg.train if data_cfg else None)
+    if recipe_dir is not None:
+        data, pool = _near(data, Path(recipe_dir)), _near(pool, Path(recipe_dir)) if pool else None
     return EvalSetup(cfg=cfg, data=data, pool=pool, chat_template=data_cfg.template if data_cfg else "auto")
+
+
+def _near(path: str, base: Path) -> str:
+    """``path`` as given if it exists, else relative to ``base`` when it exists there."""
+    candidate = base / path
+    return str(candidate) if not Path(path).is_absolute() and not Path(path).exists() and candidate.exists() else path

@@ -12,8 +12,9 @@ The seconds measured cover the model's work only (not loading), so examples/s co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -9,8 +9,9 @@ hold a list of references for one item.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tunelab.data.bad_rows import BadRows
 from tunelab.data.readers import READERS, read_rows

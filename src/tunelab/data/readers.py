@@ -119,7 +119,7 @@ def _jsonl_rows(path: Path, data: bytes, bad_rows: BadRows) -> list[Row]:
         except json.JSONDecodeError as exc:
             bad_rows.handle(
                 UserError(
-                    f"malformed JSON ({exc.msg} at column {exc.colno})",
+                    f"malformed JSON: {exc.msg} (column {exc.colno})",
                     where=where,
                     hint="fix or delete this line: each line must be one complete JSON object",
                 )
@@ -153,7 +153,7 @@ def _array_rows(path: Path, text: str, bad_rows: BadRows) -> list[Row]:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise UserError(
-                f"malformed JSON ({exc.msg} at column {exc.colno})",
+                f"malformed JSON: {exc.msg} (column {exc.colno})",
                 where=f"{path}:{exc.lineno}",
                 hint="fix the JSON there (a JSON file must be one array of objects)",
             ) from None
@@ -166,13 +166,13 @@ def _array_rows(path: Path, text: str, bad_rows: BadRows) -> list[Row]:
             pos = _skip_space(text, pos + 1)
         elif pos >= len(text) or text[pos] != "]":
             raise UserError(
-                "malformed JSON (expected ',' or ']' after an array element)",
+                "malformed JSON: expected ',' or ']' after an array element",
                 where=f"{path}:{text.count(chr(10), 0, pos) + 1}",
                 hint="fix the JSON there (a JSON file must be one array of objects)",
             )
     if pos >= len(text) or text[pos + 1 :].strip():
         raise UserError(
-            "malformed JSON (the array is not closed, or text follows it)",
+            "malformed JSON: the array is not closed, or text follows it",
             where=f"{path}:{text.count(chr(10), 0, min(pos, len(text))) + 1}",
             hint="a JSON file must be exactly one array of objects",
         )

@@ -100,7 +100,7 @@ def test_perplexity_task_equals_the_perplexity_function(tmp_path):
 
 
 def test_classification_reads_labels_from_the_trained_head(tmp_path):
-    rows = [{"text": f"example {i}", "label": f"LABEL_{i % 2}"} for i in range(6)]
+    rows = [{"text": f"example {i}" + " long" * 200 * (i == 0), "label": f"LABEL_{i % 2}"} for i in range(6)]  # row 0 > 512 tokens
     data = write_jsonl(tmp_path / "cls.jsonl", rows)
     out = tmp_path / "cls"
     result = run("--model", "tiny-bert", "--data", data, "--task", "classification", "--answer-field", "label", "--out", str(out))
@@ -120,6 +120,7 @@ def test_classification_reads_labels_from_the_trained_head(tmp_path):
         (["--model", "tiny-llama", "--data", "DATA", "--shots", "1", "--prompt-template", "{question}"], "needs a pool"),
         (["--model", "tiny-llama", "--data", "DATA", "--task", "choice", "--choice", "A", "--choice", "B", "--prompt-template", "{question}"], "qa.jsonl:1: answer 'yes' is neither one of the options"),
         (["--model", "tiny-llama", "--data", "DATA", "--prompt-template", "{passage}"], "qa.jsonl:1: prompt template needs field 'passage'"),
+        (["--model", "tiny-llama", "--data", "DATA", "--answer-field", "gold", "--prompt-template", "{question}"], "qa.jsonl:1: row has no field 'gold'"),
         (["--data", "DATA"], "nothing to evaluate"),
     ],
 )

@@ -133,11 +133,13 @@ def run_classification(model: torch.nn.Module, tokenizer: Any, inputs: TaskInput
     id2label = getattr(model.config, "id2label", None) or {}
     texts = _input_texts(inputs)
     refs = [item_fields.references(row, cfg.answer_field) for row in inputs.items]
+    # Inputs longer than the model's position table are cut, as its training data would have been.
+    limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.max_length)
     start = time.perf_counter()
     model.eval()
     predicted: list[int] = []
     for begin in range(0, len(texts), cfg.batch_size):
-        batch = tokenizer(texts[begin : begin + cfg.batch_size], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        batch = tokenizer(texts[begin : begin + cfg.batch_size], padding=True, truncation=True, max_length=limit, return_tensors="pt")
         predicted += model(**batch).logits.argmax(-1).tolist()
     seconds = time.perf_counter() - start
     labels = [str(id2label.get(p, p)) for p in predicted]

@@ -1,9 +1,101 @@
-"""The ``compress:`` section: pruning and quantization applied after training."""
+"""The ``compress:`` section: pruning and quantization variants measured against the original.
+
+Each variant is a list of steps applied in order to a fresh copy of the model (``[wanda 2:4,
+dynamic-int8]`` prunes then quantizes). Every variant becomes one row of the trade-off table,
+measured against the uncompressed model in the same run. A step is either ``prune: <criterion>``
+or ``quantize: <format>``; the key tells them apart, so a recipe reads like the table it makes.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator
+
 from tunelab.config_base import Section
+
+PruneCriterion = Literal["magnitude", "wanda", "taylor", "mlp", "heads", "blocks"]
+QuantFormat = Literal["dynamic-int8", "int8", "int4", "nf4", "ternary", "fixed-point"]
+
+
+class PruneStep(Section):
+    """Remove weights (unstructured or N:M masks) or whole channels, heads or blocks."""
+
+    prune: PruneCriterion = Field(
+        description="magnitude/wanda/taylor: zero single weights by that importance; mlp/heads/blocks: remove "
+        "MLP channels, attention head groups or decoder blocks (the model really shrinks)."
+    )
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction removed (of weights, channels, head groups or blocks).")
+    pattern: str | None = Field(None, description="N:M semi-structured pattern such as '2:4' (N kept in every M); replaces sparsity.")
+    scope: Literal["row", "layer", "global"] | None = Field(
+        None, description="Where the sparsity is exact: per output row (wanda's default), per layer (default) or over all targets."
+    )
+    sampled: bool = Field(False, description="Importance sampling: prune at random, less important weights more likely.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature: low is close to deterministic, high close to uniform.")
+    teacher: str | None = Field(None, description="taylor only: importance from the KL to this teacher model instead of the LM loss.")
+    targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tunelab.compress.masks import parse_nm
+
+            parse_nm(value)
+        return value
+
+
+class QuantizeStep(Section):
+    """Store weights in fewer bits (or quantize activations on the fly: dynamic-int8)."""
+
+    quantize: QuantFormat = Field(
+        description="dynamic-int8 (fast on CPU), int8/int4 weight-only with group scales, nf4 (bitsandbytes), "
+        "ternary ({-1,0,1}·absmean), fixed-point (per-tensor Q-format)."
+    )
+    group_size: int | None = Field(128, gt=0, description="Weights sharing one scale (int8/int4/ternary); null: one per output row.")
+    bits: int = Field(8, ge=2, le=8, description="fixed-point width in bits (sign included).")
+    targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
+    keep: list[str] = Field(default_factory=list, description="Regexes of layers kept at full precision (selective precision).")
+    keep_sensitive: int = Field(0, ge=0, description="Also keep the N layers a sensitivity scan finds most hurt by this format.")
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "prune" if "prune" in value else "quantize" if "quantize" in value else None
+    return "prune" if isinstance(value, PruneStep) else "quantize" if isinstance(value, QuantizeStep) else None
+
+
+Step = Annotated[
+    Union[Annotated[PruneStep, Tag("prune")], Annotated[QuantizeStep, Tag("quantize")]],
+    Discriminator(_step_kind, custom_error_type="step", custom_error_message="a step needs a 'prune:' or 'quantize:' key"),
+]
+
+
+class Variant(Section):
+    """One compressed model: a name and the steps that make it."""
+
+    name: str = Field(description="Row label and folder name under <run>/compressed/.")
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", value):
+            raise ValueError("use letters, digits and . _ + - (it becomes a folder name)")
+        return value
 
 
 class CompressConfig(Section):
-    """Compression steps (empty: no compression)."""
+    """Compression variants and how they are measured (empty ``variants``: no compression)."""
+
+    variants: list[Variant] = Field(default_factory=list)
+    heldout: str | None = Field(None, description="Text file for perplexity (fortune '%' separated or blank-line paragraphs).")
+    heldout_texts: int = Field(200, gt=0, description="Score the first N texts of the held-out file.")
+    calibration: str | None = Field(None, description="Text file for calibration statistics (wanda, taylor, structured, sensitivity).")
+    calibration_chunks: int = Field(16, gt=0, description="Calibration sequences of max_length tokens.")
+    max_length: int = Field(256, ge=8, description="Tokens per perplexity window and calibration sequence.")
+    prefill_tokens: int = Field(128, gt=0, description="Prompt length for the prefill speed measurement.")
+    decode_tokens: int = Field(32, gt=1, description="Generated tokens for the decode speed measurement.")
+    repeats: int = Field(3, gt=0, description="Speed measurements per variant; the median is reported.")
+    keep_models: bool = Field(True, description="Keep each compressed model under <run>/compressed/<variant>/.")

@@ -1,0 +1,56 @@
+"""``tunelab compress``: prune/quantize a model or a run's model and measure every variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("compress")
+@click.argument("source", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None, help="Recipe with a compress: section.")
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False), default=None, help="Where to write (default: the run directory, else the recipe's output_dir).")
+def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path: str | None, output: str | None) -> None:
+    """Compress SOURCE (a run directory or a model; default: the recipe's model) as the recipe's compress: section says.
+
+    Writes <output>/compressed/<variant>/ (each model, reloadable), compress.jsonl, compress.json
+    and the table compress.md. KEY.PATH=VALUE overrides follow SOURCE.
+    """
+    from tunelab.compress.run import run_compression
+    from tunelab.errors import UserError
+    from tunelab.hardware import configure_threads
+    from tunelab.models import load_model
+    from tunelab.recipe import load_recipe
+    from tunelab.train.artifacts import is_run_dir, load_run
+
+    if source and "=" in source and not Path(source).exists():  # no SOURCE, only overrides
+        source, overrides = None, (source, *overrides)
+    configure_threads()
+    run_dir = Path(source) if source and Path(source).is_dir() and is_run_dir(Path(source)) else None
+    if recipe_path is None and run_dir is not None and (run_dir / "recipe.yaml").exists():
+        recipe_path = str(run_dir / "recipe.yaml")
+    if recipe_path is None:
+        raise UserError("give --recipe with a compress: section", hint="e.g. tunelab compress --recipe examples/compress_smollm2.yaml")
+    recipe = load_recipe(recipe_path, overrides)
+    config = recipe.compress
+    for field in ("heldout", "calibration"):
+        config_path = getattr(config, field)
+        if config_path and not Path(config_path).exists() and (Path(recipe_path).parent / config_path).exists():
+            setattr(config, field, str(Path(recipe_path).parent / config_path))
+    if run_dir is not None:
+        model, tokenizer, _ = load_run(run_dir)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()  # compression works on plain weights
+        label = f"run {run_dir}"
+    else:
+        loaded = load_model(source or recipe.model.name, seed=recipe.seed)
+        model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.source
+    target = Path(output or run_dir or recipe.output_dir)
+    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, echo=click.echo)
+    click.echo((target / "compress.md").read_text())
+    click.echo(f"written: {target / 'compress.md'}, {target / 'compress.json'}, models under {target / 'compressed'}")
+
+
+commands = [compress_command]

@@ -1,0 +1,158 @@
+"""Calibration: a few batches of real text and the statistics compression criteria need from them.
+
+Wanda and the structured criteria weigh each weight by how large its input is on real text (the
+per-feature L2 norm of a layer's inputs); Taylor importance weighs it by the gradient of a loss.
+Both come from the same few token chunks, which are cut from text disjoint from the held-out
+text used to measure perplexity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.errors import UserError
+
+
+def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts of a file: fortune cookies split on ``%`` lines, else paragraphs split on blank lines."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("text file not found", where=str(path), hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read text file ({exc.__class__.__name__})", where=str(path)) from None
+    lines = raw.splitlines()
+    separator = "%" if "%" in (line.strip() for line in lines) else ""
+    texts, current = [], []
+    for line in [*lines, separator]:
+        if line.strip() == separator:
+            if "\n".join(current).strip():
+                texts.append("\n".join(current).strip("\n"))
+            current = []
+        else:
+            current.append(line)
+    if not texts:
+        raise UserError("no text in file", where=str(path))
+    return texts[:limit]
+
+
+def token_chunks(tokenizer, texts: list[str], length: int, count: int) -> torch.Tensor:
+    """``count`` rows of ``length`` tokens cut from the texts joined by EOS (fewer if the text runs out)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"] + eos)
+        if len(ids) >= length * count:
+            break
+    rows = min(count, len(ids) // length)
+    if rows == 0:
+        raise UserError(f"calibration text has {len(ids)} tokens, fewer than one chunk of {length}", hint="use a longer file")
+    return torch.tensor(ids[: rows * length]).view(rows, length)
+
+
+def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per input feature, the L2 norm of each layer's inputs over all calibration tokens."""
+    sums = {name: torch.zeros(layer.in_features) for name, layer in layers.items()}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sums[name] += args[0].detach().float().pow(2).flatten(0, -2).sum(0)
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        _forward_all(model, chunks, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def taylor_importance(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    chunks: torch.Tensor,
+    teacher: nn.Module | None = None,
+    batch_size: int = 4,
+) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance ``Σ_batches |w · ∂L/∂w|`` of every weight.
+
+    ``L`` is the language-model loss on the calibration text, or with a ``teacher`` the KL from the
+    teacher's next-token distribution (knowledge-driven pruning: keep what the teacher relies on).
+    """
+    scores = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)
+    try:
+        for batch in chunks.split(batch_size):
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            if teacher is None:
+                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+                loss = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+            loss.backward()
+            for name, layer in layers.items():
+                scores[name] += (layer.weight.detach() * layer.weight.grad).abs().float()
+                layer.weight.grad = None
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return scores
+
+
+def block_influence(model: nn.Module, blocks: nn.ModuleList, chunks: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Per decoder block, ``1 - cos(input, output)`` of its hidden states, averaged over tokens.
+
+    ShortGPT's Block Influence (Men et al. 2024): a block whose output points the same way as its
+    input changes little and is the cheapest to remove.
+    """
+    totals = torch.zeros(len(blocks))
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre(i: int):
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return record
+
+    def post(i: int):
+        def record(_module: nn.Module, _args: tuple, output) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            totals[i] += (1 - F.cosine_similarity(inputs[i].float(), out.detach().float(), dim=-1)).sum()
+
+        return record
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    try:
+        _forward_all(model, chunks, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals / chunks.numel()
+
+
+def _forward_all(model: nn.Module, chunks: torch.Tensor, batch_size: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in chunks.split(batch_size):
+                model(input_ids=batch)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,162 @@
+"""Measure a saved (compressed) model: size, parameters, peak RAM, speed and perplexity.
+
+Each model is measured in a fresh process (``python -m tunelab.compress.measure DIR ...``), which
+is the only way to get an honest peak RAM: a process's peak resident size never goes down, so
+measuring several models in one process would report the largest of them for all. Loading from
+disk in that process also proves the saved format reloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHT_FILES = ("*.safetensors", "*.pt", "*.bin")
+
+
+def measure_directory(
+    directory: str | Path,
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    prefill_tokens: int = 128,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Load ``directory`` and measure it (run this in its own process for a true peak RAM)."""
+    from tunelab.compress.calibration import token_chunks
+    from tunelab.compress.store import load_compressed
+    from tunelab.evaluate.perplexity import perplexity
+
+    directory = Path(directory)
+    model, tokenizer, manifest = load_compressed(directory)
+    total, nonzero = count_parameters(model)
+    prompt = token_chunks(tokenizer, texts, prefill_tokens, 1)
+    speed = measure_speed(model, tokenizer, prompt, decode_tokens, repeats)
+    ppl = perplexity(model, tokenizer, texts, max_length=max_length)
+    return {
+        "params": total,
+        "nonzero_params": nonzero,
+        "size_bytes": sum(f.stat().st_size for pattern in WEIGHT_FILES for f in directory.glob(pattern)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **speed,
+        "perplexity": ppl["perplexity"],
+        "nll": ppl["nll"],
+        "tokens_scored": ppl["tokens"],
+        "loader": manifest["loader"],
+    }
+
+
+def measure_in_subprocess(directory: Path, texts_file: Path, text_limit: int, settings: dict[str, int]) -> dict[str, Any]:
+    """:func:`measure_directory` in a fresh Python process; returns its result."""
+    command = [sys.executable, "-m", "tunelab.compress.measure", str(directory), str(texts_file), "--limit", str(text_limit)]
+    for key, value in settings.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {directory} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(logical parameter count, nonzero count): quantized layers count as the weights they encode."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from tunelab.compress.qlinear import QuantLinear
+
+    total = nonzero = 0
+    handled: set[int] = set()
+    for module in model.modules():
+        weight = None
+        if isinstance(module, QuantLinear):
+            weight = module.dequantized_weight()
+        elif isinstance(module, DynamicLinear):
+            weight = module.weight().dequantize()
+        elif hasattr(getattr(module, "weight", None), "quant_state"):  # bitsandbytes 4-bit
+            import bitsandbytes as bnb
+
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            handled.add(id(module.weight))
+        if weight is not None:
+            total += weight.numel()
+            nonzero += int(weight.count_nonzero())
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in handled or id(param) in seen or param.dtype == torch.uint8:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        nonzero += int(param.count_nonzero())
+    return total, nonzero
+
+
+class _TokenClock:
+    """A generation streamer that timestamps each new token (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, _value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, tokenizer: Any, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> dict[str, float]:
+    """Median prefill and decode tokens/s (batch 1, greedy, KV cache) over ``repeats`` runs after a warm-up."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generate = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=pad)
+    model.generate(prompt[:, :8], **{**generate, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=prompt)
+        prefill.append(prompt.shape[1] / (time.perf_counter() - start))
+        clock = _TokenClock()
+        model.generate(prompt, streamer=clock, **generate)
+        decode.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tunelab.compress.measure DIR TEXTS``: print the measurements as one JSON line."""
+    from tunelab.compress.calibration import read_texts
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("directory")
+    parser.add_argument("texts")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--prefill-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    result = measure_directory(
+        args.directory,
+        read_texts(args.texts, args.limit),
+        max_length=args.max_length,
+        prefill_tokens=args.prefill_tokens,
+        decode_tokens=args.decode_tokens,
+        repeats=args.repeats,
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

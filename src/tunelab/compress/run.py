@@ -1,0 +1,73 @@
+"""The compression stage: build every variant, save it, measure it against the original.
+
+The original model is saved and measured exactly like the variants (same process set-up, same
+text, same settings), so every ratio in the table compares like with like. Rows are appended
+to ``<run>/compress.jsonl`` as they finish; the table is written at the end as
+``compress.json`` and ``compress.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from tunelab import atomic
+from tunelab.compress.calibration import read_texts, token_chunks
+from tunelab.compress.config import CompressConfig
+from tunelab.compress.measure import measure_in_subprocess
+from tunelab.compress.steps import apply_steps
+from tunelab.compress.store import save_compressed
+from tunelab.compress.table import markdown, relative
+from tunelab.errors import UserError
+
+BASELINE = "original"
+
+
+def run_compression(
+    model: nn.Module,
+    tokenizer: Any,
+    config: CompressConfig,
+    run_dir: str | Path,
+    *,
+    source: str = "",
+    seed: int = 0,
+    echo: Callable[[str], Any] = print,
+) -> list[dict[str, Any]]:
+    """Compress ``model`` into every variant of ``config`` under ``run_dir``; returns the table rows."""
+    if not config.variants:
+        raise UserError("the compress section lists no variants", hint="add compress.variants (see examples/compress_smollm2.yaml)")
+    if not config.heldout:
+        raise UserError("compress.heldout is not set: perplexity needs held-out text", hint="e.g. examples/data/heldout/fortunes.txt")
+    run_dir = Path(run_dir)
+    names = [v.name for v in config.variants]
+    if BASELINE in names or len(set(names)) != len(names):
+        raise UserError(f"variant names must be unique and not {BASELINE!r}", where="compress.variants")
+    read_texts(config.heldout, config.heldout_texts)  # fail on a bad file before any work
+    chunks = None
+    if config.calibration:
+        chunks = token_chunks(tokenizer, read_texts(config.calibration), config.max_length, config.calibration_chunks)
+    settings = {"max_length": config.max_length, "prefill_tokens": config.prefill_tokens,
+                "decode_tokens": config.decode_tokens, "repeats": config.repeats}
+    base = model.eval()
+    rows: list[dict[str, Any]] = []
+    for name, steps in [(BASELINE, []), *((v.name, v.steps) for v in config.variants)]:
+        echo(f"compress: {name} ...")
+        directory = run_dir / "compressed" / name
+        variant, reports = apply_steps(copy.deepcopy(base), steps, chunks, seed) if steps else (base, [])
+        save_compressed(variant, tokenizer, directory, {"variant": name, "source": source, "steps": reports})
+        del variant
+        row = {"variant": name, "steps": reports,
+               **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
+        row["relative"] = relative(row, rows[0] if rows else row)
+        rows.append(row)
+        atomic.append_jsonl(run_dir / "compress.jsonl", row)
+        if not config.keep_models:
+            shutil.rmtree(directory)
+    atomic.write_json(run_dir / "compress.json", {"settings": {**settings, "heldout": config.heldout,
+                      "heldout_texts": config.heldout_texts, "calibration": config.calibration}, "rows": rows})
+    atomic.write_text(run_dir / "compress.md", markdown(rows))
+    return rows

@@ -1,0 +1,39 @@
+"""The trade-off table: each variant's measurements next to the uncompressed model's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MB = 1024 * 1024
+
+
+def relative(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Ratios to the baseline (size, RAM, speeds) and the perplexity change in percent."""
+    return {
+        "size_ratio": row["size_bytes"] / baseline["size_bytes"],
+        "peak_ram_ratio": row["peak_rss_bytes"] / baseline["peak_rss_bytes"],
+        "prefill_speedup": row["prefill_tokens_per_s"] / baseline["prefill_tokens_per_s"],
+        "decode_speedup": row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
+        "perplexity_change_pct": 100 * (row["perplexity"] / baseline["perplexity"] - 1),
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table; the first row is the baseline every ratio refers to."""
+    header = (
+        "| variant | params (nonzero) | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for row in rows:
+        r = row["relative"]
+        sparsity = 1 - row["nonzero_params"] / row["params"]
+        lines.append(
+            f"| {row['variant']} | {row['params'] / 1e6:.1f}M ({100 * sparsity:.0f}% zero) "
+            f"| {row['size_bytes'] / MB:.0f} MB ({r['size_ratio']:.2f}x) "
+            f"| {row['peak_rss_bytes'] / MB:.0f} MB ({r['peak_ram_ratio']:.2f}x) "
+            f"| {row['prefill_tokens_per_s']:.0f} ({r['prefill_speedup']:.2f}x) "
+            f"| {row['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}x) "
+            f"| {row['perplexity']:.2f} ({r['perplexity_change_pct']:+.1f}%) |"
+        )
+    return header + "\n".join(lines) + "\n"

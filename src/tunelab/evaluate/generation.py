@@ -2,8 +2,10 @@
 
 ``tunelab.generate`` serves one conversation at a time (chat, streaming); evaluation needs
 throughput, so prompts are left-padded into batches of similar length and decoded together with
-the same ``GenerationSettings``. Stop strings end generation early (transformers' ``stop_strings``)
-and are cut from the text, so the scored answer never includes them.
+the same ``GenerationSettings``. A row stops as soon as its generated text contains a stop string,
+and the text is cut there, so the scored answer never includes it. (transformers' own
+``stop_strings`` also match a stop string that straddles the end of the prompt, which would end
+a "\n\n"-stopped answer at its first newline after a prompt ending in "\n".)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunelab.generate import GenerationSettings
 
@@ -20,6 +23,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
     return text[:cut]
+
+
+class StopOnText(StoppingCriteria):
+    """Done for each row whose text generated after ``prompt_width`` tokens contains a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):  # type: ignore[no-untyped-def]
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, [s for s in stop if s], prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], dtype=torch.bool)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -38,8 +52,6 @@ def generate_batch(
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     kwargs = settings.generate_kwargs(tokenizer)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     pad = kwargs["pad_token_id"]
     outputs = [""] * len(prompts)
     torch.manual_seed(settings.seed)
@@ -52,7 +64,8 @@ def generate_batch(
             # Left padding: every prompt ends at the same position, where generation starts.
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in index])
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index])
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            criteria = StoppingCriteriaList([StopOnText(tokenizer, stop, width)] if stop else [])
+            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **kwargs)
             for row, i in enumerate(index):
                 outputs[i] = cut_at_stop(tokenizer.decode(out[row, width:], skip_special_tokens=True), stop)
     finally:

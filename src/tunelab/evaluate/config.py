@@ -27,6 +27,7 @@ DEFAULT_METRICS: dict[str, list[str]] = {
 class EvalConfig(Section):
     """Evaluation settings (``tunelab eval`` options override them)."""
 
+    after_training: bool = Field(False, description="Run this evaluation (base model vs the fine-tuned run) when `tunelab train` finishes.")
     task: EvalTask = Field("generation", description="generation | choice (option likelihood) | classification (trained head) | perplexity.")
     data: str | None = Field(None, description="Evaluation file; default: data.validation.")
     pool: str | None = Field(None, description="Few-shot demonstrations are drawn from this file; default: data.train.")

@@ -1,8 +1,8 @@
 """One entry point to load a model and its tokenizer from wherever it lives.
 
 ``load_model(name, task)`` accepts a packaged alias (``smollm2-135m``, ``minilm-l6``), a tiny test
-alias (``tiny-llama``, ``tiny-bert``, ``tiny-bloom``), a local Hugging Face model directory, or a
-``.gguf`` file. Nothing here reaches the network: hub lookups are disabled before transformers is
+alias (``tiny-llama``, ``tiny-bert``, ``tiny-bloom``), a local Hugging Face model directory, a
+``.gguf`` file, or a tunelab run directory (its trained model, rebuilt with its adapters). Nothing here reaches the network: hub lookups are disabled before transformers is
 imported, so a typo can never turn into a download attempt.
 """
 
@@ -83,6 +83,13 @@ def load_model(
         model, tok = build_tiny(name, cls, seed=seed, **model_kwargs)
         return LoadedModel(model.to(dtype), tok, name, f"tiny config {name!r}", time.perf_counter() - start)
 
+    run = Path(name).expanduser()
+    if run.is_dir() and not (run / "config.json").exists():
+        from tunelab.train.artifacts import is_run_dir, load_run
+
+        if is_run_dir(run):
+            model, tok, manifest = load_run(run, dtype=dtype)
+            return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest})
     directory, source = resolve_directory(name)
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else directory)
     model = _from_pretrained(cls, directory, dtype=dtype, **model_kwargs)

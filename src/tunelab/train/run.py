@@ -1,0 +1,209 @@
+"""The training stage: recipe in, run directory out.
+
+load model -> apply methods -> build data -> objective -> Trainer.fit -> save final -> summary.
+The CLI, the service and tests all call ``run_training``; nothing is reachable from only one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import atomic
+from tunelab.data import build_datasets, collate_packed, collate_padded
+from tunelab.errors import UserError
+from tunelab.hardware import best_device, configure_threads, resolve_precision
+from tunelab.methods import apply_methods, trainable_summary
+from tunelab.models import load_model
+from tunelab.recipe import Recipe, dump_recipe, load_recipe
+from tunelab.train import checkpoint
+from tunelab.train.artifacts import save_final
+from tunelab.train.callbacks import callbacks_for
+from tunelab.train.distributed import World, init_world, shutdown
+from tunelab.train.loop import Trainer, TrainResult
+from tunelab.train.objectives import OBJECTIVES
+
+
+@dataclass
+class RunSummary:
+    """The one-screen summary, also written as ``summary.json``."""
+
+    run_dir: str
+    model: str
+    precision: str
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    validation_examples: int
+    steps: int
+    tokens_seen: int
+    supervised_units: int
+    seconds: float
+    first_step_seconds: float
+    tokens_per_s: float
+    final_train_loss: float | None
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    best_metric: float | None
+    best_checkpoint: str | None
+    stop_reason: str
+    data: dict[str, Any]
+    saved: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_of(recipe: Recipe) -> tuple[str, str, str]:
+    """(model task, data task, objective name) implied by the recipe."""
+    if recipe.method.head:
+        return "sequence-classification", "classification", "classification"
+    objective = "causal_lm" if recipe.train.objective == "auto" else recipe.train.objective
+    return "causal-lm", ("text" if recipe.data.format == "text" else "sft"), objective
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_training(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> RunSummary:
+    """Train as ``recipe`` says; with ``resume``, continue from the run directory's last checkpoint."""
+    run_dir = Path(recipe.output_dir)
+    device = best_device()
+    world = init_world(device)
+    try:
+        return _run(recipe, run_dir, device, world, resume, show_progress)
+    finally:
+        shutdown(world)
+
+
+def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resume: bool, show_progress: bool) -> RunSummary:
+    threads = configure_threads(recipe.train.threads)
+    precision = resolve_precision(recipe.train.precision, device)
+    seed_everything(recipe.seed)
+    resume_from = None
+    if resume:
+        checkpoints = checkpoint.list_checkpoints(run_dir)
+        if not checkpoints:
+            raise UserError("no checkpoint to resume from", where=str(run_dir), hint="train without --resume")
+        resume_from = checkpoints[-1]
+    elif world.is_main and (run_dir / "final").exists():
+        raise UserError("run directory already holds a finished run", where=str(run_dir), hint="set output_dir to a new folder or delete it")
+
+    model_task, data_task, objective_name = task_of(recipe)
+    say = print if world.is_main else (lambda *a, **k: None)
+    say(f"tunelab: loading {recipe.model.name} ...", flush=True)
+    loaded = load_model(recipe.model.name, model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    tokenizer = loaded.tokenizer
+    data = build_datasets(recipe.data, tokenizer, task=data_task, seed=recipe.seed)  # type: ignore[arg-type]
+    label_names = data.label_names
+    if model_task == "sequence-classification":
+        num_labels = recipe.method.head.num_labels or len(label_names or [])
+        loaded = load_model(recipe.model.name, model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, num_labels=num_labels)
+        loaded.model.config.id2label = dict(enumerate(label_names or []))
+        loaded.model.config.label2id = {n: i for i, n in enumerate(label_names or [])}
+    model = apply_methods(loaded.model, recipe.method, task=model_task, tokenizer_dir=loaded.details.get("directory"))
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    summary_params = trainable_summary(model)
+    objective = OBJECTIVES[objective_name](model, label_names=label_names)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    packed = objective.collation == "packed" and recipe.data.packing
+    collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))
+
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
+        say(f"model: {loaded.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
+        say(_data_line(data.report.as_dict()))
+
+    trainer = Trainer(
+        model=model, objective=objective, train=data.train, validation=data.validation, cfg=recipe.train,
+        collate=collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
+        callbacks=callbacks_for(recipe), device=device, show_progress=show_progress,
+    )
+    result = trainer.fit(resume_from)
+    saved = ""
+    if result.stop_reason == "interrupted":
+        say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
+        raise KeyboardInterrupt
+    if world.is_main:
+        saved = str(save_final(run_dir, model, tokenizer, base=recipe.model.name, task=model_task, method=recipe.method, label_names=label_names))
+    world.barrier()
+    summary = _summary(recipe, run_dir, loaded.source, precision.name, summary_params, data, result, saved)
+    if world.is_main:
+        atomic.write_json(run_dir / "summary.json", summary.as_dict())
+        from tunelab.report.plots import plot_training
+
+        plot_training(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        say(format_summary(summary))
+        if recipe.eval.after_training:
+            from tunelab.evaluate.pipeline import eval_after_training
+
+            report = eval_after_training(recipe, run_dir)
+            say(f"\n{(report.parent / 'eval.md').read_text() if (report.parent / 'eval.md').exists() else report}")
+    return summary
+
+
+def _data_line(report: dict[str, Any]) -> str:
+    return (
+        f"data: {report['format']} | train {report['train_examples']} | validation {report['validation_examples']} | "
+        f"supervised tokens {report['supervised_tokens']:,} of {report['tokens']:,} | truncated {report['truncated']} | "
+        f"dropped {report['dropped']} | duplicates {report['duplicates_removed']} | bad rows skipped {report['bad_rows_skipped']}"
+    )
+
+
+def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str) -> RunSummary:
+    steady = max(1e-9, result.seconds - result.first_step_seconds)
+    steady_tokens = result.tokens_seen * (1 - 1 / max(1, result.steps)) if result.steps > 1 else result.tokens_seen
+    return RunSummary(
+        run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable, total_params=params.total,
+        train_examples=len(data.train), validation_examples=len(data.validation), steps=result.steps,
+        tokens_seen=result.tokens_seen, supervised_units=result.supervised_units, seconds=round(result.seconds, 2),
+        first_step_seconds=round(result.first_step_seconds, 2), tokens_per_s=round(steady_tokens / steady, 1),
+        final_train_loss=result.final_train_loss, eval_before=result.eval_before, eval_after=result.eval_after,
+        best_metric=result.best_metric, best_checkpoint=result.best_checkpoint, stop_reason=result.stop_reason,
+        data=data.report.as_dict(), saved=saved,
+    )
+
+
+def format_summary(s: RunSummary) -> str:
+    """The one-screen summary printed at the end of ``tunelab train``."""
+    lines = [
+        "",
+        f"run: {s.run_dir}  ({s.stop_reason})",
+        f"  trainable params   {s.trainable_params:,} of {s.total_params:,} ({100 * s.trainable_params / max(1, s.total_params):.2f}%)",
+        f"  steps / time       {s.steps} steps in {s.seconds:.1f}s (first step {s.first_step_seconds:.1f}s), {s.tokens_per_s:,.0f} tokens/s",
+        f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} supervised)",
+        f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",
+    ]
+    if s.eval_after:
+        for key, after in s.eval_after.items():
+            before = (s.eval_before or {}).get(key)
+            change = f"   (before training {before:.4f})" if before is not None else ""
+            lines.append(f"  {key:<18} {after:.4f}{change}")
+    if s.best_checkpoint:
+        lines.append(f"  best checkpoint    {s.best_checkpoint} ({s.best_metric:.4f})")
+    lines += [f"  saved              {s.saved}", f"  metrics            {s.run_dir}/metrics.jsonl, {s.run_dir}/loss_curve.png"]
+    return "\n".join(lines)
+
+
+def load_run_recipe(run_dir: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """The resolved recipe a run directory was trained with (for --resume), plus overrides."""
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        raise UserError("not a tunelab run directory (no recipe.yaml)", where=str(run_dir))
+    recipe = load_recipe(path, overrides)
+    recipe.output_dir = str(run_dir)
+    return recipe
+
+
+__all__ = ["RunSummary", "format_summary", "load_run_recipe", "run_training"]

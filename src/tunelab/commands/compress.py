@@ -27,7 +27,6 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
 
     if source and "=" in source and not Path(source).exists():  # no SOURCE, only overrides
         source, overrides = None, (source, *overrides)
-    configure_threads()
     run_dir = Path(source) if source and Path(source).is_dir() and is_run_dir(Path(source)) else None
     if recipe_path is None and run_dir is not None and (run_dir / "recipe.yaml").exists():
         recipe_path = str(run_dir / "recipe.yaml")
@@ -35,6 +34,7 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
         raise UserError("give --recipe with a compress: section", hint="e.g. tunelab compress --recipe examples/compress_smollm2.yaml")
     recipe = load_recipe(recipe_path, overrides)
     config = recipe.compress
+    configure_threads(config.threads)
     for field in ("heldout", "calibration"):
         config_path = getattr(config, field)
         if config_path and not Path(config_path).exists() and (Path(recipe_path).parent / config_path).exists():

@@ -86,8 +86,46 @@ class Variant(Section):
         return value
 
 
+class GradualPruning(Section):
+    """Magnitude pruning during fine-tuning on a cubic schedule (Zhu & Gupta 2017)."""
+
+    sparsity: float = Field(ge=0, lt=1, description="Final sparsity of every target layer (or overall with scope: global).")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    start_step: int = Field(0, ge=0, description="Optimizer step where pruning starts.")
+    end_step: int | None = Field(None, gt=0, description="Step where the final sparsity is reached (default: the last step).")
+    every: int = Field(1, gt=0, description="Recompute masks every N steps (masks are re-applied after every step).")
+    scope: Literal["layer", "global"] = "layer"
+    targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: all but the output head and adapters.")
+
+
+class LotteryTicket(Section):
+    """Iterative magnitude pruning with rewinding, in one run: the steps are split into rounds + 1."""
+
+    rounds: int = Field(3, gt=0, description="Pruning rounds (each followed by rewinding and more training).")
+    rate: float = Field(0.2, gt=0, lt=1, description="Fraction of the surviving weights pruned per round.")
+    rewind_step: int = Field(0, ge=0, description="Surviving weights are reset to their values at this step.")
+    targets: list[str] = Field(default_factory=list)
+
+
+class QuantizationAwareTraining(Section):
+    """Fake-quantize layers during fine-tuning; `tunelab compress` with the same format converts exactly."""
+
+    quantize: Literal["int8", "int4", "ternary", "fixed-point"]
+    group_size: int | None = Field(128, gt=0)
+    bits: int = Field(8, ge=2, le=8)
+    targets: list[str] = Field(default_factory=list)
+
+
 class CompressConfig(Section):
-    """Compression variants and how they are measured (empty ``variants``: no compression)."""
+    """Compression variants and how they are measured (empty ``variants``: no compression).
+
+    ``gradual``, ``lottery`` and ``qat`` act during training (as training callbacks); the
+    variants run after it.
+    """
+
+    gradual: GradualPruning | None = None
+    lottery: LotteryTicket | None = None
+    qat: QuantizationAwareTraining | None = None
 
     variants: list[Variant] = Field(default_factory=list)
     heldout: str | None = Field(None, description="Text file for perplexity (fortune '%' separated or blank-line paragraphs).")
@@ -98,4 +136,8 @@ class CompressConfig(Section):
     prefill_tokens: int = Field(128, gt=0, description="Prompt length for the prefill speed measurement.")
     decode_tokens: int = Field(32, gt=1, description="Generated tokens for the decode speed measurement.")
     repeats: int = Field(3, gt=0, description="Speed measurements per variant; the median is reported.")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for compressing and measuring (default: all cores). On a shared machine 1 "
+        "is steadier: OpenMP threads that lose their core to another process stall each other.",
+    )
     keep_models: bool = Field(True, description="Keep each compressed model under <run>/compressed/<variant>/.")

@@ -1,6 +1,7 @@
 """The compression stage: build every variant, save it, measure it against the original.
 
-The original model is saved and measured exactly like the variants (same process set-up, same
+Every variant is built and saved before any is measured, so a bad step fails in seconds, not
+after minutes of measuring. The original model is saved and measured exactly like the variants (same process set-up, same
 text, same settings), so every ratio in the table compares like with like. Rows are appended
 to ``<run>/compress.jsonl`` as they finish; the table is written at the end as
 ``compress.json`` and ``compress.md``.
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from tunelab import atomic
@@ -47,19 +49,25 @@ def run_compression(
     if BASELINE in names or len(set(names)) != len(names):
         raise UserError(f"variant names must be unique and not {BASELINE!r}", where="compress.variants")
     read_texts(config.heldout, config.heldout_texts)  # fail on a bad file before any work
+    if config.threads:
+        torch.set_num_threads(config.threads)
     chunks = None
     if config.calibration:
         chunks = token_chunks(tokenizer, read_texts(config.calibration), config.max_length, config.calibration_chunks)
     settings = {"max_length": config.max_length, "prefill_tokens": config.prefill_tokens,
-                "decode_tokens": config.decode_tokens, "repeats": config.repeats}
+                "decode_tokens": config.decode_tokens, "repeats": config.repeats, "threads": torch.get_num_threads()}
     base = model.eval()
-    rows: list[dict[str, Any]] = []
+    built: list[tuple[str, list[dict[str, Any]]]] = []
     for name, steps in [(BASELINE, []), *((v.name, v.steps) for v in config.variants)]:
-        echo(f"compress: {name} ...")
-        directory = run_dir / "compressed" / name
+        echo(f"compress: building {name} ...")
         variant, reports = apply_steps(copy.deepcopy(base), steps, chunks, seed) if steps else (base, [])
-        save_compressed(variant, tokenizer, directory, {"variant": name, "source": source, "steps": reports})
+        save_compressed(variant, tokenizer, run_dir / "compressed" / name, {"variant": name, "source": source, "steps": reports})
         del variant
+        built.append((name, reports))
+    rows: list[dict[str, Any]] = []
+    for name, reports in built:
+        echo(f"compress: measuring {name} ...")
+        directory = run_dir / "compressed" / name
         row = {"variant": name, "steps": reports,
                **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
         row["relative"] = relative(row, rows[0] if rows else row)

@@ -1,0 +1,59 @@
+"""`tunelab compress`: a recipe in, a measured table and reloadable models out; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tunelab.cli import cli
+from tunelab.compress.store import load_compressed
+from tunelab.recipe import load_recipe
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_tiny_recipe_writes_a_table_relative_to_the_original(tmp_path):
+    result = CliRunner().invoke(cli, ["compress", "--recipe", str(EXAMPLES / "compress_tiny.yaml"), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "compress.json").read_text())
+    rows = {row["variant"]: row for row in table["rows"]}
+    assert list(rows) == ["original", "wanda-2of4-int8", "heads-mlp", "int4-keep-sensitive"]
+    assert rows["original"]["relative"]["size_ratio"] == 1
+    assert rows["heads-mlp"]["params"] < rows["original"]["params"]
+    assert rows["heads-mlp"]["size_bytes"] < rows["original"]["size_bytes"]
+    assert rows["int4-keep-sensitive"]["size_bytes"] < rows["original"]["size_bytes"]
+    assert rows["wanda-2of4-int8"]["steps"][0]["sparsity"] == 0.5
+    for row in rows.values():
+        assert row["perplexity"] > 1 and row["tokens_scored"] == rows["original"]["tokens_scored"]
+        assert row["peak_rss_bytes"] > 0 and row["decode_tokens_per_s"] > 0
+    assert "| heads-mlp |" in (tmp_path / "compress.md").read_text()
+    model, _, manifest = load_compressed(tmp_path / "compressed" / "int4-keep-sensitive")
+    assert manifest["loader"] == "tunelab" and len(manifest["layers"]) == 14 - 4 - 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compress.variants=[{name: a, steps: [{prune: magnitude, sparsity: 1.5}]}]", "sparsity"),
+        ("compress.variants=[{name: a, steps: [{prune: wanda, pattern: '4:2'}]}]", "0 < N < M"),
+        ("compress.variants=[{name: a, steps: [{quantize: int4, group_size: 48}]}]", "does not divide"),
+        ("compress.variants=[{name: a, steps: [{prune: magnitude, targets: [nope]}]}]", "matches no linear layer"),
+        ("compress.variants=[{name: a, steps: [{shrink: 2}]}]", "needs a 'prune:' or 'quantize:' key"),
+        ("compress.heldout=missing.txt", "not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
+    result = CliRunner().invoke(
+        cli, ["compress", override, "--recipe", str(EXAMPLES / "compress_tiny.yaml"), "--output", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len([line for line in result.output.splitlines() if not line.startswith("compress: ")]) == 1
+
+
+def test_example_recipes_validate():
+    for name in ("compress_tiny.yaml", "compress_smollm2.yaml"):
+        assert load_recipe(EXAMPLES / name).compress.variants

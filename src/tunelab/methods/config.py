@@ -1,16 +1,178 @@
 """The ``method:`` section: which parameters train and which modules are added.
 
-Sub-sections compose; a recipe with none of them is full fine-tuning.
+Sub-sections compose (``freeze`` + ``lora`` + ``head``); a recipe with none of them is full
+fine-tuning. At most one PEFT adapter family (lora, ia3, prompt_tuning, prefix_tuning) per run.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
+from tunelab.data.config import DataConfig
+
+
+class FreezeConfig(Section):
+    """Freeze parts of the model; frozen parameters get no gradient and no optimizer state."""
+
+    embeddings: bool = Field(False, description="Freeze input embeddings (and a tied LM head).")
+    first_n: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
+    last_n: int = Field(0, ge=0, description="Freeze the last N transformer blocks.")
+    include: list[str] = Field(default_factory=list, description="Regexes of parameter names to freeze.")
+    exclude: list[str] = Field(default_factory=list, description="Regexes of parameter names kept trainable (wins).")
+
+
+class LoraConfig(Section):
+    """LoRA and its variants (DoRA, rsLoRA) through peft."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field("auto", description="auto (per architecture), all-linear, or module names.")
+    use_dora: bool = False
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class IA3Config(Section):
+    """(IA)^3: learned rescaling of keys, values and feed-forward activations."""
+
+    target_modules: str | list[str] = "auto"
+    feedforward_modules: str | list[str] = "auto"
+
+
+class PromptTuningConfig(Section):
+    """Soft prompt: trainable virtual token embeddings prepended to every input."""
+
+    num_virtual_tokens: int = Field(20, gt=0)
+    init_text: str | None = Field(None, description="Initialise the soft prompt from this text's embeddings.")
+
+
+class PrefixTuningConfig(Section):
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    num_virtual_tokens: int = Field(20, gt=0)
+
+
+class BottleneckConfig(Section):
+    """Bottleneck adapters (Houlsby: after attention and MLP; Pfeiffer: after MLP only)."""
+
+    style: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction_factor: int = Field(16, gt=0, description="hidden / bottleneck width.")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    freeze_base: bool = Field(True, description="Train only the adapters (and any head).")
+
+
+HeadType = Literal["classification", "multi_label", "regression", "token_classification", "multiple_choice", "embedding", "masked_lm"]
+HEADS_WITH_FROZEN_DEFAULT = ("classification", "multi_label", "regression", "token_classification", "multiple_choice")
+
+
+class LossConfig(Section):
+    """How the head's loss is weighted and shaped (each setting applies to the heads named in it)."""
+
+    class_weights: Literal["auto"] | dict[str, float] | None = Field(
+        None,
+        description="classification/token_classification: {label: weight}, or auto = inverse class frequency in the training split.",
+    )
+    focal_gamma: float = Field(0.0, ge=0, description="classification/token_classification: focal loss exponent; 0 is cross-entropy.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="classification/token_classification.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="multi_label: a label is predicted when its probability exceeds this.")
+    contrastive: Literal["infonce", "simcse", "triplet"] = Field(
+        "infonce",
+        description="embedding: infonce on (anchor, positive[, negative]) rows with in-batch negatives; simcse on single "
+        "texts (two dropout views); triplet margin loss (hardest in-batch negative when a row has none).",
+    )
+    temperature: float = Field(0.05, gt=0, description="embedding (infonce, simcse): softmax temperature over cosine similarities.")
+    margin: float = Field(0.5, gt=0, description="embedding (triplet): margin in cosine distance.")
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="masked_lm: fraction of tokens masked (80% [MASK], 10% random, 10% kept).")
+    whole_word: bool = Field(False, description="masked_lm: mask every token of a chosen word together.")
+
+
+class HeadConfig(Section):
+    """A task head on top of the model and the loss it trains with.
+
+    classification (one label per text), multi_label (a set of labels per text), regression (a
+    number per text) and multiple_choice (one score per choice) use transformers' sequence
+    classification heads (decoders pool the last non-pad token, encoders CLS); token_classification
+    its token heads; embedding pools the body's hidden states (mean / CLS / last token) with an
+    optional projection; masked_lm the encoder's own MLM head.
+    """
+
+    type: HeadType = "classification"
+    num_labels: int | None = Field(None, gt=1, description="Default: the number of labels in the data.")
+    base: Literal["frozen", "full"] | None = Field(
+        None,
+        description="frozen: the base's own weights stay fixed (head and any adapters train); full: everything trains. "
+        "Default: frozen for classifier heads, full for embedding and masked_lm.",
+    )
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        None, description="embedding: how token states become one vector; default mean (encoders) or last (decoders)."
+    )
+    projection: int | None = Field(None, gt=0, description="embedding: a trained linear projection to this many dimensions.")
+    normalize: bool = Field(True, description="embedding: L2-normalise embeddings (cosine similarity).")
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="after")
+    def _default_base(self) -> HeadConfig:
+        if self.base is None:
+            self.base = "frozen" if self.type in HEADS_WITH_FROZEN_DEFAULT else "full"
+        return self
+
+
+class TaskConfig(Section):
+    """One task of a multi-task run: its data (over the top-level ``data:`` defaults), head and loss weight."""
+
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="This task's data; keys it leaves out come from the top-level data: section."
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    weight: float = Field(1.0, gt=0, description="This task's loss is multiplied by weight.")
+
+
+class TaskSamplingConfig(Section):
+    """How often each task's batches come up: by size (p ∝ n), uniform, or temperature (p ∝ n^(1/T))."""
+
+    strategy: Literal["size", "uniform", "temperature"] = "size"
+    temperature: float = Field(2.0, gt=0, description="T for strategy temperature: 1 is by size, large T approaches uniform.")
+
+
+class DropoutConfig(Section):
+    """Dropout overrides (null keeps the model's own value)."""
+
+    hidden: float | None = Field(None, ge=0, lt=1)
+    attention: float | None = Field(None, ge=0, lt=1)
 
 
 class MethodConfig(Section):
-    """Methods applied to the model before training, in a fixed, documented order."""
+    """Methods applied to the model before training, in the order dropout, freeze, peft, bottleneck, head."""
 
-    full: bool = Field(True, description="Train every parameter unless another method says otherwise.")
+    dropout: DropoutConfig | None = None
+    freeze: FreezeConfig | None = None
+    lora: LoraConfig | None = None
+    ia3: IA3Config | None = None
+    prompt_tuning: PromptTuningConfig | None = None
+    prefix_tuning: PrefixTuningConfig | None = None
+    bottleneck: BottleneckConfig | None = None
+    head: HeadConfig | None = None
+    tasks: dict[str, TaskConfig] | None = Field(
+        None, description="Multi-task: {task_name: {data, head, weight}}; every task's head sits on one shared body (and its adapters)."
+    )
+    task_sampling: TaskSamplingConfig = Field(default_factory=TaskSamplingConfig)
+
+    @model_validator(mode="after")
+    def _one_peft_family(self) -> MethodConfig:
+        chosen = [n for n in ("lora", "ia3", "prompt_tuning", "prefix_tuning") if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one PEFT adapter family, not {' + '.join(chosen)}")
+        if self.tasks is not None and self.head is not None:
+            raise ValueError("set a head per task under method.tasks, not method.head as well")
+        if self.tasks is not None and len(self.tasks) < 2:
+            raise ValueError("method.tasks needs at least two tasks (use method.head for one)")
+        return self
+
+    def peft_family(self) -> str | None:
+        """The PEFT adapter family in use, if any."""
+        return next((n for n in ("lora", "ia3", "prompt_tuning", "prefix_tuning") if getattr(self, n) is not None), None)

@@ -4,16 +4,60 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when an evaluated metric stops improving."""
+
+    metric: str = Field("eval_loss", description="Any metric logged at evaluation time, e.g. eval_loss, eval_accuracy.")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
 
 
 class TrainConfig(Section):
     """Optimizer, schedule, batch shape, precision and bookkeeping of one training run."""
 
-    lr: float = Field(2e-4, gt=0)
+    objective: Literal["auto", "causal_lm", "classification"] = Field(
+        "auto", description="Loss; auto: classification when method.head is set, else causal_lm."
+    )
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    decay_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    nesterov: bool = False
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of total steps (if warmup_steps is 0).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of linear/cosine decay as a fraction of lr.")
+    layer_lr_decay: float = Field(1.0, gt=0, le=1, description="Layer-wise LR decay: layer i of L gets lr * decay^(L-1-i).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
+    gradient_checkpointing: bool = False
+
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
+    eval_before: bool = Field(True, description="Evaluate the untrained model first, so improvement is measured.")
+    log_every: int = Field(1, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
+    early_stopping: EarlyStoppingConfig | None = None
+    best_metric: str = Field("eval_loss", description="Metric that picks the best checkpoint.")
+    best_mode: Literal["min", "max"] = "min"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs train.eval_every (how often to evaluate)")
+        return self

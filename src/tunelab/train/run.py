@@ -7,7 +7,6 @@ The CLI, the service and tests all call ``run_training``; nothing is reachable f
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,15 @@ from typing import Any
 import torch
 
 from tunelab import atomic
-from tunelab.data import build_datasets, collate_packed, collate_padded
 from tunelab.errors import UserError
 from tunelab.hardware import best_device, configure_threads, resolve_precision
-from tunelab.methods import apply_methods, trainable_summary
-from tunelab.models import load_model
+from tunelab.methods import trainable_summary
 from tunelab.recipe import Recipe, dump_recipe, load_recipe
 from tunelab.train import checkpoint
-from tunelab.train.artifacts import save_final
 from tunelab.train.callbacks import callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
 from tunelab.train.loop import Trainer, TrainResult
-from tunelab.train.objectives import OBJECTIVES
+from tunelab.train.prepare import prepare
 
 
 @dataclass
@@ -59,14 +55,6 @@ class RunSummary:
         return asdict(self)
 
 
-def task_of(recipe: Recipe) -> tuple[str, str, str]:
-    """(model task, data task, objective name) implied by the recipe."""
-    if recipe.method.head:
-        return "sequence-classification", "classification", "classification"
-    objective = "causal_lm" if recipe.train.objective == "auto" else recipe.train.objective
-    return "causal-lm", ("text" if recipe.data.format == "text" else "sft"), objective
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -96,38 +84,25 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
     elif world.is_main and (run_dir / "final").exists():
         raise UserError("run directory already holds a finished run", where=str(run_dir), hint="set output_dir to a new folder or delete it")
 
-    model_task, data_task, objective_name = task_of(recipe)
     say = print if world.is_main else (lambda *a, **k: None)
     say(f"tunelab: loading {recipe.model.name} ...", flush=True)
-    loaded = load_model(recipe.model.name, model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed)
-    tokenizer = loaded.tokenizer
-    data = build_datasets(recipe.data, tokenizer, task=data_task, seed=recipe.seed)  # type: ignore[arg-type]
-    label_names = data.label_names
-    if model_task == "sequence-classification":
-        num_labels = recipe.method.head.num_labels or len(label_names or [])
-        loaded = load_model(recipe.model.name, model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, num_labels=num_labels)
-        loaded.model.config.id2label = dict(enumerate(label_names or []))
-        loaded.model.config.label2id = {n: i for i, n in enumerate(label_names or [])}
-    model = apply_methods(loaded.model, recipe.method, task=model_task, tokenizer_dir=loaded.details.get("directory"))
+    prepared = prepare(recipe)
+    model, data = prepared.model, prepared.data
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     summary_params = trainable_summary(model)
-    objective = OBJECTIVES[objective_name](model, label_names=label_names)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packed = objective.collation == "packed" and recipe.data.packing
-    collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
-        say(f"model: {loaded.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
+        say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
         say(_data_line(data.report.as_dict()))
 
     trainer = Trainer(
-        model=model, objective=objective, train=data.train, validation=data.validation, cfg=recipe.train,
-        collate=collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
+        model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
+        collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
         callbacks=callbacks_for(recipe), device=device, show_progress=show_progress,
     )
     result = trainer.fit(resume_from)
@@ -136,9 +111,9 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
     if world.is_main:
-        saved = str(save_final(run_dir, model, tokenizer, base=recipe.model.name, task=model_task, method=recipe.method, label_names=label_names))
+        saved = str(prepared.save(run_dir))
     world.barrier()
-    summary = _summary(recipe, run_dir, loaded.source, precision.name, summary_params, data, result, saved)
+    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
     if world.is_main:
         atomic.write_json(run_dir / "summary.json", summary.as_dict())
         from tunelab.report.plots import plot_training

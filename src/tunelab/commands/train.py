@@ -1,0 +1,41 @@
+"""``tunelab train`` and ``tunelab export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue RUN_DIR from its last checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (metrics.jsonl is still written).")
+def train_command(recipe: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool) -> None:
+    """Fine-tune as RECIPE says (KEY.PATH=VALUE overrides allowed); or --resume RUN_DIR."""
+    from tunelab.errors import UserError
+    from tunelab.recipe import load_recipe
+    from tunelab.train.run import load_run_recipe, run_training
+
+    if resume_dir:
+        if recipe:  # with --resume, every positional argument is an override
+            overrides = (recipe, *overrides)
+        run_training(load_run_recipe(Path(resume_dir), overrides), resume=True, show_progress=not no_progress)
+        return
+    if not recipe:
+        raise UserError("give a recipe file (or --resume RUN_DIR)", hint="e.g. tunelab train examples/quickstart.yaml")
+    run_training(load_recipe(recipe, overrides), show_progress=not no_progress)
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--merge", "out", required=True, type=click.Path(file_okay=False), help="Write a plain HF model with adapters merged here.")
+def export_command(run_dir: str, out: str) -> None:
+    """Export a run's model as a plain Hugging Face model directory."""
+    from tunelab.train.artifacts import export_merged
+
+    click.echo(f"merged model written to {export_merged(Path(run_dir), Path(out))}")
+
+
+commands = [train_command, export_command]

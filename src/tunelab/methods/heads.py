@@ -1,0 +1,87 @@
+"""Task heads: which transformers model class, data task and objective each head type needs.
+
+A head is chosen by ``method.head.type``; everything downstream (model loading, data building,
+the objective, saving) asks ``plan_for`` instead of branching on the type itself, so a new head is
+one more row in ``PLANS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.errors import UserError
+from tunelab.methods.config import HeadConfig
+from tunelab.methods.pooling import Embedder, default_pooling
+
+SCORE_LABEL = "score"  # the one output of a regression or choice-scoring head
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What one head type needs: the ``load_model`` task, the data task and the objective name."""
+
+    model_task: str
+    data_task: str
+    objective: str
+    labelled: bool  # the output size is the number of labels in the data
+
+
+PLANS = {
+    "classification": HeadPlan("sequence-classification", "classification", "classification", True),
+    "multi_label": HeadPlan("sequence-classification", "multi_label", "multi_label", True),
+    "regression": HeadPlan("sequence-classification", "regression", "regression", False),
+    "token_classification": HeadPlan("token-classification", "token_classification", "token_classification", True),
+    "multiple_choice": HeadPlan("sequence-classification", "multiple_choice", "multiple_choice", False),
+    "masked_lm": HeadPlan("masked-lm", "sentences", "masked_lm", False),
+}
+
+
+def plan_for(head: HeadConfig) -> HeadPlan:
+    """The plan of ``head``; an embedding head's data and objective follow its contrastive loss."""
+    if head.type == "embedding":
+        contrastive = head.loss.contrastive
+        return HeadPlan("base", "sentences" if contrastive == "simcse" else "pairs", contrastive, False)
+    return PLANS[head.type]
+
+
+def head_label_names(head: HeadConfig, data_labels: list[str] | None) -> list[str] | None:
+    """Output names of the head: the data's labels, or one score (regression, multiple choice)."""
+    plan = plan_for(head)
+    if plan.labelled:
+        return data_labels
+    return [SCORE_LABEL] if plan.model_task == "sequence-classification" else None
+
+
+def model_kwargs(head: HeadConfig, label_names: list[str] | None) -> dict[str, object]:
+    """``from_pretrained`` arguments that size and describe the head."""
+    if plan_for(head).model_task not in ("sequence-classification", "token-classification"):
+        return {}
+    names = label_names or []
+    num_labels = head.num_labels or len(names)
+    if head.num_labels and names and head.num_labels != len(names):
+        raise UserError(f"method.head.num_labels is {head.num_labels} but the data has {len(names)} labels", hint="remove num_labels or fix data.labels")
+    problem = {"multi_label": "multi_label_classification", "regression": "regression"}.get(head.type, "single_label_classification")
+    return {
+        "num_labels": num_labels,
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+        "problem_type": problem,
+    }
+
+
+def check_model_fits(head: HeadConfig, config: object) -> None:
+    """Refuse heads the architecture cannot have (masked LM needs a bidirectional encoder)."""
+    from tunelab.models.load import model_kind
+
+    if head.type == "masked_lm" and model_kind(config) != "encoder":
+        raise UserError(
+            "method.head.type masked_lm needs an encoder (BERT-style) model",
+            hint="for decoders, continue pretraining with causal LM: no head and data.format: text",
+        )
+
+
+def attach_embedding_head(body: torch.nn.Module, head: HeadConfig, is_encoder: bool) -> Embedder:
+    """Wrap a prepared body (methods already applied) in the pooling/projection/normalisation head."""
+    return Embedder(body, head.pooling or default_pooling(is_encoder), head.projection, head.normalize)

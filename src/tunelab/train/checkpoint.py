@@ -1,0 +1,83 @@
+"""Checkpoints that a kill can never corrupt, and that resume a run bit-exactly.
+
+A checkpoint holds the trainable parameters (safetensors), optimizer and scheduler state, RNG
+states and the data position. It is written into a temporary directory and renamed into place
+(``atomic.directory``), so ``checkpoints/`` only ever contains complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab import atomic
+
+STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name; a tensor shared by two names (tied weights) is stored once."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            state[name] = param.detach().cpu().contiguous()
+    return state
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    info: dict[str, Any],
+) -> Path:
+    target = run_dir / "checkpoints" / f"step-{step:07d}"
+    with atomic.directory(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, default=str))
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    directory = run_dir / "checkpoints"
+    if not directory.exists():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.search(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one."""
+    checkpoints = list_checkpoints(run_dir)
+    for path in checkpoints[:-keep_last]:
+        if best is None or path.resolve() != best.resolve():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
+    """Restore parameters (and optimizer, scheduler, RNG when given); returns the saved info."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {path} has parameters the model lacks: {sorted(missing)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    if optimizer is not None:
+        states = torch.load(path / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,266 @@
+"""The training loop: one loop for every technique.
+
+Methods have already prepared the model, the objective says what the loss is, callbacks act on
+events. The loop owns only what every technique shares: batching, mixed precision, exact loss
+normalisation across gradient accumulation and processes, clipping, the schedule, evaluation,
+checkpoints, progress and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from tunelab import atomic
+from tunelab.data import Example
+from tunelab.errors import UserError
+from tunelab.hardware import PrecisionChoice
+from tunelab.train import batches, checkpoint, frozen_precision
+from tunelab.train.callbacks import Callback, TrainState
+from tunelab.train.config import TrainConfig
+from tunelab.train.distributed import World, unwrap, wrap_model
+from tunelab.train.objectives import Objective, accumulate
+from tunelab.train.optim import build_optimizer, build_scheduler
+
+Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    steps: int
+    seconds: float
+    first_step_seconds: float
+    tokens_seen: int
+    supervised_units: int
+    final_train_loss: float | None
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    best_metric: float | None
+    best_checkpoint: str | None
+    stop_reason: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` on ``train`` with ``objective``; writes into ``run_dir`` (rank 0 only)."""
+
+    model: torch.nn.Module
+    objective: Objective
+    train: list[Example]
+    validation: list[Example]
+    cfg: TrainConfig
+    collate: Collate
+    precision: PrecisionChoice
+    run_dir: Path
+    seed: int = 0
+    world: World = field(default_factory=World)
+    callbacks: list[Callback] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    show_progress: bool = True
+    #: Hold frozen weights in the autocast dtype during ``fit`` (see ``frozen_precision``).
+    low_precision_frozen: bool = True
+
+    def __post_init__(self) -> None:
+        global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+        self.steps_per_epoch = batches.steps_per_epoch(len(self.train), self.cfg.batch_size, self.cfg.grad_accum, self.world.size)
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"only {len(self.train)} training examples, fewer than one optimizer step's batch ({global_batch})",
+                hint="lower train.batch_size / train.grad_accum or add data",
+            )
+        self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
+        self.wrapped = wrap_model(self.model, self.world)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._orders: dict[int, list[int]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.autocast)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: batches.epoch_permutation(len(self.train), self.seed, epoch)}
+        return self._orders[epoch]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.world.is_main:
+            atomic.append_jsonl(self.metrics_path, record)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Objective metrics on the validation set, prefixed ``eval_``."""
+        model = unwrap(self.wrapped)
+        was_training = model.training
+        model.eval()
+        stats: dict[str, Any] = {}
+        for i in range(0, len(self.validation), self.cfg.batch_size):
+            batch = self._to_device(self.collate(self.validation[i : i + self.cfg.batch_size]))
+            with self._autocast():
+                _, batch_stats = self.objective(model, batch)
+            accumulate(stats, batch_stats)
+        model.train(was_training)
+        return {f"eval_{k}": v for k, v in self.objective.summarize(stats).items()}
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, resume_from: Path | None = None) -> TrainResult:
+        cast = self.low_precision_frozen and self.precision.autocast
+        original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else {}
+        try:
+            return self._fit(resume_from)
+        finally:
+            frozen_precision.restore(original)
+
+    def _fit(self, resume_from: Path | None) -> TrainResult:
+        start_step, info = 0, {}
+        if resume_from is not None:
+            info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            start_step = info["step"]
+        state = TrainState(self.model, self.optimizer, self.run_dir, self.total_steps, step=start_step)
+        best_value: float | None = info.get("best_value")
+        best_path: str | None = info.get("best_checkpoint")
+        eval_before = info.get("eval_before")
+        if resume_from is None and self.validation and self.cfg.eval_before:
+            eval_before = self._eval_and_log(state, log_only=True)
+        for cb in self.callbacks:
+            cb.on_train_start(state)
+
+        self.wrapped.train()
+        progress = tqdm(
+            total=self.total_steps, initial=start_step, desc="train", unit="step",
+            disable=not (self.show_progress and self.world.is_main), mininterval=1.0, dynamic_ncols=True,
+        )
+        started = time.perf_counter()
+        first_step_seconds = 0.0
+        tokens_seen = supervised = 0
+        last_loss: float | None = None
+        last_eval: dict[str, float] | None = None
+        window_tokens, window_start = 0, time.perf_counter()
+        stop_reason = "completed"
+
+        updating = False  # True while weights, optimizer and scheduler are mid-update
+        try:
+            for step in range(start_step, self.total_steps):
+                step_start = time.perf_counter()
+                epoch, in_epoch = divmod(step, self.steps_per_epoch)
+                state.epoch = epoch
+                order = self._order(epoch)
+                micro = [
+                    self._to_device(self.collate([self.train[i] for i in idx]))
+                    for idx in batches.micro_batches(order, in_epoch, self.cfg.batch_size, self.cfg.grad_accum, self.world.rank, self.world.size)
+                ]
+                units = self.world.all_sum(sum(self.objective.units(b) for b in micro))
+                if units == 0:
+                    raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
+                loss_total = 0.0
+                for j, batch in enumerate(micro):
+                    sync = j == len(micro) - 1 or not self.world.distributed
+                    with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+                        loss_sum, _ = self.objective(self.wrapped, batch)
+                        # Summed loss / units of the whole step; DDP averages gradients over processes,
+                        # so scaling by world size makes the result the global token mean exactly.
+                        loss = loss_sum * (self.world.size / units)
+                    self.scaler.scale(loss).backward()
+                    loss_total += float(loss_sum.detach())
+                if self.cfg.max_grad_norm:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+                updating = True
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+                step_tokens = int(self.world.all_sum(sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum()) for b in micro)))
+                tokens_seen += step_tokens
+                supervised += int(units)
+                window_tokens += step_tokens
+                last_loss = self.world.all_sum(loss_total) / units
+                state.step = step + 1
+                updating = False
+                if step == start_step:
+                    first_step_seconds = time.perf_counter() - step_start
+                for cb in self.callbacks:
+                    cb.on_step_end(state)
+
+                if state.step % self.cfg.log_every == 0 or state.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                    record = {
+                        "type": "train", "step": state.step, "epoch": round(step / self.steps_per_epoch, 4), "loss": last_loss,
+                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
+                        "elapsed_s": time.perf_counter() - started,
+                    }
+                    self._log(record)
+                    state.history.append(record)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_tokens, window_start = 0, time.perf_counter()
+                progress.update(1)
+
+                final = state.step == self.total_steps
+                is_best = evaluated = False
+                if self.validation and ((self.cfg.eval_every and state.step % self.cfg.eval_every == 0) or final):
+                    last_eval, evaluated = self._eval_and_log(state), True
+                    value = last_eval.get(self.cfg.best_metric)
+                    if value is not None and (best_value is None or (value < best_value if self.cfg.best_mode == "min" else value > best_value)):
+                        best_value, best_path, is_best = value, str(self._checkpoint_path(state.step)), True
+                state.should_stop = self.world.broadcast_flag(state.should_stop)
+                due = state.step % self.cfg.save_every == 0 if self.cfg.save_every else evaluated
+                if is_best or final or state.should_stop or due:
+                    self._checkpoint(state, {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}, best_path)
+                if state.should_stop:
+                    stop_reason = state.stop_reason or "stopped by a callback"
+                    break
+        except KeyboardInterrupt:
+            # Ctrl-C: keep the last completed step, so `--resume` continues exactly from it.
+            stop_reason = "interrupted"
+            if not updating and state.step > start_step:
+                self._checkpoint(state, {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}, best_path)
+        progress.close()
+        for cb in self.callbacks:
+            cb.on_train_end(state)
+        return TrainResult(
+            steps=state.step, seconds=time.perf_counter() - started, first_step_seconds=first_step_seconds,
+            tokens_seen=tokens_seen, supervised_units=supervised, final_train_loss=last_loss,
+            eval_before=eval_before, eval_after=last_eval, best_metric=best_value, best_checkpoint=best_path,
+            stop_reason=stop_reason, history=state.history,
+        )
+
+    def _eval_and_log(self, state: TrainState, log_only: bool = False) -> dict[str, float]:
+        metrics = self.evaluate() if self.world.is_main else {}
+        self.world.barrier()
+        if self.world.is_main:
+            record = {"type": "eval", "step": state.step, **metrics}
+            self._log(record)
+            state.history.append(record)
+            if not log_only:
+                for cb in self.callbacks:
+                    cb.on_eval(state, metrics)
+        return metrics
+
+    def _checkpoint_path(self, step: int) -> Path:
+        return self.run_dir / "checkpoints" / f"step-{step:07d}"
+
+    def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None) -> None:
+        """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
+        if self.world.is_main:
+            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info)
+            checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
+        self.world.barrier()

@@ -1,0 +1,242 @@
+"""Multi-task learning: several datasets, each with its own head and objective, over one shared body.
+
+- **Model**: every task's head model (built as for a single-task run) has its body replaced by
+  one shared body, to which the recipe's methods (freezing, LoRA, bottleneck adapters) are
+  applied once, so adapters are shared too. The body trains unless every task's head says
+  ``base: frozen`` (or freezing/adapters say otherwise).
+- **Batches**: a micro-batch holds one task's examples (heads need their own batch shapes). One
+  epoch is as many batches as the tasks' examples fill; each task's share of them follows
+  ``method.task_sampling``: by size (p ∝ n), uniform, or temperature (p ∝ n^(1/T)). A task whose
+  share exceeds its data cycles through it in fresh seeded orders. The trainer shuffles the
+  batches each epoch, as it shuffles examples in single-task runs.
+- **Loss**: each batch contributes ``weight × (its task's mean loss) × its examples``; the
+  trainer divides by all examples of the step, so tasks with token-level losses do not
+  outweigh example-level ones by their token counts.
+- **Metrics**: every task's own metrics, prefixed with its name (``eval_<task>_accuracy``).
+- **Saving**: ``final/tasks/<task>/`` is a plain transformers model per task (embedding tasks
+  also in sentence-transformers layout); ``load_multitask`` loads them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import atomic
+from tunelab.data import DataBundle, DataConfig, DataReport, Example, build_datasets
+from tunelab.methods import apply_methods
+from tunelab.methods.config import HeadConfig, MethodConfig, TaskSamplingConfig
+from tunelab.methods.heads import (
+    attach_embedding_head,
+    check_model_fits,
+    head_label_names,
+    model_kwargs,
+    plan_for,
+)
+from tunelab.methods.pooling import Embedder
+from tunelab.models import load_model
+from tunelab.models.load import model_kind
+from tunelab.recipe import Recipe
+from tunelab.train.artifacts import MANIFEST
+from tunelab.train.embedding_artifacts import load_embedder, save_embedder
+from tunelab.train.objectives import OBJECTIVES, Objective
+from tunelab.train.objectives.base import Stats
+
+
+@dataclass
+class TaskBatch:
+    """One micro-batch's worth of one task's examples (what the trainer shuffles and collates)."""
+
+    task: int
+    examples: list[Example]
+
+
+class MultiTaskModel(torch.nn.Module):
+    """One model per task, all sharing ``body``; ``forward(task=name, ...)`` runs that task's model."""
+
+    def __init__(self, body: torch.nn.Module, models: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.body = body
+        self.tasks = torch.nn.ModuleDict(models)
+
+    def forward(self, task: str, **inputs: torch.Tensor) -> Any:
+        return self.tasks[task](**inputs)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.body.gradient_checkpointing_enable(**kwargs)
+
+
+class TaskView:
+    """``model`` seen as one task's model, so single-task objectives run unchanged (through DDP too)."""
+
+    def __init__(self, model: torch.nn.Module, task: str):
+        self.model, self.task = model, task
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        return self.model(task=self.task, **inputs)
+
+
+class MultiTaskObjective:
+    """Dispatches each batch to its task's objective and weights its loss."""
+
+    name = "multi_task"
+    collation = "padded"
+
+    def __init__(self, names: list[str], objectives: list[Objective], weights: list[float]):
+        self.names, self.objectives, self.weights = names, objectives, weights
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["task_examples"])
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        t = int(batch["task"])
+        name, objective = self.names[t], self.objectives[t]
+        inner = {k: v for k, v in batch.items() if k not in ("task", "task_examples")}
+        loss_sum, stats = objective(TaskView(model, name), inner)
+        examples = int(batch["task_examples"])
+        loss = self.weights[t] * loss_sum / max(1, objective.units(inner)) * examples
+        return loss, {"loss_sum": loss.detach().item(), "examples": examples, **{f"{name}/{k}": v for k, v in stats.items()}}
+
+    def summarize(self, stats: Stats) -> dict[str, float]:
+        metrics = {"loss": stats.get("loss_sum", 0.0) / max(1, stats.get("examples", 0))}
+        for name, objective in zip(self.names, self.objectives):
+            own = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(f"{name}/")}
+            if own:
+                metrics.update({f"{name}_{k}": v for k, v in objective.summarize(own).items()})
+        return metrics
+
+
+def task_shares(sizes: Sequence[int], sampling: TaskSamplingConfig) -> list[float]:
+    """Sampling probability of each task: ∝ n (size), equal (uniform), or ∝ n^(1/T) (temperature)."""
+    power = {"size": 1.0, "uniform": 0.0, "temperature": 1.0 / sampling.temperature}[sampling.strategy]
+    raw = [n**power for n in sizes]
+    return [r / sum(raw) for r in raw]
+
+
+def schedule_batches(examples: Sequence[Sequence[Example]], shares: Sequence[float], batch_size: int, seed: int) -> list[TaskBatch]:
+    """One epoch of single-task batches: ``total`` batches split by ``shares`` (largest remainder),
+    each task's examples taken in seeded orders, cycling when its share exceeds its data."""
+    total = max(1, sum(len(e) for e in examples) // batch_size)
+    counts = [math.floor(s * total) for s in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda t: shares[t] * total - counts[t], reverse=True)
+    for t in by_remainder[: total - sum(counts)]:
+        counts[t] += 1
+    batches = []
+    for t, (pool, count) in enumerate(zip(examples, counts)):
+        order: list[int] = []
+        rounds = 0
+        while len(order) < count * batch_size:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * t + rounds)
+            order += torch.randperm(len(pool), generator=generator).tolist()
+            rounds += 1
+        batches += [TaskBatch(t, [pool[i] for i in order[b * batch_size : (b + 1) * batch_size]]) for b in range(count)]
+    return batches
+
+
+def validation_batches(examples: Sequence[Sequence[Example]], batch_size: int) -> list[TaskBatch]:
+    return [TaskBatch(t, list(pool[i : i + batch_size])) for t, pool in enumerate(examples) for i in range(0, len(pool), batch_size)]
+
+
+def task_data_config(base: DataConfig, task: DataConfig) -> DataConfig:
+    """The task's data section: its own keys over the top-level ``data:`` section's."""
+    return DataConfig.model_validate({**base.model_dump(), **task.model_dump(exclude_unset=True)})
+
+
+def prepare_multitask(recipe: Recipe) -> Any:
+    """The ``Prepared`` run for ``method.tasks`` (see the module docstring)."""
+    from tunelab.train.prepare import Prepared, head_collate
+
+    tasks = recipe.method.tasks or {}
+    names = list(tasks)
+    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    tokenizer, is_encoder = body_loaded.tokenizer, model_kind(body_loaded.model.config) == "encoder"
+    bundles = {}
+    for name, task in tasks.items():
+        check_model_fits(task.head, body_loaded.model.config)
+        bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, task=plan_for(task.head).data_task, seed=recipe.seed)  # type: ignore[arg-type]
+
+    all_frozen = all(t.head.base == "frozen" for t in tasks.values())
+    body_method = recipe.method.model_copy(update={"tasks": None, "head": HeadConfig(base="frozen") if all_frozen else None})
+    body = apply_methods(body_loaded.model, body_method, task="base", tokenizer_dir=body_loaded.details.get("directory"))
+    models, label_names = {}, {}
+    for name, task in tasks.items():
+        models[name], label_names[name] = _task_model(recipe, task.head, bundles[name], body, is_encoder)
+    model = MultiTaskModel(body, models)
+
+    objectives = [OBJECTIVES[plan_for(t.head).objective](models[n], label_names=bundles[n].label_names, head=t.head, train=bundles[n].train) for n, t in tasks.items()]
+    objective = MultiTaskObjective(names, objectives, [t.weight for t in tasks.values()])
+    collates = [head_collate(t.head, tokenizer, recipe.seed) for t in tasks.values()]
+    batch_size = recipe.train.batch_size
+    train = schedule_batches([bundles[n].train for n in names], task_shares([len(bundles[n].train) for n in names], recipe.method.task_sampling), batch_size, recipe.seed)
+    validation = validation_batches([bundles[n].validation for n in names], batch_size)
+
+    def collate(items: list[TaskBatch]) -> dict[str, torch.Tensor]:
+        (item,) = items  # the trainer runs with batch_size 1: each item is a whole batch
+        return {**collates[item.task](item.examples), "task": torch.tensor(item.task), "task_examples": torch.tensor(len(item.examples))}
+
+    def save(run_dir: Path) -> Path:
+        return save_multitask_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method, label_names=label_names)
+
+    data = DataBundle(train, validation, _combined_report(bundles), None)  # type: ignore[arg-type]
+    return Prepared(model, tokenizer, body_loaded.source, data, objective, collate, save, recipe.train.model_copy(update={"batch_size": 1}))
+
+
+def _task_model(recipe: Recipe, head: HeadConfig, bundle: DataBundle, body: torch.nn.Module, is_encoder: bool) -> tuple[torch.nn.Module, list[str] | None]:
+    """This task's model around the shared ``body``; its head's output names."""
+    plan = plan_for(head)
+    names = head_label_names(head, bundle.label_names)
+    if head.type == "embedding":
+        return attach_embedding_head(body, head, is_encoder), names
+    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, **model_kwargs(head, names)).model
+    setattr(model, model.base_model_prefix, body)
+    return model, names
+
+
+def _combined_report(bundles: dict[str, DataBundle]) -> DataReport:
+    reports = {name: b.report.as_dict() for name, b in bundles.items()}
+    report = DataReport(format="multi-task: " + ", ".join(f"{n} ({r['format']})" for n, r in reports.items()), tasks=reports)
+    for key in ("rows_read", "bad_rows_skipped", "duplicates_removed", "truncated", "dropped", "train_examples", "validation_examples", "tokens", "supervised_tokens"):
+        setattr(report, key, sum(r[key] for r in reports.values()))
+    return report
+
+
+def save_multitask_final(run_dir: Path, model: MultiTaskModel, tokenizer: Any, *, base: str, method: MethodConfig, label_names: dict[str, list[str] | None]) -> Path:
+    """``final/tasks/<task>/``: each task's model as a plain transformers model (adapters merged)."""
+    body = model.body.merge_and_unload() if hasattr(model.body, "merge_and_unload") else model.body
+    target = run_dir / "final"
+    heads = {name: task.head for name, task in (method.tasks or {}).items()}
+    with atomic.directory(target) as tmp:
+        for name, task_model in model.tasks.items():
+            directory = tmp / "tasks" / name
+            if isinstance(task_model, Embedder):
+                task_model.body = body
+                save_embedder(task_model, tokenizer, directory)
+                continue
+            setattr(task_model, task_model.base_model_prefix, body)
+            task_model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "base": base, "task": "multi-task", "label_names": None, "method": method.model_dump(mode="json"), "files": ["tasks/"],
+            "tasks": {n: {"task": plan_for(h).model_task, "head": h.type, "label_names": label_names[n]} for n, h in heads.items()},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def load_multitask(run_dir: Path) -> dict[str, torch.nn.Module]:
+    """Every task's trained model of a multi-task run (embedding tasks as ``Embedder``)."""
+    final = run_dir / "final" if (run_dir / "final" / MANIFEST).exists() else run_dir
+    manifest = json.loads((final / MANIFEST).read_text())
+    loaded: dict[str, torch.nn.Module] = {}
+    for name, info in manifest["tasks"].items():
+        directory = final / "tasks" / name
+        loaded[name] = load_embedder(directory)[0] if info["head"] == "embedding" else load_model(str(directory), info["task"]).model.eval()
+    return loaded
+

@@ -1,0 +1,15 @@
+"""Objectives: what the loss is. Importing this package registers the built-in ones."""
+
+from tunelab.train.objectives import (  # noqa: F401  (registration)
+    causal_lm,
+    classification,
+    contrastive,
+    masked_lm,
+    multi_label,
+    multiple_choice,
+    regression,
+    token_classification,
+)
+from tunelab.train.objectives.base import OBJECTIVES, Objective, accumulate, register
+
+__all__ = ["OBJECTIVES", "Objective", "accumulate", "register"]

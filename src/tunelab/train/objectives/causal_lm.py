@@ -1,0 +1,92 @@
+"""Causal language modelling on supervised tokens only.
+
+Logits are computed only at positions whose next token carries loss (``logits_to_keep`` with a
+boolean mask), so prompt tokens never pay for the ``hidden × vocab`` projection: on chat SFT data,
+where prompts are longer than answers, that is most of the LM-head compute and memory (SmolLM2's
+vocabulary is 49,152). Prompt-learning adapters (prompt/prefix tuning) prepend virtual tokens the
+mask cannot describe; for them the full logits are computed and the virtual positions dropped.
+
+Packed rows run attention once per example (``tunelab.train.varlen_attention``) on models whose
+attention goes through transformers' attention interface, instead of one block-diagonal-masked
+attention over the whole row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.train.objectives.base import Stats, register
+from tunelab.train.varlen_attention import (
+    segment_bounds,
+    supports_varlen,
+    varlen_attention,
+)
+
+IGNORE_INDEX = -100
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _is_prompt_learning(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+class CausalLMObjective:
+    """Token-level cross-entropy on positions whose label is not -100."""
+
+    name = "causal_lm"
+
+    def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True):
+        """``sliced_logits``/``varlen`` exist so the benchmark can measure each lever switched off."""
+        self.prompt_learning = _is_prompt_learning(model)
+        self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
+        self.varlen = varlen and not self.prompt_learning and supports_varlen(model)
+        self.collation = "padded" if self.prompt_learning else "packed"
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        attention: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.varlen and "position_ids" in batch and "attention_mask" not in batch:
+            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
+            attention = varlen_attention(model)
+        supervised_next = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+        targets = labels[:, 1:][supervised_next]
+        with attention:
+            if self.sliced_logits:
+                keep = torch.zeros_like(labels, dtype=torch.bool)
+                keep[:, :-1] = supervised_next
+                logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+                logits = logits.reshape(-1, logits.shape[-1])
+            else:
+                full = model(**inputs, use_cache=False).logits
+                full = full[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
+                logits = full[:, :-1][supervised_next]
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss_sum, {"loss_sum": loss_sum.detach().item(), "tokens": int(targets.numel()), "correct": int(correct)}
+
+    def summarize(self, stats: Stats) -> dict[str, float]:
+        tokens = max(1, stats.get("tokens", 0))
+        loss = stats.get("loss_sum", 0.0) / tokens
+        return {
+            "loss": loss,
+            "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0)))),
+            "token_accuracy": stats.get("correct", 0) / tokens,
+        }
+
+
+@register("causal_lm")
+def causal_lm(model: torch.nn.Module, **_: object) -> CausalLMObjective:
+    return CausalLMObjective(model)

@@ -1,0 +1,82 @@
+"""Attention over packed rows without the packed row's quadratic cost.
+
+A packed row of n examples with total length T is causal *within* each example only. Handed to
+sdpa as one sequence with a block-diagonal ``[T, T]`` mask, every layer still computes all T²
+scores and masks most of them away, and sdpa's fused CPU kernel is not used for arbitrary masks:
+on short chat examples that made packing slower than padding (measured, bench/README.md). This
+attention function runs sdpa once per example with ``is_causal=True`` instead: the cost is
+Σ len², the fused kernel applies, and no token attends across an example boundary.
+
+It is registered with transformers' ``AttentionInterface`` and used only inside
+``varlen_attention(model)`` on packed batches; the example boundaries arrive as the
+``cu_seq_lens_q`` keyword that transformers forwards from the model call to every attention layer
+(the same contract its flash-attention varlen path uses). Because the function has no mask
+counterpart, transformers skips building the ``[T, T]`` mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+NAME = "tunelab_varlen_sdpa"
+
+
+def varlen_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Causal sdpa per segment of a ``[1, heads, T, dim]`` packed row; returns ``[1, T, heads, dim]``."""
+    bounds = kwargs["cu_seq_lens_q"].tolist()  # type: ignore[union-attr]
+    p = dropout if module.training else 0.0
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, dropout_p=p, scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, varlen_sdpa)
+
+
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_varlen(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention layers dispatch through transformers' ``AttentionInterface``."""
+    return bool(getattr(_transformers_model(model), "_supports_attention_backend", False))
+
+
+def segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative example boundaries ``[0, len0, len0+len1, ..., T]`` of a ``[1, T]`` packed row."""
+    starts = torch.nonzero(position_ids[0] == 0).flatten()
+    total = torch.tensor([position_ids.shape[1]], dtype=starts.dtype)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+@contextlib.contextmanager
+def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Route ``model``'s attention through ``varlen_sdpa`` for the duration of one call."""
+    config = _transformers_model(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

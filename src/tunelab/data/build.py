@@ -14,13 +14,22 @@ from tunelab.data.bad_rows import BadRows
 from tunelab.data.bundle import DataBundle, DataReport, Example
 from tunelab.data.config import DataConfig
 from tunelab.data.encode import Encoder, learned_tokens
-from tunelab.data.formats import Record, Task, check_settings, rename_columns, resolve_format, to_record
+from tunelab.data.formats import (
+    Record,
+    Task,
+    check_settings,
+    rename_columns,
+    resolve_format,
+    to_record,
+)
 from tunelab.data.labels import label_names
 from tunelab.data.prompting import few_shot_pool_sample
 from tunelab.data.readers import Row, read_rows
 from tunelab.data.split import hold_out, remove_duplicates, shuffled
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import UserError
+
+LABELLED_TASKS = ("classification", "multi_label", "token_classification")  # tasks with a label map
 
 
 def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task: Task, seed: int) -> DataBundle:
@@ -62,7 +71,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task:
     report.bad_row_samples = bad_rows.samples
     report.truncated, report.dropped = encoder.truncated, encoder.dropped
     report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
-    report.tokens = sum(len(e.input_ids) for e in train_examples)
+    report.tokens = sum(_tokens(e) for e in train_examples)
     report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
     if not train_examples:
         raise _nothing_left(cfg, report)
@@ -108,7 +117,7 @@ def _encoder(
     if task == "sft":
         template, report.template = resolve_chat_template(tokenizer, cfg.template)
         return Encoder(tokenizer, cfg, task, chat_template=template)
-    if task == "classification":
+    if task in LABELLED_TASKS:
         report.label_names = label_names(cfg.labels, train)
         return Encoder(tokenizer, cfg, task, label_index={name: i for i, name in enumerate(report.label_names)})
     return Encoder(tokenizer, cfg, task)
@@ -138,3 +147,7 @@ def _encode_all(
         if example is not None:
             examples.append(example)
     return examples
+
+
+def _tokens(example: Example) -> int:
+    return len(example.input_ids) if example.group is None else sum(len(ids) for ids in example.group if ids)

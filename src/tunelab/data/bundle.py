@@ -13,13 +13,20 @@ class Example:
     """One tokenized example.
 
     ``labels`` has the length of ``input_ids``, with ``IGNORE_INDEX`` where no loss is taken. For
-    classification it is empty and ``label`` holds the class id.
+    classification it is empty and ``label`` holds the class id. ``targets`` holds float targets
+    (a regression value, or a multi-hot label vector). ``group`` holds several sequences that form
+    one example (anchor, positive, negative — None where a row has no negative; or one sequence
+    per answer choice, with ``label`` the correct one); ``input_ids`` is then the first of them.
+    ``word_ids`` maps tokens to words (-1 for special tokens), for whole-word masking.
     """
 
     input_ids: list[int]
     labels: list[int]
     label: int | None = None
     weight: float = 1.0
+    targets: list[float] | None = None
+    group: list[list[int] | None] | None = None
+    word_ids: list[int] | None = None
 
 
 @dataclass
@@ -39,6 +46,7 @@ class DataReport:
     tokens: int = 0
     supervised_tokens: int = 0
     label_names: list[str] | None = None
+    tasks: dict[str, dict[str, Any]] | None = None  # multi-task runs: each task's own report
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for the run directory's report)."""

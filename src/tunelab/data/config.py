@@ -8,7 +8,9 @@ from pydantic import Field
 
 from tunelab.config_base import Section
 
-DataFormat = Literal["auto", "chat", "prompt_completion", "instruction", "text", "classification"]
+DataFormat = Literal[
+    "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "tagged", "choices"
+]
 TemplateName = Literal["auto", "model", "chatml", "llama3", "alpaca", "plain"]
 
 
@@ -35,6 +37,9 @@ class DataConfig(Section):
     few_shot: int = Field(0, ge=0, description="Prepend this many solved training examples (seeded) as earlier turns.")
     labels: list[str | int] | None = Field(
         None, description="Classification label names in class-id order; default: sorted labels of the train split."
+    )
+    weight_column: str | None = Field(
+        None, description="A numeric column that weights each example's loss (heads and embeddings; default 1)."
     )
     max_length: int = Field(
         512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left."

@@ -13,6 +13,8 @@ from tunelab.data.config import DataConfig
 from tunelab.data.formats import Record, Task
 from tunelab.data.labels import label_id
 from tunelab.data.prompting import build_messages
+from tunelab.data.task_encode import encode_task
+from tunelab.data.task_rows import TASK_FIELDS
 from tunelab.data.tokenize import tokenize_for_classification, tokenize_text, truncate
 
 
@@ -42,13 +44,17 @@ class Encoder:
         """The example for ``record`` (``shots`` as demonstrations), or None when truncation left
         nothing to learn."""
         cfg = self.cfg
+        if self.task in TASK_FIELDS:
+            example, cut = encode_task(self.tokenizer, cfg, self.task, record, self.label_index, self._declared_labels)
+            self.truncated += cut
+            return example
         if self.task == "classification":
             assert self.label_index is not None, "classification needs a label map"
             ids, cut = tokenize_for_classification(
                 self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side
             )
             self.truncated += cut
-            return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
+            return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels), weight=record.weight)
         if self.task == "text":
             ids = tokenize_text(self.tokenizer, record.text or "")
             labels = list(ids)

@@ -11,47 +11,43 @@ Formats (by the fields present, after ``data.columns`` renaming):
 - ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
 - ``classification``: ``text``, ``label``
 - ``text``: ``text`` (continued pretraining)
+- ``multi_label``, ``pairs``, ``tagged``, ``choices``: the rows of the tasks in ``task_rows``
 - ``fields``: any fields, turned into prompts/answers/texts by ``data.prompt_template`` and
   ``data.completion_template``
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunelab.data.config import DataConfig
 from tunelab.data.prompting import Message, qa_messages, render
+from tunelab.data.records import Record, missing_field, string_field
+from tunelab.data.task_rows import TASK_FIELDS, example_weight, task_record
 from tunelab.errors import UserError
 
-Task = Literal["sft", "classification", "text"]
+Task = Literal[
+    "sft", "classification", "text", "multi_label", "regression", "token_classification", "pairs", "sentences", "multiple_choice"
+]
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first match wins
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
+    "pairs": ("anchor", "positive"),
+    "tagged": ("tokens", "tags"),
+    "choices": ("question", "choices"),
+    "multi_label": ("text", "labels"),
     "classification": ("text", "label"),
     "text": ("text",),
 }
 ROLES = ("system", "user", "assistant")
-FORMATS_HINT = "expected messages | prompt+completion | instruction+output | text+label | text"
-
-
-@dataclass
-class Record:
-    """One row, validated and reduced to what the model sees."""
-
-    where: str
-    messages: list[Message] | None = None
-    text: str | None = None
-    label: str | int | None = None
-
-    def key(self) -> str:
-        """Identity for exact-duplicate removal: two rows the model would see identically."""
-        return json.dumps([self.messages, self.text, self.label], sort_keys=True, ensure_ascii=False)
+FORMATS_HINT = (
+    "expected messages | prompt+completion | instruction+output | text+label | text | text+labels | "
+    "anchor+positive | tokens+tags | question+choices"
+)
 
 
 def rename_columns(fields: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
@@ -135,15 +131,17 @@ def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, 
             else _answer_field(fields, fmt, where)
         )
         return Record(where, messages=qa_messages(prompt, answer))
-    text = render(cfg.prompt_template, fields, where) if cfg.prompt_template else _string(fields, "text", where)
+    if task in TASK_FIELDS:
+        return task_record(fields, task, cfg, where)
+    text = render(cfg.prompt_template, fields, where) if cfg.prompt_template else string_field(fields, "text", where)
     if task == "text":
         return Record(where, text=text)
     label = fields.get("label")
     if label is None:
-        raise _missing("label", fields, where)
+        raise missing_field("label", fields, where)
     if not isinstance(label, (str, int)):
         raise UserError(f"'label' must be a string or an integer, got {type(label).__name__}", where=where)
-    return Record(where, text=text, label=label)
+    return Record(where, text=text, label=label, weight=example_weight(fields, cfg.weight_column, where))
 
 
 def chat_messages(value: Any, where: str) -> list[Message]:
@@ -184,30 +182,15 @@ def chat_messages(value: Any, where: str) -> list[Message]:
 
 def _prompt_field(fields: Mapping[str, Any], fmt: str, where: str) -> str:
     if fmt == "instruction":
-        instruction = _string(fields, "instruction", where)
+        instruction = string_field(fields, "instruction", where)
         extra = fields.get("input")
         if extra is not None and not isinstance(extra, str):
             raise UserError(f"'input' must be a string, got {type(extra).__name__}", where=where)
         return f"{instruction}\n\n{extra}" if extra else instruction
-    return _string(fields, "prompt", where)
+    return string_field(fields, "prompt", where)
 
 
 def _answer_field(fields: Mapping[str, Any], fmt: str, where: str) -> str:
-    return _string(fields, "output" if fmt == "instruction" else "completion", where)
+    return string_field(fields, "output" if fmt == "instruction" else "completion", where)
 
 
-def _string(fields: Mapping[str, Any], name: str, where: str) -> str:
-    value = fields.get(name)
-    if value is None:
-        raise _missing(name, fields, where)
-    if not isinstance(value, str):
-        raise UserError(f"'{name}' must be a string, got {type(value).__name__}", where=where)
-    return value
-
-
-def _missing(name: str, fields: Mapping[str, Any], where: str) -> UserError:
-    return UserError(
-        f"missing column '{name}' (the row has: {', '.join(fields) or 'no fields'})",
-        where=where,
-        hint=f"add it, or map yours with data.columns: {{their_name: {name}}}",
-    )

@@ -19,15 +19,17 @@ def label_names(declared: Sequence[str | int] | None, train: Sequence[Record]) -
         if repeated:
             raise UserError(f"data.labels lists {', '.join(repeated)} more than once", hint="list each label once")
         return names
-    values = {r.label for r in train if r.label is not None}
+    values = {value for r in train for value in r.label_values()}
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)]
     return sorted(str(v) for v in values)
 
 
-def label_id(record: Record, index: dict[str, int], declared: bool) -> int:
-    """The class id of ``record``; an unknown label is a UserError at the row."""
-    name = str(record.label)
+def label_id(record: Record, index: dict[str, int], declared: bool, value: str | int | None = None) -> int:
+    """The class id of ``record``'s label (or of ``value``, one of its labels or tags); an unknown
+    label is a UserError at the row."""
+    value = record.label if value is None else value
+    name = str(value)
     if name not in index:
         known = ", ".join(index) if len(index) <= 20 else f"{len(index)} labels"
         hint = (
@@ -35,5 +37,5 @@ def label_id(record: Record, index: dict[str, int], declared: bool) -> int:
             if declared
             else "it does not occur in the training split; declare data.labels"
         )
-        raise UserError(f"label {record.label!r} is not one of the labels ({known})", where=record.where, hint=hint)
+        raise UserError(f"label {value!r} is not one of the labels ({known})", where=record.where, hint=hint)
     return index[name]

@@ -1,0 +1,100 @@
+"""Row checks for the tasks beyond chat SFT and single-label classification.
+
+- ``multi_label``: ``text`` + ``labels`` (a list of label names, possibly empty)
+- ``regression``: ``text`` + ``label`` (a number)
+- ``token_classification``: ``tokens`` (words) + ``tags`` (one per word)
+- ``pairs``: ``anchor`` + ``positive`` (+ optional ``negative``), for contrastive embeddings
+- ``sentences``: ``text`` alone, encoded with the tokenizer's special tokens (SimCSE, masked LM)
+- ``multiple_choice``: ``question`` + ``choices`` (list) + ``label`` (the answer's index or text)
+
+A per-example loss weight comes from ``data.weight_column`` for every task here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tunelab.data.config import DataConfig
+from tunelab.data.prompting import render
+from tunelab.data.records import (
+    Record,
+    missing_field,
+    number_field,
+    string_field,
+    string_list,
+)
+from tunelab.errors import UserError
+
+TASK_FIELDS = {
+    "multi_label": "text + labels",
+    "regression": "text + label (a number)",
+    "token_classification": "tokens + tags",
+    "pairs": "anchor + positive (+ negative)",
+    "sentences": "text",
+    "multiple_choice": "question + choices + label",
+}
+
+
+def task_record(fields: Mapping[str, Any], task: str, cfg: DataConfig, where: str) -> Record:
+    """Validate one row for ``task`` (one of ``TASK_FIELDS``)."""
+    weight = example_weight(fields, cfg.weight_column, where)
+    if task == "token_classification":
+        words, tags = string_list(fields, "tokens", where), string_list(fields, "tags", where)
+        if len(words) != len(tags) or not words:
+            raise UserError(f"{len(words)} tokens but {len(tags)} tags", where=where, hint="give exactly one tag per token (and at least one token)")
+        return Record(where, words=words, tags=tags, weight=weight)
+    if task == "pairs":
+        anchor = _text(fields, "anchor", cfg, where)
+        positive = fields.get("positive")
+        if not isinstance(positive, str) or not positive.strip():
+            raise UserError(
+                "contrastive row without a positive", where=where, hint="give every row a non-empty 'positive' text (the anchor's match)"
+            )
+        negative = fields.get("negative")
+        if negative is not None and not isinstance(negative, str):
+            raise UserError(f"'negative' must be a string, got {type(negative).__name__}", where=where)
+        return Record(where, texts=[anchor, positive, negative or None], weight=weight)
+    if task == "multiple_choice":
+        question, choices = _text(fields, "question", cfg, where), string_list(fields, "choices", where)
+        if len(choices) < 2:
+            raise UserError(f"{len(choices)} choice(s); a multiple-choice row needs at least two", where=where)
+        return Record(where, text=question, texts=list(choices), label=_answer_index(fields, choices, where), weight=weight)
+    text = _text(fields, "text", cfg, where)
+    if task == "multi_label":
+        return Record(where, text=text, label=string_list(fields, "labels", where), weight=weight)
+    if task == "regression":
+        return Record(where, text=text, label=number_field(fields, "label", where, what="regression target"), weight=weight)
+    if task == "sentences":
+        return Record(where, text=text, weight=weight)
+    raise ValueError(f"not an extra task: {task}")
+
+
+def example_weight(fields: Mapping[str, Any], column: str | None, where: str) -> float:
+    """The row's loss weight from ``data.weight_column`` (1 without one); negative is an error."""
+    if column is None:
+        return 1.0
+    weight = number_field(fields, column, where, what="example weight")
+    if weight < 0:
+        raise UserError(f"example weight '{column}' is {weight}; weights must be 0 or more", where=where)
+    return weight
+
+
+def _text(fields: Mapping[str, Any], name: str, cfg: DataConfig, where: str) -> str:
+    return render(cfg.prompt_template, fields, where) if cfg.prompt_template and name in ("text", "question") else string_field(fields, name, where)
+
+
+def _answer_index(fields: Mapping[str, Any], choices: list[str], where: str) -> int:
+    """The correct choice: an index into ``choices`` or the text of one of them."""
+    label = fields.get("label")
+    if label is None:
+        raise missing_field("label", fields, where)
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(choices):
+        return label
+    if isinstance(label, str) and label in choices:
+        return choices.index(label)
+    if isinstance(label, str) and label.isdigit() and int(label) < len(choices):
+        return int(label)
+    raise UserError(
+        f"label {label!r} is neither a choice index (0-{len(choices) - 1}) nor one of the choices", where=where
+    )

@@ -136,3 +136,17 @@ def test_selective_precision_keeps_named_and_most_sensitive_layers():
     assert report["quantized_layers"] == 14 - 3
     with pytest.raises(UserError, match="matches none"):
         quantize(load_model("tiny-llama").model, "int8", group_size=32, keep=["nothing_like_this"])
+
+
+def test_a_quantized_output_head_is_saved_untied_and_reloads(tmp_path):
+    loaded = load_model("tiny-llama", seed=0)
+    ids = torch.randint(7, 200, (1, 16), generator=torch.Generator().manual_seed(2))
+    model, report = quantize(loaded.model, "dynamic-int8", targets=["."])
+    assert report["quantized_layers"] == 15  # the head too
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    reloaded, _, _ = load_compressed(tmp_path / "m")
+    assert reloaded.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, out)

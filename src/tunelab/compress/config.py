@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from tunelab.config_base import Section
 
@@ -44,6 +44,18 @@ class PruneStep(Section):
 
             parse_nm(value)
         return value
+
+    @model_validator(mode="after")
+    def _options_fit_the_criterion(self) -> PruneStep:
+        if self.prune in ("mlp", "heads", "blocks"):
+            used = [name for name in ("pattern", "scope", "teacher") if getattr(self, name) is not None]
+            used += ["sampled"] if self.sampled else []
+            used += ["targets"] if self.targets else []
+            if used:
+                raise ValueError(f"option(s) {', '.join(used)} only apply to magnitude/wanda/taylor, not to structured '{self.prune}' pruning")
+        if self.teacher and self.prune != "taylor":
+            raise ValueError("a teacher only informs taylor pruning")
+        return self
 
 
 class QuantizeStep(Section):
@@ -135,7 +147,7 @@ class CompressConfig(Section):
     max_length: int = Field(256, ge=8, description="Tokens per perplexity window and calibration sequence.")
     prefill_tokens: int = Field(128, gt=0, description="Prompt length for the prefill speed measurement.")
     decode_tokens: int = Field(32, gt=1, description="Generated tokens for the decode speed measurement.")
-    repeats: int = Field(3, gt=0, description="Speed measurements per variant; the median is reported.")
+    repeats: int = Field(3, gt=0, description="Speed measurements per variant; the best is reported (contention only slows runs down).")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for compressing and measuring (default: all cores). On a shared machine 1 "
         "is steadier: OpenMP threads that lose their core to another process stall each other.",

@@ -71,6 +71,8 @@ def run_compression(
         row = {"variant": name, "steps": reports,
                **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
         row["relative"] = relative(row, rows[0] if rows else row)
+        if row["loader"] == "tunelab":
+            echo(f"compress: {name} has no plain-transformers format; reload it with tunelab.compress.store.load_compressed")
         rows.append(row)
         atomic.append_jsonl(run_dir / "compress.jsonl", row)
         if not config.keep_models:

@@ -57,6 +57,9 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: str | Path, inf
         if not layers:
             model.save_pretrained(tmp)
         else:
+            head = model.get_output_embeddings()
+            if head is not None and not isinstance(head, nn.Linear):
+                model.config.tie_word_embeddings = False  # a quantized head no longer shares the embedding
             model.config.save_pretrained(tmp)
             state = _untied_state(model)
             if any(d["format"] == "dynamic-int8" for d in layers.values()):

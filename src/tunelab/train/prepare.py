@@ -35,7 +35,7 @@ from tunelab.methods.heads import (
     plan_for,
 )
 from tunelab.models import load_model
-from tunelab.models.load import model_kind
+from tunelab.models.load import model_kind, peek_config
 from tunelab.recipe import Recipe
 from tunelab.train.artifacts import save_final
 from tunelab.train.config import TrainConfig
@@ -89,8 +89,8 @@ def _prepare_causal_lm(recipe: Recipe) -> Prepared:
 
 def _prepare_head(recipe: Recipe, head: HeadConfig) -> Prepared:
     plan = plan_for(head)
+    check_model_fits(head, peek_config(recipe.model.name))
     loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed)
-    check_model_fits(head, loaded.model.config)
     data = build_datasets(recipe.data, loaded.tokenizer, task=plan.data_task, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     objective = OBJECTIVES[plan.objective](model, label_names=data.label_names, head=head, train=data.train)

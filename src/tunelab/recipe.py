@@ -115,10 +115,12 @@ def _index_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: dict[tupl
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     """Data paths in a recipe are relative to the recipe file unless they exist from the CWD."""
-    for field in ("train", "validation"):
-        value = getattr(recipe.data, field)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(recipe.data, field, str(base / value))
+    sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
+    for section in sections:
+        for field in ("train", "validation"):
+            value = getattr(section, field)
+            if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+                setattr(section, field, str(base / value))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,15 @@ from tunelab.methods.peft_adapters import apply_peft
 
 HEAD_MODULES = ("score", "classifier")
 
+#: peft's task type per model task: it decides which forward signature the wrapper exposes and
+#: which head modules stay trainable; masked LM has none and takes the plain wrapper.
+PEFT_TASK_TYPES = {
+    "causal-lm": "CAUSAL_LM",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "base": "FEATURE_EXTRACTION",
+}
+
 
 @dataclass(frozen=True)
 class TrainableSummary:
@@ -48,8 +57,7 @@ def apply_methods(model: torch.nn.Module, cfg: MethodConfig, *, task: str, token
     if cfg.bottleneck:
         apply_bottleneck(model, cfg.bottleneck)
     if cfg.peft_family():
-        task_type = "SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM"
-        model = apply_peft(model, cfg, task_type, tokenizer_dir)
+        model = apply_peft(model, cfg, PEFT_TASK_TYPES.get(task), tokenizer_dir)
     for name, param in model.named_parameters():
         if ".bottleneck_" in name or (cfg.head and is_head_parameter(name)):
             param.requires_grad_(True)

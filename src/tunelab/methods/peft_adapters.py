@@ -21,7 +21,7 @@ def _targets(value: str | list[str]) -> Any:
     return None if value == "auto" else value
 
 
-def peft_config(cfg: MethodConfig, task_type: str, tokenizer_name: str | None = None) -> peft.PeftConfig:
+def peft_config(cfg: MethodConfig, task_type: str | None, tokenizer_name: str | None = None) -> peft.PeftConfig:
     """Translate the recipe's adapter section into the matching peft config."""
     family = cfg.peft_family()
     if family == "lora":
@@ -48,7 +48,7 @@ def peft_config(cfg: MethodConfig, task_type: str, tokenizer_name: str | None = 
     raise ValueError(f"no PEFT family in {cfg}")
 
 
-def apply_peft(model: torch.nn.Module, cfg: MethodConfig, task_type: str, tokenizer_name: str | None = None) -> torch.nn.Module:
+def apply_peft(model: torch.nn.Module, cfg: MethodConfig, task_type: str | None, tokenizer_name: str | None = None) -> torch.nn.Module:
     """Wrap ``model`` in a ``PeftModel``; peft freezes everything but the adapters (and heads)."""
     config = peft_config(cfg, task_type, tokenizer_name)
     try:

@@ -40,7 +40,11 @@ def save_final(run_dir: Path, model: torch.nn.Module, tokenizer: Any, *, base: s
     """Write the trained model into ``run_dir/final`` atomically."""
     target = run_dir / "final"
     with atomic.directory(target) as tmp:
-        manifest = {"base": base, "task": task, "label_names": label_names, "method": method.model_dump(mode="json"), "files": []}
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        manifest = {
+            "base": base, "task": task, "label_names": label_names, "num_labels": num_labels,
+            "method": method.model_dump(mode="json"), "files": [],
+        }
         if base_weights_trained(model):
             plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") and method.lora else model
             plain.save_pretrained(tmp / "model")
@@ -72,8 +76,14 @@ def load_run(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.n
 
     final = path / "final" if (path / "final" / MANIFEST).exists() else path
     manifest = json.loads((final / MANIFEST).read_text())
-    label_names = manifest.get("label_names")
-    kwargs = {"num_labels": len(label_names)} if manifest["task"] == "sequence-classification" and label_names else {}
+    if manifest["task"] == "multi-task":
+        raise UserError(
+            "a multi-task run holds one model per task", where=str(path),
+            hint="load them with tunelab.train.multitask.load_multitask(run_dir)",
+        )
+    labelled = manifest["task"] in ("sequence-classification", "token-classification")
+    num_labels = manifest.get("num_labels") or len(manifest.get("label_names") or [])
+    kwargs = {"num_labels": num_labels} if labelled and num_labels else {}
     if (final / "model").exists():
         loaded = load_model(str(final / "model"), manifest["task"], dtype=dtype, **kwargs)
         return loaded.model, loaded.tokenizer, manifest

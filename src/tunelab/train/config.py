@@ -21,9 +21,6 @@ class EarlyStoppingConfig(Section):
 class TrainConfig(Section):
     """Optimizer, schedule, batch shape, precision and bookkeeping of one training run."""
 
-    objective: Literal["auto", "causal_lm", "classification"] = Field(
-        "auto", description="Loss; auto: classification when method.head is set, else causal_lm."
-    )
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch per process.")

@@ -38,7 +38,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
 def register(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
-    """Register an objective factory under the recipe name ``train.objective: <name>``."""
+    """Register an objective factory under ``name`` (``tunelab.methods.heads`` maps each head type to one)."""
 
     def wrap(factory: Callable[..., Objective]) -> Callable[..., Objective]:
         OBJECTIVES[name] = factory

@@ -75,8 +75,7 @@ def _prepare_causal_lm(recipe: Recipe) -> Prepared:
     tokenizer = loaded.tokenizer
     data = build_datasets(recipe.data, tokenizer, task="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
-    name = "causal_lm" if recipe.train.objective == "auto" else recipe.train.objective
-    objective = OBJECTIVES[name](model, label_names=data.label_names, train=data.train)
+    objective = OBJECTIVES["causal_lm"](model, label_names=data.label_names, train=data.train)
     pad_id = pad_token_id(tokenizer)
     packed = objective.collation == "packed" and recipe.data.packing
     collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))

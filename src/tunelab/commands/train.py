@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -18,6 +19,8 @@ def train_command(recipe: str | None, overrides: tuple[str, ...], resume_dir: st
     from tunelab.recipe import load_recipe
     from tunelab.train.run import load_run_recipe, run_training
 
+    _stop_gracefully_on_sigterm()
+
     if resume_dir:
         if recipe:  # with --resume, every positional argument is an override
             overrides = (recipe, *overrides)
@@ -26,6 +29,16 @@ def train_command(recipe: str | None, overrides: tuple[str, ...], resume_dir: st
     if not recipe:
         raise UserError("give a recipe file (or --resume RUN_DIR)", hint="e.g. tunelab train examples/quickstart.yaml")
     run_training(load_recipe(recipe, overrides), show_progress=not no_progress)
+
+
+def _stop_gracefully_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption, ``kill``) stops like Ctrl-C: the last completed step is
+    checkpointed so ``--resume`` continues exactly."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @click.command("export")

@@ -21,15 +21,16 @@ def relative(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A Markdown table; the first row is the baseline every ratio refers to."""
     header = (
-        "| variant | params (nonzero) | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| variant | params | pruned-layer sparsity | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for row in rows:
         r = row["relative"]
-        sparsity = 1 - row["nonzero_params"] / row["params"]
+        pruned = [step["sparsity"] for step in row["steps"] if "sparsity" in step]
+        sparsity = f"{100 * pruned[-1]:.0f}%" if pruned else "-"
         lines.append(
-            f"| {row['variant']} | {row['params'] / 1e6:.1f}M ({100 * sparsity:.0f}% zero) "
+            f"| {row['variant']} | {row['params'] / 1e6:.1f}M | {sparsity} "
             f"| {row['size_bytes'] / MB:.0f} MB ({r['size_ratio']:.2f}x) "
             f"| {row['peak_rss_bytes'] / MB:.0f} MB ({r['peak_ram_ratio']:.2f}x) "
             f"| {row['prefill_tokens_per_s']:.0f} ({r['prefill_speedup']:.2f}x) "

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/qlora_memory.py
 
-Each setting runs in its own process (peak RSS never goes down within one): load, prepare,
-then train a few LoRA steps on held-out fortunes; the peak RSS of the training steps is read
+Each setting runs in its own process (peak RSS never goes down within one): load (NF4 from a
+saved NF4 directory, as a QLoRA run would), prepare, then train a few LoRA steps on held-out fortunes; the peak RSS of the training steps is read
 from the kernel after resetting it once the model is ready. Writes bench/results/qlora_memory.{md,json}.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ROOT / "examples" / "data" / "heldout" / "calibration.txt"
+NF4_DIR = ROOT / "runs" / "qlora_memory" / "smollm2-nf4"
 
 
 def child(mode: str, steps: int, batch: int, length: int) -> dict:
@@ -27,15 +28,22 @@ def child(mode: str, steps: int, batch: int, length: int) -> dict:
 
     from tunelab.compress.calibration import read_texts, token_chunks
     from tunelab.compress.measure import peak_rss, reset_peak_rss
-    from tunelab.compress.qlora import nf4_base
     from tunelab.models import load_model
 
     torch.set_num_threads(1)
-    loaded = load_model("smollm2-135m")
-    base = nf4_base(loaded.model) if mode == "nf4" else loaded.model
+    if mode == "nf4":  # load the saved NF4 model: converting here would leave the fp32 copy's pages behind
+        from peft import prepare_model_for_kbit_training
+
+        from tunelab.compress.store import load_compressed
+
+        base, tokenizer, _ = load_compressed(NF4_DIR)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    else:
+        loaded = load_model("smollm2-135m")
+        tokenizer, base = loaded.tokenizer, loaded.model
     model = get_peft_model(base, LoraConfig(r=16, target_modules="all-linear", lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = token_chunks(loaded.tokenizer, read_texts(TEXTS), length, batch * steps)
+    data = token_chunks(tokenizer, read_texts(TEXTS), length, batch * steps)
     gc.collect()
     reset_peak_rss()
     ready = peak_rss()
@@ -60,6 +68,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch, args.length)))
         return
+    from tunelab.compress.qlora import nf4_base
+    from tunelab.compress.store import save_compressed
+    from tunelab.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    save_compressed(nf4_base(loaded.model), loaded.tokenizer, NF4_DIR)  # what QLoRA starts from
+    del loaded
     rows = []
     for mode in ("fp32", "nf4"):
         cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]

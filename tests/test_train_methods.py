@@ -9,6 +9,7 @@ CAUSAL_METHODS = {
     "full": "{}",
     "freeze": "{freeze: {embeddings: true, first_n: 1}}",
     "lora": "{lora: {r: 8, target_modules: all-linear}}",
+    "qlora": "{lora: {r: 8, target_modules: all-linear, qlora: true}}",
     "dora": "{lora: {r: 8, use_dora: true, target_modules: all-linear}}",
     "rslora": "{lora: {r: 8, use_rslora: true, target_modules: all-linear}}",
     "ia3": "{ia3: {}}",

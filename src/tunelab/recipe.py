@@ -115,12 +115,13 @@ def _index_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: dict[tupl
 
 def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     """Data paths in a recipe are relative to the recipe file unless they exist from the CWD."""
-    sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
-    for section in sections:
-        for field in ("train", "validation"):
-            value = getattr(section, field)
-            if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-                setattr(section, field, str(base / value))
+    data_sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
+    fields = [(section, name) for section in data_sections for name in ("train", "validation")]
+    fields += [(recipe.compress, "heldout"), (recipe.compress, "calibration")]
+    for section, name in fields:
+        value = getattr(section, name)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(section, name, str(base / value))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def apply_methods(model: torch.nn.Module, cfg: MethodConfig, *, task: str, token
             param.requires_grad_(False)
     if cfg.bottleneck:
         apply_bottleneck(model, cfg.bottleneck)
+    if cfg.lora and cfg.lora.qlora:
+        from tunelab.compress.qlora import nf4_base
+
+        model = nf4_base(model)
     if cfg.peft_family():
         model = apply_peft(model, cfg, PEFT_TASK_TYPES.get(task), tokenizer_dir)
     for name, param in model.named_parameters():

@@ -32,6 +32,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = Field("auto", description="auto (per architecture), all-linear, or module names.")
     use_dora: bool = False
+    qlora: bool = Field(False, description="QLoRA: quantize the frozen base to NF4 (bitsandbytes) before adding LoRA; saves memory, not time.")
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
 

@@ -19,6 +19,7 @@ from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
 from tunelab.recipe import Recipe, dump_recipe, load_recipe
 from tunelab.train import checkpoint
+import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
 from tunelab.train.callbacks import callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
 from tunelab.train.loop import Trainer, TrainResult
@@ -125,6 +126,12 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
 
             report = eval_after_training(recipe, run_dir)
             say(f"\n{(report.parent / 'eval.md').read_text() if (report.parent / 'eval.md').exists() else report}")
+        if recipe.compress.variants:
+            from tunelab.compress.run import run_compression
+
+            plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # compression works on plain weights
+            run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed, echo=say)
+            say((run_dir / "compress" / "compress.md").read_text())
     return summary
 
 

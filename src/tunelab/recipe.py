@@ -117,7 +117,7 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     """Data paths in a recipe are relative to the recipe file unless they exist from the CWD."""
     data_sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
     fields = [(section, name) for section in data_sections for name in ("train", "validation")]
-    fields += [(recipe.compress, "heldout"), (recipe.compress, "calibration")]
+    fields += [(recipe.compress, "heldout"), (recipe.compress, "calibration"), (recipe.eval, "data"), (recipe.eval, "pool")]
     for section, name in fields:
         value = getattr(section, name)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():

@@ -1,0 +1,17 @@
+"""Training throughput: tunelab vs Hugging Face Trainer + PEFT on the same LoRA workload.
+
+    .venv/bin/python bench/train_throughput.py                      # SmolLM2-135M (the real figure)
+    .venv/bin/python bench/train_throughput.py --model tiny-llama-20m
+    .venv/bin/python bench/train_throughput.py --quick              # CI smoke test
+    .venv/bin/python bench/train_throughput.py --ablate all         # + one tunelab run per lever switched off
+
+Same as ``tunelab bench train``; writes bench/results/train_throughput_<model>.json and ends with
+``speedup=X.XX mem_ratio=Y.YY loss_delta=Z.ZZZ mfu=W.WW``. See bench/README.md.
+"""
+
+import sys
+
+from tunelab.cli import cli
+
+if __name__ == "__main__":
+    cli.main(["bench", "train", *sys.argv[1:]], prog_name="train_throughput.py")

@@ -1,0 +1,86 @@
+"""What the benchmark measures besides time: GEMM peak, memory high-water mark, model FLOPs.
+
+MFU divides the model FLOPs a step *needs* by the machine's measured GEMM peak. "Needs" is
+counted from the data, the same for both sides: every real (non-pad) token goes through every
+decoder block forward and back (frozen weights get input gradients only, LoRA weights get both),
+attention over the tokens before it in its own example, and the LM head only where a label is
+supervised. Work a trainer spends on padding or on logits nobody reads is not credited.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tunelab.data import IGNORE_INDEX, Example
+
+
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of one ``size``² matmul in ``dtype`` (the MFU denominator)."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # kernel selection and first-touch memory are not throughput
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the FLOP count needs, read from a (PEFT-wrapped) causal LM."""
+
+    layers: int
+    attention_width: int  # heads x head_dim: the width of QK^T and PV products
+    lm_head: int  # vocab x hidden
+    frozen_linear: int  # weights of the decoder blocks' frozen linear layers
+    lora: int  # trainable adapter parameters
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    output = model.get_output_embeddings()
+    frozen_linear = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            if module.weight.requires_grad:
+                lora += module.weight.numel()
+            else:
+                frozen_linear += module.weight.numel()
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        attention_width=config.num_attention_heads * head_dim,
+        lm_head=output.weight.numel(),
+        frozen_linear=frozen_linear,
+        lora=lora,
+    )
+
+
+def example_flops(example: Example, shape: ModelShape) -> float:
+    """Training FLOPs (forward + backward) ``example`` needs: see the module docstring."""
+    n = len(example.input_ids)
+    supervised = sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    linear = n * (4 * shape.frozen_linear + 6 * shape.lora)
+    attention = 3 * shape.layers * 4 * shape.attention_width * n * (n + 1) / 2
+    return linear + attention + supervised * 4 * shape.lm_head
+
+
+def real_tokens(examples: list[Example]) -> int:
+    return sum(len(e.input_ids) for e in examples)
+
+
+def supervised_tokens(examples: list[Example]) -> int:
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)

@@ -1,0 +1,162 @@
+"""Run both sides back to back, each in its own process, and turn their reports into ratios.
+
+Timings on a shared machine are noisy, so the result is a set of ratios from one invocation
+(tunelab vs Trainer + PEFT, run back to back), the median over ``repeats`` where asked, and a GEMM
+peak measured in the same invocation for MFU. The speedup only counts when the losses agree:
+same examples, same order, same steps must give a final training loss and a held-out loss within
+``PARITY`` of the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import atomic
+from tunelab.bench.measure import gemm_gflops
+from tunelab.bench.workload import Workload
+
+PARITY = 0.02
+SIDE_NAMES = {"tunelab": "tunelab", "hf": "Trainer + PEFT"}
+
+
+def run_side(side: str, workload: Workload, profile_steps: int = 0) -> dict[str, Any]:
+    """One side in a fresh ``tunelab.bench.worker`` process; its JSON report."""
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+        out = Path(tmp) / "report.json"
+        command = [sys.executable, "-m", "tunelab.bench.worker", side, workload.to_json(), str(out)]
+        if profile_steps:
+            command += ["--profile-steps", str(profile_steps)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark side {side!r} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def derived(report: dict[str, Any], peak_gflops: float) -> dict[str, float]:
+    """Throughput, memory and MFU of one side's report."""
+    seconds = report["steady_seconds"]
+    return {
+        "real_tokens_per_s": report["real_tokens"] / seconds,
+        "supervised_tokens_per_s": report["supervised_tokens"] / seconds,
+        "real_tokens_per_cpu_s": report["real_tokens"] / report["steady_cpu_seconds"],
+        "mfu": report["flops"] / seconds / (peak_gflops * 1e9),
+        "peak_rss_mb": report["peak_rss_mb"],
+        "first_step_seconds": report["first_step_seconds"],
+        "final_train_loss": report["final_train_loss"],
+        "eval_loss": report["eval_loss"],
+    }
+
+
+def machine() -> dict[str, Any]:
+    from tunelab.hardware import cpu_flags, cpu_model_name
+
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    import os
+
+    return {
+        "cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "flags": flags, "torch": torch.__version__,
+        "python": platform.python_version(), "load_average": os.getloadavg(),
+    }
+
+
+def peak(precision: str) -> float:
+    """GEMM peak in the precision the sides train in (bf16 autocast runs bf16 matmuls)."""
+    return gemm_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ...] = (), profile_steps: int = 0) -> dict[str, Any]:
+    """Both sides ``repeats`` times (alternating), optional lever ablations and profiles; the full result."""
+    started = time.time()
+    reports: dict[str, list[dict[str, Any]]] = {"hf": [], "tunelab": []}
+    peaks: dict[str, list[float]] = {"fp32": [gemm_gflops(torch.float32)], "bf16": [gemm_gflops(torch.bfloat16)]}
+    for _ in range(repeats):
+        for side in ("hf", "tunelab"):
+            reports[side].append(run_side(side, workload))
+    peaks["fp32"].append(gemm_gflops(torch.float32))
+    peaks["bf16"].append(gemm_gflops(torch.bfloat16))
+    precision = reports["tunelab"][0]["precision"]
+    peak_gflops = max(peaks[precision])
+    sides = {side: _median(derived(r, peak_gflops) for r in runs) for side, runs in reports.items()}
+    result: dict[str, Any] = {
+        "workload": json.loads(workload.to_json()),
+        "machine": machine(),
+        "precision": precision,
+        "gemm_peak_gflops": {k: max(v) for k, v in peaks.items()},
+        "sides": sides,
+        "raw": reports,
+        **summary(sides["tunelab"], sides["hf"]),
+    }
+    if ablate:
+        result["ablations"] = {
+            ("without " if workload.uses(lever) else "with ") + lever: derived(run_side("tunelab", workload.toggled(lever)), peak_gflops)
+            for lever in ablate
+        }
+    if profile_steps:
+        result["profiles"] = {side: run_side(side, workload, profile_steps)["profile"] for side in ("hf", "tunelab")}
+    result["seconds"] = time.time() - started
+    return result
+
+
+def summary(ours: dict[str, float], baseline: dict[str, float]) -> dict[str, Any]:
+    """The ratios the issue asks for, and whether the losses agree closely enough to count."""
+    train_delta = (ours["final_train_loss"] - baseline["final_train_loss"]) / baseline["final_train_loss"]
+    eval_delta = (ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
+    return {
+        "speedup": ours["real_tokens_per_s"] / baseline["real_tokens_per_s"],
+        "cpu_time_speedup": ours["real_tokens_per_cpu_s"] / baseline["real_tokens_per_cpu_s"],
+        "mem_ratio": ours["peak_rss_mb"] / baseline["peak_rss_mb"],
+        "loss_delta": train_delta,
+        "eval_loss_delta": eval_delta,
+        "loss_parity": abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
+        "mfu": ours["mfu"],
+    }
+
+
+def _median(rows) -> dict[str, float]:
+    rows = list(rows)
+    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+
+
+def result_line(result: dict[str, Any]) -> str:
+    return (
+        f"speedup={result['speedup']:.2f} mem_ratio={result['mem_ratio']:.2f} "
+        f"loss_delta={result['loss_delta']:.3f} mfu={result['mfu']:.2f}"
+    )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of both sides (and ablations) for the README and the terminal."""
+    gemm = result["gemm_peak_gflops"]
+    lines = [
+        f"model {result['workload']['model']} | {result['workload']['steps']} steps x {result['workload']['batch_size']} examples | "
+        f"precision {result['precision']} | GEMM peak fp32 {gemm['fp32']:.0f} / bf16 {gemm['bf16']:.0f} GFLOP/s",
+        "",
+        "| run | real tok/s | supervised tok/s | real tok/CPU-s | peak RSS MB | first step s | final loss | eval loss | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(SIDE_NAMES[s], m) for s, m in result["sides"].items()]
+    rows += [(f"tunelab {change}", m) for change, m in result.get("ablations", {}).items()]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {m['real_tokens_per_s']:.0f} | {m['supervised_tokens_per_s']:.1f} | {m['real_tokens_per_cpu_s']:.0f} | "
+            f"{m['peak_rss_mb']:.0f} | {m['first_step_seconds']:.1f} | {m['final_train_loss']:.4f} | {m['eval_loss']:.4f} | {m['mfu']:.3f} |"
+        )
+    parity = "within" if result["loss_parity"] else "OUTSIDE"
+    lines += ["", f"losses {parity} {PARITY:.0%} of the baseline (eval loss delta {result['eval_loss_delta']:+.4f})"]
+    return "\n".join(lines)
+
+
+def save(result: dict[str, Any], directory: Path) -> Path:
+    path = directory / f"train_throughput_{result['workload']['model']}.json"
+    atomic.write_json(path, result)
+    return path

@@ -1,0 +1,101 @@
+"""The benchmark workload: one description both sides build their run from.
+
+The data goes through tunelab's own pipeline once per side (template, completion-only masks,
+truncation), so both trainers see identical token ids and labels; the step order is the engine's
+computed permutation, which the Hugging Face side replays with a sequential sampler.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tunelab.data import DataConfig, Example, build_datasets
+from tunelab.train.batches import epoch_permutation
+
+#: tunelab's throughput levers that a run can switch off, and what each does.
+LEVERS = {
+    "packing": "padding-free packed rows instead of right-padded batches",
+    "sliced_logits": "LM head and loss only at supervised positions",
+    "varlen": "attention per packed example instead of one block-diagonal mask",
+    "low_precision_frozen": "frozen weights held in the autocast dtype",
+    "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
+}
+#: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes).
+DEFAULT_LEVERS = ("packing", "sliced_logits", "varlen", "low_precision_frozen")
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What both sides train: model, data, LoRA, optimizer settings and the number of steps."""
+
+    model: str = "smollm2-135m"
+    train_file: str = str(EXAMPLES_DIR / "rt_sentiment_train.jsonl")
+    validation_file: str = str(EXAMPLES_DIR / "rt_sentiment_test.jsonl")
+    validation_examples: int = 32
+    max_length: int = 512
+    steps: int = 12
+    batch_size: int = 8
+    lr: float = 5e-4
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    #: tunelab levers on in this run (see ``LEVERS``); toggling one measures what it pays.
+    levers: tuple[str, ...] = DEFAULT_LEVERS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.levers) - set(LEVERS)
+        if unknown:
+            raise ValueError(f"unknown lever(s) {sorted(unknown)}; known: {', '.join(LEVERS)}")
+
+    def uses(self, lever: str) -> bool:
+        return lever in self.levers
+
+    def toggled(self, lever: str) -> "Workload":
+        """The same workload with ``lever`` switched the other way."""
+        levers = tuple(x for x in self.levers if x != lever) if self.uses(lever) else (*self.levers, lever)
+        return replace(self, levers=levers)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Workload":
+        fields = json.loads(text)
+        return cls(**{**fields, "levers": tuple(fields.get("levers", DEFAULT_LEVERS))})
+
+
+@dataclass(frozen=True)
+class WorkloadData:
+    """Training examples in the order the steps consume them, plus the held-out examples."""
+
+    train: list[Example]
+    ordered: list[Example]
+    validation: list[Example]
+
+    def step_examples(self, step: int, batch_size: int) -> list[Example]:
+        return self.ordered[step * batch_size : (step + 1) * batch_size]
+
+
+def data_config(workload: Workload, workdir: Path) -> DataConfig:
+    """The recipe's ``data:`` section, with the validation file cut to ``validation_examples`` rows."""
+    lines = Path(workload.validation_file).read_text().splitlines()[: workload.validation_examples]
+    validation = workdir / "validation.jsonl"
+    validation.write_text("\n".join(lines) + "\n")
+    return DataConfig(train=workload.train_file, validation=str(validation), max_length=workload.max_length)
+
+
+def build_workload_data(workload: Workload, tokenizer, workdir: Path) -> WorkloadData:
+    """Tokenized, masked examples; ``ordered`` is epoch 0 of the engine's permutation."""
+    bundle = build_datasets(data_config(workload, workdir), tokenizer, task="sft", seed=workload.seed)
+    needed = workload.steps * workload.batch_size
+    if needed > len(bundle.train):
+        raise ValueError(f"{workload.steps} steps x {workload.batch_size} need {needed} examples; the data has {len(bundle.train)}")
+    order = epoch_permutation(len(bundle.train), workload.seed, 0)
+    return WorkloadData(bundle.train, [bundle.train[i] for i in order], bundle.validation)

@@ -1,0 +1,54 @@
+"""``tunelab bench train``: tunelab's training throughput against Trainer + PEFT, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_OUT = Path(__file__).resolve().parents[3] / "bench" / "results"
+
+
+@click.group("bench")
+def bench_group() -> None:
+    """Benchmarks against the standard alternatives."""
+
+
+@bench_group.command("train")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model name (packaged alias, tiny alias, HF dir).")
+@click.option("--steps", type=int, default=12, show_default=True, help="Optimizer steps per side (the first is warm-up).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step.")
+@click.option("--threads", type=int, default=None, help="CPU threads for both sides (default: every core).")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Run both sides this many times; report medians.")
+@click.option("--compile", "use_compile", is_flag=True, help="tunelab side with regional torch.compile.")
+@click.option("--ablate", multiple=True, help="Also run tunelab with this lever switched (repeatable; 'all' for every lever).")
+@click.option("--profile", "profile_steps", type=int, default=0, help="Profile this many steps of each side (top-10 table).")
+@click.option("--quick", is_flag=True, help="CI smoke test: tiny-llama, 3 steps of 4 examples.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
+def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, ablate: tuple[str, ...],
+                use_compile: bool, profile_steps: int, quick: bool, out: Path) -> None:
+    """Train the same LoRA on the same data both ways; print the table and the one-line result."""
+    from tunelab.bench.runner import format_table, result_line, run_benchmark, save
+    from tunelab.bench.workload import DEFAULT_LEVERS, LEVERS, Workload
+    from tunelab.errors import UserError
+
+    levers = tuple(LEVERS) if "all" in ablate else ablate
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise UserError(f"unknown lever {', '.join(unknown)}", where="--ablate", hint=f"one of: {', '.join(LEVERS)}, all")
+    if steps < 2:
+        raise UserError("--steps must be at least 2 (the first step is warm-up)", where="--steps")
+    on = (*DEFAULT_LEVERS, "compile") if use_compile else DEFAULT_LEVERS
+    if quick:
+        workload = Workload(model="tiny-llama", steps=3, batch_size=4, validation_examples=8, threads=threads, levers=on)
+    else:
+        workload = Workload(model=model, steps=steps, batch_size=batch_size, threads=threads, levers=on)
+    result = run_benchmark(workload, repeats=repeats, ablate=levers, profile_steps=profile_steps)
+    for side, table in result.get("profiles", {}).items():
+        click.echo(f"\nprofile ({side}, top 10 by self CPU time):\n{table}")
+    click.echo(format_table(result))
+    click.echo(f"results: {save(result, out)}")
+    click.echo(result_line(result))
+
+
+commands = [bench_group]

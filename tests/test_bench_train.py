@@ -1,0 +1,59 @@
+"""The throughput benchmark: its smoke mode runs both sides, and its accounting is right."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tunelab.bench.measure import ModelShape, example_flops, real_tokens, supervised_tokens
+from tunelab.bench.runner import result_line, summary
+from tunelab.bench.workload import DEFAULT_LEVERS, Workload
+from tunelab.cli import cli
+from tunelab.data import Example
+
+
+def test_quick_benchmark_runs_both_sides_and_ends_with_the_result_line(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "train", "--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("speedup=") and " mem_ratio=" in last and " loss_delta=" in last and " mfu=" in last
+    saved = json.loads((tmp_path / "train_throughput_tiny-llama.json").read_text())
+    hf, ours = saved["raw"]["hf"][0], saved["raw"]["tunelab"][0]
+    # same examples, same order: identical token counts, and the losses agree
+    assert hf["real_tokens"] == ours["real_tokens"] > 0 and hf["supervised_tokens"] == ours["supervised_tokens"] > 0
+    assert saved["loss_parity"], (saved["loss_delta"], saved["eval_loss_delta"])
+    assert len(ours["step_losses"]) == len(hf["step_losses"]) == 3
+    assert saved["sides"]["tunelab"]["peak_rss_mb"] > 0 and saved["gemm_peak_gflops"]["fp32"] > 0
+
+
+def test_unknown_lever_is_a_user_error():
+    result = CliRunner().invoke(cli, ["bench", "train", "--quick", "--ablate", "warp_drive"])
+    assert result.exit_code == 2 and "warp_drive" in result.output
+
+
+def test_workload_round_trips_and_toggles_levers():
+    workload = Workload(model="tiny-llama", steps=3)
+    assert Workload.from_json(workload.to_json()) == workload
+    assert not workload.toggled("varlen").uses("varlen") and workload.toggled("compile").uses("compile")
+    assert set(workload.toggled("compile").toggled("compile").levers) == set(DEFAULT_LEVERS)
+    with pytest.raises(ValueError, match="unknown lever"):
+        Workload(levers=("nope",))
+
+
+def test_flops_count_supervised_lm_head_and_causal_attention():
+    shape = ModelShape(layers=2, attention_width=8, lm_head=100, frozen_linear=1000, lora=10)
+    example = Example(input_ids=[1, 2, 3, 4], labels=[-100, -100, 3, 4])
+    linear = 4 * (4 * 1000 + 6 * 10)
+    attention = 3 * 2 * 4 * 8 * (4 * 5 / 2)  # fwd+bwd, 2 layers, QK and PV over 1+2+3+4 keys
+    head = 2 * 4 * 100  # two supervised next-token positions
+    assert example_flops(example, shape) == linear + attention + head
+    assert real_tokens([example]) == 4 and supervised_tokens([example]) == 2
+
+
+def test_speedup_does_not_count_without_loss_parity():
+    base = {"real_tokens_per_s": 100.0, "real_tokens_per_cpu_s": 100.0, "peak_rss_mb": 1000.0, "final_train_loss": 2.0, "eval_loss": 2.0, "mfu": 0.1}
+    close = summary({**base, "real_tokens_per_s": 300.0, "final_train_loss": 2.01, "peak_rss_mb": 400.0}, base)
+    assert close["loss_parity"] and round(close["speedup"], 2) == 3.0 and round(close["mem_ratio"], 2) == 0.4
+    far = summary({**base, "final_train_loss": 2.1}, base)
+    assert not far["loss_parity"]
+    assert result_line(close) == "speedup=3.00 mem_ratio=0.40 loss_delta=0.005 mfu=0.10"

@@ -1,0 +1,58 @@
+"""Frozen weights in the autocast dtype: only frozen ones, restored after training, same result."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tests.train_helpers import write_chat_data
+from tunelab.data import DataConfig, build_datasets, collate_packed
+from tunelab.hardware import PrecisionChoice
+from tunelab.models import load_model
+from tunelab.train.config import TrainConfig
+from tunelab.train.frozen_precision import cast_frozen, restore
+from tunelab.train.loop import Trainer
+from tunelab.train.objectives.causal_lm import CausalLMObjective
+
+
+def lora_model():
+    model = load_model("tiny-llama", seed=1).model
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def test_cast_touches_frozen_weights_only_and_restores():
+    model = lora_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    original = cast_frozen(model, torch.bfloat16)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    restore(original)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32
+        # frozen values keep the bf16 rounding they trained with; trainable ones are untouched
+        tolerance = 0 if param.requires_grad else 2**-7
+        assert torch.allclose(param, before[name], rtol=tolerance, atol=0), name
+
+
+def train_steps(tmp_path, low_precision: bool) -> tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]:
+    """Four bf16 steps on toy chat data; per-step losses, the adapters, the model."""
+    torch.manual_seed(0)
+    model = lora_model()
+    tokenizer = load_model("tiny-llama").tokenizer
+    data = build_datasets(DataConfig(train=str(write_chat_data(tmp_path / "d.jsonl")), val_fraction=0.0), tokenizer, task="sft", seed=0)
+    cfg = TrainConfig(max_steps=4, batch_size=8, lr=0.01, eval_before=False, save_every=100)
+    trainer = Trainer(
+        model=model, objective=CausalLMObjective(model), train=data.train, validation=[], cfg=cfg, collate=collate_packed,
+        precision=PrecisionChoice("bf16", "test"), run_dir=tmp_path / f"run{int(low_precision)}", show_progress=False,
+        low_precision_frozen=low_precision,
+    )
+    result = trainer.fit()
+    losses = [r["loss"] for r in result.history if r["type"] == "train"]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+def test_training_with_low_precision_frozen_weights_matches_and_restores(tmp_path):
+    plain_losses, _, _ = train_steps(tmp_path, low_precision=False)
+    losses, lora, model = train_steps(tmp_path, low_precision=True)
+    assert all(abs(a - b) / b < 0.02 for a, b in zip(losses, plain_losses)), (losses, plain_losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "frozen weights restored to fp32 after fit"
+    assert all(v.dtype == torch.float32 for v in lora.values()), "adapters train in fp32"
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k), "adapters were trained"

@@ -1,0 +1,73 @@
+"""Per-example attention on packed rows: same numbers as the block-diagonal mask, no leakage."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tunelab.data import Example, collate_packed
+from tunelab.models import load_model
+from tunelab.train.objectives.causal_lm import CausalLMObjective
+from tunelab.train.varlen_attention import segment_bounds, supports_varlen
+
+
+def examples(lengths: list[int], seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(7, 200, (n,), generator=g).tolist()
+        out.append(Example(input_ids=ids, labels=[-100] * (n // 2) + ids[n // 2 :]))
+    return out
+
+
+def lora_model():
+    model = load_model("tiny-llama", seed=1).model
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def loss_and_grads(objective, model, batch):
+    model.zero_grad()
+    loss, _ = objective(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_segment_bounds_read_restarting_positions():
+    batch = collate_packed(examples([3, 5, 2]))
+    assert segment_bounds(batch["position_ids"]).tolist() == [0, 3, 8, 10]
+
+
+def test_varlen_equals_block_diagonal_mask_in_loss_and_gradients():
+    model = lora_model()
+    batch = collate_packed(examples([9, 140, 4, 12]))  # short (math kernel) and long (flash) examples
+    varlen, masked = CausalLMObjective(model), CausalLMObjective(model, varlen=False)
+    assert varlen.varlen and not masked.varlen
+    loss_a, grads_a = loss_and_grads(varlen, model, batch)
+    loss_b, grads_b = loss_and_grads(masked, model, batch)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5) for k in grads_a)
+    # the model's own attention setting is back after the call
+    assert model.get_base_model().config._attn_implementation != "tunelab_varlen_sdpa"
+
+
+def test_no_attention_across_packed_examples():
+    model = lora_model().eval()
+    objective = CausalLMObjective(model)
+    first, second = examples([10, 10], seed=0), examples([10, 10], seed=5)
+    # same second example, different first one: the second one's loss must not change
+    a = collate_packed([first[0], first[1]])
+    b = collate_packed([second[0], first[1]])
+    only_second = {k: v for k, v in a.items()}
+    mask_first = a["labels"].clone()
+    mask_first[0, :10] = -100
+    with torch.no_grad():
+        loss_a, _ = objective(model, {**only_second, "labels": mask_first})
+        mask_b = b["labels"].clone()
+        mask_b[0, :10] = -100
+        loss_b, _ = objective(model, {**b, "labels": mask_b})
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+
+
+def test_models_without_attention_interface_keep_the_mask_path():
+    bloom = load_model("tiny-bloom").model
+    assert not supports_varlen(bloom)
+    assert not CausalLMObjective(bloom).varlen
+    assert supports_varlen(lora_model())

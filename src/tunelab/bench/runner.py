@@ -69,14 +69,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peak(precision: str) -> float:
-    """GEMM peak in the precision the sides train in (bf16 autocast runs bf16 matmuls)."""
-    return gemm_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
-
-
 def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ...] = (), profile_steps: int = 0) -> dict[str, Any]:
     """Both sides ``repeats`` times (alternating), optional lever ablations and profiles; the full result."""
     started = time.time()
+    from tunelab.hardware import configure_threads
+
+    configure_threads(workload.threads)  # the peak must use the threads the sides use
     reports: dict[str, list[dict[str, Any]]] = {"hf": [], "tunelab": []}
     peaks: dict[str, list[float]] = {"fp32": [gemm_gflops(torch.float32)], "bf16": [gemm_gflops(torch.bfloat16)]}
     for _ in range(repeats):

@@ -104,7 +104,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
     trainer = Trainer(
         model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
         collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
-        callbacks=callbacks_for(recipe), device=device, show_progress=show_progress,
+        callbacks=callbacks_for(recipe), device=device, show_progress=show_progress, compile=recipe.train.compile,
     )
     result = trainer.fit(resume_from)
     saved = ""

@@ -7,7 +7,7 @@ The CLI, the service and tests all call ``run_training``; nothing is reachable f
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +27,25 @@ from tunelab.train.prepare import prepare
 
 
 @dataclass
-class RunSummary:
-    """The one-screen summary, also written as ``summary.json``."""
+class RunSummary(TrainResult):
+    """What the loop reported plus what the run was: the one-screen summary and ``summary.json``."""
 
-    run_dir: str
-    model: str
-    precision: str
-    trainable_params: int
-    total_params: int
-    train_examples: int
-    validation_examples: int
-    steps: int
-    tokens_seen: int
-    supervised_units: int
-    seconds: float
-    first_step_seconds: float
-    tokens_per_s: float
-    final_train_loss: float | None
-    eval_before: dict[str, float] | None
-    eval_after: dict[str, float] | None
-    best_metric: float | None
-    best_checkpoint: str | None
-    stop_reason: str
-    data: dict[str, Any]
-    saved: str
+    run_dir: str = ""
+    model: str = ""
+    precision: str = ""
+    trainable_params: int = 0
+    total_params: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+    tokens_per_s: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+    saved: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready, without the per-step history (that is metrics.jsonl)."""
+        record = asdict(self)
+        record.pop("history")
+        return record
 
 
 def seed_everything(seed: int) -> None:
@@ -146,14 +138,12 @@ def _data_line(report: dict[str, Any]) -> str:
 def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str) -> RunSummary:
     steady = max(1e-9, result.seconds - result.first_step_seconds)
     steady_tokens = result.tokens_seen * (1 - 1 / max(1, result.steps)) if result.steps > 1 else result.tokens_seen
+    trained = {f.name: getattr(result, f.name) for f in fields(TrainResult)}
+    trained.update(seconds=round(result.seconds, 2), first_step_seconds=round(result.first_step_seconds, 2))
     return RunSummary(
-        run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable, total_params=params.total,
-        train_examples=len(data.train), validation_examples=len(data.validation), steps=result.steps,
-        tokens_seen=result.tokens_seen, supervised_units=result.supervised_units, seconds=round(result.seconds, 2),
-        first_step_seconds=round(result.first_step_seconds, 2), tokens_per_s=round(steady_tokens / steady, 1),
-        final_train_loss=result.final_train_loss, eval_before=result.eval_before, eval_after=result.eval_after,
-        best_metric=result.best_metric, best_checkpoint=result.best_checkpoint, stop_reason=result.stop_reason,
-        data=data.report.as_dict(), saved=saved,
+        **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
+        total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
+        tokens_per_s=round(steady_tokens / steady, 1), data=data.report.as_dict(), saved=saved,
     )
 
 

@@ -11,6 +11,8 @@ from tunelab.data import IGNORE_INDEX, DataConfig, Example, build_datasets
 from tunelab.errors import UserError
 from tunelab.models.tiny import byte_tokenizer
 
+from tests.data_helpers import supervised_runs as shared_supervised_runs
+
 TOK = byte_tokenizer()  # lossless bytes + ChatML specials, so decoded text is exact
 
 
@@ -26,16 +28,7 @@ def only_example(path: str, task: str = "sft", tokenizer=TOK, **settings) -> Exa
 
 
 def supervised_runs(example: Example) -> list[str]:
-    """The decoded text of each maximal run of supervised tokens."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in example.labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return [TOK.decode(run) for run in runs]
+    return shared_supervised_runs(TOK, example)
 
 
 def text_of(example: Example) -> str:

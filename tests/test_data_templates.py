@@ -13,6 +13,8 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import UserError
 from tunelab.models.tiny import byte_tokenizer
 
+from tests.data_helpers import supervised_runs
+
 ROW = {"prompt": "Capital of France?", "completion": "Paris"}
 
 
@@ -21,16 +23,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def supervised_runs(tokenizer, example: Example) -> list[str]:
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in example.labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return [tokenizer.decode(run) for run in runs]
 
 
 @pytest.mark.parametrize(

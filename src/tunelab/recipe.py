@@ -21,6 +21,7 @@ from tunelab.compress.config import CompressConfig
 from tunelab.config_base import Section
 from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
+from tunelab.userfiles import read_user_text
 from tunelab.evaluate.config import EvalConfig
 from tunelab.methods.config import MethodConfig
 from tunelab.models.config import ModelConfig
@@ -76,12 +77,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("recipe file not found", where=str(path), hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read recipe ({exc.__class__.__name__})", where=str(path)) from None
+    text = read_user_text(path, "recipe file")
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

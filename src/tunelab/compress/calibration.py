@@ -16,17 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.userfiles import read_user_text
 
 
 def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Texts of a file: fortune cookies split on ``%`` lines, else paragraphs split on blank lines."""
-    path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("text file not found", where=str(path), hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read text file ({exc.__class__.__name__})", where=str(path)) from None
+    raw = read_user_text(path, "text file")
     lines = raw.splitlines()
     separator = "%" if "%" in (line.strip() for line in lines) else ""
     texts, current = [], []

@@ -16,6 +16,7 @@ from typing import Any
 from tunelab.data.bad_rows import BadRows
 from tunelab.data.readers import READERS, read_rows
 from tunelab.errors import UserError
+from tunelab.userfiles import read_user_text
 
 PREDICTION_FIELDS = ("prediction", "text", "output")
 REFERENCE_FIELDS = ("references", "reference", "answers", "answer", "text")
@@ -55,12 +56,7 @@ def _read_items(path: Path, fields: Sequence[str]) -> list[tuple[Any, str]]:
     """``(value, where)`` per item: the first of ``fields`` present in each row, or each text line."""
     if path.suffix in READERS:
         return [(_field(row.fields, fields, row.where), row.where) for row in read_rows(path, BadRows("error"))]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("file not found", where=str(path), hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read as UTF-8 text ({exc.__class__.__name__})", where=str(path)) from None
+    text = read_user_text(path)
     return [(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)]
 
 

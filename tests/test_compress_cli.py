@@ -57,3 +57,28 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
 def test_example_recipes_validate():
     for name in ("compress_tiny.yaml", "compress_smollm2.yaml"):
         assert load_recipe(EXAMPLES / name).compress.variants
+
+
+def test_variants_are_scored_on_the_recipes_eval_task(tmp_path):
+    """With eval data, every variant gets the task metrics (relative to the original) and its predictions."""
+    overrides = [
+        "compress.variants=[{name: int8, steps: [{quantize: dynamic-int8}]}, {name: magnitude-90, steps: [{prune: magnitude, sparsity: 0.9}]}]",
+        "eval.task=choice", f"eval.data={EXAMPLES / 'data' / 'rt_cls_test.jsonl'}", "eval.answer_field=label",
+        "eval.choices=[negative, positive]", "eval.prompt_template='Review: {text}'", "eval.format=plain",
+        "eval.metrics=[accuracy, f1]", "eval.max_examples=12",
+    ]
+    result = CliRunner().invoke(cli, ["compress", *overrides, "--recipe", str(EXAMPLES / "compress_tiny.yaml"), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "compress.json").read_text())["rows"]}
+    for row in rows.values():
+        assert {"accuracy", "f1_macro"} <= set(row["task"]) and 0 <= row["task"]["accuracy"] <= 1
+        assert row["relative"]["task_change"]["accuracy"] == pytest.approx(row["task"]["accuracy"] - rows["original"]["task"]["accuracy"])
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [system["system"] for system in report["systems"]] == ["original", "int8", "magnitude-90"]
+    assert all(system["examples"] == 12 for system in report["systems"])
+    assert " accuracy | " in (tmp_path / "compress.md").read_text().splitlines()[0]
+
+    off = CliRunner().invoke(cli, ["compress", *overrides, "compress.evaluate=false", "--recipe", str(EXAMPLES / "compress_tiny.yaml"),
+                                   "--output", str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert all("task" not in row for row in json.loads((tmp_path / "off" / "compress.json").read_text())["rows"])

@@ -16,9 +16,10 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     """Compress SOURCE (a run directory or a model; default: the recipe's model) as the recipe's compress: section says.
 
     Writes <output>/compressed/<variant>/ (each model, reloadable), compress.jsonl, compress.json
-    and the table compress.md. KEY.PATH=VALUE overrides follow SOURCE.
+    and the table compress.md; with eval data in the recipe, also each variant's task metrics
+    (<output>/eval/). KEY.PATH=VALUE overrides follow SOURCE.
     """
-    from tunelab.compress.run import run_compression
+    from tunelab.compress.run import run_compression, task_evaluation
     from tunelab.errors import UserError
     from tunelab.hardware import configure_threads
     from tunelab.models import load_model
@@ -35,10 +36,6 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     recipe = load_recipe(recipe_path, overrides)
     config = recipe.compress
     configure_threads(config.threads)
-    for field in ("heldout", "calibration"):
-        config_path = getattr(config, field)
-        if config_path and not Path(config_path).exists() and (Path(recipe_path).parent / config_path).exists():
-            setattr(config, field, str(Path(recipe_path).parent / config_path))
     if run_dir is not None:
         model, tokenizer, _ = load_run(run_dir)
         if hasattr(model, "merge_and_unload"):
@@ -48,7 +45,7 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
         loaded = load_model(source or recipe.model.name, seed=recipe.seed)
         model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.source
     target = Path(output or run_dir or recipe.output_dir)
-    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, echo=click.echo)
+    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, evaluation=task_evaluation(recipe), echo=click.echo)
     click.echo((target / "compress.md").read_text())
     click.echo(f"written: {target / 'compress.md'}, {target / 'compress.json'}, models under {target / 'compressed'}")
 

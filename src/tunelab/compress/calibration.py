@@ -8,7 +8,7 @@ text used to measure perplexity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -53,11 +53,29 @@ def token_chunks(tokenizer, texts: list[str], length: int, count: int) -> torch.
 
 def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Per input feature, the L2 norm of each layer's inputs over all calibration tokens."""
-    sums = {name: torch.zeros(layer.in_features) for name, layer in layers.items()}
+    sums = _input_statistic(model, layers, chunks, batch_size, lambda x: x.pow(2).sum(0), torch.add)
+    return {name: total.sqrt() for name, total in sums.items()}
+
+
+def input_absmax(model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per input feature, the largest magnitude each layer's input reaches on the calibration tokens."""
+    return _input_statistic(model, layers, chunks, batch_size, lambda x: x.abs().amax(0), torch.maximum)
+
+
+def _input_statistic(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    chunks: torch.Tensor,
+    batch_size: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``combine`` over batches of ``reduce(inputs as [tokens, features])``, for each layer."""
+    totals = {name: torch.zeros(layer.in_features) for name, layer in layers.items()}
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            sums[name] += args[0].detach().float().pow(2).flatten(0, -2).sum(0)
+            totals[name] = combine(totals[name], reduce(args[0].detach().float().flatten(0, -2)))
 
         return record
 
@@ -67,7 +85,7 @@ def input_norms(model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch
     finally:
         for handle in handles:
             handle.remove()
-    return {name: total.sqrt() for name, total in sums.items()}
+    return totals
 
 
 def taylor_importance(

@@ -67,9 +67,24 @@ class QuantizeStep(Section):
     )
     group_size: int | None = Field(128, gt=0, description="Weights sharing one scale (int8/int4/ternary); null: one per output row.")
     bits: int = Field(8, ge=2, le=8, description="fixed-point width in bits (sign included).")
+    activations: Literal["per-token", "per-tensor"] = Field(
+        "per-token", description="dynamic-int8: one activation scale per token, or per tensor (torch.ao's dynamic quantization, the reference)."
+    )
+    smooth: float = Field(
+        0.8, ge=0, le=1, description="dynamic-int8 per-token: SmoothQuant migration strength α (needs compress.calibration); 0 turns smoothing off."
+    )
     targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
     keep: list[str] = Field(default_factory=list, description="Regexes of layers kept at full precision (selective precision).")
     keep_sensitive: int = Field(0, ge=0, description="Also keep the N layers a sensitivity scan finds most hurt by this format.")
+
+    @model_validator(mode="after")
+    def _activation_options_need_dynamic_int8(self) -> QuantizeStep:
+        used = [name for name in ("activations", "smooth") if name in self.model_fields_set]
+        if used and self.quantize != "dynamic-int8":
+            raise ValueError(f"option(s) {', '.join(used)} only apply to dynamic-int8 (weight-only formats keep activations in float)")
+        if self.activations == "per-tensor" and "smooth" in self.model_fields_set and self.smooth:
+            raise ValueError("smooth applies to per-token activations; torch.ao's per-tensor path has no smoothing")
+        return self
 
 
 def _step_kind(value: Any) -> str | None:
@@ -151,5 +166,8 @@ class CompressConfig(Section):
     threads: int | None = Field(
         None, gt=0, description="CPU threads for compressing and measuring (default: all cores). On a shared machine 1 "
         "is steadier: OpenMP threads that lose their core to another process stall each other.",
+    )
+    evaluate: bool = Field(
+        True, description="Also score every variant on the recipe's eval task (eval.data, else data.validation) when there is one."
     )
     keep_models: bool = Field(True, description="Keep each compressed model under <run>/compressed/<variant>/.")

@@ -95,13 +95,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(logical parameter count, nonzero count): quantized layers count as the weights they encode."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    from tunelab.compress.int8_dynamic import DynamicInt8Linear
     from tunelab.compress.qlinear import QuantLinear
 
     total = nonzero = 0
     handled: set[int] = set()
     for module in model.modules():
         weight = None
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, DynamicInt8Linear)):
             weight = module.dequantized_weight()
         elif isinstance(module, DynamicLinear):
             weight = module.weight().dequantize()

@@ -2,9 +2,11 @@
 
 Every variant is built and saved before any is measured, so a bad step fails in seconds, not
 after minutes of measuring. The original model is saved and measured exactly like the variants (same process set-up, same
-text, same settings), so every ratio in the table compares like with like. Rows are appended
-to ``<run>/compress.jsonl`` as they finish; the table is written at the end as
-``compress.json`` and ``compress.md``.
+text, same settings), so every ratio in the table compares like with like. With an evaluation
+set (the recipe's ``eval:`` task on ``eval.data`` or ``data.validation``) each variant is also
+scored on the task through the evaluation runner, and ``<run>/eval/`` holds that comparison with
+every variant's predictions. Rows are appended to ``<run>/compress.jsonl`` as they finish; the
+table is written at the end as ``compress.json`` and ``compress.md``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ from tunelab.compress.steps import apply_steps
 from tunelab.compress.store import save_compressed
 from tunelab.compress.table import markdown, relative
 from tunelab.errors import UserError
+from tunelab.evaluate.report import write_report
+from tunelab.evaluate.runner import EvalSetup, SystemResult, evaluate
+from tunelab.evaluate.setup import resolve_setup
+from tunelab.recipe import Recipe
 
 BASELINE = "original"
+
+
+def task_evaluation(recipe: Recipe) -> EvalSetup | None:
+    """The recipe's evaluation task for scoring variants, or None (no eval data, or ``compress.evaluate`` off)."""
+    if not recipe.compress.evaluate or not (recipe.eval.data or recipe.data.validation):
+        return None
+    return resolve_setup(recipe, {})
 
 
 def run_compression(
@@ -37,9 +50,13 @@ def run_compression(
     *,
     source: str = "",
     seed: int = 0,
+    evaluation: EvalSetup | None = None,
     echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
-    """Compress ``model`` into every variant of ``config`` under ``run_dir``; returns the table rows."""
+    """Compress ``model`` into every variant of ``config`` under ``run_dir``; returns the table rows.
+
+    ``evaluation`` adds the task metrics of every variant (see the module docstring).
+    """
     if not config.variants:
         raise UserError("the compress section lists no variants", hint="add compress.variants (see examples/compress_smollm2.yaml)")
     if not config.heldout:
@@ -65,11 +82,18 @@ def run_compression(
         del variant
         built.append((name, reports))
     rows: list[dict[str, Any]] = []
+    scored: list[SystemResult] = []
     for name, reports in built:
         echo(f"compress: measuring {name} ...")
         directory = run_dir / "compressed" / name
         row = {"variant": name, "steps": reports,
                **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
+        if evaluation is not None:
+            echo(f"compress: scoring {name} on the {evaluation.cfg.task} task ...")
+            (result,) = evaluate(evaluation, None, [str(directory)], show_progress=False)
+            result.system = name
+            scored.append(result)
+            row["task"] = result.scores
         row["relative"] = relative(row, rows[0] if rows else row)
         if row["loader"] == "tunelab":
             echo(f"compress: {name} has no plain-transformers format; reload it with tunelab.compress.store.load_compressed")
@@ -80,4 +104,6 @@ def run_compression(
     atomic.write_json(run_dir / "compress.json", {"settings": {**settings, "heldout": config.heldout,
                       "heldout_texts": config.heldout_texts, "calibration": config.calibration}, "rows": rows})
     atomic.write_text(run_dir / "compress.md", markdown(rows))
+    if evaluation is not None:
+        write_report(run_dir / "eval", evaluation, scored)
     return rows

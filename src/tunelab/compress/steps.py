@@ -23,8 +23,8 @@ def apply_steps(
     reports = []
     for step in steps:
         if isinstance(step, QuantizeStep):
-            model, report = quantize(model, step.quantize, group_size=step.group_size, bits=step.bits,
-                                     targets=step.targets, keep=step.keep, keep_sensitive=step.keep_sensitive, chunks=chunks)
+            model, report = quantize(model, step.quantize, group_size=step.group_size, bits=step.bits, activations=step.activations,
+                                     smooth=step.smooth, targets=step.targets, keep=step.keep, keep_sensitive=step.keep_sensitive, chunks=chunks)
         elif step.prune in STRUCTURED:
             report = STRUCTURED[step.prune](model, step.sparsity, chunks)
         else:

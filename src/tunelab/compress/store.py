@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab import atomic
+from tunelab.compress.int8_dynamic import DynamicInt8Linear
 from tunelab.compress.modules import set_module
 from tunelab.compress.qlinear import QuantLinear, QuantSpec
 from tunelab.errors import UserError
@@ -29,7 +30,7 @@ from tunelab.errors import UserError
 MANIFEST = "tunelab_compression.json"
 
 
-def _dynamic_linear() -> type:
+def _torch_ao_dynamic_linear() -> type:
     from torch.ao.nn.quantized.dynamic import Linear
 
     return Linear
@@ -37,14 +38,14 @@ def _dynamic_linear() -> type:
 
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Description of every tunelab-managed quantized layer, by name."""
-    dynamic = _dynamic_linear()
+    torch_ao = _torch_ao_dynamic_linear()
     found: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, DynamicInt8Linear)):
             found[name] = module.describe()
-        elif isinstance(module, dynamic):
-            bias = module.bias() is not None
-            found[name] = {"format": "dynamic-int8", "in_features": module.in_features, "out_features": module.out_features, "bias": bias}
+        elif isinstance(module, torch_ao):
+            found[name] = {"format": "dynamic-int8", "activations": "per-tensor", "in_features": module.in_features,
+                           "out_features": module.out_features, "bias": module.bias() is not None}
     return found
 
 
@@ -60,10 +61,11 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: str | Path, inf
             head = model.get_output_embeddings()
             if head is not None and not isinstance(head, nn.Linear):
                 model.config.tie_word_embeddings = False  # a quantized head no longer shares the embedding
+            model.config.architectures = [type(model).__name__]  # what save_pretrained records; the loader rebuilds this class
             model.config.save_pretrained(tmp)
             state = _untied_state(model)
-            if any(d["format"] == "dynamic-int8" for d in layers.values()):
-                torch.save(state, tmp / "model.pt")  # packed int8 params are not plain tensors
+            if any(d.get("activations") == "per-tensor" for d in layers.values()):
+                torch.save(state, tmp / "model.pt")  # torch.ao's packed int8 params are not plain tensors
             else:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
             manifest["layers"] = layers
@@ -73,7 +75,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: str | Path, inf
 
 def load_compressed(directory: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Reload a model written by :func:`save_compressed` (or any HF causal-LM directory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     directory = Path(directory)
     if not (directory / "config.json").exists():
@@ -81,14 +83,15 @@ def load_compressed(directory: str | Path) -> tuple[nn.Module, Any, dict[str, An
     manifest_path = directory / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"loader": "transformers"}
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    config = AutoConfig.from_pretrained(str(directory))
+    cls = _model_class(config)
     if manifest["loader"] == "transformers":
-        config = AutoConfig.from_pretrained(str(directory))
         placement = {"device_map": "cpu"} if getattr(config, "quantization_config", None) else {}
-        return AutoModelForCausalLM.from_pretrained(str(directory), **placement), tokenizer, manifest
+        return cls.from_pretrained(str(directory), **placement), tokenizer, manifest
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device: no float copy is ever allocated
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(directory)))
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     for name, layer in manifest["layers"].items():
         set_module(model, name, _empty_layer(layer, name))
     if (directory / "model.pt").exists():
@@ -103,9 +106,19 @@ def load_compressed(directory: str | Path) -> tuple[nn.Module, Any, dict[str, An
     return model.eval(), tokenizer, manifest
 
 
+def _model_class(config: Any) -> type:
+    """The saved model's own class (a classifier stays a classifier), else the causal-LM auto class."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return getattr(transformers, names[0], None) if names and hasattr(transformers, names[0]) else transformers.AutoModelForCausalLM
+
+
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
+    if layer.get("activations") == "per-tensor":
+        return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
     if layer["format"] == "dynamic-int8":
-        return _dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
+        return DynamicInt8Linear(layer["in_features"], layer["out_features"], bias=layer["bias"], smoothed=layer["smoothed"])
     fields = {k: layer[k] for k in asdict(QuantSpec("int8")) if k in layer}
     return QuantLinear(layer["in_features"], layer["out_features"], QuantSpec(**fields), bias=layer["bias"], where=name)
 

@@ -8,21 +8,26 @@ MB = 1024 * 1024
 
 
 def relative(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
-    """Ratios to the baseline (size, RAM, speeds) and the perplexity change in percent."""
-    return {
+    """Ratios to the baseline (size, RAM, speeds), the perplexity change in percent and task-metric differences."""
+    ratios = {
         "size_ratio": row["size_bytes"] / baseline["size_bytes"],
         "peak_ram_ratio": row["peak_rss_bytes"] / baseline["peak_rss_bytes"],
         "prefill_speedup": row["prefill_tokens_per_s"] / baseline["prefill_tokens_per_s"],
         "decode_speedup": row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
         "perplexity_change_pct": 100 * (row["perplexity"] / baseline["perplexity"] - 1),
     }
+    if "task" in row:
+        ratios["task_change"] = {key: value - baseline["task"][key] for key, value in row["task"].items()}
+    return ratios
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A Markdown table; the first row is the baseline every ratio refers to."""
+    metrics = list(rows[0].get("task", {}))
     header = (
-        "| variant | params | pruned-layer sparsity | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| variant | params | pruned-layer sparsity | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |"
+        + "".join(f" {metric} |" for metric in metrics) + "\n"
+        + "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(metrics) + "\n"
     )
     lines = []
     for row in rows:
@@ -36,5 +41,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {row['prefill_tokens_per_s']:.0f} ({r['prefill_speedup']:.2f}x) "
             f"| {row['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}x) "
             f"| {row['perplexity']:.2f} ({r['perplexity_change_pct']:+.1f}%) |"
+            + "".join(f" {row['task'][m]:.3f} ({r['task_change'][m]:+.3f}) |" for m in metrics)
         )
     return header + "\n".join(lines) + "\n"

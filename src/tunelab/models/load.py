@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tunelab import atomic  # noqa: E402
 from tunelab.errors import UserError  # noqa: E402
+from tunelab.compress.store import MANIFEST as COMPRESSION_MANIFEST  # noqa: E402
 from tunelab.models import cache  # noqa: E402
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
 from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
@@ -90,6 +91,12 @@ def load_model(
         if is_run_dir(run):
             model, tok, manifest = load_run(run, dtype=dtype)
             return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest})
+    if run.is_dir() and (run / COMPRESSION_MANIFEST).exists():
+        from tunelab.compress.store import load_compressed
+
+        model, tok, manifest = load_compressed(run)
+        source = f"compressed model {run} ({manifest.get('variant', manifest['loader'])})"
+        return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"manifest": manifest})
     directory, source = resolve_directory(name)
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else directory)
     model = _from_pretrained(cls, directory, dtype=dtype, **model_kwargs)

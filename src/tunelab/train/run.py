@@ -119,10 +119,11 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
             report = eval_after_training(recipe, run_dir)
             say(f"\n{(report.parent / 'eval.md').read_text() if (report.parent / 'eval.md').exists() else report}")
         if recipe.compress.variants:
-            from tunelab.compress.run import run_compression
+            from tunelab.compress.run import run_compression, task_evaluation
 
             plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # compression works on plain weights
-            run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed, echo=say)
+            run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed,
+                            evaluation=task_evaluation(recipe), echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
     return summary
 

@@ -39,8 +39,8 @@ def main() -> None:
             "peak RAM is the peak RSS of a fresh process that loads the saved model, measured after loading "
             "(model + perplexity batches of 4x256 tokens + generation). Pruned-layer sparsity is measured on the saved "
             "tensors of the pruned layers (the output head and embeddings are not pruned). Speeds: batch 1, 1 thread, best "
-            "of 3; variants run one after another on a shared machine, so speed ratios carry the load of the moment "
-            "(see int8_speed_ab.md for an interleaved fp32/int8 comparison).\n")
+            "of 3; variants run one after another, so speed ratios carry the machine's load of the moment "
+            "(int8_dynamic.md has an interleaved fp32/int8 comparison).\n")
     (results / "compress_smollm2.md").write_text(table + note)
     shutil.copy(Path(args.out) / "compress.json", results / "compress_smollm2.json")
     print(table)

@@ -55,7 +55,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
 
 
 def test_example_recipes_validate():
-    for name in ("compress_tiny.yaml", "compress_smollm2.yaml"):
+    for name in ("compress_tiny.yaml", "compress_smollm2.yaml", "compress_quickstart.yaml"):
         assert load_recipe(EXAMPLES / name).compress.variants
 
 
@@ -82,3 +82,21 @@ def test_variants_are_scored_on_the_recipes_eval_task(tmp_path):
                                    "--output", str(tmp_path / "off")])
     assert off.exit_code == 0, off.output
     assert all("task" not in row for row in json.loads((tmp_path / "off" / "compress.json").read_text())["rows"])
+
+
+def test_a_run_is_compressed_into_its_own_folder_and_scored_on_its_own_eval_set(tmp_path):
+    from tests.train_helpers import train, write_chat_data
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"prompt": f"#{i} say yes", "answer": "YES"}) + "\n" for i in range(4)))
+    train(tmp_path, f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2, batch_size: 8, precision: fp32}}\n"
+                    f"eval: {{task: generation, data: {questions}, max_new_tokens: 3}}\n")
+    run = tmp_path / "run"
+    variants = "compress.variants=[{name: int8, steps: [{quantize: dynamic-int8, smooth: 0}]}]"
+    result = CliRunner().invoke(cli, ["compress", str(run), variants, "--recipe", str(EXAMPLES / "compress_tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((run / "compress" / "compress.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["original", "int8"]
+    assert all("exact_match" in row["task"] for row in rows)
+    assert (run / "compress" / "eval" / "eval.json").exists()

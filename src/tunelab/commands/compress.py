@@ -11,13 +11,14 @@ import click
 @click.argument("source", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None, help="Recipe with a compress: section.")
-@click.option("--output", "-o", "output", type=click.Path(file_okay=False), default=None, help="Where to write (default: the run directory, else the recipe's output_dir).")
+@click.option("--output", "-o", "output", type=click.Path(file_okay=False), default=None, help="Where to write (default: RUN_DIR/compress, else the recipe's output_dir).")
 def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path: str | None, output: str | None) -> None:
     """Compress SOURCE (a run directory or a model; default: the recipe's model) as the recipe's compress: section says.
 
     Writes <output>/compressed/<variant>/ (each model, reloadable), compress.jsonl, compress.json
-    and the table compress.md; with eval data in the recipe, also each variant's task metrics
-    (<output>/eval/). KEY.PATH=VALUE overrides follow SOURCE.
+    and the table compress.md (default output: RUN_DIR/compress, else the recipe's output_dir).
+    With eval data (in the recipe, else in the run's own recipe) each variant is also scored on
+    that task (<output>/eval/). KEY.PATH=VALUE overrides follow SOURCE.
     """
     from tunelab.compress.run import run_compression, task_evaluation
     from tunelab.errors import UserError
@@ -44,8 +45,11 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     else:
         loaded = load_model(source or recipe.model.name, seed=recipe.seed)
         model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.source
-    target = Path(output or run_dir or recipe.output_dir)
-    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, evaluation=task_evaluation(recipe), echo=click.echo)
+    target = Path(output or (run_dir / "compress" if run_dir else recipe.output_dir))
+    evaluation = task_evaluation(recipe)
+    if evaluation is None and config.evaluate and run_dir is not None and (run_dir / "recipe.yaml").exists():
+        evaluation = task_evaluation(load_recipe(run_dir / "recipe.yaml"))  # the run's own eval set
+    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, evaluation=evaluation, echo=click.echo)
     click.echo((target / "compress.md").read_text())
     click.echo(f"written: {target / 'compress.md'}, {target / 'compress.json'}, models under {target / 'compressed'}")
 

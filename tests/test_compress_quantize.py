@@ -150,3 +150,16 @@ def test_a_quantized_output_head_is_saved_untied_and_reloads(tmp_path):
     assert reloaded.config.tie_word_embeddings is False
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, out)
+
+
+def test_a_quantized_classifier_reloads_as_a_classifier(tmp_path):
+    loaded = load_model("tiny-bert", task="sequence-classification", num_labels=3, seed=0)
+    ids = torch.randint(7, 200, (2, 12), generator=torch.Generator().manual_seed(4))
+    model, _ = quantize(loaded.model.eval(), "int8", group_size=32)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    reloaded, _, _ = load_compressed(tmp_path / "m")
+    assert type(reloaded) is type(loaded.model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, out)

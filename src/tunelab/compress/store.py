@@ -111,7 +111,7 @@ def _model_class(config: Any) -> type:
     import transformers
 
     names = getattr(config, "architectures", None) or []
-    return getattr(transformers, names[0], None) if names and hasattr(transformers, names[0]) else transformers.AutoModelForCausalLM
+    return getattr(transformers, names[0]) if names and hasattr(transformers, names[0]) else transformers.AutoModelForCausalLM
 
 
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:

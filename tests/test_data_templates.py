@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.data import IGNORE_INDEX, DataConfig, Example, build_datasets
+from tunelab.data import DataConfig, Example, build_datasets
 from tunelab.data.chat_masking import tokenize_chat
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import UserError

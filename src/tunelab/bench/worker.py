@@ -9,7 +9,6 @@ excluded) and reports the top operators instead of timings.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 

@@ -7,19 +7,21 @@ one scale per token +3.6%; per token after SmoothQuant smoothing (α = 0.8) +0.6
 
 - Weights: symmetric int8, one scale per output channel, prepacked once for fbgemm's int8 GEMM.
 - Activations: symmetric 8-bit (7-bit on CPUs without VNNI, see ``_activation_range``), one
-  scale per token (row), computed on the fly. The kernel is
-  handed the integer codes as floats with a unit scale (so its own quantization is exact) and the
-  per-token scales multiply its fp32 output, which is exact because each output row depends on
-  one input row only. Batched and one-token-at-a-time calls give identical results.
+  scale per token (row), computed on the fly. The kernel is handed the integer codes as floats
+  with a unit scale (so its own quantization is exact) and the per-token scales multiply its fp32
+  output, which is exact because each output row depends on one input row only. Batched and
+  one-token-at-a-time calls give identical results.
 - Smoothing (SmoothQuant, Xiao et al. 2023): per input channel ``s_j = max|X_j|^α / max|W_j|^(1-α)``
   from calibration text; the layer computes ``(X / s) · (W · s)ᵀ``, the same function, with the
   activation outliers moved into the weights where per-channel scales absorb them. ``1/s`` stays
   a per-layer input multiplier instead of being folded into the preceding norm, so it works for
   any architecture; the price is one elementwise multiply per layer.
 
-Kernel choice, measured side by side on SmolLM2 (batch 1, 1 thread; ``/`` = prefill / decode
-speed-up over fp32): fbgemm 1.42x / 1.42x; oneDNN's ``qlinear_pointwise`` 1.51x / 1.19x (slower
-for one row); both at once 1.44x / 1.36x while holding two weight copies. fbgemm alone it is.
+Kernel choice (``bench/int8_dynamic.py --kernels``: SmolLM2, batch 1, 1 thread, interleaved;
+prefill / decode speed-up over fp32, ``bench/results/int8_kernels.md``): fbgemm 1.31x / 1.21x;
+oneDNN's ``qlinear_pointwise``, the other int8 GEMM in PyTorch's CPU build, 1.48x / 1.05x:
+slower for the one-row products of decoding, where int8 matters most on CPU. The logits agree,
+so the choice is speed only.
 
 The state dict carries the plain int8 matrix (``weight_int8``), unpacked on save and packed again
 on load, so RAM holds the packed copy only.

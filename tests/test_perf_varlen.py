@@ -1,5 +1,6 @@
 """Per-example attention on packed rows: same numbers as the block-diagonal mask, no leakage."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -71,3 +72,22 @@ def test_models_without_attention_interface_keep_the_mask_path():
     assert not supports_varlen(bloom)
     assert not CausalLMObjective(bloom).varlen
     assert supports_varlen(lora_model())
+
+
+def test_activation_checkpointing_recomputes_the_same_per_example_attention(tmp_path):
+    """Checkpointing re-runs each block's forward inside backward; the trainer keeps the packed
+    attention mode over the backward pass so the recomputation matches (it used to fall back to
+    whole-row attention and fail torch's saved-tensor check)."""
+    from tests.train_helpers import train, write_chat_data
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    recipe = (f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{lora: {{r: 4, dropout: 0.0}}}}\n"
+              "train: {max_steps: 3, batch_size: 8, precision: fp32}\n")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "checkpointed").mkdir()
+    plain = train(tmp_path / "plain", recipe)
+    checkpointed = train(tmp_path / "checkpointed", recipe, "train.gradient_checkpointing=true")
+    plain_losses = [r["loss"] for r in plain.history if r.get("type") == "train"]
+    checkpointed_losses = [r["loss"] for r in checkpointed.history if r.get("type") == "train"]
+    assert len(plain_losses) == 3
+    assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)

@@ -21,8 +21,10 @@ LEVERS = {
     "varlen": "attention per packed example instead of one block-diagonal mask",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
+    "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
 }
-#: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes).
+#: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
+#: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
 DEFAULT_LEVERS = ("packing", "sliced_logits", "varlen", "low_precision_frozen")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"

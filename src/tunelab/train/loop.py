@@ -95,6 +95,11 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.autocast)
 
+    def _attention_scope(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """The objective's attention mode for this batch (objectives without one need none)."""
+        scope = getattr(self.objective, "attention_scope", None)
+        return scope(self.wrapped, batch) if scope is not None else contextlib.nullcontext()
+
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             self._orders = {epoch: batches.epoch_permutation(len(self.train), self.seed, epoch)}
@@ -178,12 +183,13 @@ class Trainer:
                 loss_total = 0.0
                 for j, batch in enumerate(micro):
                     sync = j == len(micro) - 1 or not self.world.distributed
-                    with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                        loss_sum, _ = self.objective(self.wrapped, batch)
-                        # Summed loss / units of the whole step; DDP averages gradients over processes,
-                        # so scaling by world size makes the result the global token mean exactly.
-                        loss = loss_sum * (self.world.size / units)
-                    self.scaler.scale(loss).backward()
+                    with self._attention_scope(batch):  # forward and backward (checkpointing re-runs the forward)
+                        with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+                            loss_sum, _ = self.objective(self.wrapped, batch)
+                            # Summed loss / units of the whole step; DDP averages gradients over processes,
+                            # so scaling by world size makes the result the global token mean exactly.
+                            loss = loss_sum * (self.world.size / units)
+                        self.scaler.scale(loss).backward()
                     loss_total += float(loss_sum.detach())
                 if self.cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)

@@ -54,16 +54,25 @@ class CausalLMObjective:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def _packed_attention(self, batch: dict[str, torch.Tensor]) -> bool:
+        return self.varlen and "position_ids" in batch and "attention_mask" not in batch
+
+    def attention_scope(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Per-example attention for a packed ``batch``, for as long as the context lasts.
+
+        The trainer holds it over the backward pass as well: activation checkpointing re-runs
+        the forward there, and it must attend exactly as the first forward did.
+        """
+        return varlen_attention(model) if self._packed_attention(batch) else contextlib.nullcontext()
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        attention: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if self.varlen and "position_ids" in batch and "attention_mask" not in batch:
+        if self._packed_attention(batch):
             inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
-            attention = varlen_attention(model)
         supervised_next = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
         targets = labels[:, 1:][supervised_next]
-        with attention:
+        with self.attention_scope(model, batch):
             if self.sliced_logits:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = supervised_next

@@ -35,8 +35,8 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tunelab import atomic  # noqa: E402
-from tunelab.errors import UserError  # noqa: E402
 from tunelab.compress.store import MANIFEST as COMPRESSION_MANIFEST  # noqa: E402
+from tunelab.errors import UserError  # noqa: E402
 from tunelab.models import cache  # noqa: E402
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
 from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402

@@ -56,3 +56,26 @@ def test_training_with_low_precision_frozen_weights_matches_and_restores(tmp_pat
     assert all(p.dtype == torch.float32 for p in model.parameters()), "frozen weights restored to fp32 after fit"
     assert all(v.dtype == torch.float32 for v in lora.values()), "adapters train in fp32"
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k), "adapters were trained"
+
+
+def test_skipping_the_adapter_input_cast_gives_identical_losses_and_gradients():
+    """bf16 -> fp32 -> bf16 is exact, so dropping peft's fp32 copy of adapter inputs changes no number."""
+    model = lora_model()
+    ids = torch.randint(7, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for skip in (False, True):
+        changed = cast_frozen(model, torch.bfloat16)
+        if not skip:
+            for layer in changed.adapter_layers:
+                layer.cast_input_dtype_enabled = True
+        assert len(changed.adapter_layers) == 14
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+        restore(changed)
+        assert all(layer.cast_input_dtype_enabled for layer in changed.adapter_layers)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)

@@ -9,24 +9,47 @@ MLP gates, and halves the frozen weights' memory. Matmul numerics are unchanged 
 operands); what changes is that the residual stream is rounded to bf16 between layers, which the
 benchmark's loss-parity check covers. Trainable weights (adapters, heads, unfrozen blocks) stay
 fp32, so the optimizer updates full-precision masters.
+
+With the activations in bf16, peft's habit of casting an adapter's input to the adapter's weight
+dtype becomes pure waste: it copies each bf16 activation to fp32, and autocast copies it straight
+back to bf16 for the adapter's matmul (the round trip is exact, so the values are the same).
+Switching that cast off (peft's own ``cast_input_dtype_enabled``) for the duration of training
+saves two activation copies per adapted layer: 13% of a SmolLM2 LoRA step, measured in one
+process alternating both settings, with bit-identical losses and gradients.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 
-def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> dict[torch.nn.Parameter, torch.dtype]:
-    """Convert every frozen floating-point parameter to ``dtype``; returns what to ``restore``."""
-    original: dict[torch.nn.Parameter, torch.dtype] = {}
+@dataclass
+class FrozenCast:
+    """What :func:`cast_frozen` changed, so :func:`restore` can undo it."""
+
+    dtypes: dict[torch.nn.Parameter, torch.dtype] = field(default_factory=dict)
+    adapter_layers: list[torch.nn.Module] = field(default_factory=list)
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> FrozenCast:
+    """Convert every frozen floating-point parameter to ``dtype`` and stop peft's adapter-input casts."""
+    changed = FrozenCast()
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            original[param] = param.dtype
+            changed.dtypes[param] = param.dtype
             param.data = param.data.to(dtype)
-    return original
+    for module in model.modules():
+        if hasattr(module, "_cast_input_dtype") and getattr(module, "cast_input_dtype_enabled", True):
+            module.cast_input_dtype_enabled = False
+            changed.adapter_layers.append(module)
+    return changed
 
 
-def restore(original: dict[torch.nn.Parameter, torch.dtype]) -> None:
+def restore(changed: FrozenCast) -> None:
     """Give the frozen weights their dtype back (values keep the rounding they trained with)."""
-    for param, dtype in original.items():
+    for param, dtype in changed.dtypes.items():
         param.data = param.data.to(dtype)
+    for module in changed.adapter_layers:
+        module.cast_input_dtype_enabled = True

@@ -131,7 +131,7 @@ class Trainer:
 
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         cast = self.low_precision_frozen and self.precision.autocast
-        original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else {}
+        original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
         if self.compile:
             compile_blocks(self.model)
         try:

@@ -100,3 +100,14 @@ def test_a_run_is_compressed_into_its_own_folder_and_scored_on_its_own_eval_set(
     assert [row["variant"] for row in rows] == ["original", "int8"]
     assert all("exact_match" in row["task"] for row in rows)
     assert (run / "compress" / "eval" / "eval.json").exists()
+
+
+def test_a_validation_split_alone_is_not_an_evaluation_task(tmp_path):
+    from tests.train_helpers import recipe_for, write_chat_data
+    from tunelab.compress.run import task_evaluation
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    base = f"model: {{name: tiny-llama}}\ndata: {{train: {data}, validation: {data}}}\n"
+    assert task_evaluation(recipe_for(tmp_path, base)) is None  # chat rows: nothing to score them by
+    assert task_evaluation(recipe_for(tmp_path, base, "eval.after_training=true")) is not None
+    assert task_evaluation(recipe_for(tmp_path, base, "eval.after_training=true", "compress.evaluate=false")) is None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tunelab.compress import calibration
-from tunelab.compress.config import QuantizeStep
+from tunelab.compress.config import CompressConfig, QuantizeStep
 from tunelab.compress.int8_dynamic import DynamicInt8Linear, smoothing_scales
 from tunelab.compress.quantize import quantize
 from tunelab.compress.store import load_compressed, save_compressed
@@ -58,9 +58,30 @@ def test_smoothing_is_the_same_function_and_absorbs_activation_outliers():
     x = _outlier_activations()
     scales = smoothing_scales(x.abs().amax(0), linear.weight, alpha=0.8)
     smoothed = DynamicInt8Linear.from_linear(linear, scales)
-    assert torch.allclose(smoothed.dequantized_weight(), linear.weight, atol=smoothed.weight_scale.max().item() * scales.min().item())
+    # the stored weight is W·s rounded to its row's int8 step; undoing s leaves at most half a step / s per element
+    bound = smoothed.weight_scale[:, None] * smoothed.input_multiplier / 2
+    assert ((smoothed.dequantized_weight() - linear.weight).abs() <= bound + 1e-7).all()
     plain = DynamicInt8Linear.from_linear(linear)
     assert _relative_error(smoothed, linear, x) < 0.5 * _relative_error(plain, linear, x)
+
+
+def test_a_channel_silent_in_calibration_is_not_amplified():
+    linear = _linear()
+    calibration_inputs = _outlier_activations()
+    calibration_inputs[:, 7] = 0  # never active on the calibration text
+    scales = smoothing_scales(calibration_inputs.abs().amax(0), linear.weight, alpha=0.8)
+    assert scales[7] == 1
+    later = _outlier_activations(rows=8)
+    later[:, 7] = 1.0
+    assert _relative_error(DynamicInt8Linear.from_linear(linear, scales), linear, later) < 0.05
+
+
+def test_eight_bit_activations_only_with_avx512_vnni(monkeypatch):
+    from tunelab.compress import int8_dynamic
+
+    for flags, expected in [({"avx512_vnni", "avx2"}, (127, 128)), ({"avx_vnni", "avx2"}, (63, 64)), (set(), (63, 64))]:
+        monkeypatch.setattr(int8_dynamic, "cpu_flags", lambda flags=flags: flags)
+        assert int8_dynamic._activation_range() == expected
 
 
 def test_state_dict_carries_plain_int8_and_reloads_to_identical_outputs():
@@ -107,6 +128,27 @@ def test_torch_ao_per_tensor_reference_still_available(tmp_path):
 def test_smoothing_without_calibration_text_says_what_to_set():
     with pytest.raises(UserError, match="smoothing needs calibration text"):
         quantize(load_model("tiny-llama").model, "dynamic-int8", smooth=0.8)
+    variants = [{"name": "q", "steps": [{"quantize": "dynamic-int8"}]}]
+    with pytest.raises(ValueError, match="variant 'q': dynamic-int8 smoothing needs calibration text"):
+        CompressConfig.model_validate({"variants": variants})  # caught when the recipe loads, before any training
+    CompressConfig.model_validate({"variants": [{"name": "q", "steps": [{"quantize": "dynamic-int8", "smooth": 0}]}]})
+
+
+def test_manifests_from_before_per_token_int8_still_load_as_torch_ao(tmp_path):
+    import json
+
+    loaded = load_model("tiny-llama", seed=0)
+    model, _ = quantize(loaded.model, "dynamic-int8", activations="per-tensor")
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    manifest_path = tmp_path / "m" / "tunelab_compression.json"
+    manifest = json.loads(manifest_path.read_text())
+    for layer in manifest["layers"].values():
+        del layer["activations"]  # what session-1 manifests look like
+    manifest_path.write_text(json.dumps(manifest))
+    reloaded, _, _ = load_compressed(tmp_path / "m")
+    ids = torch.randint(7, 200, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize(

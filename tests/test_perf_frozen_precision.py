@@ -58,24 +58,46 @@ def test_training_with_low_precision_frozen_weights_matches_and_restores(tmp_pat
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k), "adapters were trained"
 
 
+def adapter_step(model, skip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[torch.dtype]]:
+    """One bf16-autocast forward/backward with peft's adapter-input cast on or off: loss, grads, lora_A input dtypes."""
+    changed = cast_frozen(model, torch.bfloat16)
+    if not skip:
+        for layer in changed.adapter_layers:
+            layer.cast_input_dtype_enabled = True
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype)) for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    ids = torch.randint(7, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # same dropout masks for both settings
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for hook in hooks:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
+    restore(changed)
+    assert len(changed.adapter_layers) == 14 and all(layer.cast_input_dtype_enabled for layer in changed.adapter_layers)
+    return loss.detach(), grads, seen
+
+
 def test_skipping_the_adapter_input_cast_gives_identical_losses_and_gradients():
     """bf16 -> fp32 -> bf16 is exact, so dropping peft's fp32 copy of adapter inputs changes no number."""
-    model = lora_model()
-    ids = torch.randint(7, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    results = []
-    for skip in (False, True):
-        changed = cast_frozen(model, torch.bfloat16)
-        if not skip:
-            for layer in changed.adapter_layers:
-                layer.cast_input_dtype_enabled = True
-        assert len(changed.adapter_layers) == 14
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-        model.zero_grad(set_to_none=True)
-        restore(changed)
-        assert all(layer.cast_input_dtype_enabled for layer in changed.adapter_layers)
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    model = lora_model()  # peft's default: no LoRA dropout
+    loss_a, grads_a, dtypes_a = adapter_step(model, skip=False)
+    loss_b, grads_b, dtypes_b = adapter_step(model, skip=True)
+    assert dtypes_a == {torch.float32} and dtypes_b == {torch.bfloat16}  # the copy really is gone
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_with_lora_dropout_skipping_the_cast_stays_within_bf16_rounding():
+    model = load_model("tiny-llama", seed=1).model
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM"))
+    for module in model.modules():  # non-zero adapters, so the adapter path contributes
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    loss_a, grads_a, _ = adapter_step(model, skip=False)
+    loss_b, grads_b, _ = adapter_step(model, skip=True)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-3)
+    for k in grads_a:
+        assert (grads_a[k] - grads_b[k]).norm() <= 0.02 * grads_a[k].norm(), k

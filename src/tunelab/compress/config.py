@@ -168,6 +168,18 @@ class CompressConfig(Section):
         "is steadier: OpenMP threads that lose their core to another process stall each other.",
     )
     evaluate: bool = Field(
-        True, description="Also score every variant on the recipe's eval task (eval.data, else data.validation) when there is one."
+        True, description="Also score every variant on the recipe's eval task when it has one (eval.data, or eval.after_training on data.validation)."
     )
     keep_models: bool = Field(True, description="Keep each compressed model under <run>/compressed/<variant>/.")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_calibration(self) -> CompressConfig:
+        if self.calibration is None:
+            for variant in self.variants:
+                for step in variant.steps:
+                    if isinstance(step, QuantizeStep) and step.quantize == "dynamic-int8" and step.activations == "per-token" and step.smooth:
+                        raise ValueError(
+                            f"variant {variant.name!r}: dynamic-int8 smoothing needs calibration text; set compress.calibration "
+                            "(e.g. examples/data/heldout/calibration.txt) or smooth: 0 in that step"
+                        )
+        return self

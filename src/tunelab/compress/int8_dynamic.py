@@ -41,12 +41,12 @@ from tunelab.hardware import cpu_flags
 def _activation_range() -> tuple[int, int]:
     """(largest code, zero point) of the uint8 activations handed to fbgemm.
 
-    Without a VNNI dot-product instruction fbgemm multiplies with ``vpmaddubsw``, whose 16-bit
-    pair sums saturate above 32767; 7-bit activations (codes ±63 around 64) stay below it, which
-    is why torch.ao's ``reduce_range`` exists. With VNNI all 8 bits are safe.
+    Without AVX-512 VNNI fbgemm multiplies with ``vpmaddubsw``, whose 16-bit pair sums saturate
+    above 32767; 7-bit activations (codes ±63 around 64) stay below it, which is why torch.ao's
+    ``reduce_range`` exists. fbgemm has kernels for AVX2, AVX-512 and AVX-512 VNNI only, so the
+    VEX-encoded AVX-VNNI of client CPUs does not count.
     """
-    flags = cpu_flags()
-    return (127, 128) if {"avx512_vnni", "avx_vnni"} & flags else (63, 64)
+    return (127, 128) if "avx512_vnni" in cpu_flags() else (63, 64)
 
 
 INT8_MAX = 127
@@ -54,17 +54,23 @@ ACTIVATION_MAX, ZERO_POINT = _activation_range()
 
 
 def smoothing_scales(activation_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel ``s = max|X|^α / max|W|^(1-α)`` (1 where a channel is dead)."""
-    x = activation_absmax.float().clamp_min(1e-5)
+    """SmoothQuant's per-input-channel ``s = max|X|^α / max|W|^(1-α)``.
+
+    A channel that stayed zero on the calibration text keeps ``s = 1``: its formula value would be
+    tiny, and the first non-zero input it meets later would be multiplied by thousands and set
+    the whole token's scale.
+    """
+    x = activation_absmax.float()
     w = weight.detach().float().abs().amax(0).clamp_min(1e-5)
-    return (x.pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+    scales = (x.clamp_min(1e-5).pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+    return torch.where(x > 0, scales, torch.ones_like(scales))
 
 
 def _packed_weight(weight_int8: torch.Tensor, scale: torch.Tensor) -> object:
     """fbgemm's prepacked form of an int8 ``[out, in]`` weight with per-row ``scale``."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise UserError("dynamic-int8 needs PyTorch's fbgemm int8 kernels (x86 CPU builds have them)",
-                        hint="on other CPUs use the weight-only formats int8/int4")
+    if torch.backends.quantized.engine not in ("fbgemm", "x86"):
+        raise UserError(f"dynamic-int8 needs PyTorch's fbgemm int8 kernels; the quantized engine is {torch.backends.quantized.engine!r}",
+                        hint="on x86 set torch.backends.quantized.engine = 'x86'; elsewhere use the weight-only formats int8/int4")
     with warnings.catch_warnings():
         # torch 2.13 marks quantized-tensor creation as deprecated; this is still how fbgemm takes its weights.
         warnings.simplefilter("ignore", UserWarning)
@@ -82,7 +88,7 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_multiplier", torch.ones(in_features) if smoothed else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._packed = _packed_weight(torch.zeros(out_features, in_features, dtype=torch.int8), self.weight_scale)
+        self._packed: object | None = None  # packed when the weights arrive (from_linear or load_state_dict)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smoothing: torch.Tensor | None = None) -> DynamicInt8Linear:
@@ -109,6 +115,8 @@ class DynamicInt8Linear(nn.Module):
         return weight if self.input_multiplier is None else weight * self.input_multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            raise RuntimeError("DynamicInt8Linear has no weights yet: build it with from_linear or load a state dict")
         rows = x.reshape(-1, self.in_features).float()
         if self.input_multiplier is not None:
             rows = rows * self.input_multiplier

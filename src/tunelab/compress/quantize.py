@@ -2,10 +2,10 @@
 
 Formats:
 - ``dynamic-int8``: int8 weights (per-channel scales) and activations quantized on the fly, so
-  the matrix products run in int8: the one PTQ format faster than fp32 on CPU. By default one
-  activation scale per token after SmoothQuant smoothing (``int8_dynamic``); ``activations:
-  per-tensor`` is torch.ao's dynamic quantization (one scale per tensor), kept as the reference
-  it improves on.
+  the matrix products run in int8: the one PTQ format faster than fp32 on CPU. One activation
+  scale per token, optionally after SmoothQuant smoothing (``int8_dynamic``; the recipe's default
+  is α = 0.8); ``activations: per-tensor`` is torch.ao's dynamic quantization (one scale per
+  tensor), kept as the reference it improves on.
 - ``int8``, ``int4``, ``ternary``, ``fixed-point``: weight-only, packed (see ``qlinear``): smaller
   in RAM and on disk, slower (dequantized at each forward).
 - ``nf4``: bitsandbytes 4-bit NormalFloat, via transformers' own loader so the result saves and

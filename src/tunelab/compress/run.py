@@ -3,7 +3,7 @@
 Every variant is built and saved before any is measured, so a bad step fails in seconds, not
 after minutes of measuring. The original model is saved and measured exactly like the variants (same process set-up, same
 text, same settings), so every ratio in the table compares like with like. With an evaluation
-set (the recipe's ``eval:`` task on ``eval.data`` or ``data.validation``) each variant is also
+set (the recipe's ``eval:`` task, see :func:`task_evaluation`) each variant is also
 scored on the task through the evaluation runner, and ``<run>/eval/`` holds that comparison with
 every variant's predictions. Rows are appended to ``<run>/compress.jsonl`` as they finish; the
 table is written at the end as ``compress.json`` and ``compress.md``.
@@ -36,8 +36,13 @@ BASELINE = "original"
 
 
 def task_evaluation(recipe: Recipe) -> EvalSetup | None:
-    """The recipe's evaluation task for scoring variants, or None (no eval data, or ``compress.evaluate`` off)."""
-    if not recipe.compress.evaluate or not (recipe.eval.data or recipe.data.validation):
+    """The recipe's evaluation task for scoring variants, or None.
+
+    A recipe asks for one by naming ``eval.data`` or by evaluating after training (then on
+    ``data.validation`` as that evaluation does); a training validation split alone is not a task
+    description (chat rows have no answer field to score). ``compress.evaluate: false`` opts out.
+    """
+    if not recipe.compress.evaluate or not (recipe.eval.data or recipe.eval.after_training):
         return None
     return resolve_setup(recipe, {})
 
@@ -75,25 +80,25 @@ def run_compression(
                 "decode_tokens": config.decode_tokens, "repeats": config.repeats, "threads": torch.get_num_threads()}
     base = model.eval()
     built: list[tuple[str, list[dict[str, Any]]]] = []
+    scored: dict[str, SystemResult] = {}
     for name, steps in [(BASELINE, []), *((v.name, v.steps) for v in config.variants)]:
         echo(f"compress: building {name} ...")
         variant, reports = apply_steps(copy.deepcopy(base), steps, chunks, seed) if steps else (base, [])
         save_compressed(variant, tokenizer, run_dir / "compressed" / name, {"variant": name, "source": source, "steps": reports})
         del variant
         built.append((name, reports))
+        if evaluation is not None and name == BASELINE:  # a bad evaluation set fails now, not after every build
+            scored[name] = _score(evaluation, run_dir / "compressed" / name, name, echo)
     rows: list[dict[str, Any]] = []
-    scored: list[SystemResult] = []
     for name, reports in built:
         echo(f"compress: measuring {name} ...")
         directory = run_dir / "compressed" / name
         row = {"variant": name, "steps": reports,
                **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
         if evaluation is not None:
-            echo(f"compress: scoring {name} on the {evaluation.cfg.task} task ...")
-            (result,) = evaluate(evaluation, None, [str(directory)], show_progress=False)
-            result.system = name
-            scored.append(result)
-            row["task"] = result.scores
+            if name not in scored:
+                scored[name] = _score(evaluation, directory, name, echo)
+            row["task"] = scored[name].scores
         row["relative"] = relative(row, rows[0] if rows else row)
         if row["loader"] == "tunelab":
             echo(f"compress: {name} has no plain-transformers format; reload it with tunelab.compress.store.load_compressed")
@@ -105,5 +110,13 @@ def run_compression(
                       "heldout_texts": config.heldout_texts, "calibration": config.calibration}, "rows": rows})
     atomic.write_text(run_dir / "compress.md", markdown(rows))
     if evaluation is not None:
-        write_report(run_dir / "eval", evaluation, scored)
+        write_report(run_dir / "eval", evaluation, list(scored.values()))
     return rows
+
+
+def _score(evaluation: EvalSetup, directory: Path, name: str, echo: Callable[[str], Any]) -> SystemResult:
+    """The saved model in ``directory`` on the evaluation task, reported under the variant's name."""
+    echo(f"compress: scoring {name} on the {evaluation.cfg.task} task ...")
+    (result,) = evaluate(evaluation, None, [str(directory)], show_progress=False)
+    result.system = name
+    return result

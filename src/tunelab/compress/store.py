@@ -64,7 +64,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: str | Path, inf
             model.config.architectures = [type(model).__name__]  # what save_pretrained records; the loader rebuilds this class
             model.config.save_pretrained(tmp)
             state = _untied_state(model)
-            if any(d.get("activations") == "per-tensor" for d in layers.values()):
+            if any(d["format"] == "dynamic-int8" and d.get("activations") == "per-tensor" for d in layers.values()):
                 torch.save(state, tmp / "model.pt")  # torch.ao's packed int8 params are not plain tensors
             else:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
@@ -115,7 +115,7 @@ def _model_class(config: Any) -> type:
 
 
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
-    if layer.get("activations") == "per-tensor":
+    if layer["format"] == "dynamic-int8" and layer.get("activations", "per-tensor") == "per-tensor":  # torch.ao (older manifests say nothing)
         return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
     if layer["format"] == "dynamic-int8":
         return DynamicInt8Linear(layer["in_features"], layer["out_features"], bias=layer["bias"], smoothed=layer["smoothed"])

@@ -77,7 +77,11 @@ def load_model(
     seed: int = 0,
     **model_kwargs: Any,
 ) -> LoadedModel:
-    """Load ``name`` for ``task``; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
+    """Load ``name`` for ``task``; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``).
+
+    A folder written by ``tunelab compress`` loads as it was saved (its own head, dtype and
+    quantized layers): ``task``, ``dtype`` and ``model_kwargs`` do not apply to it.
+    """
     start = time.perf_counter()
     cls = TASK_CLASSES[task]
     if name in TINY_MODELS:

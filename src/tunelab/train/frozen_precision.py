@@ -14,8 +14,11 @@ With the activations in bf16, peft's habit of casting an adapter's input to the 
 dtype becomes pure waste: it copies each bf16 activation to fp32, and autocast copies it straight
 back to bf16 for the adapter's matmul (the round trip is exact, so the values are the same).
 Switching that cast off (peft's own ``cast_input_dtype_enabled``) for the duration of training
-saves two activation copies per adapted layer: 13% of a SmolLM2 LoRA step, measured in one
-process alternating both settings, with bit-identical losses and gradients.
+saves two activation copies per adapted layer: 1.14x per SmolLM2 LoRA step
+(``bench/adapter_input_cast.py``), with bit-identical losses and gradients when the adapter has
+no dropout. With LoRA dropout ``p`` the dropout now runs on the bf16 input, whose kernel keeps
+``1/(1-p)`` in bf16 (1.0547 for 1.0526 at p = 0.05): a 0.2% scale on the adapter's input, well
+inside what bf16 autocast already rounds.
 """
 
 from __future__ import annotations

@@ -111,3 +111,12 @@ def test_a_validation_split_alone_is_not_an_evaluation_task(tmp_path):
     assert task_evaluation(recipe_for(tmp_path, base)) is None  # chat rows: nothing to score them by
     assert task_evaluation(recipe_for(tmp_path, base, "eval.after_training=true")) is not None
     assert task_evaluation(recipe_for(tmp_path, base, "eval.after_training=true", "compress.evaluate=false")) is None
+
+
+def test_running_again_into_the_same_folder_starts_a_fresh_row_log(tmp_path):
+    args = ["compress", "compress.variants=[{name: m, steps: [{prune: magnitude, sparsity: 0.5}]}]",
+            "--recipe", str(EXAMPLES / "compress_tiny.yaml"), "--output", str(tmp_path)]
+    for _ in range(2):
+        assert CliRunner().invoke(cli, args).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "compress.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in rows] == ["original", "m"]

@@ -71,6 +71,7 @@ def run_compression(
     if BASELINE in names or len(set(names)) != len(names):
         raise UserError(f"variant names must be unique and not {BASELINE!r}", where="compress.variants")
     read_texts(config.heldout, config.heldout_texts)  # fail on a bad file before any work
+    (run_dir / "compress.jsonl").unlink(missing_ok=True)  # the rows of this run only, like compress.json
     if config.threads:
         torch.set_num_threads(config.threads)
     chunks = None

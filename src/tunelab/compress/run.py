@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,8 +83,9 @@ def run_compression(
     base = model.eval()
     built: list[tuple[str, list[dict[str, Any]]]] = []
     scored: dict[str, SystemResult] = {}
-    for name, steps in [(BASELINE, []), *((v.name, v.steps) for v in config.variants)]:
-        echo(f"compress: building {name} ...")
+    plan = [(BASELINE, []), *((v.name, v.steps) for v in config.variants)]
+    for i, (name, steps) in enumerate(plan, 1):
+        echo(f"compress: [{i}/{len(plan)}] building {name} ...")
         variant, reports = apply_steps(copy.deepcopy(base), steps, chunks, seed) if steps else (base, [])
         save_compressed(variant, tokenizer, run_dir / "compressed" / name, {"variant": name, "source": source, "steps": reports})
         del variant
@@ -91,8 +93,10 @@ def run_compression(
         if evaluation is not None and name == BASELINE:  # a bad evaluation set fails now, not after every build
             scored[name] = _score(evaluation, run_dir / "compressed" / name, name, echo)
     rows: list[dict[str, Any]] = []
-    for name, reports in built:
-        echo(f"compress: measuring {name} ...")
+    started = time.perf_counter()
+    for i, (name, reports) in enumerate(built):
+        eta = f", about {_minutes((time.perf_counter() - started) / i * (len(built) - i))} left" if i else ""
+        echo(f"compress: [{i + 1}/{len(built)}] measuring {name}{eta} ...")
         directory = run_dir / "compressed" / name
         row = {"variant": name, "steps": reports,
                **measure_in_subprocess(directory, Path(config.heldout), config.heldout_texts, settings)}
@@ -113,6 +117,10 @@ def run_compression(
     if evaluation is not None:
         write_report(run_dir / "eval", evaluation, list(scored.values()))
     return rows
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _score(evaluation: EvalSetup, directory: Path, name: str, echo: Callable[[str], Any]) -> SystemResult:

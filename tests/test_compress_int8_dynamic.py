@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from tunelab.compress import calibration
+from tests.compress_helpers import calibration_chunks
 from tunelab.compress.config import CompressConfig, QuantizeStep
 from tunelab.compress.int8_dynamic import DynamicInt8Linear, smoothing_scales
 from tunelab.compress.quantize import quantize
 from tunelab.compress.store import load_compressed, save_compressed
 from tunelab.errors import UserError
 from tunelab.models import load_model
-
-CALIBRATION = Path(__file__).resolve().parent.parent / "examples" / "data" / "heldout" / "calibration.txt"
 
 
 def _linear(inputs: int = 96, outputs: int = 40) -> nn.Linear:
@@ -99,7 +95,7 @@ def test_state_dict_carries_plain_int8_and_reloads_to_identical_outputs():
 
 def test_smoothed_model_saves_as_safetensors_and_reloads(tmp_path):
     loaded = load_model("tiny-llama", seed=0)
-    chunks = calibration.token_chunks(loaded.tokenizer, calibration.read_texts(CALIBRATION), 32, 2)
+    chunks = calibration_chunks(32, 2, loaded.tokenizer)
     ids = torch.randint(7, 200, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = loaded.model(input_ids=ids).logits

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.compress import calibration
+from tests.compress_helpers import calibration_chunks
 from tunelab.compress.masks import lowest, nm_mask, parse_nm, sampled
 from tunelab.compress.prune import prune_weights, select
 from tunelab.compress.store import save_compressed
 from tunelab.compress.targets import linear_layers
 from tunelab.errors import UserError
 from tunelab.models import load_model
-
-CALIBRATION = Path(__file__).resolve().parent.parent / "examples" / "data" / "heldout" / "calibration.txt"
 
 
 @pytest.fixture()
@@ -26,8 +22,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def chunks():
-    tok = load_model("tiny-llama").tokenizer
-    return calibration.token_chunks(tok, calibration.read_texts(CALIBRATION), 64, 4)
+    return calibration_chunks(64, 4)
 
 
 def zero_fraction(t: torch.Tensor) -> float:

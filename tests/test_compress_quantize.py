@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tunelab.compress import calibration, packing
+from tests.compress_helpers import calibration_chunks
+from tunelab.compress import packing
 from tunelab.compress.qlinear import QuantLinear, QuantSpec, dequantize, quantize_weight
 from tunelab.compress.quantize import quantize
 from tunelab.compress.store import load_compressed, save_compressed
 from tunelab.errors import UserError
 from tunelab.models import load_model
-
-CALIBRATION = Path(__file__).resolve().parent.parent / "examples" / "data" / "heldout" / "calibration.txt"
 
 
 @pytest.fixture()
@@ -125,7 +122,7 @@ def test_every_format_saves_and_reloads_to_the_same_outputs(tmp_path, fmt, optio
 
 def test_selective_precision_keeps_named_and_most_sensitive_layers():
     loaded = load_model("tiny-llama", seed=0)
-    chunks = calibration.token_chunks(loaded.tokenizer, calibration.read_texts(CALIBRATION), 32, 2)
+    chunks = calibration_chunks(32, 2, loaded.tokenizer)
     model, report = quantize(loaded.model, "ternary", group_size=32, keep=[r"layers\.0\.mlp\.down_proj"], keep_sensitive=2, chunks=chunks)
     scores = report["sensitivity"]
     most = sorted(scores, key=scores.get, reverse=True)[:2]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.compress_helpers import calibration_chunks
 from tunelab.compress import calibration, structured
 from tunelab.errors import UserError
 from tunelab.models import load_model
-
-CALIBRATION = Path(__file__).resolve().parent.parent / "examples" / "data" / "heldout" / "calibration.txt"
 
 
 @pytest.fixture()
@@ -22,8 +19,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def chunks():
-    tok = load_model("tiny-llama").tokenizer
-    return calibration.token_chunks(tok, calibration.read_texts(CALIBRATION), 64, 2)
+    return calibration_chunks(64, 2)
 
 
 def reload_and_compare(model, tmp_path, chunks) -> AutoModelForCausalLM:

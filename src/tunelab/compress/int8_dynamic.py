@@ -50,6 +50,7 @@ def _activation_range() -> tuple[int, int]:
 
 
 INT8_MAX = 127
+TINY = torch.finfo(torch.float32).tiny  # floor of every scale: an all-zero row or token stays zero
 ACTIVATION_MAX, ZERO_POINT = _activation_range()
 
 
@@ -98,7 +99,7 @@ class DynamicInt8Linear(nn.Module):
         if smoothing is not None:
             weight = weight * smoothing
             layer.input_multiplier = (1 / smoothing).float()
-        layer.weight_scale = weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+        layer.weight_scale = weight.abs().amax(1).clamp_min(TINY) / INT8_MAX
         codes = torch.round(weight / layer.weight_scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
         layer._packed = _packed_weight(codes, layer.weight_scale)
         if linear.bias is not None:
@@ -120,7 +121,7 @@ class DynamicInt8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         if self.input_multiplier is not None:
             rows = rows * self.input_multiplier
-        scale = rows.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / ACTIVATION_MAX
+        scale = rows.abs().amax(-1, keepdim=True).clamp_min(TINY) / ACTIVATION_MAX
         codes = torch.round(rows / scale)
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, ZERO_POINT, self._packed)
         out.mul_(scale)

@@ -96,7 +96,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.autocast)
 
     def _attention_scope(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
-        """The objective's attention mode for this batch (objectives without one need none)."""
+        """The objective's optional attention mode for this batch (see ``objectives.base.Objective``)."""
         scope = getattr(self.objective, "attention_scope", None)
         return scope(self.wrapped, batch) if scope is not None else contextlib.nullcontext()
 

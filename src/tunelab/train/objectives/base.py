@@ -33,6 +33,11 @@ class Objective(Protocol):
     def summarize(self, stats: Stats) -> dict[str, float]:
         """Turn accumulated statistics into reportable metrics (loss, perplexity, accuracy, ...)."""
 
+    # Optional: ``attention_scope(model, batch) -> ContextManager``. An objective that changes how
+    # the model attends for a batch (packed rows: per-example attention) exposes it, and the
+    # trainer holds it over forward *and* backward, because activation checkpointing re-runs the
+    # forward inside backward and must attend the same way.
+
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 

@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     loaded = load_model("smollm2-135m")
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
-    model = apply_methods(loaded.model, MethodConfig(lora=lora), task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
+    model = apply_methods(loaded.model, MethodConfig(lora=lora), model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
     adapters = cast_frozen(model, torch.bfloat16).adapter_layers
     model.train()
     ids = torch.randint(0, 49_000, (1, 560), generator=torch.Generator().manual_seed(0))

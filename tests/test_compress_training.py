@@ -80,7 +80,7 @@ RECIPE = (
 
 
 def final_weights(run_dir):
-    from tunelab.train.artifacts import load_run
+    from tunelab.models import load_run
 
     model, _, _ = load_run(run_dir)
     return {n: m.weight.detach() for n, m in linear_layers(model).items()}

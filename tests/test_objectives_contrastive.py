@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.train_helpers import train
-from tunelab.train.artifacts import load_run
+from tunelab.models import load_run
 from tunelab.train.embedding_artifacts import load_embedder
 
 WORDS = ["cat", "dog", "sun", "sea", "red", "big", "old", "new", "hot", "owl", "fig", "ice"]
@@ -61,7 +61,7 @@ def test_saved_embedding_model_loads_with_transformers_and_sentence_transformers
         ours = embedder(batch["input_ids"], batch["attention_mask"])
     assert ours.shape == (2, 16) and torch.allclose(ours.norm(dim=-1), torch.ones(2))
     body, _, manifest = load_run(tmp_path / "run")  # the plain transformers body, as every run loads
-    assert manifest["task"] == "base" and type(body).__name__ == "BertModel"
+    assert manifest["model_task"] == "base" and type(body).__name__ == "BertModel"
     sentence_transformers = pytest.importorskip("sentence_transformers")
     st = sentence_transformers.SentenceTransformer(str(tmp_path / "run" / "final" / "model"), device="cpu")
     assert torch.allclose(torch.tensor(st.encode(texts)), ours, atol=1e-5)

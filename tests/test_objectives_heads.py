@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import train
-from tunelab.train.artifacts import load_run
+from tunelab.models import load_run
 
 COLORS = ["red", "green", "blue"]
 FILLER = ["the", "a", "film", "plot", "actor", "scene"]
@@ -39,7 +39,7 @@ def test_multi_label_head_learns_label_sets(tmp_path, model="tiny-llama"):
         words = present + [rng.choice(FILLER) for _ in range(3)]
         rng.shuffle(words)
         rows.append({"text": f"{i} " + " ".join(words), "labels": present})
-    summary = run(tmp_path, model, "{type: multi_label, base: full}", write_rows(tmp_path / "d.jsonl", rows), lr=0.01, steps=60)
+    summary = run(tmp_path, model, "{type: multi_label}, freeze: {base: false}", write_rows(tmp_path / "d.jsonl", rows), lr=0.01, steps=60)
     before, after = summary.eval_before, summary.eval_after
     assert after["eval_f1_micro"] > before["eval_f1_micro"] + 0.25, (before, after)
     assert after["eval_exact_match"] > 3 / 8  # all three decisions right; chance is 1/8
@@ -56,7 +56,7 @@ def test_regression_head_learns_a_count(tmp_path, model):
         words = ["good"] * k + [rng.choice(FILLER) for _ in range(4 - k)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": float(k)})
-    summary = run(tmp_path, model, "{type: regression, base: full}", write_rows(tmp_path / "d.jsonl", rows), steps=60)
+    summary = run(tmp_path, model, "{type: regression}, freeze: {base: false}", write_rows(tmp_path / "d.jsonl", rows), steps=60)
     assert summary.eval_after["eval_pearson"] > 0.5, summary.eval_after
     assert summary.eval_after["eval_rmse"] < 0.8 * summary.eval_before["eval_rmse"]
     model_back, _, _ = load_run(tmp_path / "run")
@@ -71,7 +71,7 @@ def test_token_classification_head_tags_words(tmp_path, model):
     for _ in range(200):
         words = [rng.choice(animals + COLORS) for _ in range(5)]
         rows.append({"tokens": words, "tags": ["ANIMAL" if w in animals else "COLOR" for w in words]})
-    summary = run(tmp_path, model, "{type: token_classification, base: full}", write_rows(tmp_path / "d.jsonl", rows), steps=40)
+    summary = run(tmp_path, model, "{type: token_classification}, freeze: {base: false}", write_rows(tmp_path / "d.jsonl", rows), steps=40)
     assert summary.eval_after["eval_accuracy"] > 0.95, summary.eval_after
     assert summary.eval_after["eval_loss"] < summary.eval_before["eval_loss"]
     model_back, _, _ = load_run(tmp_path / "run")
@@ -88,7 +88,7 @@ def test_multiple_choice_head_picks_the_right_answer(tmp_path, model):
         answer = rng.randrange(n)
         choices[answer] = f"{filler(rng, 2)} good"
         rows.append({"question": f"#{i} which one is good?", "choices": choices, "label": answer})
-    summary = run(tmp_path, model, "{type: multiple_choice, base: full}", write_rows(tmp_path / "d.jsonl", rows), steps=40)
+    summary = run(tmp_path, model, "{type: multiple_choice}, freeze: {base: false}", write_rows(tmp_path / "d.jsonl", rows), steps=40)
     assert summary.eval_after["eval_accuracy"] > 0.9, summary.eval_after  # chance is about 0.3
     assert summary.eval_after["eval_loss"] < summary.eval_before["eval_loss"]
 

@@ -17,7 +17,7 @@ def test_two_tasks_share_a_body_and_both_learn(tmp_path):
         tmp_path,
         "model: {name: tiny-bert}\ndata: {val_fraction: 0.2}\n"
         "method:\n  tasks:\n"
-        f"    sentiment: {{data: {{train: {labels}}}, head: {{type: classification, base: full}}, weight: 1.0}}\n"
+        f"    sentiment: {{data: {{train: {labels}}}, head: {{type: classification}}, weight: 1.0}}\n"
         f"    paraphrase: {{data: {{train: {pairs}}}, head: {{type: embedding}}, weight: 0.5}}\n"
         "  task_sampling: {strategy: temperature, temperature: 2}\n"
         "train: {lr: 0.003, max_steps: 60, batch_size: 16, schedule: constant, precision: fp32}\n",

@@ -18,7 +18,8 @@ def test_defaults_and_output_dir_from_file_name(tmp_path):
     recipe = load_recipe(write(tmp_path, "train:\n  lr: 1e-3\n", "sentiment.yaml"))
     assert recipe.train.lr == 1e-3
     assert recipe.model.name == "smollm2-135m"
-    assert recipe.output_dir == "runs/sentiment"
+    assert recipe.output_dir is None and recipe.name == "sentiment"  # each run gets runs/sentiment-<time>-<random>
+    assert load_recipe(write(tmp_path, "output_dir: runs/{name}\n", "named.yaml")).output_dir == "runs/named"
 
 
 def test_dotted_overrides_are_parsed_as_yaml_values(tmp_path):

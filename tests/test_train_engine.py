@@ -78,7 +78,8 @@ def test_peft_loads_our_adapter_and_merged_export_matches(tmp_path):
     from peft import PeftModel
 
     from tunelab.models import load_model
-    from tunelab.train.artifacts import export_merged, load_run
+    from tunelab.export import export_merged
+    from tunelab.models import load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")
     train(tmp_path, LORA_RUN.format(data=data), "train.max_steps=8")
@@ -97,7 +98,7 @@ def test_peft_loads_our_adapter_and_merged_export_matches(tmp_path):
 
 
 def test_bottleneck_run_reloads(tmp_path):
-    from tunelab.train.artifacts import load_run
+    from tunelab.models import load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")
     summary = train(

@@ -47,18 +47,18 @@ def test_causal_lm_methods_reduce_eval_loss(tmp_path, name, model):
     "model,base",
     # A frozen *random* BERT's CLS vector carries too little of the words for a linear head;
     # frozen-base head training is covered on tiny-llama here and in test_objectives_heads.py.
-    [("tiny-llama", "frozen"), ("tiny-llama", "full"), ("tiny-bert", "full")],
+    [("tiny-llama", "true"), ("tiny-llama", "false"), ("tiny-bert", "false")],
 )
 def test_classification_head_learns(tmp_path, model, base):
     data = write_label_data(tmp_path / "d.jsonl", n=160)
     summary = train(
         tmp_path,
-        f"model: {{name: {model}}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{head: {{base: {base}}}}}\n"
+        f"model: {{name: {model}}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{head: {{}}, freeze: {{base: {base}}}}}\n"
         f"train: {{lr: 0.01, max_steps: 40, batch_size: 16, schedule: constant, precision: fp32}}\n",
     )
     assert summary.eval_after["eval_loss"] < summary.eval_before["eval_loss"]
     assert summary.eval_after["eval_accuracy"] >= 0.8, summary.eval_after
-    if base == "frozen":
+    if base == "true":
         assert summary.trainable_params < 1000  # the head only
 
 
@@ -83,7 +83,7 @@ def test_bottleneck_starts_at_the_base_model():
         ids = loaded.tokenizer("adapters start as identity", return_tensors="pt")["input_ids"]
         with torch.no_grad():
             before = loaded.model(ids)[0]
-            model = apply_methods(loaded.model, MethodConfig.model_validate({"bottleneck": {}}), task=task)
+            model = apply_methods(loaded.model, MethodConfig.model_validate({"bottleneck": {}}), model_task=task)
             after = model(ids)[0]
         assert torch.equal(before, after)
         assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == sum(

@@ -12,10 +12,12 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model
+
+from tunelab import plugins
 
 from tunelab.compress.config import CompressConfig
 from tunelab.config_base import Section
@@ -26,24 +28,75 @@ from tunelab.evaluate.config import EvalConfig
 from tunelab.methods.config import MethodConfig
 from tunelab.models.config import ModelConfig
 from tunelab.train.config import TrainConfig
+from tunelab.methods import METHODS
+from tunelab.train.callbacks import CALLBACKS
+from tunelab.train.objectives import OBJECTIVES
+from tunelab.train.samplers import SAMPLERS
 
 
 class Recipe(Section):
-    """Everything one run can say: model, data, method, training, evaluation, compression."""
+    """Everything one run can say: model, data, method, objective, data order, callbacks, training,
+    evaluation, compression. ``recipe_class()`` extends it with every registered plug-in's section."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: Any = Field(None, description="The loss: {name: <objective>, ...its settings}; default: derived from the head (or causal LM).")
+    sampler: Any = Field(None, description="Data order: {name: <sampler>, ...its settings}; default: shuffle every epoch.")
+    callbacks: list[Any] = Field(default_factory=list, description="Extra registered callbacks: [{name: <callback>, ...its settings}].")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
-    output_dir: str = Field("runs/{name}", description="Run directory; {name} is the recipe file's stem.")
+    output_dir: str | None = Field(
+        None, description="Run directory ({name} is the recipe's name); default: a new runs/<name>-<time>-<random> per run."
+    )
     seed: int = 0
+    #: The recipe file's stem ("run" for a recipe built from a dict): names the default run directory.
+    _name: str = PrivateAttr("run")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+_built: tuple[int, type[Recipe]] | None = None
+
+
+def _named(name: str, config: type[BaseModel]) -> type[BaseModel]:
+    """``config`` with a ``name: Literal[name]`` key, so a choice section is validated by its name."""
+    return create_model(f"{config.__name__}_{name}", __base__=config, __doc__=config.__doc__, name=(Literal[name], name))
+
+
+def _choice(registry: plugins.Registry[Any]) -> Any:
+    """A section choosing one registered plug-in by ``name`` and holding that plug-in's own settings."""
+    options = [_named(name, entry.Config) for name, entry in registry.items() if getattr(entry, "Config", None) is not None]
+    if not options:
+        return Any
+    return options[0] if len(options) == 1 else Annotated[Union[tuple(options)], Field(discriminator="name")]
+
+
+def recipe_class() -> type[Recipe]:
+    """The recipe schema with every plug-in registered so far (rebuilt when a registry changes)."""
+    global _built
+    if _built is not None and _built[0] == plugins.version():
+        return _built[1]
+    extra = {key: (METHODS.get(key).Config | None, None) for key in METHODS if key not in MethodConfig.model_fields}
+    method = create_model("MethodConfig", __base__=MethodConfig, __doc__=MethodConfig.__doc__, **extra)
+    objective, sampler, callback = _choice(OBJECTIVES), _choice(SAMPLERS), _choice(CALLBACKS)
+    cls = create_model(
+        "Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
+        method=(method, Field(default_factory=method)),
+        objective=(objective | None, Field(None, description=Recipe.model_fields["objective"].description)),
+        sampler=(sampler | None, Field(None, description=Recipe.model_fields["sampler"].description)),
+        callbacks=(list[callback], Field(default_factory=list, description=Recipe.model_fields["callbacks"].description)),
+    )
+    _built = (plugins.version(), cls)
+    return cls
 
 
 def json_schema() -> dict[str, Any]:
-    """The recipe's JSON Schema (what ``tunelab recipe schema`` prints)."""
-    return Recipe.model_json_schema()
+    """The recipe's JSON Schema (what ``tunelab recipe schema`` prints), plug-ins included."""
+    return recipe_class().model_json_schema()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,27 +105,41 @@ def json_schema() -> dict[str, Any]:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    lines: dict[tuple[str, ...], int] = {}
-    source = "recipe"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        raw, lines = _read_yaml(path)
+    if path is None:
+        return recipe_from_dict({}, overrides=overrides)
+    path = Path(path)
+    raw, lines = _read_yaml(path)
+    return _validated(raw, lines, str(path), overrides, base=path.parent, name=path.stem)
+
+
+def recipe_from_dict(
+    data: dict[str, Any], *, base: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), name: str = "run"
+) -> Recipe:
+    """A recipe from a mapping (JSON from a program or the service), with the same checks and
+    messages as a file (key paths instead of lines); relative data paths resolve against ``base``
+    (default: the current directory), as a file's resolve against its folder."""
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a mapping of sections (model:, data:, method:, train:, ...)", where="recipe")
+    return _validated(json.loads(json.dumps(data)), {}, "recipe", overrides, base=Path(base) if base else None, name=name)
+
+
+def _validated(
+    raw: dict[str, Any], lines: dict[tuple[str, ...], int], source: str, overrides: list[str] | tuple[str, ...], *, base: Path | None, name: str
+) -> Recipe:
     for override in overrides:
         key_path, value = parse_override(override)
         _set_dotted(raw, key_path, value, override)
         lines[tuple(key_path)] = 0  # 0 marks "came from the command line"
+    cls = recipe_class()
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = cls.model_validate(raw)
     except ValidationError as exc:
-        raise _user_error(exc, source, lines) from None
-    if path is not None and "{name}" in recipe.output_dir:
-        recipe.output_dir = recipe.output_dir.replace("{name}", Path(path).stem)
-    elif "{name}" in recipe.output_dir:
-        recipe.output_dir = recipe.output_dir.replace("{name}", "run")
-    if path is not None:
-        _resolve_relative_paths(recipe, Path(path).parent)
+        raise _user_error(exc, source, lines, cls) from None
+    recipe._name = name
+    if recipe.output_dir and "{name}" in recipe.output_dir:
+        recipe.output_dir = recipe.output_dir.replace("{name}", name)
+    if base is not None:
+        _resolve_relative_paths(recipe, base)
     return recipe
 
 
@@ -155,7 +222,7 @@ def _set_dotted(raw: dict[str, Any], parts: list[str], value: Any, original: str
 # Error messages
 
 
-def _user_error(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> UserError:
+def _user_error(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], schema: type[BaseModel]) -> UserError:
     """Turn pydantic's first error into one line: where, which key, what value, what to do."""
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
@@ -164,7 +231,7 @@ def _user_error(exc: ValidationError, source: str, lines: dict[tuple[str, ...], 
     where = source if line is None else ("command line" if line == 0 else f"{source}:{line}")
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
-        parent_fields = _fields_at(Recipe, loc[:-1])
+        parent_fields = _fields_at(schema, loc[:-1])
         guess = difflib.get_close_matches(loc[-1], parent_fields, n=1, cutoff=0.5)
         hint = f"did you mean '{'.'.join((*loc[:-1], guess[0]))}'?" if guess else None
         if not hint and parent_fields:
@@ -216,3 +283,10 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (defaults included), as written into each run directory."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def copy_recipe(recipe: Recipe, **changes: Any) -> Recipe:
+    """A copy of ``recipe`` with top-level fields changed (keeps its name)."""
+    copied = recipe.model_copy(update=changes)
+    copied._name = recipe.name
+    return copied

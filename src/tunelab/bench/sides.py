@@ -102,7 +102,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     start = time.perf_counter()
     precision, loaded, data = _setup(workload, workdir)
     lora = LoraConfig(r=workload.lora_r, alpha=workload.lora_alpha, dropout=0.0, target_modules="all-linear")
-    model = apply_methods(loaded.model, MethodConfig(lora=lora), task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
+    model = apply_methods(loaded.model, MethodConfig(lora=lora), model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
     if workload.uses("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.gradient_checkpointing
     cfg = TrainConfig(

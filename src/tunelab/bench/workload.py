@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tunelab.data import DataConfig, Example, build_datasets
-from tunelab.train.batches import epoch_permutation
+from tunelab.train.samplers import epoch_permutation
 
 #: tunelab's throughput levers that a run can switch off, and what each does.
 LEVERS = {

@@ -23,9 +23,10 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     from tunelab.compress.run import run_compression, task_evaluation
     from tunelab.errors import UserError
     from tunelab.hardware import configure_threads
+    from tunelab.methods.artifacts import merge_methods
     from tunelab.models import load_model
     from tunelab.recipe import load_recipe
-    from tunelab.train.artifacts import is_run_dir, load_run
+    from tunelab.rundir import is_run_dir, unique_run_dir
 
     if source and "=" in source and not Path(source).exists():  # no SOURCE, only overrides
         source, overrides = None, (source, *overrides)
@@ -38,14 +39,13 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     config = recipe.compress
     configure_threads(config.threads)
     if run_dir is not None:
-        model, tokenizer, _ = load_run(run_dir)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()  # compression works on plain weights
+        loaded = load_model(str(run_dir))
+        model, tokenizer = merge_methods(loaded.model), loaded.tokenizer  # compression works on plain weights
         label = f"run {run_dir}"
     else:
         loaded = load_model(source or recipe.model.name, seed=recipe.seed)
         model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.source
-    target = Path(output or (run_dir / "compress" if run_dir else recipe.output_dir))
+    target = Path(output or (run_dir / "compress" if run_dir else recipe.output_dir or unique_run_dir(Path("runs"), f"{recipe.name}-compress")))
     evaluation = task_evaluation(recipe)
     if evaluation is None and config.evaluate and run_dir is not None and (run_dir / "recipe.yaml").exists():
         eval_overrides = [o for o in overrides if o.startswith("eval.")]

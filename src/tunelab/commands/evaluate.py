@@ -98,7 +98,7 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
     }
     base = model_name or (recipe.model.name if recipe else None)
     task = overrides["task"] or (recipe.eval.task if recipe else "generation")
-    out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe else Path(f"eval-{task}"))
+    out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe and recipe.output_dir else Path(f"eval-{task}"))
     configure_threads()
     results, path = run_eval(recipe, overrides, base, runs, out, recipe_dir=Path(recipe_path).parent if recipe_path else None)
     click.echo(markdown_table(results), nl=False)

@@ -24,7 +24,7 @@ def validate(file: str, overrides: tuple[str, ...], print_resolved: bool) -> Non
     if print_resolved:
         click.echo(dump_recipe(recipe), nl=False)
     else:
-        click.echo(f"{file}: ok (output_dir: {recipe.output_dir})")
+        click.echo(f"{file}: ok (output_dir: {recipe.output_dir or f'runs/{recipe.name}-<time>-<random>, new per run'})")
 
 
 @recipe_group.command("schema")

@@ -46,7 +46,7 @@ def _stop_gracefully_on_sigterm() -> None:
 @click.option("--merge", "out", required=True, type=click.Path(file_okay=False), help="Write a plain HF model with adapters merged here.")
 def export_command(run_dir: str, out: str) -> None:
     """Export a run's model as a plain Hugging Face model directory."""
-    from tunelab.train.artifacts import export_merged
+    from tunelab.export import export_merged
 
     click.echo(f"merged model written to {export_merged(Path(run_dir), Path(out))}")
 

@@ -60,6 +60,12 @@ class GradualPruningCallback(Callback):
         measured = sparsity_of({n: layer.weight.detach() for n, layer in self.layers.items()})
         atomic.write_json(state.run_dir / "gradual_pruning.json", {"measured_sparsity": measured, "schedule": self.history})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks, self.history = state["masks"], state["history"]
+
 
 class LotteryTicketCallback(Callback):
     """Prune ``rate`` of the survivors at the end of each of ``rounds`` equal segments, rewind, go on."""
@@ -99,9 +105,19 @@ class LotteryTicketCallback(Callback):
         measured = sparsity_of({n: layer.weight.detach() for n, layer in self.layers.items()})
         atomic.write_json(state.run_dir / "lottery_ticket.json", {"measured_sparsity": measured, "rounds": self.history})
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rewind point and the current masks: a resumed run rewinds to the same weights."""
+        return {"saved": self.saved, "masks": self.masks, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved, self.masks, self.history = state["saved"], state["masks"], state["history"]
+
 
 class QuantizationAwareCallback(Callback):
-    """Fake-quantize the target layers for the whole run; unwrap at the end so the run saves plain weights."""
+    """Fake-quantize the target layers for the whole run; unwrap at the end so the run saves plain weights.
+
+    The layers are wrapped in ``on_train_start``, which the trainer calls before it loads a
+    checkpoint, so a resumed QAT run finds the ``...linear.weight`` names its checkpoint holds."""
 
     def __init__(self, cfg: QuantizationAwareTraining):
         self.cfg = cfg
@@ -119,15 +135,15 @@ class QuantizationAwareCallback(Callback):
 
 
 @register_callback("gradual_pruning")
-def _gradual(recipe: Recipe) -> Callback | None:
+def _gradual(recipe: Recipe, cfg: object) -> Callback | None:
     return GradualPruningCallback(recipe.compress.gradual) if recipe.compress.gradual else None
 
 
 @register_callback("lottery_ticket")
-def _lottery(recipe: Recipe) -> Callback | None:
+def _lottery(recipe: Recipe, cfg: object) -> Callback | None:
     return LotteryTicketCallback(recipe.compress.lottery) if recipe.compress.lottery else None
 
 
 @register_callback("qat")
-def _qat(recipe: Recipe) -> Callback | None:
+def _qat(recipe: Recipe, cfg: object) -> Callback | None:
     return QuantizationAwareCallback(recipe.compress.qat) if recipe.compress.qat else None

@@ -14,15 +14,18 @@ from collections.abc import Iterable
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.methods.base import added_module_ids
 
 
 def linear_layers(model: nn.Module, patterns: Iterable[str] = (), *, linear_types: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Module]:
     """Linear layers whose names match any regex in ``patterns`` (default: all but the output head).
 
-    Adapter matrices (PEFT's ``lora_*``) are never candidates: compression acts on the base weights.
+    Modules a method added (LoRA matrices, bottleneck adapters, a task head's projection) are
+    never candidates: compression acts on the base weights.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, linear_types) and ".lora_" not in name}
+    added = added_module_ids(model)
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, linear_types) and id(m) not in added}
     patterns = list(patterns)
     if not patterns:
         return {name: m for name, m in candidates.items() if m is not head}

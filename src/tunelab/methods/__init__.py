@@ -1,9 +1,8 @@
-"""Methods: what is trained. Each is a plug-in that prepares the model; they compose.
+"""Methods: what is trained. Each is a registered plug-in (``tunelab.methods.base``); they compose.
 
-``apply_methods`` runs them in a fixed order: dropout overrides, freezing, the task head's base
-policy, bottleneck adapters, a PEFT adapter family. The last step re-marks the parameters that
-must train whatever an earlier step froze (added adapters, the task head), because peft freezes
-everything it did not create.
+``apply_methods`` runs the methods a recipe's ``method:`` section switches on, in their declared
+order (built-ins: dropout, freeze, a peft adapter family, bottleneck adapters, a task head).
+Importing this package registers the built-in methods.
 """
 
 from __future__ import annotations
@@ -12,22 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.methods.bottleneck import apply_bottleneck
+from tunelab.methods import bottleneck, dropout, freeze, heads, peft_adapters  # noqa: F401  (registration)
+from tunelab.methods.base import METHODS, Method, MethodContext, active_methods, register_method
 from tunelab.methods.config import MethodConfig
-from tunelab.methods.dropout import apply_dropout
-from tunelab.methods.freeze import apply_freeze
-from tunelab.methods.peft_adapters import apply_peft
-
-HEAD_MODULES = ("score", "classifier")
-
-#: peft's task type per model task: it decides which forward signature the wrapper exposes and
-#: which head modules stay trainable; masked LM has none and takes the plain wrapper.
-PEFT_TASK_TYPES = {
-    "causal-lm": "CAUSAL_LM",
-    "sequence-classification": "SEQ_CLS",
-    "token-classification": "TOKEN_CLS",
-    "base": "FEATURE_EXTRACTION",
-}
 
 
 @dataclass(frozen=True)
@@ -45,33 +31,12 @@ class TrainableSummary:
         return f"trainable params: {self.trainable:,} / {self.total:,} ({self.percent:.3f}%)"
 
 
-def apply_methods(model: torch.nn.Module, cfg: MethodConfig, *, task: str, tokenizer_dir: str | None = None) -> torch.nn.Module:
-    """Prepare ``model`` for training as ``cfg`` says; ``task`` is "causal-lm" or "sequence-classification"."""
-    if cfg.dropout:
-        apply_dropout(model, cfg.dropout)
-    if cfg.freeze:
-        apply_freeze(model, cfg.freeze)
-    if cfg.head and cfg.head.base == "frozen":
-        for param in model.parameters():
-            param.requires_grad_(False)
-    if cfg.bottleneck:
-        apply_bottleneck(model, cfg.bottleneck)
-    if cfg.lora and cfg.lora.qlora:
-        from tunelab.compress.qlora import nf4_base
-
-        model = nf4_base(model)
-    if cfg.peft_family():
-        model = apply_peft(model, cfg, PEFT_TASK_TYPES.get(task), tokenizer_dir)
-    for name, param in model.named_parameters():
-        if ".bottleneck_" in name or (cfg.head and is_head_parameter(name)):
-            param.requires_grad_(True)
+def apply_methods(model: torch.nn.Module, section: MethodConfig, *, model_task: str, tokenizer_dir: str | None = None) -> torch.nn.Module:
+    """Prepare ``model`` for training as the recipe's ``method:`` section says."""
+    ctx = MethodContext(model_task=model_task, tokenizer_dir=tokenizer_dir, section=section)
+    for method, cfg in active_methods(section):
+        model = method.apply(model, cfg, ctx)
     return model
-
-
-def is_head_parameter(parameter_name: str) -> bool:
-    """A task-head weight (score/classifier), not an adapter inside it."""
-    parts = parameter_name.split(".")
-    return any(part in HEAD_MODULES for part in parts[:-1]) and "lora_" not in parameter_name
 
 
 def trainable_summary(model: torch.nn.Module) -> TrainableSummary:
@@ -86,4 +51,4 @@ def trainable_summary(model: torch.nn.Module) -> TrainableSummary:
     return TrainableSummary(trainable, total)
 
 
-__all__ = ["MethodConfig", "TrainableSummary", "apply_methods", "is_head_parameter", "trainable_summary"]
+__all__ = ["METHODS", "Method", "MethodConfig", "MethodContext", "TrainableSummary", "active_methods", "apply_methods", "register_method", "trainable_summary"]

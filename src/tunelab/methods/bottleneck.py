@@ -18,11 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab import atomic
+from tunelab.errors import UserError
+from tunelab.methods.base import Method, MethodContext, register_method
 from tunelab.methods.blocks import ATTENTION_OUTPUT, MLP_OUTPUT, block_list, sublayer
 from tunelab.methods.config import BottleneckConfig
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
 SLOTS = {"bottleneck_attn": ATTENTION_OUTPUT, "bottleneck_mlp": MLP_OUTPUT}
+WEIGHTS, SETTINGS = "bottleneck.safetensors", "bottleneck.json"
 
 
 class BottleneckAdapter(torch.nn.Module):
@@ -49,10 +52,7 @@ def _apply_hook(adapter: BottleneckAdapter):  # type: ignore[no-untyped-def]
 
 
 def apply_bottleneck(model: torch.nn.Module, cfg: BottleneckConfig) -> torch.nn.Module:
-    """Insert adapters into every block; freeze the base first when ``cfg.freeze_base``."""
-    if cfg.freeze_base:
-        for param in model.parameters():
-            param.requires_grad_(False)
+    """Insert adapters into every block (they train; freezing the base is ``method.freeze.base``)."""
     hidden = model.config.hidden_size
     width = max(1, hidden // cfg.reduction_factor)
     slots = SLOTS if cfg.style == "houlsby" else {"bottleneck_mlp": MLP_OUTPUT}
@@ -70,21 +70,43 @@ def apply_bottleneck(model: torch.nn.Module, cfg: BottleneckConfig) -> torch.nn.
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapters' tensors, keyed by their path in the model."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".bottleneck_" in k}
+    ids = {id(p) for module in model.modules() if isinstance(module, BottleneckAdapter) for p in module.parameters()}
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in ids}
 
 
-def save_bottleneck(model: torch.nn.Module, cfg: BottleneckConfig, directory: Path) -> None:
-    """``bottleneck.safetensors`` (adapter weights) + ``bottleneck.json`` (how to rebuild them)."""
-    save_file(adapter_state(model), str(directory / "bottleneck.safetensors"))
-    atomic.write_text(directory / "bottleneck.json", json.dumps(cfg.model_dump(), indent=2))
+@register_method
+class BottleneckMethod(Method):
+    """Bottleneck adapters as a method: added after any peft adapter, saved as their own files."""
 
+    key = "bottleneck"
+    Config = BottleneckConfig
+    order = 55
+    mergeable = False  # they add non-linear layers
 
-def load_bottleneck(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    """Rebuild adapters from ``bottleneck.json`` on ``model`` and load their weights."""
-    cfg = BottleneckConfig.model_validate_json((directory / "bottleneck.json").read_text())
-    apply_bottleneck(model, cfg)
-    missing = set(adapter_state(model)) - set(weights := load_file(str(directory / "bottleneck.safetensors")))
-    if missing:
-        raise ValueError(f"bottleneck.safetensors lacks {sorted(missing)[:3]}")
-    model.load_state_dict(weights, strict=False)
-    return model
+    def apply(self, model: torch.nn.Module, cfg: BottleneckConfig, ctx: MethodContext) -> torch.nn.Module:
+        return apply_bottleneck(model, cfg)
+
+    def added_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+
+    def save(self, model: torch.nn.Module, cfg: BottleneckConfig, directory: Path) -> list[str]:
+        """``bottleneck.safetensors`` (adapter weights) + ``bottleneck.json`` (how to rebuild them)."""
+        save_file(adapter_state(model), str(directory / WEIGHTS))
+        atomic.write_text(directory / SETTINGS, json.dumps(cfg.model_dump(), indent=2))
+        return [WEIGHTS, SETTINGS]
+
+    def load(self, model: torch.nn.Module, cfg: object, directory: Path, ctx: MethodContext) -> torch.nn.Module:
+        """Rebuild from ``bottleneck.json`` (what the adapters were), not from today's schema."""
+        saved = json.loads((directory / SETTINGS).read_text())
+        apply_bottleneck(model, BottleneckConfig.model_validate({k: v for k, v in saved.items() if k in BottleneckConfig.model_fields}))
+        weights = load_file(str(directory / WEIGHTS))
+        missing = set(adapter_state(model)) - set(weights)
+        if missing:
+            raise UserError(f"{WEIGHTS} lacks {sorted(missing)[:3]}", where=str(directory))
+        model.load_state_dict(weights, strict=False)
+        return model
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.added_modules(model):
+            raise UserError("bottleneck adapters cannot be merged into the base weights (they add non-linear layers)", hint="load the run directory with tunelab instead")
+        return model

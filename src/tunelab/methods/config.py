@@ -15,8 +15,19 @@ from tunelab.data.config import DataConfig
 
 
 class FreezeConfig(Section):
-    """Freeze parts of the model; frozen parameters get no gradient and no optimizer state."""
+    """Freeze parts of the model; frozen parameters get no gradient and no optimizer state.
 
+    This is the one place a recipe freezes: ``base`` freezes every pretrained weight (what was
+    ``head.base: frozen`` and ``bottleneck.freeze_base``); modules a method adds (adapters, a new
+    task head) still train.
+    """
+
+    base: bool | None = Field(
+        None,
+        description="Freeze every pretrained weight; added adapters and task heads still train. "
+        "Default: true with a classifier head (classification, multi_label, regression, token_classification, "
+        "multiple_choice) or bottleneck adapters, else false.",
+    )
     embeddings: bool = Field(False, description="Freeze input embeddings (and a tied LM head).")
     first_n: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
     last_n: int = Field(0, ge=0, description="Freeze the last N transformer blocks.")
@@ -64,7 +75,13 @@ class BottleneckConfig(Section):
     reduction_factor: int = Field(16, gt=0, description="hidden / bottleneck width.")
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
-    freeze_base: bool = Field(True, description="Train only the adapters (and any head).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "freeze_base" in data:
+            raise ValueError("freeze_base moved: write method.freeze.base: true (or false to train the base too)")
+        return data
 
 
 HeadType = Literal["classification", "multi_label", "regression", "token_classification", "multiple_choice", "embedding", "masked_lm"]
@@ -104,11 +121,6 @@ class HeadConfig(Section):
 
     type: HeadType = "classification"
     num_labels: int | None = Field(None, gt=1, description="Default: the number of labels in the data.")
-    base: Literal["frozen", "full"] | None = Field(
-        None,
-        description="frozen: the base's own weights stay fixed (head and any adapters train); full: everything trains. "
-        "Default: frozen for classifier heads, full for embedding and masked_lm.",
-    )
     pooling: Literal["mean", "cls", "last"] | None = Field(
         None, description="embedding: how token states become one vector; default mean (encoders) or last (decoders)."
     )
@@ -116,11 +128,13 @@ class HeadConfig(Section):
     normalize: bool = Field(True, description="embedding: L2-normalise embeddings (cosine similarity).")
     loss: LossConfig = Field(default_factory=LossConfig)
 
-    @model_validator(mode="after")
-    def _default_base(self) -> HeadConfig:
-        if self.base is None:
-            self.base = "frozen" if self.type in HEADS_WITH_FROZEN_DEFAULT else "full"
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "base" in data:
+            frozen = {"frozen": "true", "full": "false"}.get(str(data["base"]), "true|false")
+            raise ValueError(f"head.base moved: write method.freeze.base: {frozen}")
+        return data
 
 
 class TaskConfig(Section):
@@ -148,7 +162,8 @@ class DropoutConfig(Section):
 
 
 class MethodConfig(Section):
-    """Methods applied to the model before training, in the order dropout, freeze, peft, bottleneck, head."""
+    """Methods applied to the model before training, in their registered order (``tunelab.methods.base``):
+    dropout, freeze, a peft family, bottleneck, head. Plug-in methods add their own keys here."""
 
     dropout: DropoutConfig | None = None
     freeze: FreezeConfig | None = None
@@ -172,6 +187,12 @@ class MethodConfig(Section):
             raise ValueError("set a head per task under method.tasks, not method.head as well")
         if self.tasks is not None and len(self.tasks) < 2:
             raise ValueError("method.tasks needs at least two tasks (use method.head for one)")
+        if self.freeze is None or self.freeze.base is None:
+            heads = [self.head] if self.head else [t.head for t in (self.tasks or {}).values()]
+            frozen = bool(heads) and all(h.type in HEADS_WITH_FROZEN_DEFAULT for h in heads) or self.bottleneck is not None
+            freeze = self.freeze or FreezeConfig()
+            freeze.base = frozen
+            self.freeze = freeze
         return self
 
     def peft_family(self) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.methods.base import Method, MethodContext, register_method
 from tunelab.methods.config import DropoutConfig
 
 HIDDEN_KEYS = ("hidden_dropout_prob", "hidden_dropout", "resid_pdrop", "dropout")
@@ -27,3 +28,13 @@ def apply_dropout(model: torch.nn.Module, cfg: DropoutConfig) -> torch.nn.Module
                 elif hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
                     module.attention_dropout = value
     return model
+
+
+@register_method
+class DropoutMethod(Method):
+    key = "dropout"
+    Config = DropoutConfig
+    order = 10
+
+    def apply(self, model: torch.nn.Module, cfg: DropoutConfig, ctx: MethodContext) -> torch.nn.Module:
+        return apply_dropout(model, cfg)

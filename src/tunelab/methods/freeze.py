@@ -12,12 +12,20 @@ import re
 import torch
 
 from tunelab.errors import UserError
+from tunelab.methods.base import Method, MethodContext, register_method
 from tunelab.methods.blocks import block_index, block_list
 from tunelab.methods.config import FreezeConfig
 
 
 def apply_freeze(model: torch.nn.Module, cfg: FreezeConfig) -> torch.nn.Module:
-    """Set ``requires_grad=False`` on everything ``cfg`` names; returns the same model."""
+    """Set ``requires_grad=False`` on everything ``cfg`` names; returns the same model.
+
+    Runs before any method adds modules, so ``base`` freezes exactly the pretrained weights; a
+    task head's fresh weights are marked trainable again by the head method, which runs later.
+    """
+    if cfg.base:
+        for param in model.parameters():
+            param.requires_grad_(False)
     blocks_name, blocks = block_list(model)
     depth = len(blocks)
     if cfg.first_n + cfg.last_n > depth:
@@ -40,3 +48,13 @@ def apply_freeze(model: torch.nn.Module, cfg: FreezeConfig) -> torch.nn.Module:
         example = next(iter(dict(model.named_parameters())))
         raise UserError(f"method.freeze.include: {unmatched[0]!r} matches no parameter", hint=f"names look like {example!r}")
     return model
+
+
+@register_method
+class FreezeMethod(Method):
+    key = "freeze"
+    Config = FreezeConfig
+    order = 20
+
+    def apply(self, model: torch.nn.Module, cfg: FreezeConfig, ctx: MethodContext) -> torch.nn.Module:
+        return apply_freeze(model, cfg)

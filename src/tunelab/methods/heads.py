@@ -11,9 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
 from tunelab.errors import UserError
+from tunelab.methods.base import Method, MethodContext, register_method
 from tunelab.methods.config import HeadConfig
+from tunelab.methods.peft_adapters import is_peft_model
 from tunelab.methods.pooling import Embedder, default_pooling
+from tunelab.models.kinds import model_kind
+
+HEAD_WEIGHTS = "head.safetensors"
+#: What runs saved before heads were a method plug-in wrote their head weights into.
+LEGACY_HEAD_WEIGHTS = "trainable.safetensors"
 
 SCORE_LABEL = "score"  # the one output of a regression or choice-scoring head
 
@@ -73,8 +85,6 @@ def model_kwargs(head: HeadConfig, label_names: list[str] | None) -> dict[str, o
 
 def check_model_fits(head: HeadConfig, config: object) -> None:
     """Refuse heads the architecture cannot have (masked LM needs a bidirectional encoder)."""
-    from tunelab.models.load import model_kind
-
     if head.type == "masked_lm" and model_kind(config) != "encoder":
         raise UserError(
             "method.head.type masked_lm needs an encoder (BERT-style) model",
@@ -85,3 +95,58 @@ def check_model_fits(head: HeadConfig, config: object) -> None:
 def attach_embedding_head(body: torch.nn.Module, head: HeadConfig, is_encoder: bool) -> Embedder:
     """Wrap a prepared body (methods already applied) in the pooling/projection/normalisation head."""
     return Embedder(body, head.pooling or default_pooling(is_encoder), head.projection, head.normalize)
+
+
+def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a task head adds: an embedding head's projection, or what a transformers task
+    model holds outside its body (``base_model_prefix``: the score/classifier head)."""
+    if isinstance(model, Embedder):
+        return [model.projection] if model.projection is not None else []
+    inner = model.get_base_model() if is_peft_model(model) else model
+    if inner.get_output_embeddings() is not None:  # a language-model head is pretrained, not added
+        return []
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if body is None or body is inner:
+        return []
+    body_ids = {id(m) for m in body.modules()}
+    return [child for _, child in inner.named_children() if id(child) not in body_ids]
+
+
+@register_method
+class HeadMethod(Method):
+    """A task head: the model class is chosen at load (``plan_for``); this method wraps embedding
+    heads and keeps the head trainable whatever ``method.freeze`` froze."""
+
+    key = "head"
+    Config = HeadConfig
+    order = 60
+
+    def apply(self, model: torch.nn.Module, cfg: HeadConfig, ctx: MethodContext) -> torch.nn.Module:
+        if cfg.type == "embedding":
+            return attach_embedding_head(model, cfg, model_kind(model.config) == "encoder")
+        if not is_peft_model(model):  # peft trains its own copy of the head (modules_to_save)
+            for module in head_modules(model):
+                module.requires_grad_(True)
+        return model
+
+    def added_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return head_modules(model)
+
+    def save(self, model: torch.nn.Module, cfg: Any, directory: Path) -> list[str]:
+        ids = {id(p) for module in head_modules(model) for p in module.parameters()}
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in ids}
+        if not weights:
+            return []
+        save_file(weights, str(directory / HEAD_WEIGHTS))
+        return [HEAD_WEIGHTS]
+
+    def load(self, model: torch.nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> torch.nn.Module:
+        path = next((directory / n for n in (HEAD_WEIGHTS, LEGACY_HEAD_WEIGHTS) if (directory / n).exists()), None)
+        if path is None:
+            return model
+        weights = load_file(str(path))
+        missing = set(weights) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise UserError(f"trained head weights do not fit the rebuilt model: {sorted(missing)[:2]}", where=str(path))
+        model.load_state_dict(weights, strict=False)
+        return model

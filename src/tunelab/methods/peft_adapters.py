@@ -1,57 +1,160 @@
-"""The PEFT adapter families (LoRA, DoRA, rsLoRA, IA3, prompt tuning, prefix tuning) via ``peft``.
+"""The PEFT adapter families (LoRA, DoRA, rsLoRA, QLoRA, IA3, prompt tuning, prefix tuning) via ``peft``.
 
 peft is the reference implementation and its adapter folders are what the ecosystem loads
-(``PeftModel.from_pretrained``), so tunelab only maps recipe settings onto peft configs.
-``target_modules: auto`` uses peft's per-architecture defaults; ``all-linear`` adapts every linear
-layer except the output head.
+(``PeftModel.from_pretrained``), so tunelab only maps recipe settings onto peft configs and
+delegates saving, loading and merging to peft. This is the one module that knows peft's
+wrapper, its parameter naming and its merge call; everything else asks ``is_peft_model`` and
+``merge_adapters``. ``target_modules: auto`` uses peft's per-architecture defaults;
+``all-linear`` adapts every linear layer except the output head.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import peft
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from tunelab.errors import UserError
-from tunelab.methods.config import MethodConfig
+from tunelab.methods.base import Method, MethodContext, register_method
+from tunelab.methods.config import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+ADAPTER_DIR = "adapter"
+
+#: peft's task type per model class family: it decides which forward signature the wrapper
+#: exposes and which head modules stay trainable; masked LM has none and takes the plain wrapper.
+PEFT_TASK_TYPES = {
+    "causal-lm": "CAUSAL_LM",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "base": "FEATURE_EXTRACTION",
+}
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """True for a model wrapped by peft (adapters attached)."""
+    return isinstance(model, peft.PeftModel)
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Prompt/prefix tuning: virtual tokens that a token mask cannot describe and no merge can remove."""
+    return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))
+
+
+def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model with any peft adapter folded into its weights (the model itself when there is none)."""
+    if not is_peft_model(model):
+        return model
+    if is_prompt_learning(model):
+        raise UserError("prompt/prefix tuning adds virtual tokens and cannot be merged into the weights", hint="load the run directory with tunelab instead")
+    return model.merge_and_unload()
 
 
 def _targets(value: str | list[str]) -> Any:
     return None if value == "auto" else value
 
 
-def peft_config(cfg: MethodConfig, task_type: str | None, tokenizer_name: str | None = None) -> peft.PeftConfig:
-    """Translate the recipe's adapter section into the matching peft config."""
-    family = cfg.peft_family()
-    if family == "lora":
-        lora = cfg.lora
+class PeftMethod(Method):
+    """One peft adapter family; subclasses say how a recipe section becomes a peft config."""
+
+    order = 50
+
+    def peft_config(self, cfg: Any, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module, cfg: Any, ctx: MethodContext) -> torch.nn.Module:
+        """Wrap ``model`` in a ``PeftModel``; peft freezes everything but the adapters (and heads)."""
+        config = self.peft_config(cfg, PEFT_TASK_TYPES.get(ctx.model_task), ctx)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as exc:
+            raise UserError(f"method.{self.key}: {str(exc).splitlines()[0][:200]}", hint="check target_modules against the model's layer names") from None
+
+    def added_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        if not is_peft_model(model):
+            return []
+        if is_prompt_learning(model):
+            return [model.prompt_encoder]
+        added: list[torch.nn.Module] = []
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                added += [child for name, child in module.named_children() if name != "base_layer"]
+        return added
+
+    def save(self, model: torch.nn.Module, cfg: Any, directory: Path) -> list[str]:
+        model.save_pretrained(directory / ADAPTER_DIR)
+        return [f"{ADAPTER_DIR}/"]
+
+    def load(self, model: torch.nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> torch.nn.Module:
+        if not (directory / ADAPTER_DIR).exists():  # merged into final/model
+            return model
+        return peft.PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR))
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        return merge_adapters(model)
+
+
+@register_method
+class LoraMethod(PeftMethod):
+    """LoRA and its variants: DoRA (``use_dora``), rsLoRA (``use_rslora``), QLoRA (``qlora``: NF4 base)."""
+
+    key = "lora"
+    Config = LoraConfig
+
+    def apply(self, model: torch.nn.Module, cfg: LoraConfig, ctx: MethodContext) -> torch.nn.Module:
+        if cfg.qlora:
+            from tunelab.compress.qlora import nf4_base
+
+            model = nf4_base(model)
+        return super().apply(model, cfg, ctx)
+
+    def peft_config(self, cfg: LoraConfig, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
         return peft.LoraConfig(
-            task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=_targets(lora.target_modules), use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias=lora.bias,
+            task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=_targets(cfg.target_modules), use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias=cfg.bias,
         )
-    if family == "ia3":
-        ia3 = cfg.ia3
-        return peft.IA3Config(
-            task_type=task_type, target_modules=_targets(ia3.target_modules), feedforward_modules=_targets(ia3.feedforward_modules)
-        )
-    if family == "prompt_tuning":
-        pt = cfg.prompt_tuning
-        if pt.init_text:
+
+
+@register_method
+class IA3Method(PeftMethod):
+    """(IA)^3: learned rescaling of keys, values and feed-forward activations."""
+
+    key = "ia3"
+    Config = IA3Config
+
+    def peft_config(self, cfg: IA3Config, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
+        return peft.IA3Config(task_type=task_type, target_modules=_targets(cfg.target_modules), feedforward_modules=_targets(cfg.feedforward_modules))
+
+
+@register_method
+class PromptTuningMethod(PeftMethod):
+    """A trainable soft prompt of virtual tokens, optionally initialised from a text's embeddings."""
+
+    key = "prompt_tuning"
+    Config = PromptTuningConfig
+    mergeable: ClassVar[bool] = False
+
+    def peft_config(self, cfg: PromptTuningConfig, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
+        if cfg.init_text:
             return peft.PromptTuningConfig(
-                task_type=task_type, num_virtual_tokens=pt.num_virtual_tokens,
-                prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=pt.init_text, tokenizer_name_or_path=tokenizer_name,
+                task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                prompt_tuning_init_text=cfg.init_text, tokenizer_name_or_path=ctx.tokenizer_dir,
             )
-        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=pt.num_virtual_tokens)
-    if family == "prefix_tuning":
-        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.prefix_tuning.num_virtual_tokens)
-    raise ValueError(f"no PEFT family in {cfg}")
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
 
 
-def apply_peft(model: torch.nn.Module, cfg: MethodConfig, task_type: str | None, tokenizer_name: str | None = None) -> torch.nn.Module:
-    """Wrap ``model`` in a ``PeftModel``; peft freezes everything but the adapters (and heads)."""
-    config = peft_config(cfg, task_type, tokenizer_name)
-    try:
-        return peft.get_peft_model(model, config)
-    except ValueError as exc:
-        raise UserError(f"method.{cfg.peft_family()}: {str(exc).splitlines()[0][:200]}", hint="check target_modules against the model's layer names") from None
+@register_method
+class PrefixTuningMethod(PeftMethod):
+    """Trainable key/value prefixes in every attention layer."""
+
+    key = "prefix_tuning"
+    Config = PrefixTuningConfig
+    mergeable: ClassVar[bool] = False
+
+    def peft_config(self, cfg: PrefixTuningConfig, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+PEFT_FAMILIES = (LoraMethod.key, IA3Method.key, PromptTuningMethod.key, PrefixTuningMethod.key)

@@ -37,8 +37,10 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from tunelab import atomic  # noqa: E402
 from tunelab.compress.store import MANIFEST as COMPRESSION_MANIFEST  # noqa: E402
 from tunelab.errors import UserError  # noqa: E402
-from tunelab.models import cache  # noqa: E402
+from tunelab.models.cache import converted_dir, is_complete  # noqa: E402
+from tunelab.models.kinds import model_kind  # noqa: E402,F401  (re-exported)
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
+from tunelab.rundir import is_run_dir  # noqa: E402
 from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
 
 # Loading bars for sub-second loads and advice aimed at Hub users are noise in a CLI tool.
@@ -90,8 +92,6 @@ def load_model(
 
     run = Path(name).expanduser()
     if run.is_dir() and not (run / "config.json").exists():
-        from tunelab.train.artifacts import is_run_dir, load_run
-
         if is_run_dir(run):
             model, tok, manifest = load_run(run, dtype=dtype)
             return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest})
@@ -107,6 +107,13 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"directory": str(directory)})
+
+
+def load_run(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
+    """The trained model of a run directory rebuilt with its methods, its tokenizer and manifest."""
+    from tunelab.models.trained import load_run as rebuild
+
+    return rebuild(Path(path), load_model, dtype=dtype)
 
 
 def resolve_directory(name: str) -> tuple[Path, str]:
@@ -145,8 +152,8 @@ def resolve_directory(name: str) -> tuple[Path, str]:
 
 def gguf_to_directory(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors directory and return it."""
-    target = cache.converted_dir(gguf)
-    if cache.is_complete(target):
+    target = converted_dir(gguf)
+    if is_complete(target):
         return target
     print(f"tunelab: converting {gguf.name} to safetensors once (cached in {target}) ...", flush=True)
     try:
@@ -185,17 +192,6 @@ def _from_pretrained(cls: Any, directory: Path, *, dtype: torch.dtype, **kwargs:
         return cls.from_pretrained(str(directory), dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load model ({str(exc).splitlines()[0][:160]})", where=str(directory)) from None
-
-
-def model_kind(config: Any) -> str:
-    """'encoder' for BERT-like configs, else 'causal-lm'."""
-    return "causal-lm" if getattr(config, "is_decoder", False) or _is_causal(config) else "encoder"
-
-
-def _is_causal(config: Any) -> bool:
-    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])) or getattr(
-        config, "model_type", ""
-    ) in {"llama", "bloom", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3"}
 
 
 def peek_config(name: str) -> Any:

@@ -1,8 +1,16 @@
 """Callbacks act on the training loop's events without changing the loop.
 
-Built in: early stopping. Other packages register theirs (gradual pruning, EMA, curriculum
-pacing, QAT toggles) with ``register_callback``: a factory receives the recipe and returns a
-callback, or None when the recipe does not ask for it.
+Events, in order: ``on_train_start`` (once; a resumed run's checkpoint is loaded *after* it, so a
+callback that re-wraps modules, like QAT, sees its own layers restored), then per optimizer step
+``on_epoch_start`` (first step of an epoch), ``on_step_start`` (sees the step's micro-batches),
+``on_after_backward`` (gradients are in ``.grad``, before clipping and the optimizer step),
+``on_step_end`` (weights updated; ``state.loss`` and ``state.lr`` set), ``on_eval`` (after each
+evaluation), ``on_epoch_end``; finally ``on_train_end``. ``state_dict``/``load_state_dict`` are
+saved into and restored from every checkpoint, keyed by ``name``, so resume is exact.
+
+Built in: early stopping. Others register a factory with ``register_callback``: it receives the
+recipe and, when the recipe lists the callback under ``callbacks:``, that entry's validated
+config; it returns a callback, or None when the recipe does not ask for it.
 """
 
 from __future__ import annotations
@@ -13,14 +21,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from tunelab.config_base import Section
+from tunelab.plugins import Registry
+
 if TYPE_CHECKING:
-    from tunelab.recipe import Recipe
     from tunelab.train.config import EarlyStoppingConfig
+
+#: The validated recipe (``tunelab.recipe.Recipe``; not imported here: the recipe imports this registry).
+RecipeLike = Any
 
 
 @dataclass
 class TrainState:
-    """What callbacks may read (and, for ``should_stop``, write)."""
+    """What callbacks may read (and, for ``should_stop``/``stop_reason``, write)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -28,6 +41,8 @@ class TrainState:
     max_steps: int
     step: int = 0
     epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
     should_stop: bool = False
     stop_reason: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -36,14 +51,35 @@ class TrainState:
 class Callback:
     """Override the events you need; every hook is a no-op by default."""
 
+    @property
+    def name(self) -> str:
+        """The key of this callback's state in checkpoints (one instance per class by default)."""
+        return type(self).__name__
+
     def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_epoch_start(self, state: TrainState) -> None: ...
+
+    def on_step_start(self, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Before the forward passes of one optimizer step; ``batches`` are its micro-batches."""
+
+    def on_after_backward(self, state: TrainState) -> None:
+        """Gradients of the whole step are accumulated (unclipped, unscaled under fp16)."""
 
     def on_step_end(self, state: TrainState) -> None:
         """After each optimizer step (weights already updated)."""
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
     def on_train_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback must remember across a resume (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class EarlyStopping(Callback):
@@ -67,24 +103,44 @@ class EarlyStopping(Callback):
             state.should_stop = True
             state.stop_reason = f"early stopping: {self.cfg.metric} did not improve for {self.bad_evals} evaluations"
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals}
 
-CallbackFactory = Callable[["Recipe"], Callback | None]
-CALLBACK_FACTORIES: dict[str, CallbackFactory] = {}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals = state["best"], state["bad_evals"]
 
 
-def register_callback(name: str) -> Callable[[CallbackFactory], CallbackFactory]:
+CallbackFactory = Callable[[RecipeLike, Any], Callback | None]
+
+
+@dataclass(frozen=True)
+class CallbackPlugin:
+    """A registered callback: its factory and, for callbacks listed under ``callbacks:``, its config."""
+
+    factory: CallbackFactory
+    Config: type[Section] | None = None
+
+
+CALLBACKS: Registry[CallbackPlugin] = Registry("callback", "callbacks")
+
+
+def register_callback(name: str, Config: type[Section] | None = None) -> Callable[[CallbackFactory], CallbackFactory]:
+    """Register ``factory(recipe, cfg)``; with ``Config``, recipes may list ``{name: <name>, ...}`` under ``callbacks:``."""
+
     def wrap(factory: CallbackFactory) -> CallbackFactory:
-        CALLBACK_FACTORIES[name] = factory
+        CALLBACKS.register(name, CallbackPlugin(factory, Config))
         return factory
 
     return wrap
 
 
 @register_callback("early_stopping")
-def _early_stopping(recipe: "Recipe") -> Callback | None:
+def _early_stopping(recipe: RecipeLike, cfg: Any) -> Callback | None:
     return EarlyStopping(recipe.train.early_stopping) if recipe.train.early_stopping else None
 
 
-def callbacks_for(recipe: "Recipe") -> list[Callback]:
-    """Every registered callback the recipe asks for."""
-    return [cb for factory in CALLBACK_FACTORIES.values() if (cb := factory(recipe)) is not None]
+def callbacks_for(recipe: RecipeLike) -> list[Callback]:
+    """Every registered callback the recipe asks for: by its own section, or listed under ``callbacks:``."""
+    listed = {entry.name: entry for entry in getattr(recipe, "callbacks", None) or []}
+    made = [CALLBACKS.get(name).factory(recipe, listed.get(name)) for name in CALLBACKS]
+    return [cb for cb in made if cb is not None]

@@ -1,7 +1,7 @@
 """Checkpoints that a kill can never corrupt, and that resume a run bit-exactly.
 
 A checkpoint holds the trainable parameters (safetensors), optimizer and scheduler state, RNG
-states and the data position. It is written into a temporary directory and renamed into place
+states, every callback's own state (``callbacks.pt``) and the data position. It is written into a temporary directory and renamed into place
 (``atomic.directory``), so ``checkpoints/`` only ever contains complete checkpoints.
 """
 
@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab import atomic
+from tunelab.rundir import checkpoint_path, list_checkpoints
+from tunelab.train.callbacks import Callback
 
-STEP_DIR = re.compile(r"step-(\d+)$")
+CALLBACK_STATE = "callbacks.pt"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -40,22 +42,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     info: dict[str, Any],
+    callbacks: Sequence[Callback] = (),
 ) -> Path:
-    target = run_dir / "checkpoints" / f"step-{step:07d}"
+    target = checkpoint_path(run_dir, step)
     with atomic.directory(target) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        torch.save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     return target
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    directory = run_dir / "checkpoints"
-    if not directory.exists():
-        return []
-    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.search(p.name) and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:
@@ -66,8 +62,10 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
-    """Restore parameters (and optimizer, scheduler, RNG when given); returns the saved info."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
+    """Restore parameters (and optimizer, scheduler, RNG, callbacks' state when given); returns the saved info."""
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
     if missing:
@@ -80,4 +78,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
+    saved = torch.load(path / CALLBACK_STATE, weights_only=False) if (path / CALLBACK_STATE).exists() else {}
+    for cb in callbacks:
+        if cb.name in saved:
+            cb.load_state_dict(saved[cb.name])
     return json.loads((path / "state.json").read_text())

@@ -17,28 +17,26 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab import atomic
+from tunelab import rundir
 from tunelab.methods.config import MethodConfig
+from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.pooling import Embedder
-from tunelab.train.artifacts import MANIFEST
 
 POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
 
 
 def save_embedding_final(run_dir: Path, embedder: Embedder, tokenizer: Any, *, base: str, method: MethodConfig) -> Path:
     """Write ``run_dir/final`` for an embedding run (atomically)."""
-    target = run_dir / "final"
-    with atomic.directory(target) as tmp:
+    manifest = {"base": base, "model_task": "base", "label_names": None, "method": method.model_dump(mode="json"), "files": ["model/"]}
+    with rundir.writing_final(run_dir, manifest) as tmp:
         save_embedder(embedder, tokenizer, tmp / "model")
         tokenizer.save_pretrained(tmp)
-        manifest = {"base": base, "task": "base", "label_names": None, "method": method.model_dump(mode="json"), "files": ["model/"]}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return target
+    return run_dir / rundir.FINAL
 
 
 def save_embedder(embedder: Embedder, tokenizer: Any, directory: Path) -> None:
     """The body (adapters merged) and the sentence-transformers modules into ``directory``."""
-    body = embedder.body.merge_and_unload() if hasattr(embedder.body, "merge_and_unload") else embedder.body
+    body = merge_adapters(embedder.body)
     body.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     hidden = body.config.hidden_size

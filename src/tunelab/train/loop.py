@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm import tqdm
@@ -22,15 +22,24 @@ from tunelab import atomic
 from tunelab.data import Example
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import batches, checkpoint, frozen_precision
+from tunelab.train import checkpoint, frozen_precision
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.samplers import Sampler, ShuffleSampler, step_batches
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
+#: Receives every metrics record as it is written (the job API's event sink).
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class CancelToken(Protocol):
+    """Anything with ``is_set()`` (``threading.Event``, ``multiprocessing.Event``)."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass
@@ -73,10 +82,18 @@ class Trainer:
     #: Regional ``torch.compile`` of the transformer blocks (see ``tunelab.train.compile``): faster
     #: steps after a one-time compile measured in minutes on a 2-core CPU, so off unless asked for.
     compile: bool = False
+    #: Data order (``tunelab.train.samplers``); default: a seeded shuffle every epoch.
+    sampler: Sampler | None = None
+    #: Called with every metrics record (rank 0), as it is appended to metrics.jsonl.
+    events: EventSink | None = None
+    #: Checked after every step; when set, the run checkpoints and stops ("cancelled").
+    cancel: CancelToken | None = None
 
     def __post_init__(self) -> None:
         global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.world.size
-        self.steps_per_epoch = batches.steps_per_epoch(len(self.train), self.cfg.batch_size, self.cfg.grad_accum, self.world.size)
+        if self.sampler is None:
+            self.sampler = ShuffleSampler(len(self.train), self.cfg.batch_size, self.seed)
+        self.steps_per_epoch = self.sampler.num_batches() // (self.cfg.grad_accum * self.world.size)
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"only {len(self.train)} training examples, fewer than one optimizer step's batch ({global_batch})",
@@ -88,7 +105,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         self.wrapped = wrap_model(self.model, self.world)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._orders: dict[int, list[int]] = {}
+        self._epoch_batches: dict[int, list[list[int]]] = {}
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -100,10 +117,10 @@ class Trainer:
         scope = getattr(self.objective, "attention_scope", None)
         return scope(self.wrapped, batch) if scope is not None else contextlib.nullcontext()
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            self._orders = {epoch: batches.epoch_permutation(len(self.train), self.seed, epoch)}
-        return self._orders[epoch]
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epoch_batches:
+            self._epoch_batches = {epoch: self.sampler.batches(epoch)}  # type: ignore[union-attr]
+        return self._epoch_batches[epoch]
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -111,6 +128,12 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.world.is_main:
             atomic.append_jsonl(self.metrics_path, record)
+            if self.events is not None:
+                self.events(record)
+
+    def _each(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(*args)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -140,18 +163,21 @@ class Trainer:
             frozen_precision.restore(original)
 
     def _fit(self, resume_from: Path | None) -> TrainResult:
-        start_step, info = 0, {}
-        if resume_from is not None:
-            info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
-            start_step = info["step"]
-        state = TrainState(self.model, self.optimizer, self.run_dir, self.total_steps, step=start_step)
-        best_value: float | None = info.get("best_value")
-        best_path: str | None = info.get("best_checkpoint")
-        eval_before = info.get("eval_before")
+        state = TrainState(self.model, self.optimizer, self.run_dir, self.total_steps)
+        eval_before = None
         if resume_from is None and self.validation and self.cfg.eval_before:
             eval_before = self._eval_and_log(state, log_only=True)
-        for cb in self.callbacks:
-            cb.on_train_start(state)
+        # Callbacks start before a checkpoint loads: one that re-wraps layers (QAT) must do so
+        # before the checkpoint's parameter names can match, and its saved state then overrides
+        # whatever its start computed.
+        self._each("on_train_start", state)
+        info: dict[str, Any] = {}
+        if resume_from is not None:
+            info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.callbacks)
+            eval_before = info.get("eval_before")
+        start_step = state.step = info.get("step", 0)
+        best_value: float | None = info.get("best_value")
+        best_path: str | None = info.get("best_checkpoint")
 
         self.wrapped.train()
         progress = tqdm(
@@ -172,11 +198,13 @@ class Trainer:
                 step_start = time.perf_counter()
                 epoch, in_epoch = divmod(step, self.steps_per_epoch)
                 state.epoch = epoch
-                order = self._order(epoch)
+                if in_epoch == 0:
+                    self._each("on_epoch_start", state)
                 micro = [
                     self._to_device(self.collate([self.train[i] for i in idx]))
-                    for idx in batches.micro_batches(order, in_epoch, self.cfg.batch_size, self.cfg.grad_accum, self.world.rank, self.world.size)
+                    for idx in step_batches(self._batches(epoch), in_epoch, self.cfg.grad_accum, self.world.rank, self.world.size)
                 ]
+                self._each("on_step_start", state, micro)
                 units = self.world.all_sum(sum(self.objective.units(b) for b in micro))
                 if units == 0:
                     raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
@@ -191,6 +219,7 @@ class Trainer:
                             loss = loss_sum * (self.world.size / units)
                         self.scaler.scale(loss).backward()
                     loss_total += float(loss_sum.detach())
+                self._each("on_after_backward", state)
                 if self.cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
@@ -205,12 +234,13 @@ class Trainer:
                 supervised += int(units)
                 window_tokens += step_tokens
                 last_loss = self.world.all_sum(loss_total) / units
-                state.step = step + 1
+                state.step, state.loss, state.lr = step + 1, last_loss, self.scheduler.get_last_lr()[0]
                 updating = False
                 if step == start_step:
                     first_step_seconds = time.perf_counter() - step_start
-                for cb in self.callbacks:
-                    cb.on_step_end(state)
+                self._each("on_step_end", state)
+                if self.cancel is not None and self.cancel.is_set() and not state.should_stop:
+                    state.should_stop, state.stop_reason = True, "cancelled"
 
                 if state.step % self.cfg.log_every == 0 or state.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -233,6 +263,8 @@ class Trainer:
                     value = last_eval.get(self.cfg.best_metric)
                     if value is not None and (best_value is None or (value < best_value if self.cfg.best_mode == "min" else value > best_value)):
                         best_value, best_path, is_best = value, str(self._checkpoint_path(state.step)), True
+                if (step + 1) % self.steps_per_epoch == 0:
+                    self._each("on_epoch_end", state)
                 state.should_stop = self.world.broadcast_flag(state.should_stop)
                 due = state.step % self.cfg.save_every == 0 if self.cfg.save_every else evaluated
                 if is_best or final or state.should_stop or due:
@@ -246,8 +278,7 @@ class Trainer:
             if not updating and state.step > start_step:
                 self._checkpoint(state, {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}, best_path)
         progress.close()
-        for cb in self.callbacks:
-            cb.on_train_end(state)
+        self._each("on_train_end", state)
         return TrainResult(
             steps=state.step, seconds=time.perf_counter() - started, first_step_seconds=first_step_seconds,
             tokens_seen=tokens_seen, supervised_units=supervised, final_train_loss=last_loss,
@@ -263,8 +294,7 @@ class Trainer:
             self._log(record)
             state.history.append(record)
             if not log_only:
-                for cb in self.callbacks:
-                    cb.on_eval(state, metrics)
+                self._each("on_eval", state, metrics)
         return metrics
 
     def _checkpoint_path(self, step: int) -> Path:
@@ -273,6 +303,6 @@ class Trainer:
     def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None) -> None:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info)
+            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
         self.world.barrier()

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from typing import Any
 
 import torch
 
-from tunelab import atomic
+from tunelab import rundir
 from tunelab.data import DataBundle, DataConfig, DataReport, Example, build_datasets
 from tunelab.methods import apply_methods
 from tunelab.methods.config import HeadConfig, MethodConfig, TaskSamplingConfig
+from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.heads import (
     attach_embedding_head,
     check_model_fits,
@@ -41,12 +41,12 @@ from tunelab.methods.heads import (
 )
 from tunelab.methods.pooling import Embedder
 from tunelab.models import load_model
-from tunelab.models.load import model_kind
+from tunelab.models.kinds import model_kind
 from tunelab.recipe import Recipe
-from tunelab.train.artifacts import MANIFEST
 from tunelab.train.embedding_artifacts import load_embedder, save_embedder
 from tunelab.train.objectives import OBJECTIVES, Objective
 from tunelab.train.objectives.base import Stats
+from tunelab.train.prepared import Prepared, head_collate
 
 
 @dataclass
@@ -150,8 +150,6 @@ def task_data_config(base: DataConfig, task: DataConfig) -> DataConfig:
 
 def prepare_multitask(recipe: Recipe) -> Any:
     """The ``Prepared`` run for ``method.tasks`` (see the module docstring)."""
-    from tunelab.train.prepare import Prepared, head_collate
-
     tasks = recipe.method.tasks or {}
     names = list(tasks)
     body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
@@ -161,9 +159,8 @@ def prepare_multitask(recipe: Recipe) -> Any:
         check_model_fits(task.head, body_loaded.model.config)
         bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, task=plan_for(task.head).data_task, seed=recipe.seed)  # type: ignore[arg-type]
 
-    all_frozen = all(t.head.base == "frozen" for t in tasks.values())
-    body_method = recipe.method.model_copy(update={"tasks": None, "head": HeadConfig(base="frozen") if all_frozen else None})
-    body = apply_methods(body_loaded.model, body_method, task="base", tokenizer_dir=body_loaded.details.get("directory"))
+    body_method = recipe.method.model_copy(update={"tasks": None, "head": None})
+    body = apply_methods(body_loaded.model, body_method, model_task="base", tokenizer_dir=body_loaded.details.get("directory"))
     models, label_names = {}, {}
     for name, task in tasks.items():
         models[name], label_names[name] = _task_model(recipe, task.head, bundles[name], body, is_encoder)
@@ -208,10 +205,13 @@ def _combined_report(bundles: dict[str, DataBundle]) -> DataReport:
 
 def save_multitask_final(run_dir: Path, model: MultiTaskModel, tokenizer: Any, *, base: str, method: MethodConfig, label_names: dict[str, list[str] | None]) -> Path:
     """``final/tasks/<task>/``: each task's model as a plain transformers model (adapters merged)."""
-    body = model.body.merge_and_unload() if hasattr(model.body, "merge_and_unload") else model.body
-    target = run_dir / "final"
+    body = merge_adapters(model.body)
     heads = {name: task.head for name, task in (method.tasks or {}).items()}
-    with atomic.directory(target) as tmp:
+    manifest = {
+        "base": base, "model_task": "multi-task", "label_names": None, "method": method.model_dump(mode="json"), "files": ["tasks/"],
+        "tasks": {n: {"model_task": plan_for(h).model_task, "head": h.type, "label_names": label_names[n]} for n, h in heads.items()},
+    }
+    with rundir.writing_final(run_dir, manifest) as tmp:
         for name, task_model in model.tasks.items():
             directory = tmp / "tasks" / name
             if isinstance(task_model, Embedder):
@@ -222,21 +222,16 @@ def save_multitask_final(run_dir: Path, model: MultiTaskModel, tokenizer: Any, *
             task_model.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
         tokenizer.save_pretrained(tmp)
-        manifest = {
-            "base": base, "task": "multi-task", "label_names": None, "method": method.model_dump(mode="json"), "files": ["tasks/"],
-            "tasks": {n: {"task": plan_for(h).model_task, "head": h.type, "label_names": label_names[n]} for n, h in heads.items()},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return target
+    return run_dir / rundir.FINAL
 
 
 def load_multitask(run_dir: Path) -> dict[str, torch.nn.Module]:
     """Every task's trained model of a multi-task run (embedding tasks as ``Embedder``)."""
-    final = run_dir / "final" if (run_dir / "final" / MANIFEST).exists() else run_dir
-    manifest = json.loads((final / MANIFEST).read_text())
+    final = rundir.final_dir(run_dir)
+    manifest = rundir.read_manifest(run_dir)
     loaded: dict[str, torch.nn.Module] = {}
     for name, info in manifest["tasks"].items():
         directory = final / "tasks" / name
-        loaded[name] = load_embedder(directory)[0] if info["head"] == "embedding" else load_model(str(directory), info["task"]).model.eval()
+        loaded[name] = load_embedder(directory)[0] if info["head"] == "embedding" else load_model(str(directory), info.get("model_task") or info["task"]).model.eval()
     return loaded
 

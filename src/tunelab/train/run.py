@@ -1,7 +1,15 @@
-"""The training stage: recipe in, run directory out.
+"""The training stage and the job API: recipe in, run directory out.
 
 load model -> apply methods -> build data -> objective -> Trainer.fit -> save final -> summary.
 The CLI, the service and tests all call ``run_training``; nothing is reachable from only one.
+A program passes extra ``callbacks``, an ``events`` sink that receives every metrics record as it
+is written (and a final ``{"type": "done"}`` record with the summary), and a ``cancel`` token
+(``threading.Event``) checked after every step: a cancelled run writes a checkpoint and stops, and
+``resume=True`` continues it bit-exactly.
+
+One run per process at a time: torch's thread count and global RNG are process state. A run sets
+both at its start and restores the thread count at its end, so runs one after another in a
+process are independent; to run several at once, use ``tunelab.jobs.run_in_subprocess``.
 """
 
 from __future__ import annotations
@@ -9,20 +17,22 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from tunelab import atomic
 from tunelab.errors import UserError
+from tunelab.rundir import list_checkpoints, unique_run_dir
 from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
-from tunelab.recipe import Recipe, dump_recipe, load_recipe
-from tunelab.train import checkpoint
+from tunelab.methods.artifacts import merge_methods
+from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
 import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
-from tunelab.train.callbacks import callbacks_for
+from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
-from tunelab.train.loop import Trainer, TrainResult
+from tunelab.train.loop import CancelToken, EventSink, Trainer, TrainResult
 from tunelab.train.prepare import prepare
 
 
@@ -53,24 +63,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_training(recipe: Recipe, *, resume: bool = False, show_progress: bool = True) -> RunSummary:
-    """Train as ``recipe`` says; with ``resume``, continue from the run directory's last checkpoint."""
-    run_dir = Path(recipe.output_dir)
+def run_training(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    events: EventSink | None = None,
+    cancel: CancelToken | None = None,
+) -> RunSummary:
+    """Train as ``recipe`` says; with ``resume``, continue from the run directory's last checkpoint.
+
+    Without ``output_dir`` the run gets a new unique directory under ``runs/`` (the summary's ``run_dir``).
+    """
     device = best_device()
     world = init_world(device)
+    if recipe.output_dir is None:
+        if resume:
+            raise UserError("resuming needs the run directory", hint="pass output_dir (or use tunelab train --resume RUN_DIR)")
+        recipe = copy_recipe(recipe, output_dir=str(unique_run_dir(Path("runs"), recipe.name)) if world.is_main else None)
+        recipe = copy_recipe(recipe, output_dir=world.broadcast_object(recipe.output_dir))
+    threads_before = torch.get_num_threads()
     try:
-        return _run(recipe, run_dir, device, world, resume, show_progress)
+        summary = _run(recipe, Path(recipe.output_dir), device, world, resume, show_progress, list(callbacks), events, cancel)
+        if events is not None and world.is_main:
+            events({"type": "done", **summary.as_dict()})
+        return summary
     finally:
+        torch.set_num_threads(threads_before)
         shutdown(world)
 
 
-def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resume: bool, show_progress: bool) -> RunSummary:
+def _run(
+    recipe: Recipe, run_dir: Path, device: torch.device, world: World, resume: bool, show_progress: bool,
+    extra_callbacks: list[Callback], events: EventSink | None, cancel: CancelToken | None,
+) -> RunSummary:
     threads = configure_threads(recipe.train.threads)
     precision = resolve_precision(recipe.train.precision, device)
     seed_everything(recipe.seed)
     resume_from = None
     if resume:
-        checkpoints = checkpoint.list_checkpoints(run_dir)
+        checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
             raise UserError("no checkpoint to resume from", where=str(run_dir), hint="train without --resume")
         resume_from = checkpoints[-1]
@@ -96,10 +129,14 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
     trainer = Trainer(
         model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
         collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
-        callbacks=callbacks_for(recipe), device=device, show_progress=show_progress, compile=recipe.train.compile,
+        callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile,
+        sampler=prepared.sampler, events=events, cancel=cancel,
     )
     result = trainer.fit(resume_from)
     saved = ""
+    if result.stop_reason == "cancelled":
+        say(f"\ncancelled at step {result.steps}; continue with: tunelab train --resume {run_dir}")
+        return _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
     if result.stop_reason == "interrupted":
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
@@ -121,7 +158,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, world: World, resu
         if recipe.compress.variants:
             from tunelab.compress.run import run_compression, task_evaluation
 
-            plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # compression works on plain weights
+            plain = merge_methods(model)  # compression works on plain weights
             run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed,
                             evaluation=task_evaluation(recipe), echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
@@ -174,9 +211,7 @@ def load_run_recipe(run_dir: Path, overrides: tuple[str, ...] = ()) -> Recipe:
     path = run_dir / "recipe.yaml"
     if not path.exists():
         raise UserError("not a tunelab run directory (no recipe.yaml)", where=str(run_dir))
-    recipe = load_recipe(path, overrides)
-    recipe.output_dir = str(run_dir)
-    return recipe
+    return copy_recipe(load_recipe(path, overrides), output_dir=str(run_dir))
 
 
 __all__ = ["RunSummary", "format_summary", "load_run_recipe", "run_training"]

@@ -1,9 +1,11 @@
 """Every method trains on a tiny model from a recipe: the held-out loss falls."""
 
+import json
+
 import pytest
 import torch
 
-from tests.train_helpers import train, write_chat_data, write_label_data
+from tests.train_helpers import record_final_logits, train, write_chat_data, write_label_data
 
 CAUSAL_METHODS = {
     "full": "{}",
@@ -41,6 +43,42 @@ def test_causal_lm_methods_reduce_eval_loss(tmp_path, name, model):
     assert after < before - MIN_DROP.get(name, 0.3), f"{name}: eval loss {before:.3f} -> {after:.3f}"
     if name not in {"full", "freeze"}:
         assert summary.trainable_params < summary.total_params * 0.5
+
+
+def test_dora_trains_magnitudes_and_its_run_reloads_as_the_model_it_trained(tmp_path, monkeypatch):
+    from tunelab.train.artifacts import load_run
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    final = record_final_logits(monkeypatch, ids)
+    train(
+        tmp_path,
+        f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {CAUSAL_METHODS['dora']}\n"
+        "train: {lr: 0.01, max_steps: 6, batch_size: 8, schedule: constant, precision: fp32}\n",
+    )
+    adapter = tmp_path / "run" / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    model, _, _ = load_run(tmp_path / "run")
+    dora = [m for m in model.modules() if getattr(m, "use_dora", {}).get("default")]
+    assert len(dora) == 14  # every linear of the 2 blocks
+    # DoRA starts each magnitude at its weight's row norms; training moved them.
+    assert any(not torch.allclose(m.lora_magnitude_vector["default"].weight, m.get_base_layer().weight.norm(dim=1)) for m in dora)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, final.logits)
+
+
+@pytest.mark.parametrize("rslora,scaling", [(True, 16 / 4**0.5), (False, 16 / 4)])
+def test_rslora_scales_by_alpha_over_root_r(rslora, scaling):
+    from peft.tuners.lora import LoraLayer
+
+    from tunelab.methods import apply_methods
+    from tunelab.methods.config import MethodConfig
+    from tunelab.models import load_model
+
+    cfg = MethodConfig.model_validate({"lora": {"r": 4, "alpha": 16, "use_rslora": rslora, "target_modules": "all-linear"}})
+    model = apply_methods(load_model("tiny-llama").model, cfg, task="causal-lm")
+    scalings = [m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(scalings) == 14 and all(s == pytest.approx(scaling, rel=1e-12) for s in scalings)
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,16 @@
     .venv/bin/python bench/train_throughput.py --quick              # CI smoke test
     .venv/bin/python bench/train_throughput.py --ablate all         # + one tunelab run per lever switched off
 
-Same as ``tunelab bench train``; writes bench/results/train_throughput_<model>.json and ends with
+Same as ``tunelab bench train``, but writes bench/results/train_throughput_<model>.json (where this
+repository keeps its measured results; a later ``--out`` wins) and ends with
 ``speedup=X.XX mem_ratio=Y.YY loss_delta=Z.ZZZ mfu=W.WW``. See bench/README.md.
 """
 
 import sys
+from pathlib import Path
 
 from tunelab.cli import cli
 
 if __name__ == "__main__":
-    cli.main(["bench", "train", *sys.argv[1:]], prog_name="train_throughput.py")
+    results = Path(__file__).resolve().parent / "results"
+    cli.main(["bench", "train", "--out", str(results), *sys.argv[1:]], prog_name="train_throughput.py")

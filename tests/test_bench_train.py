@@ -12,12 +12,14 @@ from tunelab.cli import cli
 from tunelab.data import Example
 
 
-def test_quick_benchmark_runs_both_sides_and_ends_with_the_result_line(tmp_path):
-    result = CliRunner().invoke(cli, ["bench", "train", "--quick", "--threads", "1", "--out", str(tmp_path)])
+def test_quick_benchmark_runs_both_sides_and_saves_under_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the source tree: an installed tunelab has none to write into
+    result = CliRunner().invoke(cli, ["bench", "train", "--quick", "--threads", "1"])
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("speedup=") and " mem_ratio=" in last and " loss_delta=" in last and " mfu=" in last
-    saved = json.loads((tmp_path / "train_throughput_tiny-llama.json").read_text())
+    assert "results: bench-results/train_throughput_tiny-llama.json" in result.output
+    saved = json.loads((tmp_path / "bench-results" / "train_throughput_tiny-llama.json").read_text())
     hf, ours = saved["raw"]["hf"][0], saved["raw"]["tunelab"][0]
     # same examples, same order: identical token counts, and the losses agree
     assert hf["real_tokens"] == ours["real_tokens"] > 0 and hf["supervised_tokens"] == ours["supervised_tokens"] > 0

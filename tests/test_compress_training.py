@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tunelab.compress.callbacks  # noqa: F401  (registers the callbacks with the trainer)
-from tests.train_helpers import train, write_chat_data
+from tests.train_helpers import record_final_logits, train, write_chat_data
 from tunelab.compress import lottery
 from tunelab.compress.masks import lowest
 from tunelab.compress.qat import convert_qat, prepare_qat, unwrap_qat
@@ -108,9 +108,25 @@ def test_lottery_ticket_prunes_each_round_and_keeps_its_mask(tmp_path):
         assert float((weight == 0).float().mean()) == pytest.approx(0.75, abs=1e-3)
 
 
-def test_qat_run_saves_plain_weights_that_convert_to_what_it_trained(tmp_path):
+def test_qat_run_saves_plain_weights_that_convert_to_what_it_trained(tmp_path, monkeypatch):
+    from tunelab.compress.quantize import quantize
+    from tunelab.train.artifacts import load_run
+
     data = write_chat_data(tmp_path / "d.jsonl")
+    ids = torch.randint(7, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    trained = record_final_logits(monkeypatch, ids)  # the fake-quantized model, before the run unwraps it
     train(tmp_path, RECIPE.format(data=data, steps=4, compress="{qat: {quantize: int4, group_size: 32}}"))
     report = json.loads((tmp_path / "run" / "qat.json").read_text())
     assert len(report["layers"]) == 14
-    assert all(type(w) is torch.Tensor for w in final_weights(tmp_path / "run").values())
+
+    # Converted exactly as trained: fake quantization put back on the saved plain weights, then packed.
+    model, _, _ = load_run(tmp_path / "run")
+    assert all(type(layer) is torch.nn.Linear for layer in linear_layers(model).values())
+    prepare_qat(model, QuantSpec("int4", 32))
+    assert convert_qat(model) == report["layers"]
+    assert all(isinstance(model.get_submodule(name), QuantLinear) for name in report["layers"])
+    # ... and as qat.json says to: a `tunelab compress` variant `quantize: int4` (its step calls quantize).
+    compressed, _ = quantize(load_run(tmp_path / "run")[0], "int4", group_size=32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, trained.logits)  # bit for bit
+        assert torch.equal(compressed(input_ids=ids).logits, trained.logits)

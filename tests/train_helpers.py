@@ -6,7 +6,10 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
 from tunelab.recipe import Recipe, load_recipe
+from tunelab.train.callbacks import CALLBACK_FACTORIES, Callback, TrainState
 from tunelab.train.run import RunSummary, run_training
 
 
@@ -46,3 +49,26 @@ def recipe_for(tmp_path: Path, yaml_text: str, *overrides: str) -> Recipe:
 
 def train(tmp_path: Path, yaml_text: str, *overrides: str) -> RunSummary:
     return run_training(recipe_for(tmp_path, yaml_text, *overrides), show_progress=False)
+
+
+class FinalLogits(Callback):
+    """The logits of the model a run trained, on fixed ids, taken after its last optimizer step:
+    before any ``on_train_end`` callback changes the model (QAT unwraps there) and before saving."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self.logits: torch.Tensor | None = None
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step == state.max_steps:
+            state.model.eval()
+            with torch.no_grad():
+                self.logits = state.model(input_ids=self.ids).logits
+            state.model.train()
+
+
+def record_final_logits(monkeypatch, ids: torch.Tensor) -> FinalLogits:
+    """Register a ``FinalLogits`` for the runs of one test (``monkeypatch`` removes it after)."""
+    recorder = FinalLogits(ids)
+    monkeypatch.setitem(CALLBACK_FACTORIES, "test_final_logits", lambda recipe: recorder)
+    return recorder

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_OUT = Path(__file__).resolve().parents[3] / "bench" / "results"
+# Relative to where the command runs: an installed package has no source tree to write into.
+DEFAULT_OUT = Path("bench-results")
 
 
 @click.group("bench")
@@ -24,7 +25,8 @@ def bench_group() -> None:
 @click.option("--ablate", multiple=True, help="Also run tunelab with this lever switched (repeatable; 'all' for every lever).")
 @click.option("--profile", "profile_steps", type=int, default=0, help="Profile this many steps of each side (top-10 table).")
 @click.option("--quick", is_flag=True, help="CI smoke test: tiny-llama, 3 steps of 4 examples.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Folder for train_throughput_<model>.json (relative to the current directory).")
 def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, ablate: tuple[str, ...],
                 use_compile: bool, profile_steps: int, quick: bool, out: Path) -> None:
     """Train the same LoRA on the same data both ways; print the table and the one-line result."""

@@ -157,8 +157,10 @@ class TaskSamplingConfig(Section):
 class DropoutConfig(Section):
     """Dropout overrides (null keeps the model's own value)."""
 
-    hidden: float | None = Field(None, ge=0, lt=1)
-    attention: float | None = Field(None, ge=0, lt=1)
+    hidden: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on hidden states (embeddings, sub-layer outputs); BERT and BLOOM, not Llama (it has none)."
+    )
+    attention: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities.")
 
 
 class MethodConfig(Section):

@@ -70,8 +70,13 @@ def is_run_dir(path: Path) -> bool:
     return (path / "final" / MANIFEST).exists() or (path / MANIFEST).exists()
 
 
-def load_run(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Rebuild the trained model of a run directory (or of its ``final/`` folder)."""
+def load_run(
+    path: Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Rebuild the trained model of a run directory (or of its ``final/`` folder).
+
+    ``attn_implementation`` is the attention kernel to build it with (see ``load_model``).
+    """
     from tunelab.models import load_model
 
     final = path / "final" if (path / "final" / MANIFEST).exists() else path
@@ -85,9 +90,9 @@ def load_run(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.n
     num_labels = manifest.get("num_labels") or len(manifest.get("label_names") or [])
     kwargs = {"num_labels": num_labels} if labelled and num_labels else {}
     if (final / "model").exists():
-        loaded = load_model(str(final / "model"), manifest["task"], dtype=dtype, **kwargs)
+        loaded = load_model(str(final / "model"), manifest["task"], dtype=dtype, attn_implementation=attn_implementation, **kwargs)
         return loaded.model, loaded.tokenizer, manifest
-    loaded = load_model(manifest["base"], manifest["task"], dtype=dtype, **kwargs)
+    loaded = load_model(manifest["base"], manifest["task"], dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     model = loaded.model
     if (final / "bottleneck.json").exists():
         load_bottleneck(model, final)

@@ -154,7 +154,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
 
     tasks = recipe.method.tasks or {}
     names = list(tasks)
-    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer, is_encoder = body_loaded.tokenizer, model_kind(body_loaded.model.config) == "encoder"
     bundles = {}
     for name, task in tasks.items():
@@ -193,7 +193,7 @@ def _task_model(recipe: Recipe, head: HeadConfig, bundle: DataBundle, body: torc
     names = head_label_names(head, bundle.label_names)
     if head.type == "embedding":
         return attach_embedding_head(body, head, is_encoder), names
-    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, **model_kwargs(head, names)).model
+    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **model_kwargs(head, names)).model
     setattr(model, model.base_model_prefix, body)
     return model, names
 

@@ -71,7 +71,7 @@ def prepare(recipe: Recipe) -> Prepared:
 
 
 def _prepare_causal_lm(recipe: Recipe) -> Prepared:
-    loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer = loaded.tokenizer
     data = build_datasets(recipe.data, tokenizer, task="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
@@ -89,7 +89,7 @@ def _prepare_causal_lm(recipe: Recipe) -> Prepared:
 def _prepare_head(recipe: Recipe, head: HeadConfig) -> Prepared:
     plan = plan_for(head)
     check_model_fits(head, peek_config(recipe.model.name))
-    loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     data = build_datasets(recipe.data, loaded.tokenizer, task=plan.data_task, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     objective = OBJECTIVES[plan.objective](model, label_names=data.label_names, head=head, train=data.train)
@@ -109,7 +109,7 @@ def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded:
     label_names = head_label_names(head, data.label_names)
     kwargs = model_kwargs(head, label_names)
     if kwargs:  # the head's size is known only now that the data is read
-        loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, **kwargs)
+        loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **kwargs)
     model = apply_methods(loaded.model, recipe.method, task=plan.model_task, tokenizer_dir=loaded.details.get("directory"))
     if head.type == "embedding":
         model = attach_embedding_head(model, head, model_kind(loaded.model.config) == "encoder")

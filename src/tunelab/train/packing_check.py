@@ -8,7 +8,7 @@ models that use the attention interface, BLOOM's forward drops ``position_ids`` 
 examples attend across boundaries), BERT-style models attend both ways. A structural check (lists
 of model types, ``_supports_attention_backend``) would only guess at all that, and would go stale
 with each transformers release. So it is measured: a forward of two short sequences packed into
-one row, compared with each sequence alone. The probe is 13 tokens in three forwards under
+one row, compared with each sequence alone. The probe is three forwards of 16 tokens in all, under
 ``no_grad``, negligible next to loading the model even at 135M parameters.
 """
 

@@ -110,7 +110,7 @@ def test_lottery_ticket_prunes_each_round_and_keeps_its_mask(tmp_path):
 
 def test_qat_run_saves_plain_weights_that_convert_to_what_it_trained(tmp_path, monkeypatch):
     from tunelab.compress.quantize import quantize
-    from tunelab.train.artifacts import load_run
+    from tunelab.models import load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")
     ids = torch.randint(7, 200, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -46,7 +46,7 @@ def test_causal_lm_methods_reduce_eval_loss(tmp_path, name, model):
 
 
 def test_dora_trains_magnitudes_and_its_run_reloads_as_the_model_it_trained(tmp_path, monkeypatch):
-    from tunelab.train.artifacts import load_run
+    from tunelab.models import load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")
     ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -76,7 +76,7 @@ def test_rslora_scales_by_alpha_over_root_r(rslora, scaling):
     from tunelab.models import load_model
 
     cfg = MethodConfig.model_validate({"lora": {"r": 4, "alpha": 16, "use_rslora": rslora, "target_modules": "all-linear"}})
-    model = apply_methods(load_model("tiny-llama").model, cfg, task="causal-lm")
+    model = apply_methods(load_model("tiny-llama").model, cfg, model_task="causal-lm")
     scalings = [m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)]
     assert len(scalings) == 14 and all(s == pytest.approx(scaling, rel=1e-12) for s in scalings)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
 
 from tunelab.recipe import Recipe, load_recipe
-from tunelab.train.callbacks import CALLBACK_FACTORIES, Callback, TrainState
+from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.run import RunSummary, run_training
 
 
@@ -47,8 +48,12 @@ def recipe_for(tmp_path: Path, yaml_text: str, *overrides: str) -> Recipe:
     return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *overrides])
 
 
+#: Callbacks every ``train`` call passes to the job API (tests swap them in with monkeypatch).
+EXTRA_CALLBACKS: tuple[Callback, ...] = ()
+
+
 def train(tmp_path: Path, yaml_text: str, *overrides: str) -> RunSummary:
-    return run_training(recipe_for(tmp_path, yaml_text, *overrides), show_progress=False)
+    return run_training(recipe_for(tmp_path, yaml_text, *overrides), show_progress=False, callbacks=EXTRA_CALLBACKS)
 
 
 class FinalLogits(Callback):
@@ -70,5 +75,5 @@ class FinalLogits(Callback):
 def record_final_logits(monkeypatch, ids: torch.Tensor) -> FinalLogits:
     """Register a ``FinalLogits`` for the runs of one test (``monkeypatch`` removes it after)."""
     recorder = FinalLogits(ids)
-    monkeypatch.setitem(CALLBACK_FACTORIES, "test_final_logits", lambda recipe: recorder)
+    monkeypatch.setattr(sys.modules[__name__], "EXTRA_CALLBACKS", (recorder,))
     return recorder

@@ -64,7 +64,10 @@ class GradualPruningCallback(Callback):
         return {"masks": self.masks, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the masks and apply them now: frozen base weights are not in the checkpoint."""
         self.masks, self.history = state["masks"], state["history"]
+        if self.masks:
+            apply_masks(self.layers, self.masks)
 
 
 class LotteryTicketCallback(Callback):
@@ -110,7 +113,10 @@ class LotteryTicketCallback(Callback):
         return {"saved": self.saved, "masks": self.masks, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore and apply the masks now: frozen base weights are not in the checkpoint."""
         self.saved, self.masks, self.history = state["saved"], state["masks"], state["history"]
+        if self.masks:
+            apply_masks(self.layers, self.masks)
 
 
 class QuantizationAwareCallback(Callback):

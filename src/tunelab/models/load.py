@@ -77,43 +77,54 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: str | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Load ``name`` for ``task``; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``).
 
-    A folder written by ``tunelab compress`` loads as it was saved (its own head, dtype and
-    quantized layers): ``task``, ``dtype`` and ``model_kwargs`` do not apply to it.
+    ``attn_implementation`` ("eager", "sdpa"; None lets transformers choose) is the attention
+    kernel the model is built with. A folder written by ``tunelab compress`` loads as it was
+    saved (its own head, dtype and quantized layers): ``task``, ``dtype`` and ``model_kwargs``
+    do not apply to it, and an ``attn_implementation`` is refused.
     """
     start = time.perf_counter()
     cls = TASK_CLASSES[task]
     if name in TINY_MODELS:
-        model, tok = build_tiny(name, cls, seed=seed, **model_kwargs)
+        try:
+            model, tok = build_tiny(name, cls, seed=seed, attn_implementation=attn_implementation, **model_kwargs)
+        except ValueError as exc:
+            raise _build_error(exc, name, attn_implementation) from None
         return LoadedModel(model.to(dtype), tok, name, f"tiny config {name!r}", time.perf_counter() - start)
 
     run = Path(name).expanduser()
     if run.is_dir() and not (run / "config.json").exists():
         if is_run_dir(run):
-            model, tok, manifest = load_run(run, dtype=dtype)
+            model, tok, manifest = load_run(run, dtype=dtype, attn_implementation=attn_implementation)
             return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest})
     if run.is_dir() and (run / COMPRESSION_MANIFEST).exists():
         from tunelab.compress.store import load_compressed
+
+        if attn_implementation is not None:
+            raise UserError("model.attn_implementation does not apply to a compressed model: it loads as it was saved", where=str(run), hint="remove model.attn_implementation")
 
         model, tok, manifest = load_compressed(run)
         source = f"compressed model {run} ({manifest.get('variant', manifest['loader'])})"
         return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"manifest": manifest})
     directory, source = resolve_directory(name)
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else directory)
-    model = _from_pretrained(cls, directory, dtype=dtype, **model_kwargs)
+    model = _from_pretrained(cls, directory, dtype=dtype, attn_implementation=attn_implementation, **model_kwargs)
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"directory": str(directory)})
 
 
-def load_run(path: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
+def load_run(
+    path: Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict[str, Any]]:
     """The trained model of a run directory rebuilt with its methods, its tokenizer and manifest."""
     from tunelab.models.trained import load_run as rebuild
 
-    return rebuild(Path(path), load_model, dtype=dtype)
+    return rebuild(Path(path), load_model, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def resolve_directory(name: str) -> tuple[Path, str]:
@@ -187,11 +198,21 @@ def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _from_pretrained(cls: Any, directory: Path, *, dtype: torch.dtype, **kwargs: Any) -> torch.nn.Module:
+def _from_pretrained(cls: Any, directory: Path, *, dtype: torch.dtype, attn_implementation: str | None, **kwargs: Any) -> torch.nn.Module:
     try:
-        return cls.from_pretrained(str(directory), dtype=dtype, **kwargs)
+        return cls.from_pretrained(str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot load model ({str(exc).splitlines()[0][:160]})", where=str(directory)) from None
+        raise _build_error(exc, str(directory), attn_implementation) from None
+
+
+def _build_error(exc: Exception, where: str, attn_implementation: str | None) -> UserError:
+    """A load failure for users; transformers refuses an attention kernel the architecture lacks here."""
+    if attn_implementation is None:
+        return UserError(f"cannot load model ({str(exc).splitlines()[0][:160]})", where=where)
+    return UserError(
+        f"cannot build the model with model.attn_implementation {attn_implementation!r} ({str(exc).split('. ')[0][:160]})",
+        where=where, hint="set model.attn_implementation: eager, or remove it to let transformers choose",
+    )
 
 
 def peek_config(name: str) -> Any:

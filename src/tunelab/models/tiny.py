@@ -122,14 +122,20 @@ TINY_MODELS: dict[str, TinySpec] = {
 }
 
 
-def build_tiny(name: str, model_class: Any, seed: int = 0, **config_overrides: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Build tiny model ``name`` with ``model_class`` (an Auto* class) and its byte tokenizer."""
+def build_tiny(
+    name: str, model_class: Any, seed: int = 0, attn_implementation: str | None = None, **config_overrides: Any
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Build tiny model ``name`` with ``model_class`` (an Auto* class) and its byte tokenizer.
+
+    ``attn_implementation`` ("eager", "sdpa"; None lets transformers choose) is the attention
+    kernel it is built with, as ``from_pretrained`` takes it for real models.
+    """
     spec = TINY_MODELS[name]
     config = spec.make_config()
     for key, value in config_overrides.items():
         setattr(config, key, value)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = model_class.from_config(config)
+        model = model_class.from_config(config, attn_implementation=attn_implementation)
     model.config.name_or_path = name
     return model, byte_tokenizer(encoder_style=spec.encoder)

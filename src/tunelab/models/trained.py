@@ -24,10 +24,13 @@ def manifest_model_task(manifest: dict[str, Any]) -> str:
     return manifest.get("model_task") or manifest["task"]
 
 
-def load_run(path: Path, load_base: Callable[..., Any], *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+def load_run(
+    path: Path, load_base: Callable[..., Any], *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """The trained model of a run directory (or its ``final/``), its tokenizer and manifest.
 
-    ``load_base(name, model_task, dtype=..., **kwargs)`` loads a base model (``models.load.load_model``).
+    ``load_base(name, model_task, dtype=..., attn_implementation=..., **kwargs)`` loads a base
+    model (``models.load.load_model``).
     """
     final = rundir.final_dir(path)
     manifest = rundir.read_manifest(path)
@@ -37,7 +40,7 @@ def load_run(path: Path, load_base: Callable[..., Any], *, dtype: torch.dtype = 
     num_labels = manifest.get("num_labels") or len(manifest.get("label_names") or [])
     kwargs = {"num_labels": num_labels} if model_task in LABELLED and num_labels else {}
     source = str(final / MODEL_DIR) if (final / MODEL_DIR).exists() else manifest["base"]
-    loaded = load_base(source, model_task, dtype=dtype, **kwargs)
+    loaded = load_base(source, model_task, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     model = loaded.model
     ctx = MethodContext(model_task=model_task)
     saved = {key: value for key, value in (manifest.get("method") or {}).items() if value is not None}

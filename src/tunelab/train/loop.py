@@ -239,8 +239,6 @@ class Trainer:
                 if step == start_step:
                     first_step_seconds = time.perf_counter() - step_start
                 self._each("on_step_end", state)
-                if self.cancel is not None and self.cancel.is_set() and not state.should_stop:
-                    state.should_stop, state.stop_reason = True, "cancelled"
 
                 if state.step % self.cfg.log_every == 0 or state.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -265,6 +263,8 @@ class Trainer:
                         best_value, best_path, is_best = value, str(self._checkpoint_path(state.step)), True
                 if (step + 1) % self.steps_per_epoch == 0:
                     self._each("on_epoch_end", state)
+                if self.cancel is not None and self.cancel.is_set() and not state.should_stop:
+                    state.should_stop, state.stop_reason = True, "cancelled"
                 state.should_stop = self.world.broadcast_flag(state.should_stop)
                 due = state.step % self.cfg.save_every == 0 if self.cfg.save_every else evaluated
                 if is_best or final or state.should_stop or due:

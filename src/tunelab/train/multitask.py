@@ -44,7 +44,7 @@ from tunelab.models import load_model
 from tunelab.models.kinds import model_kind
 from tunelab.recipe import Recipe
 from tunelab.train.embedding_artifacts import load_embedder, save_embedder
-from tunelab.train.objectives import OBJECTIVES, Objective
+from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
 from tunelab.train.objectives.base import Stats
 from tunelab.train.prepared import Prepared, head_collate
 
@@ -152,7 +152,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
     """The ``Prepared`` run for ``method.tasks`` (see the module docstring)."""
     tasks = recipe.method.tasks or {}
     names = list(tasks)
-    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer, is_encoder = body_loaded.tokenizer, model_kind(body_loaded.model.config) == "encoder"
     bundles = {}
     for name, task in tasks.items():
@@ -166,7 +166,10 @@ def prepare_multitask(recipe: Recipe) -> Any:
         models[name], label_names[name] = _task_model(recipe, task.head, bundles[name], body, is_encoder)
     model = MultiTaskModel(body, models)
 
-    objectives = [OBJECTIVES[plan_for(t.head).objective](models[n], label_names=bundles[n].label_names, head=t.head, train=bundles[n].train) for n, t in tasks.items()]
+    objectives = [
+        build_objective(plan_for(t.head).objective, None, ObjectiveContext(models[n], tokenizer, bundles[n].label_names, bundles[n].train, t.head, seed=recipe.seed))
+        for n, t in tasks.items()
+    ]
     objective = MultiTaskObjective(names, objectives, [t.weight for t in tasks.values()])
     collates = [head_collate(t.head, tokenizer, recipe.seed) for t in tasks.values()]
     batch_size = recipe.train.batch_size
@@ -190,7 +193,7 @@ def _task_model(recipe: Recipe, head: HeadConfig, bundle: DataBundle, body: torc
     names = head_label_names(head, bundle.label_names)
     if head.type == "embedding":
         return attach_embedding_head(body, head, is_encoder), names
-    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, **model_kwargs(head, names)).model
+    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **model_kwargs(head, names)).model
     setattr(model, model.base_model_prefix, body)
     return model, names
 

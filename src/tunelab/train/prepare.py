@@ -37,31 +37,43 @@ from tunelab.models.load import peek_config
 from tunelab.recipe import Recipe
 from tunelab.train.config import TrainConfig
 from tunelab.train.embedding_artifacts import save_embedding_final
-from tunelab.train.objectives import OBJECTIVES
+from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
 from tunelab.train.multitask import prepare_multitask
 from tunelab.train.prepared import Prepared, head_collate, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Load, prepare and wire up the run ``recipe`` describes."""
+def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
+    """Load, prepare and wire up the run ``recipe`` describes (auxiliary models go to ``device``)."""
+    device = device or torch.device("cpu")
     if recipe.method.tasks:
-        if recipe.sampler is not None:
-            raise UserError("a multi-task run orders its batches by method.task_sampling", where="sampler", hint="remove sampler:")
+        for key in ("sampler", "objective"):
+            if getattr(recipe, key) is not None:
+                raise UserError(f"a multi-task run takes each task's loss from its head and orders batches by method.task_sampling", where=key, hint=f"remove {key}:")
         return prepare_multitask(recipe)
-    prepared = _prepare_causal_lm(recipe) if recipe.method.head is None else _prepare_head(recipe, recipe.method.head)
+    if recipe.method.head is None:
+        prepared = _prepare_causal_lm(recipe, device)
+    else:
+        prepared = _prepare_head(recipe, recipe.method.head, device)
     if recipe.sampler is not None:
         plugin = SAMPLERS.get(recipe.sampler.name)
         prepared.sampler = plugin.build(recipe.sampler, SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed))
     return prepared
 
 
-def _prepare_causal_lm(recipe: Recipe) -> Prepared:
-    loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective:
+    """The recipe's ``objective:`` choice, else the one the model's head implies."""
+    chosen = recipe.objective
+    return build_objective(chosen.name if chosen is not None else default, chosen, ctx)
+
+
+def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
+    loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer = loaded.tokenizer
     data = build_datasets(recipe.data, tokenizer, task="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
-    objective = OBJECTIVES["causal_lm"](model, label_names=data.label_names, train=data.train)
+    ctx = ObjectiveContext(model, tokenizer, data.label_names, data.train, None, device, recipe.seed)
+    objective = _objective(recipe, "causal_lm", ctx)
     pad_id = pad_token_id(tokenizer)
     packed = objective.collation == "packed" and recipe.data.packing
     collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))
@@ -72,14 +84,14 @@ def _prepare_causal_lm(recipe: Recipe) -> Prepared:
     return Prepared(model, tokenizer, loaded.source, data, objective, collate, save, recipe.train)
 
 
-def _prepare_head(recipe: Recipe, head: HeadConfig) -> Prepared:
+def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Prepared:
     plan = plan_for(head)
     check_model_fits(head, peek_config(recipe.model.name))
-    loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed)
+    loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     data = build_datasets(recipe.data, loaded.tokenizer, task=plan.data_task, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
-    objective = OBJECTIVES[plan.objective](model, label_names=data.label_names, head=head, train=data.train)
     tokenizer = loaded.tokenizer
+    objective = _objective(recipe, plan.objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed))
 
     def save(run_dir: Path) -> Path:
         if head.type == "embedding":
@@ -95,7 +107,7 @@ def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded:
     label_names = head_label_names(head, data.label_names)
     kwargs = model_kwargs(head, label_names)
     if kwargs:  # the head's size is known only now that the data is read
-        loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, **kwargs)
+        loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **kwargs)
     model = apply_methods(loaded.model, recipe.method, model_task=plan.model_task, tokenizer_dir=loaded.details.get("directory"))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(

@@ -112,7 +112,7 @@ def _run(
 
     say = print if world.is_main else (lambda *a, **k: None)
     say(f"tunelab: loading {recipe.model.name} ...", flush=True)
-    prepared = prepare(recipe)
+    prepared = prepare(recipe, device)
     model, data = prepared.model, prepared.data
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -69,8 +69,13 @@ def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def supports_varlen(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s attention layers dispatch through transformers' ``AttentionInterface``."""
-    return bool(getattr(_transformers_model(model), "_supports_attention_backend", False))
+    """Whether ``model`` runs sdpa through transformers' ``AttentionInterface``.
+
+    ``varlen_sdpa`` is the per-example form of sdpa, so it replaces sdpa only: a model built with
+    another kernel (``model.attn_implementation: eager``) keeps it, with the block-diagonal mask.
+    """
+    inner = _transformers_model(model)
+    return bool(getattr(inner, "_supports_attention_backend", False)) and inner.config._attn_implementation == "sdpa"
 
 
 def segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:

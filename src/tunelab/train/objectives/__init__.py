@@ -10,6 +10,14 @@ from tunelab.train.objectives import (  # noqa: F401  (registration)
     regression,
     token_classification,
 )
-from tunelab.train.objectives.base import OBJECTIVES, Objective, accumulate, register
+from tunelab.train.objectives.base import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveContext,
+    accumulate,
+    build_objective,
+    register,
+    register_objective,
+)
 
-__all__ = ["OBJECTIVES", "Objective", "accumulate", "register"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "accumulate", "build_objective", "register", "register_objective"]

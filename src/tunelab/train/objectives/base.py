@@ -10,9 +10,13 @@ however the batch is split.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+
+from tunelab.config_base import Section
+from tunelab.plugins import Registry
 
 Stats = dict[str, Any]
 
@@ -39,17 +43,72 @@ class Objective(Protocol):
     # forward inside backward and must attend the same way.
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+@dataclass
+class ObjectiveContext:
+    """What an objective is built from: the prepared model and run facts, plus auxiliary models
+    (a teacher, a reference model) that it asks for by name and that are loaded once per run."""
+
+    model: torch.nn.Module
+    tokenizer: Any = None
+    label_names: list[str] | None = None
+    train: Any = ()
+    head: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    _auxiliary: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
+
+    def auxiliary_model(self, name: str, model_task: str = "causal-lm") -> torch.nn.Module:
+        """Model ``name`` (any alias, directory, GGUF file or run directory), frozen, in eval mode,
+        on the run's device; asking twice returns the same instance."""
+        key = (name, model_task)
+        if key not in self._auxiliary:
+            from tunelab.models.load import load_model
+
+            model = load_model(name, model_task, seed=self.seed).model.eval().to(self.device)  # type: ignore[arg-type]
+            model.requires_grad_(False)
+            self._auxiliary[key] = model
+        return self._auxiliary[key]
+
+
+class NoSettings(Section):
+    """This objective has no settings of its own."""
+
+
+@dataclass(frozen=True)
+class ObjectivePlugin:
+    """A registered objective: its settings' schema (the ``objective:`` section) and its builder."""
+
+    Config: type[Section]
+    build: Callable[[Any, ObjectiveContext], Objective]
+
+
+OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
+
+
+def register_objective(name: str, Config: type[Section] = NoSettings) -> Callable[[Callable[[Any, ObjectiveContext], Objective]], Callable[[Any, ObjectiveContext], Objective]]:
+    """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with ``objective: {name: ...}``."""
+
+    def wrap(build: Callable[[Any, ObjectiveContext], Objective]) -> Callable[[Any, ObjectiveContext], Objective]:
+        OBJECTIVES.register(name, ObjectivePlugin(Config, build))
+        return build
+
+    return wrap
 
 
 def register(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
-    """Register an objective factory under ``name`` (``tunelab.methods.heads`` maps each head type to one)."""
+    """Register a head objective whose settings still live in ``method.head.loss`` (no own section yet)."""
 
     def wrap(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        OBJECTIVES[name] = factory
+        register_objective(name)(lambda cfg, ctx: factory(ctx.model, label_names=ctx.label_names, head=ctx.head, train=ctx.train))
         return factory
 
     return wrap
+
+
+def build_objective(name: str, settings: Any, ctx: ObjectiveContext) -> Objective:
+    """The objective ``name`` with its validated settings (None: its defaults)."""
+    plugin = OBJECTIVES.get(name)
+    return plugin.build(settings if settings is not None else plugin.Config(), ctx)
 
 
 def accumulate(total: Stats, new: Stats) -> Stats:

@@ -8,7 +8,8 @@ mask cannot describe; for them the full logits are computed and the virtual posi
 
 Packed rows run attention once per example (``tunelab.train.varlen_attention``) on models whose
 attention goes through transformers' attention interface, instead of one block-diagonal-masked
-attention over the whole row.
+attention over the whole row. Models that cannot take packed rows exactly (``packs_exactly``:
+BLOOM drops ``position_ids``, BERT attends both ways) get padded batches instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.train.objectives.base import Stats, register
+from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (
     segment_bounds,
     supports_varlen,
@@ -29,9 +31,13 @@ from tunelab.train.varlen_attention import (
 IGNORE_INDEX = -100
 
 
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
 
 
 def _is_prompt_learning(model: torch.nn.Module) -> bool:
@@ -48,8 +54,12 @@ class CausalLMObjective:
         """``sliced_logits``/``varlen`` exist so the benchmark can measure each lever switched off."""
         self.prompt_learning = _is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
-        self.varlen = varlen and not self.prompt_learning and supports_varlen(model)
-        self.collation = "padded" if self.prompt_learning else "packed"
+        varlen = varlen and not self.prompt_learning and supports_varlen(model)
+        packs = not self.prompt_learning and packs_exactly(model, varlen=varlen)
+        if not packs and not self.prompt_learning:
+            print(f"tunelab: {type(_base_model(model)).__name__} computes packed rows differently from each example alone; training on padded batches", flush=True)
+        self.varlen = varlen and packs
+        self.collation = "packed" if packs else "padded"
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -31,7 +31,7 @@ def embedding_run(tmp_path, loss, data, extra=""):
     return train(
         tmp_path,
         f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
-        f"method: {{head: {{type: embedding, loss: {{contrastive: {loss}}}{extra}}}}}\n"
+        f"method: {{head: {{type: embedding{extra}}}}}\nobjective: {{name: {loss}}}\n"
         "train: {lr: 0.003, max_steps: 40, batch_size: 16, schedule: constant, precision: fp32}\n",
     )
 

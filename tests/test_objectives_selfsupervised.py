@@ -23,7 +23,8 @@ def test_masked_lm_learns_to_fill_in_tokens(tmp_path, whole_word):
     summary = train(
         tmp_path,
         f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.2, dedup: false}}\n"
-        f"method: {{head: {{type: masked_lm, loss: {{mask_rate: 0.2, whole_word: {str(whole_word).lower()}}}}}}}\n"
+        "method: {head: {type: masked_lm}}\n"
+        f"objective: {{name: masked_lm, mask_rate: 0.2, whole_word: {str(whole_word).lower()}}}\n"
         "train: {lr: 0.003, max_steps: 40, batch_size: 16, schedule: constant, precision: fp32}\n",
     )
     before, after = summary.eval_before, summary.eval_after

@@ -27,7 +27,7 @@ def write_imbalanced(path, n=400, seed=0):
 def test_auto_class_weights_raise_minority_recall(tmp_path):
     data = write_imbalanced(tmp_path / "d.jsonl")
     recipe = (
-        f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.3, dedup: false}}\nmethod: {{head: {{loss: {{class_weights: {{weights}}}}}}, freeze: {{base: false}}}}\n"
+        f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.3, dedup: false}}\nmethod: {{head: {{}}, freeze: {{base: false}}}}\nobjective: {{name: classification, class_weights: {{weights}}}}\n"
         "train: {lr: 0.003, max_steps: 30, batch_size: 32, schedule: constant, precision: fp32}\n"
     )
     (tmp_path / "plain").mkdir()

@@ -25,7 +25,7 @@ from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
 from tunelab.userfiles import read_user_text
 from tunelab.evaluate.config import EvalConfig
-from tunelab.methods.config import MethodConfig
+from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
 from tunelab.train.config import TrainConfig
 from tunelab.methods import METHODS
@@ -80,9 +80,11 @@ def recipe_class() -> type[Recipe]:
     global _built
     if _built is not None and _built[0] == plugins.version():
         return _built[1]
-    extra = {key: (METHODS.get(key).Config | None, None) for key in METHODS if key not in MethodConfig.model_fields}
-    method = create_model("MethodConfig", __base__=MethodConfig, __doc__=MethodConfig.__doc__, **extra)
     objective, sampler, callback = _choice(OBJECTIVES), _choice(SAMPLERS), _choice(CALLBACKS)
+    task = create_model("TaskConfig", __base__=TaskConfig, __doc__=TaskConfig.__doc__, objective=(objective | None, Field(None, description=TaskConfig.model_fields["objective"].description)))
+    extra: dict[str, Any] = {key: (METHODS.get(key).Config | None, None) for key in METHODS if key not in MethodConfig.model_fields}
+    extra["tasks"] = (dict[str, task] | None, Field(None, description=MethodConfig.model_fields["tasks"].description))
+    method = create_model("MethodConfig", __base__=MethodConfig, __doc__=MethodConfig.__doc__, **extra)
     cls = create_model(
         "Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
         method=(method, Field(default_factory=method)),

@@ -6,7 +6,7 @@ fine-tuning. At most one PEFT adapter family (lora, ia3, prompt_tuning, prefix_t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -88,27 +88,6 @@ HeadType = Literal["classification", "multi_label", "regression", "token_classif
 HEADS_WITH_FROZEN_DEFAULT = ("classification", "multi_label", "regression", "token_classification", "multiple_choice")
 
 
-class LossConfig(Section):
-    """How the head's loss is weighted and shaped (each setting applies to the heads named in it)."""
-
-    class_weights: Literal["auto"] | dict[str, float] | None = Field(
-        None,
-        description="classification/token_classification: {label: weight}, or auto = inverse class frequency in the training split.",
-    )
-    focal_gamma: float = Field(0.0, ge=0, description="classification/token_classification: focal loss exponent; 0 is cross-entropy.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="classification/token_classification.")
-    threshold: float = Field(0.5, gt=0, lt=1, description="multi_label: a label is predicted when its probability exceeds this.")
-    contrastive: Literal["infonce", "simcse", "triplet"] = Field(
-        "infonce",
-        description="embedding: infonce on (anchor, positive[, negative]) rows with in-batch negatives; simcse on single "
-        "texts (two dropout views); triplet margin loss (hardest in-batch negative when a row has none).",
-    )
-    temperature: float = Field(0.05, gt=0, description="embedding (infonce, simcse): softmax temperature over cosine similarities.")
-    margin: float = Field(0.5, gt=0, description="embedding (triplet): margin in cosine distance.")
-    mask_rate: float = Field(0.15, gt=0, lt=1, description="masked_lm: fraction of tokens masked (80% [MASK], 10% random, 10% kept).")
-    whole_word: bool = Field(False, description="masked_lm: mask every token of a chosen word together.")
-
-
 class HeadConfig(Section):
     """A task head on top of the model and the loss it trains with.
 
@@ -126,7 +105,6 @@ class HeadConfig(Section):
     )
     projection: int | None = Field(None, gt=0, description="embedding: a trained linear projection to this many dimensions.")
     normalize: bool = Field(True, description="embedding: L2-normalise embeddings (cosine similarity).")
-    loss: LossConfig = Field(default_factory=LossConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -134,16 +112,22 @@ class HeadConfig(Section):
         if isinstance(data, dict) and "base" in data:
             frozen = {"frozen": "true", "full": "false"}.get(str(data["base"]), "true|false")
             raise ValueError(f"head.base moved: write method.freeze.base: {frozen}")
+        if isinstance(data, dict) and isinstance(data.get("loss"), dict):
+            settings = dict(data["loss"])
+            name = settings.pop("contrastive", None) or {"embedding": "infonce"}.get(str(data.get("type")), data.get("type", "classification"))
+            shown = ", ".join(f"{k}: {v}" for k, v in {"name": name, **settings}.items())
+            raise ValueError(f"head.loss moved to its own section: write objective: {{{shown}}} (in a multi-task run, under the task)")
         return data
 
 
 class TaskConfig(Section):
-    """One task of a multi-task run: its data (over the top-level ``data:`` defaults), head and loss weight."""
+    """One task of a multi-task run: its data (over the top-level ``data:`` defaults), head, objective and loss weight."""
 
     data: DataConfig = Field(
         default_factory=DataConfig, description="This task's data; keys it leaves out come from the top-level data: section."
     )
     head: HeadConfig = Field(default_factory=HeadConfig)
+    objective: Any = Field(None, description="This task's loss: {name: <objective>, ...}; default: derived from its head.")
     weight: float = Field(1.0, gt=0, description="This task's loss is multiplied by weight.")
 
 

@@ -50,12 +50,18 @@ PLANS = {
 }
 
 
-def plan_for(head: HeadConfig) -> HeadPlan:
-    """The plan of ``head``; an embedding head's data and objective follow its contrastive loss."""
+#: Embedding heads read single sentences for these objectives and (anchor, positive[, negative]) rows otherwise.
+SENTENCE_OBJECTIVES = ("simcse",)
+
+
+def plan_for(head: HeadConfig, objective: str | None = None) -> HeadPlan:
+    """The plan of ``head``; ``objective`` (the recipe's choice, else the head's default) decides
+    an embedding head's rows: single sentences for SimCSE, pairs for InfoNCE and triplets."""
     if head.type == "embedding":
-        contrastive = head.loss.contrastive
-        return HeadPlan("base", "sentences" if contrastive == "simcse" else "pairs", contrastive, False)
-    return PLANS[head.type]
+        chosen = objective or "infonce"
+        return HeadPlan("base", "sentences" if chosen in SENTENCE_OBJECTIVES else "pairs", chosen, False)
+    plan = PLANS[head.type]
+    return plan if objective is None else HeadPlan(plan.model_task, plan.data_task, objective, plan.labelled)
 
 
 def head_label_names(head: HeadConfig, data_labels: list[str] | None) -> list[str] | None:

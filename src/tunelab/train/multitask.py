@@ -30,7 +30,7 @@ import torch
 from tunelab import rundir
 from tunelab.data import DataBundle, DataConfig, DataReport, Example, build_datasets
 from tunelab.methods import apply_methods
-from tunelab.methods.config import HeadConfig, MethodConfig, TaskSamplingConfig
+from tunelab.methods.config import HeadConfig, MethodConfig, TaskConfig, TaskSamplingConfig
 from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.heads import (
     attach_embedding_head,
@@ -46,7 +46,7 @@ from tunelab.recipe import Recipe
 from tunelab.train.embedding_artifacts import load_embedder, save_embedder
 from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
 from tunelab.train.objectives.base import Stats
-from tunelab.train.prepared import Prepared, head_collate
+from tunelab.train.prepared import Prepared, head_collate, masking
 
 
 @dataclass
@@ -143,6 +143,11 @@ def validation_batches(examples: Sequence[Sequence[Example]], batch_size: int) -
     return [TaskBatch(t, list(pool[i : i + batch_size])) for t, pool in enumerate(examples) for i in range(0, len(pool), batch_size)]
 
 
+def task_plan(task: TaskConfig) -> Any:
+    """The head plan of one task, with its objective choice (``method.tasks.<name>.objective``)."""
+    return plan_for(task.head, task.objective.name if task.objective is not None else None)
+
+
 def task_data_config(base: DataConfig, task: DataConfig) -> DataConfig:
     """The task's data section: its own keys over the top-level ``data:`` section's."""
     return DataConfig.model_validate({**base.model_dump(), **task.model_dump(exclude_unset=True)})
@@ -157,7 +162,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
     bundles = {}
     for name, task in tasks.items():
         check_model_fits(task.head, body_loaded.model.config)
-        bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, task=plan_for(task.head).data_task, seed=recipe.seed)  # type: ignore[arg-type]
+        bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, task=task_plan(task).data_task, seed=recipe.seed)  # type: ignore[arg-type]
 
     body_method = recipe.method.model_copy(update={"tasks": None, "head": None})
     body = apply_methods(body_loaded.model, body_method, model_task="base", tokenizer_dir=body_loaded.details.get("directory"))
@@ -167,11 +172,11 @@ def prepare_multitask(recipe: Recipe) -> Any:
     model = MultiTaskModel(body, models)
 
     objectives = [
-        build_objective(plan_for(t.head).objective, None, ObjectiveContext(models[n], tokenizer, bundles[n].label_names, bundles[n].train, t.head, seed=recipe.seed))
+        build_objective(task_plan(t).objective, t.objective, ObjectiveContext(models[n], tokenizer, bundles[n].label_names, bundles[n].train, t.head, seed=recipe.seed))
         for n, t in tasks.items()
     ]
     objective = MultiTaskObjective(names, objectives, [t.weight for t in tasks.values()])
-    collates = [head_collate(t.head, tokenizer, recipe.seed) for t in tasks.values()]
+    collates = [head_collate(t.head, masking(t.objective), tokenizer, recipe.seed) for t in tasks.values()]
     batch_size = recipe.train.batch_size
     train = schedule_batches([bundles[n].train for n in names], task_shares([len(bundles[n].train) for n in names], recipe.method.task_sampling), batch_size, recipe.seed)
     validation = validation_batches([bundles[n].validation for n in names], batch_size)

@@ -8,8 +8,6 @@ no head (causal LM: SFT, or continued pretraining on ``text`` rows), one head
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +15,14 @@ import torch
 
 from tunelab.data import (
     DataBundle,
-    Example,
     build_datasets,
     collate_packed,
     collate_padded,
 )
 from tunelab.errors import UserError
 from tunelab.methods import apply_methods
-from tunelab.methods.config import HeadConfig
 from tunelab.methods.artifacts import save_final
+from tunelab.methods.config import HeadConfig
 from tunelab.methods.heads import (
     check_model_fits,
     head_label_names,
@@ -35,11 +32,10 @@ from tunelab.methods.heads import (
 from tunelab.models import load_model
 from tunelab.models.load import peek_config
 from tunelab.recipe import Recipe
-from tunelab.train.config import TrainConfig
 from tunelab.train.embedding_artifacts import save_embedding_final
-from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
 from tunelab.train.multitask import prepare_multitask
-from tunelab.train.prepared import Prepared, head_collate, pad_token_id
+from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
+from tunelab.train.prepared import Prepared, head_collate, masking, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
 
 
@@ -49,7 +45,7 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
     if recipe.method.tasks:
         for key in ("sampler", "objective"):
             if getattr(recipe, key) is not None:
-                raise UserError(f"a multi-task run takes each task's loss from its head and orders batches by method.task_sampling", where=key, hint=f"remove {key}:")
+                raise UserError("a multi-task run takes each task's loss from its head and orders batches by method.task_sampling", where=key, hint=f"remove {key}:")
         return prepare_multitask(recipe)
     if recipe.method.head is None:
         prepared = _prepare_causal_lm(recipe, device)
@@ -85,7 +81,7 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
 
 
 def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Prepared:
-    plan = plan_for(head)
+    plan = plan_for(head, recipe.objective.name if recipe.objective is not None else None)
     check_model_fits(head, peek_config(recipe.model.name))
     loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     data = build_datasets(recipe.data, loaded.tokenizer, task=plan.data_task, seed=recipe.seed)  # type: ignore[arg-type]
@@ -98,7 +94,7 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
             return save_embedding_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method)
         return save_final(run_dir, model, tokenizer, base=recipe.model.name, model_task=plan.model_task, section=recipe.method, label_names=label_names)
 
-    return Prepared(model, tokenizer, loaded.source, data, objective, head_collate(head, tokenizer, recipe.seed), save, recipe.train)
+    return Prepared(model, tokenizer, loaded.source, data, objective, head_collate(head, masking(recipe.objective), tokenizer, recipe.seed), save, recipe.train)
 
 
 def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded: Any) -> tuple[torch.nn.Module, list[str] | None]:

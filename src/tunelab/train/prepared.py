@@ -16,6 +16,7 @@ from tunelab.errors import UserError
 from tunelab.methods.config import HeadConfig
 from tunelab.train.config import TrainConfig
 from tunelab.train.objectives import Objective
+from tunelab.train.objectives.config import MaskedLMConfig
 from tunelab.train.samplers import Sampler
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
@@ -37,15 +38,20 @@ class Prepared:
     sampler: Sampler | None = None
 
 
-def head_collate(head: HeadConfig, tokenizer: Any, seed: int) -> Collate:
-    """Batches for ``head``: masked for masked LM, padded with task tensors otherwise."""
+def masking(objective: Any) -> MaskedLMConfig:
+    """How masked-LM batches corrupt tokens: the chosen objective's settings when it is masked LM, else the defaults."""
+    return objective if isinstance(objective, MaskedLMConfig) else MaskedLMConfig()
+
+
+def head_collate(head: HeadConfig, mask: MaskedLMConfig, tokenizer: Any, seed: int) -> Collate:
+    """Batches for ``head``: masked for masked LM (rate and whole-word from ``mask``), padded with task tensors otherwise."""
     pad_id = pad_token_id(tokenizer)
     if head.type == "masked_lm":
         if tokenizer.mask_token_id is None:
             raise UserError("the tokenizer has no mask token, so masked LM cannot train", hint="use an encoder model such as minilm-l6")
         return MaskingCollate(
             pad_id=pad_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=frozenset(tokenizer.all_special_ids),
-            rate=head.loss.mask_rate, whole_word=head.loss.whole_word, seed=seed,
+            rate=mask.mask_rate, whole_word=mask.whole_word, seed=seed,
         )
     return lambda examples: collate_task_batch(examples, pad_id)
 

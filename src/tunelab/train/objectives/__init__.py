@@ -16,8 +16,7 @@ from tunelab.train.objectives.base import (
     ObjectiveContext,
     accumulate,
     build_objective,
-    register,
     register_objective,
 )
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "accumulate", "build_objective", "register", "register_objective"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "accumulate", "build_objective", "register_objective"]

@@ -80,34 +80,37 @@ class ObjectivePlugin:
 
     Config: type[Section]
     build: Callable[[Any, ObjectiveContext], Objective]
+    #: The ``method.head.type`` values it trains (None in the tuple: no head, causal LM); None: any model.
+    heads: tuple[str | None, ...] | None = None
 
 
 OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
 
 
-def register_objective(name: str, Config: type[Section] = NoSettings) -> Callable[[Callable[[Any, ObjectiveContext], Objective]], Callable[[Any, ObjectiveContext], Objective]]:
-    """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with ``objective: {name: ...}``."""
+Builder = Callable[[Any, ObjectiveContext], Objective]
 
-    def wrap(build: Callable[[Any, ObjectiveContext], Objective]) -> Callable[[Any, ObjectiveContext], Objective]:
-        OBJECTIVES.register(name, ObjectivePlugin(Config, build))
+
+def register_objective(name: str, Config: type[Section] = NoSettings, *, heads: tuple[str | None, ...] | None = None) -> Callable[[Builder], Builder]:
+    """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with
+    ``objective: {name: ..., <Config's keys>}``. ``heads`` limits it to those head types."""
+
+    def wrap(build: Builder) -> Builder:
+        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads))
         return build
 
     return wrap
 
 
-def register(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
-    """Register a head objective whose settings still live in ``method.head.loss`` (no own section yet)."""
-
-    def wrap(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        register_objective(name)(lambda cfg, ctx: factory(ctx.model, label_names=ctx.label_names, head=ctx.head, train=ctx.train))
-        return factory
-
-    return wrap
-
-
 def build_objective(name: str, settings: Any, ctx: ObjectiveContext) -> Objective:
-    """The objective ``name`` with its validated settings (None: its defaults)."""
+    """The objective ``name`` with its validated settings (None: its defaults), checked against the head."""
+    from tunelab.errors import UserError
+
     plugin = OBJECTIVES.get(name)
+    head_type = getattr(ctx.head, "type", None)
+    if plugin.heads is not None and head_type not in plugin.heads:
+        wanted = ", ".join("no head (causal LM)" if h is None else f"a {h} head" for h in plugin.heads)
+        have = f"a {head_type} head" if head_type else "no head (causal LM)"
+        raise UserError(f"objective {name!r} trains {wanted}, but the recipe has {have}", where="objective.name", hint="choose an objective for this head, or leave objective: out for the default")
     return plugin.build(settings if settings is not None else plugin.Config(), ctx)
 
 

@@ -20,7 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (
     segment_bounds,
@@ -106,6 +106,6 @@ class CausalLMObjective:
         }
 
 
-@register("causal_lm")
-def causal_lm(model: torch.nn.Module, **_: object) -> CausalLMObjective:
-    return CausalLMObjective(model)
+@register_objective("causal_lm", heads=(None,))
+def causal_lm(cfg: object, ctx: ObjectiveContext) -> CausalLMObjective:
+    return CausalLMObjective(ctx.model)

@@ -3,7 +3,7 @@
 The head pools the last non-pad token on decoders and the CLS token on encoders (transformers'
 own heads do exactly that), so this objective is only the loss and its metrics. The loss is
 cross-entropy with optional class weights (given, or ``auto`` from the training split), label
-smoothing, a focal term and per-example weights (``method.head.loss``, ``data.weight_column``).
+smoothing, a focal term and per-example weights (``objective:`` settings, ``data.weight_column``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from tunelab.data import Example
-from tunelab.methods.config import HeadConfig, LossConfig
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.objectives.config import WeightedCrossEntropyConfig
 from tunelab.train.objectives.losses import (
     class_weight_vector,
     weighted_cross_entropy,
@@ -29,9 +29,9 @@ class ClassificationObjective:
     name = "classification"
     collation = "padded"
 
-    def __init__(self, label_names: list[str] | None = None, loss: LossConfig | None = None, class_weights: torch.Tensor | None = None):
+    def __init__(self, label_names: list[str] | None = None, loss: WeightedCrossEntropyConfig | None = None, class_weights: torch.Tensor | None = None):
         self.label_names = label_names
-        self.loss = loss or LossConfig()
+        self.loss = loss or WeightedCrossEntropyConfig()
         self.class_weights = class_weights
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -83,10 +83,7 @@ def class_counts(train: Sequence[Example]) -> Counter[int]:
     return counts
 
 
-@register("classification")
-def classification(
-    model: torch.nn.Module, *, label_names: list[str] | None = None, head: HeadConfig | None = None, train: Sequence[Example] = (), **_: object
-) -> ClassificationObjective:
-    loss = head.loss if head else LossConfig()
-    weights = class_weight_vector(loss.class_weights, label_names or [], class_counts(train))
-    return ClassificationObjective(label_names, loss, weights)
+@register_objective("classification", WeightedCrossEntropyConfig, heads=("classification",))
+def classification(cfg: WeightedCrossEntropyConfig, ctx: ObjectiveContext) -> ClassificationObjective:
+    weights = class_weight_vector(cfg.class_weights, ctx.label_names or [], class_counts(ctx.train))
+    return ClassificationObjective(ctx.label_names, cfg, weights)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from tunelab.methods.config import HeadConfig, LossConfig
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.objectives.config import InfoNCEConfig, SimCSEConfig, TripletConfig
 from tunelab.train.objectives.losses import (
     hardest_negatives,
     info_nce,
@@ -39,11 +39,11 @@ def embed_group(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 
 
 class ContrastiveObjective:
-    """One of infonce / simcse / triplet (``method.head.loss.contrastive``)."""
+    """One of infonce / simcse / triplet (``objective: {name: ...}``)."""
 
     collation = "padded"
 
-    def __init__(self, name: str, loss: LossConfig):
+    def __init__(self, name: str, loss: InfoNCEConfig | SimCSEConfig | TripletConfig):
         self.name = name
         self.loss = loss
 
@@ -82,12 +82,9 @@ class ContrastiveObjective:
         return metrics
 
 
-def _factory(name: str) -> Callable[..., ContrastiveObjective]:
-    def build(model: torch.nn.Module, *, head: HeadConfig | None = None, **_: object) -> ContrastiveObjective:
-        return ContrastiveObjective(name, head.loss if head else LossConfig())
-
-    return build
+def _builder(name: str) -> Callable[[InfoNCEConfig | SimCSEConfig | TripletConfig, ObjectiveContext], ContrastiveObjective]:
+    return lambda cfg, ctx: ContrastiveObjective(name, cfg)
 
 
-for _name in ("infonce", "simcse", "triplet"):
-    register(_name)(_factory(_name))
+for _name, _config in (("infonce", InfoNCEConfig), ("simcse", SimCSEConfig), ("triplet", TripletConfig)):
+    register_objective(_name, _config, heads=("embedding",))(_builder(_name))

@@ -26,7 +26,7 @@ def class_weight_vector(spec: str | dict[str, float] | None, label_names: Sequen
         if missing:
             raise UserError(
                 f"class_weights: auto needs every class in the training split; {', '.join(missing)} never occurs",
-                hint="give method.head.loss.class_weights by name instead",
+                hint="give objective.class_weights by name instead",
             )
         return torch.tensor([total / (k * counts[i]) for i in range(k)], dtype=torch.float32)
     unknown = sorted(set(spec) - set(label_names))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.objectives.config import MaskedLMConfig
 
 
 class MaskedLMObjective:
@@ -40,6 +41,6 @@ class MaskedLMObjective:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_accuracy": stats.get("correct", 0) / tokens}
 
 
-@register("masked_lm")
-def masked_lm(model: torch.nn.Module, **_: object) -> MaskedLMObjective:
+@register_objective("masked_lm", MaskedLMConfig, heads=("masked_lm",))
+def masked_lm(cfg: MaskedLMConfig, ctx: ObjectiveContext) -> MaskedLMObjective:
     return MaskedLMObjective()

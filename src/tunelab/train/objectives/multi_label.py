@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.methods.config import HeadConfig, LossConfig
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.objectives.config import MultiLabelConfig
 from tunelab.train.objectives.losses import weighted_sum
 
 
@@ -16,7 +16,7 @@ class MultiLabelObjective:
     name = "multi_label"
     collation = "padded"
 
-    def __init__(self, label_names: list[str], loss: LossConfig):
+    def __init__(self, label_names: list[str], loss: MultiLabelConfig):
         self.label_names = label_names
         self.threshold = loss.threshold
 
@@ -51,6 +51,6 @@ class MultiLabelObjective:
         }
 
 
-@register("multi_label")
-def multi_label(model: torch.nn.Module, *, label_names: list[str] | None = None, head: HeadConfig | None = None, **_: object) -> MultiLabelObjective:
-    return MultiLabelObjective(label_names or [], head.loss if head else LossConfig())
+@register_objective("multi_label", MultiLabelConfig, heads=("multi_label",))
+def multi_label(cfg: MultiLabelConfig, ctx: ObjectiveContext) -> MultiLabelObjective:
+    return MultiLabelObjective(ctx.label_names or [], cfg)

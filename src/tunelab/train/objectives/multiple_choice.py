@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.losses import weighted_sum
 
 
@@ -36,6 +36,6 @@ class MultipleChoiceObjective:
         return {"loss": stats.get("loss_sum", 0.0) / examples, "accuracy": stats.get("correct", 0) / examples}
 
 
-@register("multiple_choice")
-def multiple_choice(model: torch.nn.Module, **_: object) -> MultipleChoiceObjective:
+@register_objective("multiple_choice", heads=("multiple_choice",))
+def multiple_choice(cfg: object, ctx: ObjectiveContext) -> MultipleChoiceObjective:
     return MultipleChoiceObjective()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tunelab.train.objectives.base import Stats, register
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.losses import weighted_sum
 
 
@@ -40,6 +40,6 @@ class RegressionObjective:
         return metrics
 
 
-@register("regression")
-def regression(model: torch.nn.Module, **_: object) -> RegressionObjective:
+@register_objective("regression", heads=("regression",))
+def regression(cfg: object, ctx: ObjectiveContext) -> RegressionObjective:
     return RegressionObjective()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 
-from tunelab.data import IGNORE_INDEX, Example
-from tunelab.methods.config import HeadConfig, LossConfig
-from tunelab.train.objectives.base import Stats, register
+from tunelab.data import IGNORE_INDEX
+from tunelab.train.objectives.config import WeightedCrossEntropyConfig
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.classification import class_counts, label_metrics
 from tunelab.train.objectives.losses import class_weight_vector, weighted_cross_entropy
 
@@ -20,7 +19,7 @@ class TokenClassificationObjective:
     name = "token_classification"
     collation = "padded"
 
-    def __init__(self, label_names: list[str], loss: LossConfig, class_weights: torch.Tensor | None):
+    def __init__(self, label_names: list[str], loss: WeightedCrossEntropyConfig, class_weights: torch.Tensor | None):
         self.label_names = label_names
         self.loss = loss
         self.class_weights = class_weights
@@ -49,9 +48,7 @@ class TokenClassificationObjective:
         return label_metrics(stats, self.label_names)
 
 
-@register("token_classification")
-def token_classification(
-    model: torch.nn.Module, *, label_names: list[str] | None = None, head: HeadConfig | None = None, train: Sequence[Example] = (), **_: object
-) -> TokenClassificationObjective:
-    loss = head.loss if head else LossConfig()
-    return TokenClassificationObjective(label_names or [], loss, class_weight_vector(loss.class_weights, label_names or [], class_counts(train)))
+@register_objective("token_classification", WeightedCrossEntropyConfig, heads=("token_classification",))
+def token_classification(cfg: WeightedCrossEntropyConfig, ctx: ObjectiveContext) -> TokenClassificationObjective:
+    names = ctx.label_names or []
+    return TokenClassificationObjective(names, cfg, class_weight_vector(cfg.class_weights, names, class_counts(ctx.train)))

@@ -14,6 +14,7 @@ from tunelab.data.bad_rows import BadRows
 from tunelab.data.bundle import DataBundle, DataReport, Example
 from tunelab.data.config import DataConfig
 from tunelab.data.encode import Encoder, learned_tokens
+from tunelab.data.example_fields import read_example_fields
 from tunelab.data.formats import (
     Record,
     Task,
@@ -104,7 +105,10 @@ def _records(rows: Sequence[Row], fmt: str, task: Task, cfg: DataConfig, bad_row
     records = []
     for row in rows:
         try:
-            records.append(to_record(row.fields, fmt, task, cfg, row.where))
+            record = to_record(row.fields, fmt, task, cfg, row.where)
+            extra = read_example_fields(row.fields, cfg, row.where)
+            record.weight, record.difficulty, record.language = extra.weight, extra.difficulty, extra.language
+            records.append(record)
         except UserError as exc:
             bad_rows.handle(exc)
     return records
@@ -145,6 +149,7 @@ def _encode_all(
             bad_rows.handle(exc)
             continue
         if example is not None:
+            example.weight, example.difficulty, example.language = record.weight, record.difficulty, record.language
             examples.append(example)
     return examples
 

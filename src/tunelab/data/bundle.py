@@ -18,6 +18,8 @@ class Example:
     one example (anchor, positive, negative — None where a row has no negative; or one sequence
     per answer choice, with ``label`` the correct one); ``input_ids`` is then the first of them.
     ``word_ids`` maps tokens to words (-1 for special tokens), for whole-word masking.
+    ``weight``, ``difficulty`` and ``language`` come from the row's columns on every data path
+    (``data.weight_column`` etc.); ``task`` is the index of a multi-task run's task.
     """
 
     input_ids: list[int]
@@ -27,6 +29,9 @@ class Example:
     targets: list[float] | None = None
     group: list[list[int] | None] | None = None
     word_ids: list[int] | None = None
+    difficulty: float | None = None
+    language: str | None = None
+    task: int | None = None
 
 
 @dataclass

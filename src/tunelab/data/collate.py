@@ -37,11 +37,14 @@ def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         input_ids += example.input_ids
         labels += [IGNORE_INDEX, *example.labels[1:]]
         positions += range(len(example.input_ids))
-    return {
+    batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
     }
+    if any(e.weight != 1.0 for e in examples):
+        batch["weights"] = torch.tensor([[e.weight for e in examples for _ in e.input_ids]], dtype=torch.float32)
+    return batch
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,4 +69,8 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
         if example.labels:
             token_labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long) if all(classification) else token_labels
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.weight != 1.0 for e in examples):
+        weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
+        batch["weights"] = weights if all(classification) else weights[:, None].expand(-1, longest).contiguous()
+    return batch

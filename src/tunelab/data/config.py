@@ -39,8 +39,10 @@ class DataConfig(Section):
         None, description="Classification label names in class-id order; default: sorted labels of the train split."
     )
     weight_column: str | None = Field(
-        None, description="A numeric column that weights each example's loss (heads and embeddings; default 1)."
+        None, description="A numeric column that weights each example's loss (every task, chat SFT included; default 1)."
     )
+    difficulty_column: str | None = Field(None, description="A numeric column carried on each example as its difficulty (curriculum samplers).")
+    language_column: str | None = Field(None, description="A string column carried on each example as its language (samplers, reports).")
     max_length: int = Field(
         512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left."
     )

@@ -54,7 +54,7 @@ class Encoder:
                 self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side
             )
             self.truncated += cut
-            return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels), weight=record.weight)
+            return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
         if self.task == "text":
             ids = tokenize_text(self.tokenizer, record.text or "")
             labels = list(ids)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from tunelab.data.config import DataConfig
 from tunelab.data.prompting import Message, qa_messages, render
 from tunelab.data.records import Record, missing_field, string_field
-from tunelab.data.task_rows import TASK_FIELDS, example_weight, task_record
+from tunelab.data.task_rows import TASK_FIELDS, task_record
 from tunelab.errors import UserError
 
 Task = Literal[
@@ -141,7 +141,7 @@ def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, 
         raise missing_field("label", fields, where)
     if not isinstance(label, (str, int)):
         raise UserError(f"'label' must be a string or an integer, got {type(label).__name__}", where=where)
-    return Record(where, text=text, label=label, weight=example_weight(fields, cfg.weight_column, where))
+    return Record(where, text=text, label=label)
 
 
 def chat_messages(value: Any, where: str) -> list[Message]:

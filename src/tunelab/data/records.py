@@ -29,6 +29,8 @@ class Record:
     tags: list[str] | None = None
     texts: list[str | None] | None = None
     weight: float = 1.0
+    difficulty: float | None = None
+    language: str | None = None
 
     def key(self) -> str:
         """Identity for exact-duplicate removal: two rows the model would see identically."""

@@ -25,21 +25,21 @@ def encode_task(
     if task == "pairs":
         encoded = [None if t is None else tokenize_for_classification(tokenizer, t, cfg.max_length, cfg.truncation_side) for t in record.texts or []]
         group = [None if e is None else e[0] for e in encoded]
-        return Example(group[0] or [], [], weight=record.weight, group=group), any(e is not None and e[1] for e in encoded)
+        return Example(group[0] or [], [], group=group), any(e is not None and e[1] for e in encoded)
     if task == "multiple_choice":
         encoded = [_pair(tokenizer, record.text or "", choice, cfg.max_length) for choice in record.texts or []]
         group = [ids for ids, _ in encoded]
-        return Example(group[0], [], label=int(record.label), weight=record.weight, group=list(group)), any(cut for _, cut in encoded)
+        return Example(group[0], [], label=int(record.label), group=list(group)), any(cut for _, cut in encoded)
     ids, cut = tokenize_for_classification(tokenizer, record.text or "", cfg.max_length, cfg.truncation_side)
     if task == "multi_label":
         hot = [0.0] * len(label_index or {})
         for value in record.label or []:
             hot[label_id(record, label_index or {}, declared, value)] = 1.0
-        return Example(ids, [], weight=record.weight, targets=hot), cut
+        return Example(ids, [], targets=hot), cut
     if task == "regression":
-        return Example(ids, [], weight=record.weight, targets=[float(record.label)]), cut
+        return Example(ids, [], targets=[float(record.label)]), cut
     if task == "sentences":
-        return Example(ids, [], weight=record.weight, word_ids=_word_ids(tokenizer, record.text or "", len(ids), cfg)), cut
+        return Example(ids, [], word_ids=_word_ids(tokenizer, record.text or "", len(ids), cfg)), cut
     raise ValueError(f"not an extra task: {task}")
 
 
@@ -54,7 +54,7 @@ def _tagged(
     for word in encoding.word_ids():
         labels.append(IGNORE_INDEX if word is None or word == previous else label_id(record, index, declared, tags[word]))
         previous = word
-    return Example(list(encoding["input_ids"]), labels, weight=record.weight), len(full["input_ids"]) > cfg.max_length
+    return Example(list(encoding["input_ids"]), labels), len(full["input_ids"]) > cfg.max_length
 
 
 def _pair(tokenizer: PreTrainedTokenizerBase, question: str, choice: str, max_length: int) -> tuple[list[int], bool]:

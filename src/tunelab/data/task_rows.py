@@ -7,7 +7,7 @@
 - ``sentences``: ``text`` alone, encoded with the tokenizer's special tokens (SimCSE, masked LM)
 - ``multiple_choice``: ``question`` + ``choices`` (list) + ``label`` (the answer's index or text)
 
-A per-example loss weight comes from ``data.weight_column`` for every task here.
+Per-example fields (weight, difficulty, language) are read for every task in ``example_fields``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ TASK_FIELDS = {
 
 def task_record(fields: Mapping[str, Any], task: str, cfg: DataConfig, where: str) -> Record:
     """Validate one row for ``task`` (one of ``TASK_FIELDS``)."""
-    weight = example_weight(fields, cfg.weight_column, where)
     if task == "token_classification":
         words, tags = string_list(fields, "tokens", where), string_list(fields, "tags", where)
         if len(words) != len(tags) or not words:
             raise UserError(f"{len(words)} tokens but {len(tags)} tags", where=where, hint="give exactly one tag per token (and at least one token)")
-        return Record(where, words=words, tags=tags, weight=weight)
+        return Record(where, words=words, tags=tags)
     if task == "pairs":
         anchor = _text(fields, "anchor", cfg, where)
         positive = fields.get("positive")
@@ -54,30 +53,20 @@ def task_record(fields: Mapping[str, Any], task: str, cfg: DataConfig, where: st
         negative = fields.get("negative")
         if negative is not None and not isinstance(negative, str):
             raise UserError(f"'negative' must be a string, got {type(negative).__name__}", where=where)
-        return Record(where, texts=[anchor, positive, negative or None], weight=weight)
+        return Record(where, texts=[anchor, positive, negative or None])
     if task == "multiple_choice":
         question, choices = _text(fields, "question", cfg, where), string_list(fields, "choices", where)
         if len(choices) < 2:
             raise UserError(f"{len(choices)} choice(s); a multiple-choice row needs at least two", where=where)
-        return Record(where, text=question, texts=list(choices), label=_answer_index(fields, choices, where), weight=weight)
+        return Record(where, text=question, texts=list(choices), label=_answer_index(fields, choices, where))
     text = _text(fields, "text", cfg, where)
     if task == "multi_label":
-        return Record(where, text=text, label=string_list(fields, "labels", where), weight=weight)
+        return Record(where, text=text, label=string_list(fields, "labels", where))
     if task == "regression":
-        return Record(where, text=text, label=number_field(fields, "label", where, what="regression target"), weight=weight)
+        return Record(where, text=text, label=number_field(fields, "label", where, what="regression target"))
     if task == "sentences":
-        return Record(where, text=text, weight=weight)
+        return Record(where, text=text)
     raise ValueError(f"not an extra task: {task}")
-
-
-def example_weight(fields: Mapping[str, Any], column: str | None, where: str) -> float:
-    """The row's loss weight from ``data.weight_column`` (1 without one); negative is an error."""
-    if column is None:
-        return 1.0
-    weight = number_field(fields, column, where, what="example weight")
-    if weight < 0:
-        raise UserError(f"example weight '{column}' is {weight}; weights must be 0 or more", where=where)
-    return weight
 
 
 def _text(fields: Mapping[str, Any], name: str, cfg: DataConfig, where: str) -> str:

@@ -92,7 +92,9 @@ class CausalLMObjective:
                 full = model(**inputs, use_cache=False).logits
                 full = full[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
                 logits = full[:, :-1][supervised_next]
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+        weights = batch.get("weights")  # data.weight_column: each token weighs as its example
+        loss_sum = per_token.sum() if weights is None else (per_token * weights[:, 1:][supervised_next]).sum()
         correct = (logits.argmax(-1) == targets).sum()
         return loss_sum, {"loss_sum": loss_sum.detach().item(), "tokens": int(targets.numel()), "correct": int(correct)}
 

@@ -10,9 +10,8 @@ from tunelab.data import Example
 from tunelab.data.collate_tasks import collate_task_batch
 from tunelab.data.masking import MaskingCollate
 from tunelab.errors import UserError
-from tunelab.methods.config import TaskSamplingConfig
 from tunelab.methods.pooling import pool
-from tunelab.train.multitask import schedule_batches, task_shares
+from tunelab.train.task_mix import TaskMixConfig, TaskMixSampler, task_shares
 from tunelab.train.objectives.losses import (
     class_weight_vector,
     hardest_negatives,
@@ -121,11 +120,11 @@ def test_grouped_batches_mark_missing_negatives():
 
 def test_task_sampling_shares():
     sizes = [900, 100]
-    assert task_shares(sizes, TaskSamplingConfig(strategy="size")) == pytest.approx([0.9, 0.1])
-    assert task_shares(sizes, TaskSamplingConfig(strategy="uniform")) == pytest.approx([0.5, 0.5])
-    t2 = task_shares(sizes, TaskSamplingConfig(strategy="temperature", temperature=2.0))
+    assert task_shares(sizes, TaskMixConfig(strategy="size")) == pytest.approx([0.9, 0.1])
+    assert task_shares(sizes, TaskMixConfig(strategy="uniform")) == pytest.approx([0.5, 0.5])
+    t2 = task_shares(sizes, TaskMixConfig(strategy="temperature", temperature=2.0))
     assert t2 == pytest.approx([30 / 40, 10 / 40])  # sqrt(900) : sqrt(100)
-    pools = [[Example([i], [], label=0) for i in range(90)], [Example([i], [], label=1) for i in range(10)]]
-    batches = schedule_batches(pools, [0.5, 0.5], batch_size=5, seed=0)
-    assert len(batches) == 20 and sum(b.task == 1 for b in batches) == 10  # the small task cycles through its data
-    assert all(len(b.examples) == 5 for b in batches)
+    tasks = [0] * 90 + [1] * 10
+    batches = TaskMixSampler(tasks, [0.5, 0.5], batch_size=5, seed=0).batches(epoch=0)
+    assert len(batches) == 20 and sum(tasks[b[0]] == 1 for b in batches) == 10  # the small task cycles through its data
+    assert all(len(b) == 5 and len({tasks[i] for i in b}) == 1 for b in batches)

@@ -31,6 +31,7 @@ from tunelab.train.config import TrainConfig
 from tunelab.methods import METHODS
 from tunelab.train.callbacks import CALLBACKS
 from tunelab.train.objectives import OBJECTIVES
+from tunelab.train import task_mix  # noqa: F401  (registers the multi-task sampler)
 from tunelab.train.samplers import SAMPLERS
 
 

@@ -131,13 +131,6 @@ class TaskConfig(Section):
     weight: float = Field(1.0, gt=0, description="This task's loss is multiplied by weight.")
 
 
-class TaskSamplingConfig(Section):
-    """How often each task's batches come up: by size (p ∝ n), uniform, or temperature (p ∝ n^(1/T))."""
-
-    strategy: Literal["size", "uniform", "temperature"] = "size"
-    temperature: float = Field(2.0, gt=0, description="T for strategy temperature: 1 is by size, large T approaches uniform.")
-
-
 class DropoutConfig(Section):
     """Dropout overrides (null keeps the model's own value)."""
 
@@ -162,7 +155,14 @@ class MethodConfig(Section):
     tasks: dict[str, TaskConfig] | None = Field(
         None, description="Multi-task: {task_name: {data, head, weight}}; every task's head sits on one shared body (and its adapters)."
     )
-    task_sampling: TaskSamplingConfig = Field(default_factory=TaskSamplingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("task_sampling"), dict):
+            shown = ", ".join(f"{k}: {v}" for k, v in {"name": "task_mix", **data["task_sampling"]}.items())
+            raise ValueError(f"task_sampling moved to the data order: write sampler: {{{shown}}}")
+        return data
 
     @model_validator(mode="after")
     def _one_peft_family(self) -> MethodConfig:

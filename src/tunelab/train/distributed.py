@@ -69,13 +69,14 @@ def init_world(device: torch.device) -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 
-def wrap_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """DistributedDataParallel over the trainable parameters when running on several processes."""
+def wrap_model(model: torch.nn.Module, world: World, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel over the trainable parameters when running on several processes;
+    ``find_unused_parameters`` when a step may leave some of them without a gradient."""
     if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

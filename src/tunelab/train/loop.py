@@ -29,7 +29,7 @@ from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler
-from tunelab.train.samplers import Sampler, ShuffleSampler, step_batches
+from tunelab.train.samplers import Sampler, ShuffleSampler, evaluation_batches, step_batches
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
 #: Receives every metrics record as it is written (the job API's event sink).
@@ -88,6 +88,8 @@ class Trainer:
     events: EventSink | None = None
     #: Checked after every step; when set, the run checkpoints and stops ("cancelled").
     cancel: CancelToken | None = None
+    #: False when some trainable parameters may get no gradient in a step (multi-task heads).
+    uses_all_parameters: bool = True
 
     def __post_init__(self) -> None:
         global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.world.size
@@ -103,7 +105,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
-        self.wrapped = wrap_model(self.model, self.world)
+        self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._epoch_batches: dict[int, list[list[int]]] = {}
 
@@ -142,8 +144,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         stats: dict[str, Any] = {}
-        for i in range(0, len(self.validation), self.cfg.batch_size):
-            batch = self._to_device(self.collate(self.validation[i : i + self.cfg.batch_size]))
+        for indices in evaluation_batches(self.validation, self.cfg.batch_size):
+            batch = self._to_device(self.collate([self.validation[i] for i in indices]))
             with self._autocast():
                 _, batch_stats = self.objective(model, batch)
             accumulate(stats, batch_stats)

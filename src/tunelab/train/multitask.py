@@ -4,11 +4,12 @@
   one shared body, to which the recipe's methods (freezing, LoRA, bottleneck adapters) are
   applied once, so adapters are shared too. The body trains unless every task's head says
   ``base: frozen`` (or freezing/adapters say otherwise).
-- **Batches**: a micro-batch holds one task's examples (heads need their own batch shapes). One
-  epoch is as many batches as the tasks' examples fill; each task's share of them follows
-  ``method.task_sampling``: by size (p ∝ n), uniform, or temperature (p ∝ n^(1/T)). A task whose
-  share exceeds its data cycles through it in fresh seeded orders. The trainer shuffles the
-  batches each epoch, as it shuffles examples in single-task runs.
+- **Batches**: every task's examples end to end, each with its ``task`` index; the ``task_mix``
+  sampler (``tunelab.train.task_mix``, the default here) puts one task's examples in each
+  micro-batch (heads need their own batch shapes) at the rate ``sampler:`` asks for, and
+  validation batches never mix tasks. ``train.batch_size`` means examples per micro-batch, as in
+  every run. Under DDP different processes may train different tasks in one step, so DDP is told
+  that some parameters (other tasks' heads) get no gradient there.
 - **Loss**: each batch contributes ``weight × (its task's mean loss) × its examples``; the
   trainer divides by all examples of the step, so tasks with token-level losses do not
   outweigh example-level ones by their token counts.
@@ -19,9 +20,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from tunelab import rundir
 from tunelab.data import DataBundle, DataConfig, DataReport, Example, build_datasets
 from tunelab.methods import apply_methods
-from tunelab.methods.config import HeadConfig, MethodConfig, TaskConfig, TaskSamplingConfig
+from tunelab.methods.config import HeadConfig, MethodConfig, TaskConfig
 from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.heads import (
     attach_embedding_head,
@@ -47,14 +46,8 @@ from tunelab.train.embedding_artifacts import load_embedder, save_embedder
 from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
 from tunelab.train.objectives.base import Stats
 from tunelab.train.prepared import Prepared, head_collate, masking
-
-
-@dataclass
-class TaskBatch:
-    """One micro-batch's worth of one task's examples (what the trainer shuffles and collates)."""
-
-    task: int
-    examples: list[Example]
+from tunelab.train.samplers import SAMPLERS, SamplerContext
+from tunelab.train.task_mix import TaskMixConfig
 
 
 class MultiTaskModel(torch.nn.Module):
@@ -112,37 +105,6 @@ class MultiTaskObjective:
         return metrics
 
 
-def task_shares(sizes: Sequence[int], sampling: TaskSamplingConfig) -> list[float]:
-    """Sampling probability of each task: ∝ n (size), equal (uniform), or ∝ n^(1/T) (temperature)."""
-    power = {"size": 1.0, "uniform": 0.0, "temperature": 1.0 / sampling.temperature}[sampling.strategy]
-    raw = [n**power for n in sizes]
-    return [r / sum(raw) for r in raw]
-
-
-def schedule_batches(examples: Sequence[Sequence[Example]], shares: Sequence[float], batch_size: int, seed: int) -> list[TaskBatch]:
-    """One epoch of single-task batches: ``total`` batches split by ``shares`` (largest remainder),
-    each task's examples taken in seeded orders, cycling when its share exceeds its data."""
-    total = max(1, sum(len(e) for e in examples) // batch_size)
-    counts = [math.floor(s * total) for s in shares]
-    by_remainder = sorted(range(len(shares)), key=lambda t: shares[t] * total - counts[t], reverse=True)
-    for t in by_remainder[: total - sum(counts)]:
-        counts[t] += 1
-    batches = []
-    for t, (pool, count) in enumerate(zip(examples, counts)):
-        order: list[int] = []
-        rounds = 0
-        while len(order) < count * batch_size:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * t + rounds)
-            order += torch.randperm(len(pool), generator=generator).tolist()
-            rounds += 1
-        batches += [TaskBatch(t, [pool[i] for i in order[b * batch_size : (b + 1) * batch_size]]) for b in range(count)]
-    return batches
-
-
-def validation_batches(examples: Sequence[Sequence[Example]], batch_size: int) -> list[TaskBatch]:
-    return [TaskBatch(t, list(pool[i : i + batch_size])) for t, pool in enumerate(examples) for i in range(0, len(pool), batch_size)]
-
-
 def task_plan(task: TaskConfig) -> Any:
     """The head plan of one task, with its objective choice (``method.tasks.<name>.objective``)."""
     return plan_for(task.head, task.objective.name if task.objective is not None else None)
@@ -177,19 +139,31 @@ def prepare_multitask(recipe: Recipe) -> Any:
     ]
     objective = MultiTaskObjective(names, objectives, [t.weight for t in tasks.values()])
     collates = [head_collate(t.head, masking(t.objective), tokenizer, recipe.seed) for t in tasks.values()]
-    batch_size = recipe.train.batch_size
-    train = schedule_batches([bundles[n].train for n in names], task_shares([len(bundles[n].train) for n in names], recipe.method.task_sampling), batch_size, recipe.seed)
-    validation = validation_batches([bundles[n].validation for n in names], batch_size)
+    train, validation = (tagged([getattr(bundles[n], split) for n in names]) for split in ("train", "validation"))
+    mix = recipe.sampler if recipe.sampler is not None else TaskMixConfig()
+    sampler = SAMPLERS.get(getattr(mix, "name", "task_mix")).build(mix, SamplerContext(train, recipe.train.batch_size, recipe.seed))
 
-    def collate(items: list[TaskBatch]) -> dict[str, torch.Tensor]:
-        (item,) = items  # the trainer runs with batch_size 1: each item is a whole batch
-        return {**collates[item.task](item.examples), "task": torch.tensor(item.task), "task_examples": torch.tensor(len(item.examples))}
+    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+        task = examples[0].task
+        if any(e.task != task for e in examples):
+            raise ValueError("a multi-task micro-batch must hold one task's examples (check the sampler)")
+        return {**collates[task](examples), "task": torch.tensor(task), "task_examples": torch.tensor(len(examples))}
 
     def save(run_dir: Path) -> Path:
         return save_multitask_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method, label_names=label_names)
 
-    data = DataBundle(train, validation, _combined_report(bundles), None)  # type: ignore[arg-type]
-    return Prepared(model, tokenizer, body_loaded.source, data, objective, collate, save, recipe.train.model_copy(update={"batch_size": 1}))
+    data = DataBundle(train, validation, _combined_report(bundles), None)
+    return Prepared(model, tokenizer, body_loaded.source, data, objective, collate, save, recipe.train, sampler, uses_all_parameters=False)
+
+
+def tagged(pools: Sequence[Sequence[Example]]) -> list[Example]:
+    """Every task's examples end to end, each marked with its task's index."""
+    out = []
+    for task, pool in enumerate(pools):
+        for example in pool:
+            example.task = task
+            out.append(example)
+    return out
 
 
 def _task_model(recipe: Recipe, head: HeadConfig, bundle: DataBundle, body: torch.nn.Module, is_encoder: bool) -> tuple[torch.nn.Module, list[str] | None]:

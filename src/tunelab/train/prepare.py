@@ -43,9 +43,10 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
     """Load, prepare and wire up the run ``recipe`` describes (auxiliary models go to ``device``)."""
     device = device or torch.device("cpu")
     if recipe.method.tasks:
-        for key in ("sampler", "objective"):
-            if getattr(recipe, key) is not None:
-                raise UserError("a multi-task run takes each task's loss from its head and orders batches by method.task_sampling", where=key, hint=f"remove {key}:")
+        if recipe.objective is not None:
+            raise UserError("a multi-task run takes each task's objective from that task", where="objective", hint="move it under method.tasks.<task>.objective")
+        if recipe.sampler is not None and recipe.sampler.name != "task_mix":
+            raise UserError(f"sampler {recipe.sampler.name} would mix tasks in one batch", where="sampler.name", hint="use task_mix (the default for method.tasks)")
         return prepare_multitask(recipe)
     if recipe.method.head is None:
         prepared = _prepare_causal_lm(recipe, device)

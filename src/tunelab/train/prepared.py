@@ -36,6 +36,9 @@ class Prepared:
     train_cfg: TrainConfig
     #: Data order; None is the trainer's default (a seeded shuffle).
     sampler: Sampler | None = None
+    #: False when a step may leave some trainable parameters without a gradient (multi-task heads):
+    #: DDP must then look for unused parameters.
+    uses_all_parameters: bool = True
 
 
 def masking(objective: Any) -> MaskedLMConfig:

@@ -130,7 +130,7 @@ def _run(
         model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
         collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
         callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile,
-        sampler=prepared.sampler, events=events, cancel=cancel,
+        sampler=prepared.sampler, events=events, cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
     )
     result = trainer.fit(resume_from)
     saved = ""

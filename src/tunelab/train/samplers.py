@@ -115,6 +115,17 @@ def _sequential(cfg: SequentialConfig, ctx: SamplerContext) -> Sampler:
     return SequentialSampler(len(ctx.examples), ctx.batch_size)
 
 
+def evaluation_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    """Consecutive evaluation batches of at most ``batch_size``, never mixing two tasks' examples."""
+    out: list[list[int]] = []
+    for i, example in enumerate(examples):
+        if out and len(out[-1]) < batch_size and examples[out[-1][0]].task == example.task:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def step_batches(all_batches: Sequence[list[int]], step_in_epoch: int, grad_accum: int, rank: int, world_size: int) -> list[list[int]]:
     """This rank's micro-batches of one optimizer step."""
     start = step_in_epoch * grad_accum * world_size

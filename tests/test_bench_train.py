@@ -25,7 +25,7 @@ def test_quick_benchmark_runs_both_sides_and_saves_under_the_current_directory(t
     assert hf["real_tokens"] == ours["real_tokens"] > 0 and hf["supervised_tokens"] == ours["supervised_tokens"] > 0
     assert saved["loss_parity"], (saved["loss_delta"], saved["eval_loss_delta"])
     assert len(ours["step_losses"]) == len(hf["step_losses"]) == 3
-    assert saved["sides"]["tunelab"]["peak_rss_mb"] > 0 and saved["gemm_peak_gflops"]["fp32"] > 0
+    assert saved["sides"]["tunelab"]["peak_rss_mb"] > 0 and saved["gemm_peak_gflops"][saved["precision"]] > 0
 
 
 def test_unknown_lever_is_a_user_error():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.compress_helpers import calibration_chunks
-from tunelab.compress import packing
+from tunelab.compress import bitpack
 from tunelab.compress.qlinear import QuantLinear, QuantSpec, dequantize, quantize_weight
 from tunelab.compress.quantize import quantize
 from tunelab.compress.store import load_compressed, save_compressed
@@ -22,8 +22,8 @@ def weight():
 @pytest.mark.parametrize("bits", [1, 2, 4, 6, 8])
 def test_packing_round_trips(bits):
     codes = torch.randint(0, 2**bits, (5, 37), dtype=torch.uint8)
-    packed = packing.pack(codes, bits)
-    assert torch.equal(packing.unpack(packed, bits, 37), codes)
+    packed = bitpack.pack(codes, bits)
+    assert torch.equal(bitpack.unpack(packed, bits, 37), codes)
     expected_bytes = -(-37 * bits // 8) if bits in (1, 2, 4) else 37
     assert packed.shape == (5, expected_bytes)
 
@@ -150,7 +150,7 @@ def test_a_quantized_output_head_is_saved_untied_and_reloads(tmp_path):
 
 
 def test_a_quantized_classifier_reloads_as_a_classifier(tmp_path):
-    loaded = load_model("tiny-bert", task="sequence-classification", num_labels=3, seed=0)
+    loaded = load_model("tiny-bert", model_task="sequence-classification", num_labels=3, seed=0)
     ids = torch.randint(7, 200, (2, 12), generator=torch.Generator().manual_seed(4))
     model, _ = quantize(loaded.model.eval(), "int8", group_size=32)
     with torch.no_grad():

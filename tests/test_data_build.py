@@ -25,14 +25,14 @@ def qa(i: int, prompt_len: int = 1) -> dict:
 
 def test_long_examples_are_truncated_or_dropped_and_counted(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [qa(0), qa(1, prompt_len=40), qa(2, prompt_len=40)])
-    short_len = len(build_datasets(DataConfig(train=path, val_fraction=0), TOK, task="sft", seed=0).train[0].input_ids)
+    short_len = len(build_datasets(DataConfig(train=path, val_fraction=0), TOK, shape="sft", seed=0).train[0].input_ids)
     limit = short_len + 10  # room for the short example, not for the long ones
 
-    right = build_datasets(DataConfig(train=path, val_fraction=0, max_length=limit), TOK, task="sft", seed=0)
+    right = build_datasets(DataConfig(train=path, val_fraction=0, max_length=limit), TOK, shape="sft", seed=0)
     assert (right.report.train_examples, right.report.truncated, right.report.dropped) == (1, 0, 2)
 
     left = build_datasets(
-        DataConfig(train=path, val_fraction=0, max_length=limit, truncation_side="left"), TOK, task="sft", seed=0
+        DataConfig(train=path, val_fraction=0, max_length=limit, truncation_side="left"), TOK, shape="sft", seed=0
     )
     assert (left.report.train_examples, left.report.truncated, left.report.dropped) == (3, 2, 0)
     assert all(len(e.input_ids) <= limit for e in left.train)
@@ -42,9 +42,9 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tmp_path):
 
 def test_right_truncation_that_keeps_part_of_the_answer_is_truncated_not_dropped(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a long answer"}])
-    full = build_datasets(DataConfig(train=path, val_fraction=0), TOK, task="sft", seed=0).train[0]
+    full = build_datasets(DataConfig(train=path, val_fraction=0), TOK, shape="sft", seed=0).train[0]
     cut = build_datasets(
-        DataConfig(train=path, val_fraction=0, max_length=len(full.input_ids) - 5), TOK, task="sft", seed=0
+        DataConfig(train=path, val_fraction=0, max_length=len(full.input_ids) - 5), TOK, shape="sft", seed=0
     )
     assert (cut.report.truncated, cut.report.dropped) == (1, 0)
     assert cut.train[0].input_ids == full.input_ids[:-5]
@@ -57,7 +57,7 @@ def test_classification_truncation_keeps_encoder_special_tokens(tmp_path):
         bundle = build_datasets(
             DataConfig(train=path, val_fraction=0, max_length=5, truncation_side=side),
             tok,
-            task="classification",
+            shape="classification",
             seed=0,
         )
         assert tok.decode(bundle.train[0].input_ids) == f"[CLS]{kept}[SEP]"
@@ -67,10 +67,10 @@ def test_classification_truncation_keeps_encoder_special_tokens(tmp_path):
 def test_duplicates_are_removed_and_counted_including_train_rows_seen_in_validation(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [qa(0), qa(1), qa(0), qa(2), qa(3)])
     val = write_jsonl(tmp_path / "v.jsonl", [qa(3), qa(4), qa(4)])
-    report = build_datasets(DataConfig(train=train, validation=val), TOK, task="sft", seed=0).report
+    report = build_datasets(DataConfig(train=train, validation=val), TOK, shape="sft", seed=0).report
     assert (report.rows_read, report.duplicates_removed) == (8, 3)
     assert (report.train_examples, report.validation_examples) == (3, 2)
-    kept = build_datasets(DataConfig(train=train, validation=val, dedup=False), TOK, task="sft", seed=0).report
+    kept = build_datasets(DataConfig(train=train, validation=val, dedup=False), TOK, shape="sft", seed=0).report
     assert (kept.duplicates_removed, kept.train_examples, kept.validation_examples) == (0, 5, 3)
 
 
@@ -78,7 +78,7 @@ def test_validation_file_that_leaves_nothing_is_an_error(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [qa(0), qa(1)])
     val = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "no answer"}])
     with pytest.raises(UserError, match="no validation examples left"):
-        build_datasets(DataConfig(train=train, validation=val, on_bad_row="skip"), TOK, task="sft", seed=0)
+        build_datasets(DataConfig(train=train, validation=val, on_bad_row="skip"), TOK, shape="sft", seed=0)
 
 
 def test_held_out_split_is_seeded(tmp_path):
@@ -86,7 +86,7 @@ def test_held_out_split_is_seeded(tmp_path):
     cfg = DataConfig(train=path, val_fraction=0.25)
 
     def split(seed):
-        bundle = build_datasets(cfg, TOK, task="sft", seed=seed)
+        bundle = build_datasets(cfg, TOK, shape="sft", seed=seed)
         return [TOK.decode(e.input_ids) for e in bundle.train], [TOK.decode(e.input_ids) for e in bundle.validation]
 
     train, val = split(0)
@@ -99,13 +99,13 @@ def test_held_out_split_is_seeded(tmp_path):
 def test_too_few_rows_to_hold_out(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [qa(0)])
     with pytest.raises(UserError, match="too few to hold out"):
-        build_datasets(DataConfig(train=path, val_fraction=0.1), TOK, task="sft", seed=0)
+        build_datasets(DataConfig(train=path, val_fraction=0.1), TOK, shape="sft", seed=0)
 
 
 def cls_bundle(tmp_path, train_rows, val_rows=None, **settings):
     train = write_jsonl(tmp_path / "t.jsonl", train_rows)
     val = write_jsonl(tmp_path / "v.jsonl", val_rows) if val_rows else None
-    return build_datasets(DataConfig(train=train, validation=val, **settings), TOK, task="classification", seed=0)
+    return build_datasets(DataConfig(train=train, validation=val, **settings), TOK, shape="classification", seed=0)
 
 
 def test_labels_default_to_sorted_train_labels_integers_numerically(tmp_path):
@@ -147,7 +147,7 @@ def test_validation_label_unseen_in_train_is_an_error_unless_skipped(tmp_path):
 
 def test_report_counts_tokens_that_carry_loss(tmp_path):
     bundle = build_datasets(
-        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", [qa(0)]), val_fraction=0), TOK, task="sft", seed=0
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", [qa(0)]), val_fraction=0), TOK, shape="sft", seed=0
     )
     report = bundle.report.as_dict()
     assert report["supervised_tokens"] == len("answer 0") + 1  # the answer's bytes and <|im_end|>

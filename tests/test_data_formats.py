@@ -21,8 +21,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def only_example(path: str, task: str = "sft", tokenizer=TOK, **settings) -> Example:
-    bundle = build_datasets(DataConfig(train=path, val_fraction=0, **settings), tokenizer, task=task, seed=0)
+def only_example(path: str, shape: str = "sft", tokenizer=TOK, **settings) -> Example:
+    bundle = build_datasets(DataConfig(train=path, val_fraction=0, **settings), tokenizer, shape=shape, seed=0)
     assert len(bundle.train) == 1
     return bundle.train[0]
 
@@ -82,7 +82,7 @@ def test_alpaca_instruction_with_and_without_input(tmp_path):
         {"instruction": "Say hi.", "input": "", "output": "hi"},
     ]
     bundle = build_datasets(
-        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="sft", seed=0
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, shape="sft", seed=0
     )
     by_answer = {supervised_runs(e)[0]: text_of(e) for e in bundle.train}
     assert "<|im_start|>user\nTranslate to French.\n\ncat<|im_end|>" in by_answer["chat<|im_end|>"]
@@ -91,7 +91,7 @@ def test_alpaca_instruction_with_and_without_input(tmp_path):
 
 
 def test_raw_text_supervises_every_token_and_ends_with_eos(tmp_path):
-    example = only_example(write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time."}]), task="text")
+    example = only_example(write_jsonl(tmp_path / "d.jsonl", [{"text": "Once upon a time."}]), shape="text")
     assert text_of(example) == "Once upon a time.<|endoftext|>"
     assert example.labels == example.input_ids
 
@@ -99,7 +99,7 @@ def test_raw_text_supervises_every_token_and_ends_with_eos(tmp_path):
 def test_classification_rows_map_labels_to_ids(tmp_path):
     rows = [{"text": "great", "label": "pos"}, {"text": "awful", "label": "neg"}]
     bundle = build_datasets(
-        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, task="classification", seed=0
+        DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0), TOK, shape="classification", seed=0
     )
     assert bundle.label_names == ["neg", "pos"]
     assert {TOK.decode(e.input_ids): e.label for e in bundle.train} == {"great": 1, "awful": 0}
@@ -116,7 +116,7 @@ def test_columns_rename_their_fields_to_ours(tmp_path):
 def test_format_is_detected_by_most_rows(tmp_path):
     rows = [{"prompt": "odd row"}, {"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
     cfg = DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0, on_bad_row="skip")
-    report = build_datasets(cfg, TOK, task="sft", seed=0).report
+    report = build_datasets(cfg, TOK, shape="sft", seed=0).report
     assert (report.format, report.train_examples, report.bad_rows_skipped) == ("prompt_completion", 2, 1)
 
 
@@ -142,7 +142,7 @@ def test_templates_turn_any_fields_into_prompt_and_answer(tmp_path):
 
 def test_prompt_template_builds_classification_text(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"title": "Wow", "body": "so good", "label": 1}])
-    example = only_example(path, task="classification", prompt_template="{title}: {body}")
+    example = only_example(path, shape="classification", prompt_template="{title}: {body}")
     assert (TOK.decode(example.input_ids), example.label) == ("Wow: so good", 0)
 
 
@@ -152,7 +152,7 @@ def test_settings_that_would_be_ignored_are_errors(tmp_path):
         only_example(chat, prompt_template="{x}")
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "a"}])
     with pytest.raises(UserError, match="few_shot applies to sft data only"):
-        only_example(text, task="text", few_shot=1)
+        only_example(text, shape="text", few_shot=1)
 
 
 @pytest.mark.parametrize(

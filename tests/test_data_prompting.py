@@ -64,9 +64,9 @@ def test_few_shot_training_examples_learn_only_their_own_answer(tmp_path):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
     cfg = DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0.25, few_shot=2)
     tok = byte_tokenizer()
-    bundle = build_datasets(cfg, tok, task="sft", seed=0)
-    assert build_datasets(cfg, tok, task="sft", seed=0).train == bundle.train, "same seed, same demonstrations"
-    assert build_datasets(cfg, tok, task="sft", seed=1).train != bundle.train
+    bundle = build_datasets(cfg, tok, shape="sft", seed=0)
+    assert build_datasets(cfg, tok, shape="sft", seed=0).train == bundle.train, "same seed, same demonstrations"
+    assert build_datasets(cfg, tok, shape="sft", seed=1).train != bundle.train
     for example in bundle.train + bundle.validation:
         text = tok.decode(example.input_ids)
         assert text.count("<|im_start|>user") == 3
@@ -81,4 +81,4 @@ def test_few_shot_larger_than_the_training_split_is_a_setting_error(tmp_path):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
     cfg = DataConfig(train=write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0, few_shot=3)
     with pytest.raises(UserError, match="lower data.few_shot|few_shot: 3"):
-        build_datasets(cfg, byte_tokenizer(), task="sft", seed=0)
+        build_datasets(cfg, byte_tokenizer(), shape="sft", seed=0)

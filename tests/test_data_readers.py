@@ -29,7 +29,7 @@ def fields(path: Path) -> list[dict]:
 
 def build(path: Path, **settings) -> object:
     cfg = DataConfig(train=str(path), val_fraction=0, **settings)
-    return build_datasets(cfg, byte_tokenizer(), task="sft", seed=0)
+    return build_datasets(cfg, byte_tokenizer(), shape="sft", seed=0)
 
 
 def error_of(path: Path, **settings) -> UserError:
@@ -170,7 +170,7 @@ def test_missing_file_and_unknown_type(tmp_path):
 
 def test_unset_train_file():
     with pytest.raises(UserError, match="data.train is not set"):
-        build_datasets(DataConfig(), byte_tokenizer(), task="sft", seed=0)
+        build_datasets(DataConfig(), byte_tokenizer(), shape="sft", seed=0)
 
 
 # --- bad input, skip mode ---------------------------------------------------------------------

@@ -51,7 +51,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def test_named_templates_render_and_mask(tmp_path, template, rendered, learned):
     tok = byte_tokenizer()
     cfg = DataConfig(train=write_jsonl(tmp_path / "d.jsonl", [ROW]), val_fraction=0, template=template)
-    bundle = build_datasets(cfg, tok, task="sft", seed=0)
+    bundle = build_datasets(cfg, tok, shape="sft", seed=0)
     assert bundle.report.template == template
     assert tok.decode(bundle.train[0].input_ids) == rendered
     assert supervised_runs(tok, bundle.train[0]) == [learned]
@@ -72,7 +72,7 @@ def test_system_prompt_comes_first_unless_the_row_has_one(tmp_path):
     texts = []
     for i, row in enumerate(rows):
         cfg = DataConfig(train=write_jsonl(tmp_path / f"{i}.jsonl", [row]), val_fraction=0, system_prompt="Be exact.")
-        texts.append(tok.decode(build_datasets(cfg, tok, task="sft", seed=0).train[0].input_ids))
+        texts.append(tok.decode(build_datasets(cfg, tok, shape="sft", seed=0).train[0].input_ids))
     assert texts[0].startswith("<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\nCapital")
     assert texts[1].startswith("<|im_start|>system\nOwn.<|im_end|>") and "Be exact." not in texts[1]
 
@@ -125,7 +125,7 @@ def test_quickstart_data_fits_smollm2_without_loss(smollm2_tokenizer):
     cfg = DataConfig(
         train=str(data / "rt_sentiment_train.jsonl"), validation=str(data / "rt_sentiment_test.jsonl"), max_length=256
     )
-    report = build_datasets(cfg, smollm2_tokenizer, task="sft", seed=0).report
+    report = build_datasets(cfg, smollm2_tokenizer, shape="sft", seed=0).report
     assert (report.train_examples, report.validation_examples) == (500, 200)
     assert (report.truncated, report.dropped, report.template) == (0, 0, "model")
     # exactly the answer word's tokens plus <|im_end|> are learned, nothing of the prompt

@@ -9,10 +9,10 @@ from tunelab.errors import UserError
 from tunelab.models.tiny import byte_tokenizer
 
 
-def build(tmp_path, rows, task, **cfg):
+def build(tmp_path, rows, shape, **cfg):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return build_datasets(DataConfig(train=str(path), val_fraction=0.0, **cfg), byte_tokenizer(encoder_style=True), task=task, seed=0)
+    return build_datasets(DataConfig(train=str(path), val_fraction=0.0, **cfg), byte_tokenizer(encoder_style=True), shape=shape, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import Example
-from tunelab.data.collate_tasks import collate_task_batch
+from tunelab.data.collate_heads import collate_head_batch
 from tunelab.data.masking import MaskingCollate
 from tunelab.errors import UserError
 from tunelab.methods.pooling import pool
@@ -112,7 +112,7 @@ def test_whole_word_masking_masks_words_together():
 
 
 def test_grouped_batches_mark_missing_negatives():
-    batch = collate_task_batch([Example([5], [], group=[[5], [6, 7], None]), Example([8], [], group=[[8], [9], [4]])], pad_id=0)
+    batch = collate_head_batch([Example([5], [], group=[[5], [6, 7], None]), Example([8], [], group=[[8], [9], [4]])], pad_id=0)
     assert batch["input_ids"].shape == (6, 2)
     assert batch["group_mask"].tolist() == [[True, True, False], [True, True, True]]
     assert batch["weights"].tolist() == [1.0, 1.0]

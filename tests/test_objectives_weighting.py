@@ -7,7 +7,7 @@ import torch
 
 from tests.train_helpers import train
 from tunelab.data import Example
-from tunelab.data.collate_tasks import collate_task_batch
+from tunelab.data.collate_heads import collate_head_batch
 from tunelab.train.objectives.classification import ClassificationObjective
 
 
@@ -52,6 +52,6 @@ class Logits(torch.nn.Module):
 def test_example_weights_multiply_each_examples_loss():
     model = Logits()
     examples = [Example([1], [], label=0, weight=2.0), Example([2], [], label=1, weight=0.0), Example([3], [], label=1)]
-    loss, _ = ClassificationObjective(["a", "b"])(model, collate_task_batch(examples, pad_id=0))
+    loss, _ = ClassificationObjective(["a", "b"])(model, collate_head_batch(examples, pad_id=0))
     per = torch.nn.functional.cross_entropy(model.table(torch.tensor([1, 2, 3])), torch.tensor([0, 1, 1]), reduction="none")
     assert torch.allclose(loss, 2.0 * per[0] + per[2])

@@ -37,7 +37,7 @@ def train_steps(tmp_path, low_precision: bool) -> tuple[list[float], dict[str, t
     torch.manual_seed(0)
     model = lora_model()
     tokenizer = load_model("tiny-llama").tokenizer
-    data = build_datasets(DataConfig(train=str(write_chat_data(tmp_path / "d.jsonl")), val_fraction=0.0), tokenizer, task="sft", seed=0)
+    data = build_datasets(DataConfig(train=str(write_chat_data(tmp_path / "d.jsonl")), val_fraction=0.0), tokenizer, shape="sft", seed=0)
     cfg = TrainConfig(max_steps=4, batch_size=8, lr=0.01, eval_before=False, save_every=100)
     trainer = Trainer(
         model=model, objective=CausalLMObjective(model), train=data.train, validation=[], cfg=cfg, collate=collate_packed,

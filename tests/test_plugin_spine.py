@@ -91,13 +91,13 @@ class TeacherPull:
         return self.base.units(batch)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        loss_sum, stats = self.base(model, batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits, targets, picked = self.base.supervised_logits(model, batch)  # the student's supervised positions
+        loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         with torch.no_grad():
-            target = self.teacher(**inputs).logits
+            teacher = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][picked]
         self.teacher_calls += 1
-        supervised = batch["labels"] != -100
-        pull = (model(**inputs).logits - target).pow(2).mean(-1)[supervised].sum()
+        pull = (logits.float() - teacher.float()).pow(2).mean(-1).sum()
+        stats = {"loss_sum": float(loss_sum.detach()), "tokens": int(targets.numel()), "correct": int((logits.argmax(-1) == targets).sum())}
         return loss_sum + self.cfg.weight * pull, {**stats, "pull_sum": float(pull.detach())}
 
     def summarize(self, stats: dict[str, Any]) -> dict[str, float]:

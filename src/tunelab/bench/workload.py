@@ -95,7 +95,7 @@ def data_config(workload: Workload, workdir: Path) -> DataConfig:
 
 def build_workload_data(workload: Workload, tokenizer, workdir: Path) -> WorkloadData:
     """Tokenized, masked examples; ``ordered`` is epoch 0 of the engine's permutation."""
-    bundle = build_datasets(data_config(workload, workdir), tokenizer, task="sft", seed=workload.seed)
+    bundle = build_datasets(data_config(workload, workdir), tokenizer, shape="sft", seed=workload.seed)
     needed = workload.steps * workload.batch_size
     if needed > len(bundle.train):
         raise ValueError(f"{workload.steps} steps x {workload.batch_size} need {needed} examples; the data has {len(bundle.train)}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.compress import packing
+from tunelab.compress import bitpack
 from tunelab.errors import UserError
 
 WEIGHT_FORMATS = ("int8", "int4", "ternary", "fixed-point")
@@ -108,7 +108,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = spec.groups(in_features, where)
         rows = 1 if spec.format == "fixed-point" else out_features
-        stored = math.ceil(in_features * spec.code_bits / 8) if packing.packs(spec.code_bits) else in_features
+        stored = math.ceil(in_features * spec.code_bits / 8) if bitpack.packs(spec.code_bits) else in_features
         self.register_buffer("codes", torch.zeros(out_features, stored, dtype=torch.uint8))
         self.register_buffer("scale", torch.zeros(rows, groups))
         self.register_buffer("zero", torch.zeros(rows, groups, dtype=torch.uint8))
@@ -119,7 +119,7 @@ class QuantLinear(nn.Module):
         """Quantize an ``nn.Linear``."""
         layer = cls(linear.in_features, linear.out_features, spec, bias=linear.bias is not None, where=where)
         codes, scale, zero = quantize_weight(linear.weight, spec, where)
-        layer.codes = packing.pack(codes, spec.code_bits)
+        layer.codes = bitpack.pack(codes, spec.code_bits)
         layer.scale, layer.zero = scale, zero
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
@@ -127,7 +127,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The dequantized float32 weight (built on demand, never kept)."""
-        codes = packing.unpack(self.codes, self.spec.code_bits, self.in_features)
+        codes = bitpack.unpack(self.codes, self.spec.code_bits, self.in_features)
         return dequantize(codes, self.scale, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

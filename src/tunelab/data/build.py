@@ -17,7 +17,7 @@ from tunelab.data.encode import Encoder, learned_tokens
 from tunelab.data.example_fields import read_example_fields
 from tunelab.data.formats import (
     Record,
-    Task,
+    Shape,
     check_settings,
     rename_columns,
     resolve_format,
@@ -30,13 +30,13 @@ from tunelab.data.split import hold_out, remove_duplicates, shuffled
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import UserError
 
-LABELLED_TASKS = ("classification", "multi_label", "token_classification")  # tasks with a label map
+LABELLED_TASKS = ("classification", "multi_label", "token_classification")  # shapes with a label map
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task: Task, seed: int) -> DataBundle:
-    """Read, validate, split, template and tokenize the recipe's data for ``task``.
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape: Shape, seed: int) -> DataBundle:
+    """Read, validate, split, template and tokenize the recipe's data for ``shape``.
 
-    ``task``: ``sft`` (chat / prompt-completion / instruction, loss on answers), ``text`` (raw
+    ``shape``: ``sft`` (chat / prompt-completion / instruction, loss on answers), ``text`` (raw
     text, every token learned) or ``classification`` (text + label). Everything dropped or cut on
     the way is counted in the report; ending with no training example is a UserError.
     """
@@ -50,10 +50,10 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task:
         report.bad_rows_skipped = bad_rows.count
         raise _nothing_left(cfg, report)
 
-    report.format = resolve_format(cfg, ((r.fields, r.where) for r in train_rows), task)
-    check_settings(cfg, report.format, task)
-    train = _records(train_rows, report.format, task, cfg, bad_rows)
-    validation = _records(val_rows, report.format, task, cfg, bad_rows)
+    report.format = resolve_format(cfg, ((r.fields, r.where) for r in train_rows), shape)
+    check_settings(cfg, report.format, shape)
+    train = _records(train_rows, report.format, shape, cfg, bad_rows)
+    validation = _records(val_rows, report.format, shape, cfg, bad_rows)
 
     if cfg.dedup:
         validation, repeats = remove_duplicates(validation)
@@ -64,7 +64,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, task:
     else:
         train, validation = hold_out(train, cfg.val_fraction, seed)
 
-    encoder = _encoder(cfg, tokenizer, task, train, report)
+    encoder = _encoder(cfg, tokenizer, shape, train, report)
     train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
     val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)
 
@@ -101,11 +101,11 @@ def _renamed(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     return [Row(rename_columns(row.fields, columns), row.where) for row in rows]
 
 
-def _records(rows: Sequence[Row], fmt: str, task: Task, cfg: DataConfig, bad_rows: BadRows) -> list[Record]:
+def _records(rows: Sequence[Row], fmt: str, shape: Shape, cfg: DataConfig, bad_rows: BadRows) -> list[Record]:
     records = []
     for row in rows:
         try:
-            record = to_record(row.fields, fmt, task, cfg, row.where)
+            record = to_record(row.fields, fmt, shape, cfg, row.where)
             extra = read_example_fields(row.fields, cfg, row.where)
             record.weight, record.difficulty, record.language = extra.weight, extra.difficulty, extra.language
             records.append(record)
@@ -115,16 +115,16 @@ def _records(rows: Sequence[Row], fmt: str, task: Task, cfg: DataConfig, bad_row
 
 
 def _encoder(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, task: Task, train: Sequence[Record], report: DataReport
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shape: Shape, train: Sequence[Record], report: DataReport
 ) -> Encoder:
-    """The encoder for ``task``, after the template (sft) or label map (classification) is fixed."""
-    if task == "sft":
+    """The encoder for ``shape``, after the template (sft) or label map (classification) is fixed."""
+    if shape == "sft":
         template, report.template = resolve_chat_template(tokenizer, cfg.template)
-        return Encoder(tokenizer, cfg, task, chat_template=template)
-    if task in LABELLED_TASKS:
+        return Encoder(tokenizer, cfg, shape, chat_template=template)
+    if shape in LABELLED_TASKS:
         report.label_names = label_names(cfg.labels, train)
-        return Encoder(tokenizer, cfg, task, label_index={name: i for i, name in enumerate(report.label_names)})
-    return Encoder(tokenizer, cfg, task)
+        return Encoder(tokenizer, cfg, shape, label_index={name: i for i, name in enumerate(report.label_names)})
+    return Encoder(tokenizer, cfg, shape)
 
 
 def _encode_all(

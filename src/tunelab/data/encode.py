@@ -1,4 +1,4 @@
-"""Turn validated records into tokenized ``Example``s for one task, counting truncation."""
+"""Turn validated records into tokenized ``Example``s for one shape, counting truncation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.bundle import IGNORE_INDEX, Example
 from tunelab.data.chat_masking import tokenize_chat
 from tunelab.data.config import DataConfig
-from tunelab.data.formats import Record, Task
+from tunelab.data.formats import Record, Shape
+from tunelab.data.head_encode import encode_head_example
+from tunelab.data.head_rows import HEAD_SHAPES
 from tunelab.data.labels import label_id
 from tunelab.data.prompting import build_messages
-from tunelab.data.task_encode import encode_task
-from tunelab.data.task_rows import TASK_FIELDS
 from tunelab.data.tokenize import tokenize_for_classification, tokenize_text, truncate
 
 
@@ -26,11 +26,11 @@ def learned_tokens(example: Example) -> int:
 
 @dataclass
 class Encoder:
-    """Encodes records for ``task``; ``truncated``/``dropped`` count what ``max_length`` did."""
+    """Encodes records for ``shape``; ``truncated``/``dropped`` count what ``max_length`` did."""
 
     tokenizer: PreTrainedTokenizerBase
     cfg: DataConfig
-    task: Task
+    shape: Shape
     chat_template: str | None = None
     label_index: dict[str, int] | None = None
     truncated: int = 0
@@ -44,18 +44,18 @@ class Encoder:
         """The example for ``record`` (``shots`` as demonstrations), or None when truncation left
         nothing to learn."""
         cfg = self.cfg
-        if self.task in TASK_FIELDS:
-            example, cut = encode_task(self.tokenizer, cfg, self.task, record, self.label_index, self._declared_labels)
+        if self.shape in HEAD_SHAPES:
+            example, cut = encode_head_example(self.tokenizer, cfg, self.shape, record, self.label_index, self._declared_labels)
             self.truncated += cut
             return example
-        if self.task == "classification":
+        if self.shape == "classification":
             assert self.label_index is not None, "classification needs a label map"
             ids, cut = tokenize_for_classification(
                 self.tokenizer, record.text or "", cfg.max_length, cfg.truncation_side
             )
             self.truncated += cut
             return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
-        if self.task == "text":
+        if self.shape == "text":
             ids = tokenize_text(self.tokenizer, record.text or "")
             labels = list(ids)
         else:

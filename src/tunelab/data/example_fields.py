@@ -1,6 +1,6 @@
 """Per-example fields every data path carries: loss weight, difficulty, language.
 
-They are read in one place for every row format and task (chat SFT included), so a column the
+They are read in one place for every row format and shape (chat SFT included), so a column the
 recipe names is never silently ignored on one path; samplers (curriculum by ``difficulty``,
 balancing by ``language``) and objectives (``weight``) read them from each ``Example``.
 """

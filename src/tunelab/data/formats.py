@@ -11,7 +11,7 @@ Formats (by the fields present, after ``data.columns`` renaming):
 - ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
 - ``classification``: ``text``, ``label``
 - ``text``: ``text`` (continued pretraining)
-- ``multi_label``, ``pairs``, ``tagged``, ``choices``: the rows of the tasks in ``task_rows``
+- ``multi_label``, ``pairs``, ``tagged``, ``choices``: the rows of the shapes in ``head_rows``
 - ``fields``: any fields, turned into prompts/answers/texts by ``data.prompt_template`` and
   ``data.completion_template``
 """
@@ -23,12 +23,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from tunelab.data.config import DataConfig
+from tunelab.data.head_rows import HEAD_SHAPES, head_record
 from tunelab.data.prompting import Message, qa_messages, render
 from tunelab.data.records import Record, missing_field, string_field
-from tunelab.data.task_rows import TASK_FIELDS, task_record
 from tunelab.errors import UserError
 
-Task = Literal[
+#: What one example holds, which decides how its rows are read and encoded ("task" names other things:
+#: the eval task, a multi-task run's entries, the model class is its "model_task").
+Shape = Literal[
     "sft", "classification", "text", "multi_label", "regression", "token_classification", "pairs", "sentences", "multiple_choice"
 ]
 
@@ -63,7 +65,7 @@ def detect_format(fields: Mapping[str, Any]) -> str | None:
     return None
 
 
-def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]], task: Task) -> str:
+def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]], shape: Shape) -> str:
     """``data.format``, or the format most rows match (one odd row does not decide for the file)."""
     if cfg.format != "auto":
         return cfg.format
@@ -76,7 +78,7 @@ def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]
             counts[detected] += 1
     if counts:
         return counts.most_common(1)[0][0]
-    templated = cfg.prompt_template and (cfg.completion_template or task != "sft")
+    templated = cfg.prompt_template and (cfg.completion_template or shape != "sft")
     if templated:
         return "fields"
     fields, where = first or ({}, None)
@@ -87,26 +89,26 @@ def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]
     )
 
 
-def check_settings(cfg: DataConfig, fmt: str, task: Task) -> None:
-    """Reject settings that this format/task combination would silently ignore."""
+def check_settings(cfg: DataConfig, fmt: str, shape: Shape) -> None:
+    """Reject settings that this format/shape combination would silently ignore."""
     if fmt == "chat" and (cfg.prompt_template or cfg.completion_template):
         raise UserError(
             "data.prompt_template/completion_template build turns from row fields, but chat rows already hold their messages",
             hint="remove them, or use prompt/completion rows",
         )
-    if task != "sft":
+    if shape != "sft":
         for name in ("completion_template", "system_prompt"):
             if getattr(cfg, name):
                 raise UserError(
-                    f"data.{name} applies to sft data only (this task is '{task}')", hint=f"remove data.{name}"
+                    f"data.{name} applies to sft data only (this run builds '{shape}' examples)", hint=f"remove data.{name}"
                 )
         if cfg.few_shot:
             raise UserError(
-                f"data.few_shot applies to sft data only (this task is '{task}')", hint="set data.few_shot: 0"
+                f"data.few_shot applies to sft data only (this run builds '{shape}' examples)", hint="set data.few_shot: 0"
             )
         if fmt in ("chat", "prompt_completion", "instruction") and not cfg.prompt_template:
             raise UserError(
-                f"task '{task}' needs a 'text' field{' and a label' if task == 'classification' else ''}, but the rows are {fmt}",
+                f"'{shape}' examples need a 'text' field{' and a label' if shape == 'classification' else ''}, but the rows are {fmt}",
                 hint="set data.prompt_template to build the text from row fields, or map a column with data.columns",
             )
     elif fmt in ("text", "classification", "fields") and not (cfg.prompt_template and cfg.completion_template):
@@ -117,9 +119,9 @@ def check_settings(cfg: DataConfig, fmt: str, task: Task) -> None:
         )
 
 
-def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, where: str) -> Record:
-    """Validate one row and reduce it to a Record for ``task``."""
-    if task == "sft":
+def to_record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig, where: str) -> Record:
+    """Validate one row and reduce it to a Record for ``shape``."""
+    if shape == "sft":
         if fmt == "chat":
             return Record(where, messages=chat_messages(fields.get("messages"), where))
         prompt = (
@@ -131,10 +133,10 @@ def to_record(fields: Mapping[str, Any], fmt: str, task: Task, cfg: DataConfig, 
             else _answer_field(fields, fmt, where)
         )
         return Record(where, messages=qa_messages(prompt, answer))
-    if task in TASK_FIELDS:
-        return task_record(fields, task, cfg, where)
+    if shape in HEAD_SHAPES:
+        return head_record(fields, shape, cfg, where)
     text = render(cfg.prompt_template, fields, where) if cfg.prompt_template else string_field(fields, "text", where)
-    if task == "text":
+    if shape == "text":
         return Record(where, text=text)
     label = fields.get("label")
     if label is None:

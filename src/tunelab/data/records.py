@@ -1,7 +1,7 @@
 """``Record``: one validated row reduced to what the model sees, and the field checks rows share.
 
 Every check raises a ``UserError`` naming the row's ``file:line`` and the fix, so the same message
-reaches the user whichever reader or task produced the row.
+reaches the user whichever reader or shape produced the row.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class HeadPlan:
     """What one head type needs: the ``load_model`` task, the data task and the objective name."""
 
     model_task: str
-    data_task: str
+    example_shape: str
     objective: str
     labelled: bool  # the output size is the number of labels in the data
 
@@ -61,7 +61,7 @@ def plan_for(head: HeadConfig, objective: str | None = None) -> HeadPlan:
         chosen = objective or "infonce"
         return HeadPlan("base", "sentences" if chosen in SENTENCE_OBJECTIVES else "pairs", chosen, False)
     plan = PLANS[head.type]
-    return plan if objective is None else HeadPlan(plan.model_task, plan.data_task, objective, plan.labelled)
+    return plan if objective is None else HeadPlan(plan.model_task, plan.example_shape, objective, plan.labelled)
 
 
 def head_label_names(head: HeadConfig, data_labels: list[str] | None) -> list[str] | None:

@@ -1,6 +1,6 @@
 """One entry point to load a model and its tokenizer from wherever it lives.
 
-``load_model(name, task)`` accepts a packaged alias (``smollm2-135m``, ``minilm-l6``), a tiny test
+``load_model(name, model_task)`` accepts a packaged alias (``smollm2-135m``, ``minilm-l6``), a tiny test
 alias (``tiny-llama``, ``tiny-bert``, ``tiny-bloom``), a local Hugging Face model directory, a
 ``.gguf`` file, or a tunelab run directory (its trained model, rebuilt with its adapters). Nothing here reaches the network: hub lookups are disabled before transformers is
 imported, so a typo can never turn into a download attempt.
@@ -47,9 +47,9 @@ from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-Task = Literal["causal-lm", "base", "sequence-classification", "token-classification", "masked-lm"]
+ModelTask = Literal["causal-lm", "base", "sequence-classification", "token-classification", "masked-lm"]
 
-TASK_CLASSES: dict[str, Any] = {
+MODEL_CLASSES: dict[str, Any] = {
     "causal-lm": AutoModelForCausalLM,
     "base": AutoModel,
     "sequence-classification": AutoModelForSequenceClassification,
@@ -72,7 +72,7 @@ class LoadedModel:
 
 def load_model(
     name: str,
-    task: Task = "causal-lm",
+    model_task: ModelTask = "causal-lm",
     *,
     dtype: torch.dtype = torch.float32,
     tokenizer: str | None = None,
@@ -80,15 +80,15 @@ def load_model(
     attn_implementation: str | None = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
-    """Load ``name`` for ``task``; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``).
+    """Load ``name`` as the ``model_task`` class family; ``model_kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``).
 
     ``attn_implementation`` ("eager", "sdpa"; None lets transformers choose) is the attention
     kernel the model is built with. A folder written by ``tunelab compress`` loads as it was
-    saved (its own head, dtype and quantized layers): ``task``, ``dtype`` and ``model_kwargs``
+    saved (its own head, dtype and quantized layers): ``model_task``, ``dtype`` and ``model_kwargs``
     do not apply to it, and an ``attn_implementation`` is refused.
     """
     start = time.perf_counter()
-    cls = TASK_CLASSES[task]
+    cls = MODEL_CLASSES[model_task]
     if name in TINY_MODELS:
         try:
             model, tok = build_tiny(name, cls, seed=seed, attn_implementation=attn_implementation, **model_kwargs)

@@ -124,7 +124,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
     bundles = {}
     for name, task in tasks.items():
         check_model_fits(task.head, body_loaded.model.config)
-        bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, task=task_plan(task).data_task, seed=recipe.seed)  # type: ignore[arg-type]
+        bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, shape=task_plan(task).example_shape, seed=recipe.seed)  # type: ignore[arg-type]
 
     body_method = recipe.method.model_copy(update={"tasks": None, "head": None})
     body = apply_methods(body_loaded.model, body_method, model_task="base", tokenizer_dir=body_loaded.details.get("directory"))

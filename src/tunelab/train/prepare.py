@@ -67,7 +67,7 @@ def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective
 def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer = loaded.tokenizer
-    data = build_datasets(recipe.data, tokenizer, task="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
+    data = build_datasets(recipe.data, tokenizer, shape="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
     ctx = ObjectiveContext(model, tokenizer, data.label_names, data.train, None, device, recipe.seed)
     objective = _objective(recipe, "causal_lm", ctx)
@@ -85,7 +85,7 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
     plan = plan_for(head, recipe.objective.name if recipe.objective is not None else None)
     check_model_fits(head, peek_config(recipe.model.name))
     loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
-    data = build_datasets(recipe.data, loaded.tokenizer, task=plan.data_task, seed=recipe.seed)  # type: ignore[arg-type]
+    data = build_datasets(recipe.data, loaded.tokenizer, shape=plan.example_shape, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     tokenizer = loaded.tokenizer
     objective = _objective(recipe, plan.objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tunelab.data import DataBundle, Example
-from tunelab.data.collate_tasks import collate_task_batch
+from tunelab.data.collate_heads import collate_head_batch
 from tunelab.data.masking import MaskingCollate
 from tunelab.errors import UserError
 from tunelab.methods.config import HeadConfig
@@ -56,7 +56,7 @@ def head_collate(head: HeadConfig, mask: MaskedLMConfig, tokenizer: Any, seed: i
             pad_id=pad_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=frozenset(tokenizer.all_special_ids),
             rate=mask.mask_rate, whole_word=mask.whole_word, seed=seed,
         )
-    return lambda examples: collate_task_batch(examples, pad_id)
+    return lambda examples: collate_head_batch(examples, pad_id)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -20,6 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from tunelab.methods.peft_adapters import is_peft_model, is_prompt_learning
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (
@@ -33,16 +34,11 @@ IGNORE_INDEX = -100
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
-
-
-def _is_prompt_learning(model: torch.nn.Module) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
 
 
 class CausalLMObjective:
@@ -52,7 +48,7 @@ class CausalLMObjective:
 
     def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True):
         """``sliced_logits``/``varlen`` exist so the benchmark can measure each lever switched off."""
-        self.prompt_learning = _is_prompt_learning(model)
+        self.prompt_learning = is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
         varlen = varlen and not self.prompt_learning and supports_varlen(model)
         packs = not self.prompt_learning and packs_exactly(model, varlen=varlen)
@@ -75,7 +71,11 @@ class CausalLMObjective:
         """
         return varlen_attention(model) if self._packed_attention(batch) else contextlib.nullcontext()
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+    def supervised_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [N, vocab], targets [N], picked [B, T-1])`` at the N positions whose next token is
+        supervised, computed the cheapest way the model allows (sliced LM head, per-example attention
+        on packed rows). Objectives that compare distributions (distillation, preferences) call this
+        for the student and pass ``picked`` to select the same positions elsewhere."""
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         if self._packed_attention(batch):
@@ -92,6 +92,10 @@ class CausalLMObjective:
                 full = model(**inputs, use_cache=False).logits
                 full = full[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
                 logits = full[:, :-1][supervised_next]
+        return logits, targets, supervised_next
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        logits, targets, supervised_next = self.supervised_logits(model, batch)
         per_token = F.cross_entropy(logits.float(), targets, reduction="none")
         weights = batch.get("weights")  # data.weight_column: each token weighs as its example
         loss_sum = per_token.sum() if weights is None else (per_token * weights[:, 1:][supervised_next]).sum()

@@ -1,4 +1,4 @@
-"""Tokenize the records of the tasks in ``task_rows`` into ``Example``s.
+"""Tokenize the records of the shapes in ``head_rows`` into ``Example``s.
 
 Every text is tokenized with the tokenizer's own special tokens (an encoder's ``[CLS]``/``[SEP]``,
 which its heads and pooling read) and cut to ``data.max_length`` by the tokenizer, so the special
@@ -16,31 +16,31 @@ from tunelab.data.records import Record
 from tunelab.data.tokenize import tokenize_for_classification
 
 
-def encode_task(
-    tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, task: str, record: Record, label_index: dict[str, int] | None, declared: bool
+def encode_head_example(
+    tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, shape: str, record: Record, label_index: dict[str, int] | None, declared: bool
 ) -> tuple[Example, bool]:
-    """``(example, was_truncated)`` for one record of ``task``."""
-    if task == "token_classification":
+    """``(example, was_truncated)`` for one record of ``shape``."""
+    if shape == "token_classification":
         return _tagged(tokenizer, cfg, record, label_index or {}, declared)
-    if task == "pairs":
+    if shape == "pairs":
         encoded = [None if t is None else tokenize_for_classification(tokenizer, t, cfg.max_length, cfg.truncation_side) for t in record.texts or []]
         group = [None if e is None else e[0] for e in encoded]
         return Example(group[0] or [], [], group=group), any(e is not None and e[1] for e in encoded)
-    if task == "multiple_choice":
+    if shape == "multiple_choice":
         encoded = [_pair(tokenizer, record.text or "", choice, cfg.max_length) for choice in record.texts or []]
         group = [ids for ids, _ in encoded]
         return Example(group[0], [], label=int(record.label), group=list(group)), any(cut for _, cut in encoded)
     ids, cut = tokenize_for_classification(tokenizer, record.text or "", cfg.max_length, cfg.truncation_side)
-    if task == "multi_label":
+    if shape == "multi_label":
         hot = [0.0] * len(label_index or {})
         for value in record.label or []:
             hot[label_id(record, label_index or {}, declared, value)] = 1.0
         return Example(ids, [], targets=hot), cut
-    if task == "regression":
+    if shape == "regression":
         return Example(ids, [], targets=[float(record.label)]), cut
-    if task == "sentences":
+    if shape == "sentences":
         return Example(ids, [], word_ids=_word_ids(tokenizer, record.text or "", len(ids), cfg)), cut
-    raise ValueError(f"not an extra task: {task}")
+    raise ValueError(f"not an extra shape: {shape}")
 
 
 def _tagged(

@@ -1,4 +1,4 @@
-"""Row checks for the tasks beyond chat SFT and single-label classification.
+"""Row checks for the shapes beyond chat SFT and single-label classification.
 
 - ``multi_label``: ``text`` + ``labels`` (a list of label names, possibly empty)
 - ``regression``: ``text`` + ``label`` (a number)
@@ -7,7 +7,7 @@
 - ``sentences``: ``text`` alone, encoded with the tokenizer's special tokens (SimCSE, masked LM)
 - ``multiple_choice``: ``question`` + ``choices`` (list) + ``label`` (the answer's index or text)
 
-Per-example fields (weight, difficulty, language) are read for every task in ``example_fields``.
+Per-example fields (weight, difficulty, language) are read for every shape in ``example_fields``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tunelab.data.records import (
 )
 from tunelab.errors import UserError
 
-TASK_FIELDS = {
+HEAD_SHAPES = {
     "multi_label": "text + labels",
     "regression": "text + label (a number)",
     "token_classification": "tokens + tags",
@@ -36,14 +36,14 @@ TASK_FIELDS = {
 }
 
 
-def task_record(fields: Mapping[str, Any], task: str, cfg: DataConfig, where: str) -> Record:
-    """Validate one row for ``task`` (one of ``TASK_FIELDS``)."""
-    if task == "token_classification":
+def head_record(fields: Mapping[str, Any], shape: str, cfg: DataConfig, where: str) -> Record:
+    """Validate one row for ``shape`` (one of ``HEAD_SHAPES``)."""
+    if shape == "token_classification":
         words, tags = string_list(fields, "tokens", where), string_list(fields, "tags", where)
         if len(words) != len(tags) or not words:
             raise UserError(f"{len(words)} tokens but {len(tags)} tags", where=where, hint="give exactly one tag per token (and at least one token)")
         return Record(where, words=words, tags=tags)
-    if task == "pairs":
+    if shape == "pairs":
         anchor = _text(fields, "anchor", cfg, where)
         positive = fields.get("positive")
         if not isinstance(positive, str) or not positive.strip():
@@ -54,19 +54,19 @@ def task_record(fields: Mapping[str, Any], task: str, cfg: DataConfig, where: st
         if negative is not None and not isinstance(negative, str):
             raise UserError(f"'negative' must be a string, got {type(negative).__name__}", where=where)
         return Record(where, texts=[anchor, positive, negative or None])
-    if task == "multiple_choice":
+    if shape == "multiple_choice":
         question, choices = _text(fields, "question", cfg, where), string_list(fields, "choices", where)
         if len(choices) < 2:
             raise UserError(f"{len(choices)} choice(s); a multiple-choice row needs at least two", where=where)
         return Record(where, text=question, texts=list(choices), label=_answer_index(fields, choices, where))
     text = _text(fields, "text", cfg, where)
-    if task == "multi_label":
+    if shape == "multi_label":
         return Record(where, text=text, label=string_list(fields, "labels", where))
-    if task == "regression":
+    if shape == "regression":
         return Record(where, text=text, label=number_field(fields, "label", where, what="regression target"))
-    if task == "sentences":
+    if shape == "sentences":
         return Record(where, text=text)
-    raise ValueError(f"not an extra task: {task}")
+    raise ValueError(f"not an extra shape: {shape}")
 
 
 def _text(fields: Mapping[str, Any], name: str, cfg: DataConfig, where: str) -> str:

@@ -1,6 +1,6 @@
-"""Batches for heads and embeddings: right padding plus the tensors each task needs.
+"""Batches for heads and embeddings: right padding plus the tensors each shape needs.
 
-``collate_task_batch`` adds to ``collate_padded``'s ``input_ids``/``attention_mask``/``labels``:
+``collate_head_batch`` adds to ``collate_padded``'s ``input_ids``/``attention_mask``/``labels``:
 
 - ``weights`` ``[B]``: the per-example loss weights (``data.weight_column``; 1 by default);
 - ``targets`` ``[B, K]``: float targets (regression values, multi-hot label sets);
@@ -20,15 +20,15 @@ from tunelab.data.bundle import Example
 from tunelab.data.collate import collate_padded
 
 
-def collate_task_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """One padded batch of ``examples`` (all of one task)."""
+def collate_head_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of ``examples`` (all of one shape)."""
     if not examples:
-        raise ValueError("collate_task_batch needs at least one example")
+        raise ValueError("collate_head_batch needs at least one example")
     if examples[0].group is not None:
         return _grouped(examples, pad_id)
     batch = collate_padded(examples, pad_id)
     if examples[0].label is None and not examples[0].labels:
-        del batch["labels"]  # no class ids: regression/multi-label use targets, sentence tasks nothing
+        del batch["labels"]  # no class ids: regression/multi-label use targets, sentence shapes nothing
     if examples[0].targets is not None:
         batch["targets"] = torch.tensor([e.targets for e in examples], dtype=torch.float32)
     batch["weights"] = torch.tensor([e.weight for e in examples], dtype=torch.float32)

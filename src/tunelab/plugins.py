@@ -40,11 +40,6 @@ class Registry(Generic[T]):
         _version = next(_versions)
         return entry
 
-    def unregister(self, name: str) -> None:
-        global _version
-        self._entries.pop(name, None)
-        _version = next(_versions)
-
     def get(self, name: str) -> T:
         """The plug-in called ``name``, or a one-line error naming the recipe key and the choices."""
         if name not in self._entries:

@@ -15,24 +15,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, create_model
 
 from tunelab import plugins
-
 from tunelab.compress.config import CompressConfig
 from tunelab.config_base import Section
 from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
-from tunelab.userfiles import read_user_text
 from tunelab.evaluate.config import EvalConfig
+from tunelab.methods import METHODS
 from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train.config import TrainConfig
-from tunelab.methods import METHODS
-from tunelab.train.callbacks import CALLBACKS
-from tunelab.train.objectives import OBJECTIVES
 from tunelab.train import task_mix  # noqa: F401  (registers the multi-task sampler)
+from tunelab.train.callbacks import CALLBACKS
+from tunelab.train.config import TrainConfig
+from tunelab.train.objectives import OBJECTIVES
 from tunelab.train.samplers import SAMPLERS
+from tunelab.userfiles import read_user_text
 
 
 class Recipe(Section):
@@ -72,8 +71,15 @@ def _choice(registry: plugins.Registry[Any]) -> Any:
     """A section choosing one registered plug-in by ``name`` and holding that plug-in's own settings."""
     options = [_named(name, entry.Config) for name, entry in registry.items() if getattr(entry, "Config", None) is not None]
     if not options:
-        return Any
+        return Annotated[Any, BeforeValidator(_nothing_registered(registry.kind))]
     return options[0] if len(options) == 1 else Annotated[Union[tuple(options)], Field(discriminator="name")]
+
+
+def _nothing_registered(kind: str) -> Any:
+    def reject(value: Any) -> Any:
+        raise ValueError(f"no {kind} that takes settings is registered")
+
+    return reject
 
 
 def recipe_class() -> type[Recipe]:

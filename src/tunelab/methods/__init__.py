@@ -33,7 +33,7 @@ class TrainableSummary:
 
 def apply_methods(model: torch.nn.Module, section: MethodConfig, *, model_task: str, tokenizer_dir: str | None = None) -> torch.nn.Module:
     """Prepare ``model`` for training as the recipe's ``method:`` section says."""
-    ctx = MethodContext(model_task=model_task, tokenizer_dir=tokenizer_dir, section=section)
+    ctx = MethodContext(model_task=model_task, tokenizer_dir=tokenizer_dir)
     for method, cfg in active_methods(section):
         model = method.apply(model, cfg, ctx)
     return model

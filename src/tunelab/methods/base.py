@@ -28,8 +28,6 @@ class MethodContext:
     model_task: str
     #: The tokenizer's directory (prompt tuning initialised from text reads it).
     tokenizer_dir: str | None = None
-    #: The whole ``method:`` section, for methods whose behaviour depends on another's (rare).
-    section: Any = None
 
 
 class Method:

@@ -15,20 +15,20 @@ process are independent; to run several at once, use ``tunelab.jobs.run_in_subpr
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from tunelab import atomic
 from tunelab.errors import UserError
-from tunelab.rundir import list_checkpoints, unique_run_dir
 from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
+from tunelab.rundir import list_checkpoints, unique_run_dir
 import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown

@@ -2,8 +2,8 @@
 
 - **Model**: every task's head model (built as for a single-task run) has its body replaced by
   one shared body, to which the recipe's methods (freezing, LoRA, bottleneck adapters) are
-  applied once, so adapters are shared too. The body trains unless every task's head says
-  ``base: frozen`` (or freezing/adapters say otherwise).
+  applied once, so adapters are shared too. The body trains unless ``method.freeze.base`` is
+  true (its default when every task's head is a classifier head) or adapters say otherwise.
 - **Batches**: every task's examples end to end, each with its ``task`` index; the ``task_mix``
   sampler (``tunelab.train.task_mix``, the default here) puts one task's examples in each
   micro-batch (heads need their own batch shapes) at the rate ``sampler:`` asks for, and

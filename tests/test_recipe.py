@@ -79,3 +79,8 @@ def test_json_schema_covers_every_section():
     schema = json_schema()
     assert {"model", "data", "method", "train", "eval", "compress", "output_dir", "seed"} <= set(schema["properties"])
     json.dumps(schema)
+
+
+def test_an_unknown_section_from_the_command_line_is_blamed_on_the_command_line(tmp_path):
+    with pytest.raises(UserError, match=r"^command line: unknown key 'foo'"):
+        load_recipe(write(tmp_path, "train:\n  lr: 1e-3\n"), ["foo.bar=3"])

@@ -139,6 +139,8 @@ def _validated(
         key_path, value = parse_override(override)
         _set_dotted(raw, key_path, value, override)
         lines[tuple(key_path)] = 0  # 0 marks "came from the command line"
+        for n in range(1, len(key_path)):  # a section only the override names is the command line's too
+            lines.setdefault(tuple(key_path[:n]), 0)
     cls = recipe_class()
     try:
         recipe = cls.model_validate(raw)

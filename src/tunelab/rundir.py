@@ -77,6 +77,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def check_writable(path: Path, key: str = "output_dir") -> None:
+    """Fail before any heavy work when ``path`` cannot become a run directory: it is a file, or
+    it (or the nearest folder that exists above it) cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key} is an existing file, not a folder", where=str(path), hint=f"set {key} to a new folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{key} lies under a file, not a folder", where=str(existing), hint=f"set {key} to a new folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key} cannot be written here (permissions or a read-only mount)", where=str(existing), hint=f"set {key} to a folder you can write")
+
+
+def holds_a_run(path: Path) -> bool:
+    """True when ``path`` already has a run's progress in it (checkpoints, metrics or a final model)."""
+    return bool(list_checkpoints(path)) or (path / "metrics.jsonl").exists() or (path / FINAL).exists()
+
+
 def unique_run_dir(root: Path, stem: str) -> Path:
     """A new, empty ``root/<stem>-<time>-<random>`` created exclusively: two runs started at the
     same second, in one process or many, never share a directory."""

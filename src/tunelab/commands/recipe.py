@@ -18,9 +18,14 @@ def recipe_group() -> None:
 @click.option("--print", "print_resolved", is_flag=True, help="Print the resolved recipe (defaults filled in).")
 def validate(file: str, overrides: tuple[str, ...], print_resolved: bool) -> None:
     """Check FILE (plus KEY.PATH=VALUE overrides) against the schema."""
+    from pathlib import Path
+
     from tunelab.recipe import dump_recipe, load_recipe
+    from tunelab.rundir import check_writable
 
     recipe = load_recipe(file, overrides)
+    if recipe.output_dir is not None:
+        check_writable(Path(recipe.output_dir))
     if print_resolved:
         click.echo(dump_recipe(recipe), nl=False)
     else:

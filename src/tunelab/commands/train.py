@@ -21,14 +21,22 @@ def train_command(recipe: str | None, overrides: tuple[str, ...], resume_dir: st
 
     _stop_gracefully_on_sigterm()
 
-    if resume_dir:
-        if recipe:  # with --resume, every positional argument is an override
-            overrides = (recipe, *overrides)
-        run_training(load_run_recipe(Path(resume_dir), overrides), resume=True, show_progress=not no_progress)
-        return
-    if not recipe:
-        raise UserError("give a recipe file (or --resume RUN_DIR)", hint="e.g. tunelab train examples/quickstart.yaml")
-    run_training(load_recipe(recipe, overrides), show_progress=not no_progress)
+    try:
+        if resume_dir:
+            if recipe:  # with --resume, every positional argument is an override
+                if "=" not in recipe:
+                    raise UserError(
+                        f"--resume continues {resume_dir} with the recipe it was started with; {recipe!r} is not a KEY.PATH=VALUE override",
+                        hint=f"drop {recipe}, or start a new run with: tunelab train {recipe}",
+                    )
+                overrides = (recipe, *overrides)
+            run_training(load_run_recipe(Path(resume_dir), overrides), resume=True, show_progress=not no_progress)
+            return
+        if not recipe:
+            raise UserError("give a recipe file (or --resume RUN_DIR)", hint="e.g. tunelab train examples/quickstart.yaml")
+        run_training(load_recipe(recipe, overrides), show_progress=not no_progress)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the shell's code for Ctrl-C; the run said how to resume
 
 
 def _stop_gracefully_on_sigterm() -> None:

@@ -24,6 +24,11 @@ from tunelab.train.callbacks import Callback
 CALLBACK_STATE = "callbacks.pt"
 
 
+def rng_state() -> dict[str, Any]:
+    """Every random source a step draws from (dropout and sampling: torch; augmentation: Python)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors by name; a tensor shared by two names (tied weights) is stored once."""
     state: dict[str, torch.Tensor] = {}
@@ -43,12 +48,15 @@ def save_checkpoint(
     scheduler: Any,
     info: dict[str, Any],
     callbacks: Sequence[Callback] = (),
+    rng: dict[str, Any] | None = None,
 ) -> Path:
+    """Write checkpoint ``step`` atomically. ``rng`` is the random state the next step must start
+    from (default: the current one; an interrupted step passes the state from before it began)."""
     target = checkpoint_path(run_dir, step)
     with atomic.directory(target) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        torch.save(rng or rng_state(), tmp / "rng.pt")
         torch.save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     return target

@@ -198,6 +198,7 @@ class Trainer:
         try:
             for step in range(start_step, self.total_steps):
                 step_start = time.perf_counter()
+                rng_before_step = checkpoint.rng_state()  # an interrupted step has drawn dropout masks
                 epoch, in_epoch = divmod(step, self.steps_per_epoch)
                 state.epoch = epoch
                 if in_epoch == 0:
@@ -278,7 +279,8 @@ class Trainer:
             # Ctrl-C: keep the last completed step, so `--resume` continues exactly from it.
             stop_reason = "interrupted"
             if not updating and state.step > start_step:
-                self._checkpoint(state, {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}, best_path)
+                info = {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}
+                self._checkpoint(state, info, best_path, rng=rng_before_step if state.step == step else None)
         progress.close()
         self._each("on_train_end", state)
         return TrainResult(
@@ -302,9 +304,9 @@ class Trainer:
     def _checkpoint_path(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step-{step:07d}"
 
-    def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None) -> None:
+    def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None, rng: dict[str, Any] | None = None) -> None:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks)
+            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks, rng)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
         self.world.barrier()

@@ -28,7 +28,7 @@ from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
-from tunelab.rundir import list_checkpoints, unique_run_dir
+from tunelab.rundir import FINAL, check_writable, holds_a_run, list_checkpoints, unique_run_dir
 import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
@@ -76,6 +76,8 @@ def run_training(
 
     Without ``output_dir`` the run gets a new unique directory under ``runs/`` (the summary's ``run_dir``).
     """
+    if recipe.output_dir is not None:
+        check_writable(Path(recipe.output_dir))  # before the model loads: minutes on a real model
     device = best_device()
     world = init_world(device)
     if recipe.output_dir is None:
@@ -107,8 +109,13 @@ def _run(
         if not checkpoints:
             raise UserError("no checkpoint to resume from", where=str(run_dir), hint="train without --resume")
         resume_from = checkpoints[-1]
-    elif world.is_main and (run_dir / "final").exists():
-        raise UserError("run directory already holds a finished run", where=str(run_dir), hint="set output_dir to a new folder or delete it")
+        if (run_dir / FINAL).exists() and (run_dir / "summary.json").exists():  # written after the final model
+            raise UserError("the run is complete: nothing to resume", where=str(run_dir), hint="its model is in final/; train a new run to go further")
+    elif world.is_main and holds_a_run(run_dir):
+        raise UserError(
+            "run directory already holds a run (a directory belongs to one run)", where=str(run_dir),
+            hint=f"continue it with: tunelab train --resume {run_dir}, or set output_dir to a new folder",
+        )
 
     say = print if world.is_main else (lambda *a, **k: None)
     say(f"tunelab: loading {recipe.model.name} ...", flush=True)

@@ -86,3 +86,19 @@ def test_resume_says_what_it_expects_and_ctrl_c_exits_130(tmp_path, monkeypatch)
     monkeypatch.setattr("tunelab.train.run.run_training", interrupted)
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "other.yaml"), f"output_dir={tmp_path / 'x'}"])
     assert result.exit_code == 130
+
+
+def test_resume_refuses_a_changed_recipe_and_records_safe_changes(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    recipe = recipe_for(tmp_path, RUN.format(data=data), "train.max_steps=4")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe, show_progress=False, callbacks=[InterruptDuringStep(3)])
+    started = (tmp_path / "run" / "recipe.yaml").read_text()
+    with pytest.raises(UserError, match=r"method.lora.r \(4 -> 8\)"):
+        run_training(load_run_recipe(tmp_path / "run", ("method.lora.r=8",)), resume=True, show_progress=False)
+    with pytest.raises(UserError, match=r"data.train .*train.lr"):
+        run_training(load_run_recipe(tmp_path / "run", ("train.lr=0.05", f"data.train={tmp_path / 'other.jsonl'}")), resume=True, show_progress=False)
+    run_training(load_run_recipe(tmp_path / "run", ("train.max_steps=6",)), resume=True, show_progress=False)
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == started  # the record of the first steps is kept
+    logged = [line for line in (tmp_path / "run" / "resume_changes.jsonl").read_text().splitlines()]
+    assert len(logged) == 1 and '"train.max_steps": [4, 6]' in logged[0] and '"from_step": 2' in logged[0]

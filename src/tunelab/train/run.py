@@ -103,7 +103,7 @@ def _run(
     threads = configure_threads(recipe.train.threads)
     precision = resolve_precision(recipe.train.precision, device)
     seed_everything(recipe.seed)
-    resume_from = None
+    resume_from, changes = None, {}
     if resume:
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
@@ -111,6 +111,7 @@ def _run(
         resume_from = checkpoints[-1]
         if (run_dir / FINAL).exists() and (run_dir / "summary.json").exists():  # written after the final model
             raise UserError("the run is complete: nothing to resume", where=str(run_dir), hint="its model is in final/; train a new run to go further")
+        changes = resume_changes(run_dir, recipe)
     elif world.is_main and holds_a_run(run_dir):
         raise UserError(
             "run directory already holds a run (a directory belongs to one run)", where=str(run_dir),
@@ -128,7 +129,10 @@ def _run(
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        if not resume:  # the recipe a run started with stays its record; resumes log their changes
+            atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        elif changes:
+            atomic.append_jsonl(run_dir / "resume_changes.jsonl", {"from_step": int(resume_from.name.split("-")[-1]), "changes": changes})
         atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
         say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
         say(_data_line(data.report.as_dict()))
@@ -170,6 +174,39 @@ def _run(
                             evaluation=task_evaluation(recipe), echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
     return summary
+
+
+#: Settings a resumed run may change without changing what its finished steps meant: speed,
+#: bookkeeping, a longer schedule, and what happens after training.
+SAFE_ON_RESUME = (
+    "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
+    "train.eval_every", "train.compile", "eval.", "compress.", "output_dir",
+)
+
+
+def resume_changes(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
+    """``{key: [then, now]}`` for every setting that differs from the recipe the run started
+    with; a one-line error listing them when any is not safe to change on resume."""
+    started = load_recipe(run_dir / "recipe.yaml")
+    then, now = _flat(started.model_dump(mode="json")), _flat(recipe.model_dump(mode="json"))
+    changed = {k: [then.get(k), now.get(k)] for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)}
+    unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
+    if unsafe:
+        shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in unsafe[:4]) + (" ..." if len(unsafe) > 4 else "")
+        raise UserError(
+            f"resuming would change what the finished steps trained: {shown}", where=str(run_dir),
+            hint="resume with the run's own recipe, or start a new run; safe to change: " + ", ".join(s.rstrip(".") for s in SAFE_ON_RESUME),
+        )
+    return {k: v for k, v in changed.items() if k != "output_dir"}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
 
 
 def _data_line(report: dict[str, Any]) -> str:

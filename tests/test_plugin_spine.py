@@ -262,6 +262,17 @@ def _recipe(tmp_path: Path, out: str, **sections: Any) -> Any:
     return recipe_from_dict(raw)
 
 
+def cancelling_sink(records: list[dict[str, Any]], cancel: threading.Event, *, at_step: int) -> Any:
+    """An event sink that keeps every record and asks the run to stop once step ``at_step`` is logged."""
+
+    def sink(record: dict[str, Any]) -> None:
+        records.append(record)
+        if record.get("type") == "train" and record["step"] == at_step:
+            cancel.set()
+
+    return sink
+
+
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(list_checkpoints(run_dir)[-1] / "trainable.safetensors"))
 
@@ -281,14 +292,8 @@ def test_cancel_then_resume_is_bit_exact(tmp_path, sections):
     straight = run_training(_recipe(tmp_path, "straight", **sections), show_progress=False)
     events: list[dict[str, Any]] = []
     cancel = threading.Event()
-
-    def sink(record: dict[str, Any]) -> None:
-        events.append(record)
-        if record.get("type") == "train" and record["step"] == 3:
-            cancel.set()
-
     recipe = _recipe(tmp_path, "resumed", **sections)
-    first = run_training(recipe, show_progress=False, events=sink, cancel=cancel)
+    first = run_training(recipe, show_progress=False, events=cancelling_sink(events, cancel, at_step=3), cancel=cancel)
     assert first.stop_reason == "cancelled" and first.steps == 3
     assert [e["step"] for e in events if e["type"] == "train"] == [1, 2, 3] and events[-1]["type"] == "done"
     assert not (tmp_path / "resumed" / "final").exists()
@@ -321,14 +326,8 @@ def test_run_in_a_child_process_streams_events_and_cancels(tmp_path):
     recipe = _recipe(tmp_path, "child")
     seen: list[dict[str, Any]] = []
     cancel = threading.Event()
-
-    def sink(record: dict[str, Any]) -> None:
-        seen.append(record)
-        if record.get("type") == "train" and record["step"] == 2:
-            cancel.set()
-
     plugins = ("tests.test_plugin_spine",)  # the child is a fresh interpreter: it imports the plug-ins the recipe names
-    done = run_in_subprocess(recipe, events=sink, cancel=cancel, imports=plugins)
+    done = run_in_subprocess(recipe, events=cancelling_sink(seen, cancel, at_step=2), cancel=cancel, imports=plugins)
     assert done["stop_reason"] == "cancelled" and 2 <= done["steps"] < 8
     assert [r["step"] for r in seen if r["type"] == "train"][:2] == [1, 2]
     finished = run_in_subprocess(recipe, resume=True, imports=plugins)

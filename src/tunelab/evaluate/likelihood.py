@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from tunelab.errors import UserError
+from tunelab.methods.peft_adapters import unwrap_peft
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,7 @@ def _last_logprobs(model: torch.nn.Module, batch: list[tuple[int, ...]], keep: i
     ids = torch.tensor([[pad] * (width - len(seq)) + list(seq) for seq in batch])
     mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in batch])
     kwargs: dict[str, torch.Tensor | int] = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep}
-    if "position_ids" in inspect.signature(_unwrapped(model).forward).parameters:
+    if "position_ids" in inspect.signature(unwrap_peft(model).forward).parameters:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(**kwargs).logits[:, -keep:]
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (whose own forward takes ``**kwargs``)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
 from tunelab.methods.config import HeadConfig
-from tunelab.methods.peft_adapters import is_peft_model
+from tunelab.methods.peft_adapters import is_peft_model, unwrap_peft
 from tunelab.methods.pooling import Embedder, default_pooling
 from tunelab.models.kinds import model_kind
 
@@ -108,7 +108,7 @@ def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     model holds outside its body (``base_model_prefix``: the score/classifier head)."""
     if isinstance(model, Embedder):
         return [model.projection] if model.projection is not None else []
-    inner = model.get_base_model() if is_peft_model(model) else model
+    inner = unwrap_peft(model)
     if inner.get_output_embeddings() is not None:  # a language-model head is pretrained, not added
         return []
     body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)

@@ -10,6 +10,7 @@ wrapper, its parameter naming and its merge call; everything else asks ``is_peft
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +39,11 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return isinstance(model, peft.PeftModel)
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def is_prompt_learning(model: torch.nn.Module) -> bool:
     """Prompt/prefix tuning: virtual tokens that a token mask cannot describe and no merge can remove."""
     return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))
@@ -56,13 +62,14 @@ def _targets(value: str | list[str]) -> Any:
     return None if value == "auto" else value
 
 
-class PeftMethod(Method):
+class PeftMethod(Method, ABC):
     """One peft adapter family; subclasses say how a recipe section becomes a peft config."""
 
     order = 50
 
+    @abstractmethod
     def peft_config(self, cfg: Any, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
-        raise NotImplementedError
+        """The peft config for this family's recipe section."""
 
     def apply(self, model: torch.nn.Module, cfg: Any, ctx: MethodContext) -> torch.nn.Module:
         """Wrap ``model`` in a ``PeftModel``; peft freezes everything but the adapters (and heads)."""

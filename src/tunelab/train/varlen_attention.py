@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
+from tunelab.methods.peft_adapters import unwrap_peft
+
 NAME = "tunelab_varlen_sdpa"
 MATH_BELOW = 128  # tokens; see the module docstring
 
@@ -64,8 +66,7 @@ AttentionInterface.register(NAME, varlen_sdpa)
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP and PEFT wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return unwrap_peft(getattr(model, "module", model))
 
 
 def supports_varlen(model: torch.nn.Module) -> bool:

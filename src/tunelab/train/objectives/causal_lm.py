@@ -20,7 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from tunelab.methods.peft_adapters import is_peft_model, is_prompt_learning
+from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (
@@ -32,13 +32,8 @@ from tunelab.train.varlen_attention import (
 IGNORE_INDEX = -100
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
 
 class CausalLMObjective:
@@ -53,7 +48,7 @@ class CausalLMObjective:
         varlen = varlen and not self.prompt_learning and supports_varlen(model)
         packs = not self.prompt_learning and packs_exactly(model, varlen=varlen)
         if not packs and not self.prompt_learning:
-            print(f"tunelab: {type(_base_model(model)).__name__} computes packed rows differently from each example alone; training on padded batches", flush=True)
+            print(f"tunelab: {type(unwrap_peft(model)).__name__} computes packed rows differently from each example alone; training on padded batches", flush=True)
         self.varlen = varlen and packs
         self.collation = "packed" if packs else "padded"
 

@@ -332,5 +332,5 @@ def test_run_in_a_child_process_streams_events_and_cancels(tmp_path):
     assert [r["step"] for r in seen if r["type"] == "train"][:2] == [1, 2]
     finished = run_in_subprocess(recipe, resume=True, imports=plugins)
     assert finished["steps"] == 8 and finished["stop_reason"] == "completed"
-    with pytest.raises(UserError, match="no checkpoint to resume from"):
+    with pytest.raises(UserError, match="nothing to resume: no run was started here"):
         run_in_subprocess(_recipe(tmp_path, "never-ran"), resume=True, imports=plugins)

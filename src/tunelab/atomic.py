@@ -8,12 +8,14 @@ models) are built under a temporary name and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _umask() -> int:
@@ -74,9 +76,60 @@ def directory(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def clean_stale(folder: Path) -> None:
+    """Finish what a kill interrupted in ``folder``: delete half-written temporaries, and put back
+    a directory that ``directory`` had moved aside but not yet replaced."""
+    for stale in folder.glob(".*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for old in folder.glob(".*.old"):
+        original = old.with_name(old.name[1 : -len(".old")])
+        if original.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, original)
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (metrics logs: appends of one line are effectively atomic)."""
+    """Append one JSON line; a failed append (disk full) is cut back off, never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+    with path.open("ab") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        try:
+            fh.write((json.dumps(record, default=str) + "\n").encode("utf-8"))
+            fh.flush()
+        except BaseException:
+            fh.truncate(end)
+            raise
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The complete records of a JSONL log; a last line cut short by a kill is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
+#: Errors a full disk (or an exhausted quota) raises.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when ``exc`` comes from a full disk. ``torch.save`` reports it as an opaque
+    ``RuntimeError`` with the ``OSError`` as its context, and safetensors only in its message,
+    so the whole chain is searched."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(marker in str(exc) for marker in ("No space left on device", "Disk quota exceeded", "os error 28")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

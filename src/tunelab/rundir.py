@@ -22,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,13 +69,18 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds (``step-0000040`` -> 40)."""
+    return int(STEP_DIR.search(path.name).group(1))  # type: ignore[union-attr]
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     directory = run_dir / CHECKPOINTS
     if not directory.exists():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.search(p.name) and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=checkpoint_step)
 
 
 def check_writable(path: Path, key: str = "output_dir") -> None:
@@ -87,6 +93,20 @@ def check_writable(path: Path, key: str = "output_dir") -> None:
         raise UserError(f"{key} lies under a file, not a folder", where=str(existing), hint=f"set {key} to a new folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key} cannot be written here (permissions or a read-only mount)", where=str(existing), hint=f"set {key} to a folder you can write")
+
+
+def rewind(run_dir: Path, step: int | None) -> None:
+    """Make ``run_dir`` describe a run that stopped at ``step`` (``None``: that never started),
+    before ``--resume`` continues it:
+    metrics logged after that step (by steps a kill or a full disk threw away) are dropped, as is
+    a last line cut short, and temporaries a kill left half-written are deleted."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = [r for r in atomic.read_jsonl(metrics) if step is not None and r.get("step", 0) <= step]
+        atomic.write_text(metrics, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        if folder.is_dir():
+            atomic.clean_stale(folder)
 
 
 def holds_a_run(path: Path) -> bool:
@@ -105,3 +125,36 @@ def unique_run_dir(root: Path, stem: str) -> Path:
             return candidate
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def reporting_disk_full(run_dir: Path, writing: str, needed_bytes: int | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into ``disk_full_error``'s one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not atomic.is_disk_full(exc):
+            raise
+        raise disk_full_error(run_dir, writing, needed_bytes) from exc
+
+
+def disk_full_error(run_dir: Path, writing: str, needed_bytes: int | None = None) -> UserError:
+    """The one line a full disk deserves: what was being written, how much it needs, what is
+    free, and the step ``--resume`` will continue from (the last complete checkpoint survives)."""
+    free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
+    need = f"needs about {_megabytes(needed_bytes)}, " if needed_bytes else ""
+    checkpoints = list_checkpoints(run_dir)
+    resume = (
+        f"then `tunelab train --resume {run_dir}` continues from step {checkpoint_step(checkpoints[-1])}"
+        if checkpoints else f"then `tunelab train --resume {run_dir}` starts it again (no checkpoint was complete yet)"
+    )
+    return UserError(
+        f"disk full while writing {writing} ({need}{_megabytes(free)} free)", where=str(run_dir),
+        hint=f"free space or set output_dir on a larger disk, {resume}",
+    )
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"

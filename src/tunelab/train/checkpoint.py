@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab import atomic
-from tunelab.rundir import checkpoint_path, list_checkpoints
+from tunelab.rundir import checkpoint_path, list_checkpoints, reporting_disk_full
 from tunelab.train.callbacks import Callback
 
 CALLBACK_STATE = "callbacks.pt"
@@ -53,13 +53,33 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically. ``rng`` is the random state the next step must start
     from (default: the current one; an interrupted step passes the state from before it began)."""
     target = checkpoint_path(run_dir, step)
-    with atomic.directory(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(rng or rng_state(), tmp / "rng.pt")
-        torch.save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
+    weights = trainable_state(model)
+    optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    needed = _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
+    with reporting_disk_full(run_dir, f"checkpoint step {step}", needed), atomic.directory(target) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(rng or rng_state(), tmp / "rng.pt")
+        _torch_save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     return target
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk surfaces as an ``OSError`` in the chain."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of every tensor in a nested state (what a checkpoint needs on disk, roughly)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:

@@ -186,13 +186,22 @@ class Trainer:
             total=self.total_steps, initial=start_step, desc="train", unit="step",
             disable=not (self.show_progress and self.world.is_main), mininterval=1.0, dynamic_ncols=True,
         )
-        started = time.perf_counter()
+        # A resumed run carries its totals on: the summary describes the whole run, not the last leg.
+        started = time.perf_counter() - info.get("seconds", 0.0)
         first_step_seconds = 0.0
-        tokens_seen = supervised = 0
-        last_loss: float | None = None
-        last_eval: dict[str, float] | None = None
+        tokens_seen, supervised = info.get("tokens_seen", 0), info.get("supervised_units", 0)
+        last_loss: float | None = info.get("train_loss")
+        last_eval: dict[str, float] | None = info.get("last_eval")
         window_tokens, window_start = 0, time.perf_counter()
         stop_reason = "completed"
+
+        def carried() -> dict[str, Any]:
+            """What a checkpoint keeps besides weights: the best so far and the run's totals."""
+            return {
+                "best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before, "last_eval": last_eval,
+                "train_loss": last_loss, "tokens_seen": tokens_seen, "supervised_units": supervised,
+                "seconds": time.perf_counter() - started,
+            }
 
         updating = False  # True while weights, optimizer and scheduler are mid-update
         try:
@@ -271,7 +280,7 @@ class Trainer:
                 state.should_stop = self.world.broadcast_flag(state.should_stop)
                 due = state.step % self.cfg.save_every == 0 if self.cfg.save_every else evaluated
                 if is_best or final or state.should_stop or due:
-                    self._checkpoint(state, {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}, best_path)
+                    self._checkpoint(state, carried(), best_path)
                 if state.should_stop:
                     stop_reason = state.stop_reason or "stopped by a callback"
                     break
@@ -279,8 +288,7 @@ class Trainer:
             # Ctrl-C: keep the last completed step, so `--resume` continues exactly from it.
             stop_reason = "interrupted"
             if not updating and state.step > start_step:
-                info = {"best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before}
-                self._checkpoint(state, info, best_path, rng=rng_before_step if state.step == step else None)
+                self._checkpoint(state, carried(), best_path, rng=rng_before_step if state.step == step else None)
         progress.close()
         self._each("on_train_end", state)
         return TrainResult(

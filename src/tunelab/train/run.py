@@ -14,6 +14,7 @@ process are independent; to run several at once, use ``tunelab.jobs.run_in_subpr
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -22,14 +23,22 @@ from typing import Any
 
 import torch
 
+import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
 from tunelab import atomic
 from tunelab.errors import UserError
 from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
-from tunelab.rundir import FINAL, check_writable, holds_a_run, list_checkpoints, unique_run_dir
-import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
+from tunelab.rundir import (
+    check_writable,
+    checkpoint_step,
+    holds_a_run,
+    list_checkpoints,
+    reporting_disk_full,
+    rewind,
+    unique_run_dir,
+)
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
 from tunelab.train.loop import CancelToken, EventSink, Trainer, TrainResult
@@ -87,7 +96,8 @@ def run_training(
         recipe = copy_recipe(recipe, output_dir=world.broadcast_object(recipe.output_dir))
     threads_before = torch.get_num_threads()
     try:
-        summary = _run(recipe, Path(recipe.output_dir), device, world, resume, show_progress, list(callbacks), events, cancel)
+        with reporting_disk_full(Path(recipe.output_dir), "the run's outputs"):
+            summary = _run(recipe, Path(recipe.output_dir), device, world, resume, show_progress, list(callbacks), events, cancel)
         if events is not None and world.is_main:
             events({"type": "done", **summary.as_dict()})
         return summary
@@ -105,13 +115,25 @@ def _run(
     seed_everything(recipe.seed)
     resume_from, changes = None, {}
     if resume:
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
-            raise UserError("no checkpoint to resume from", where=str(run_dir), hint="train without --resume")
-        resume_from = checkpoints[-1]
-        if (run_dir / FINAL).exists() and (run_dir / "summary.json").exists():  # written after the final model
-            raise UserError("the run is complete: nothing to resume", where=str(run_dir), hint="its model is in final/; train a new run to go further")
+        if not (run_dir / "recipe.yaml").exists():
+            raise UserError("nothing to resume: no run was started here (no recipe.yaml)", where=str(run_dir), hint="train without --resume")
         changes = resume_changes(run_dir, recipe)
+        checkpoints = list_checkpoints(run_dir)
+        resume_from = checkpoints[-1] if checkpoints else None
+        if (run_dir / "summary.json").exists():  # written after the final model: the run is complete
+            if not extends_schedule(recipe, changes):
+                raise UserError(
+                    "the run is complete: nothing to resume", where=str(run_dir),
+                    hint="its model is in final/; to train it further, resume with a larger train.epochs or train.max_steps",
+                )
+            if resume_from is None:
+                raise UserError("the run is complete and kept no checkpoint to extend", where=str(run_dir), hint="train a new run")
+        if world.is_main:
+            rewind(run_dir, checkpoint_step(resume_from) if resume_from else None)
+            if (run_dir / "summary.json").exists():  # extending: the shorter run's summary stays on record
+                os.replace(run_dir / "summary.json", run_dir / f"summary-step-{checkpoint_step(resume_from)}.json")
+        if resume_from is None:
+            print(f"tunelab: {run_dir} has no complete checkpoint yet; starting the run again from step 0", flush=True)
     elif world.is_main and holds_a_run(run_dir):
         raise UserError(
             "run directory already holds a run (a directory belongs to one run)", where=str(run_dir),
@@ -132,7 +154,7 @@ def _run(
         if not resume:  # the recipe a run started with stays its record; resumes log their changes
             atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         elif changes:
-            atomic.append_jsonl(run_dir / "resume_changes.jsonl", {"from_step": int(resume_from.name.split("-")[-1]), "changes": changes})
+            atomic.append_jsonl(run_dir / "resume_changes.jsonl", {"from_step": checkpoint_step(resume_from) if resume_from else 0, "changes": changes})
         atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
         say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
         say(_data_line(data.report.as_dict()))
@@ -152,7 +174,8 @@ def _run(
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
     if world.is_main:
-        saved = str(prepared.save(run_dir))
+        with reporting_disk_full(run_dir, "the final model"):
+            saved = str(prepared.save(run_dir))
     world.barrier()
     summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
     if world.is_main:
@@ -198,6 +221,18 @@ def resume_changes(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
             hint="resume with the run's own recipe, or start a new run; safe to change: " + ", ".join(s.rstrip(".") for s in SAFE_ON_RESUME),
         )
     return {k: v for k, v in changed.items() if k != "output_dir"}
+
+
+def extends_schedule(recipe: Recipe, changes: dict[str, list[Any]]) -> bool:
+    """True when a resume asks for more training than the run was set to do, counted the same
+    way (a larger ``train.max_steps``, or a larger ``train.epochs`` when no step limit is set)."""
+    if "train.max_steps" in changes:
+        then, now = changes["train.max_steps"]
+        return then is not None and now is not None and now > then
+    if recipe.train.max_steps is None and "train.epochs" in changes:
+        then, now = changes["train.epochs"]
+        return now > then
+    return False
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,7 @@ def run(*args):
 def test_recipe_validate_ok_and_print(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  name: tiny-llama\n")
-    result = run("recipe", "validate", str(path), "train.lr=0.01", "--print")
+    result = run("recipe", "validate", str(path), "train.lr=0.01", "--print", "--for", "eval")
     assert result.exit_code == 0, result.output
     assert "lr: 0.01" in result.output and "name: tiny-llama" in result.output
 

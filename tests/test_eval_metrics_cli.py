@@ -68,7 +68,7 @@ def bad_invocations(files, tmp_path):
         "unknown metric": (["--metric", "bleu,blue", "--predictions", preds, "--references", refs], "unknown metric 'blue' — known metrics: accuracy"),
         "references missing": (["--metric", "bleu", "--predictions", preds], "references missing"),
         "empty predictions": (["--metric", "bleu", "--predictions", str(tmp_path / "empty.txt"), "--references", refs], "no predictions to score"),
-        "count mismatch": (["--metric", "bleu", "--predictions", preds, "--references", str(tmp_path / "short.txt")], "3 predictions but 1 reference sets"),
+        "count mismatch": (["--metric", "bleu", "--predictions", preds, "--references", str(tmp_path / "short.txt")], "has 3 predictions but"),
         "no text field": (["--metric", "bleu", "--predictions", str(tmp_path / "bad.jsonl"), "--references", refs], "row has none of the fields prediction, text, output"),
     }
 

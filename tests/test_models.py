@@ -9,6 +9,11 @@ import torch
 
 from tunelab.errors import UserError
 from tunelab.models import load_model
+from tunelab.models.cache import (
+    conversion_lock,
+    converted_dir,
+    remove_stale_temporaries,
+)
 from tunelab.models.registry import PACKAGED
 from tunelab.models.tiny import TINY_MODELS
 
@@ -91,13 +96,19 @@ def test_packaged_smollm2_answers_paris():
 
 
 @pytest.mark.slow
-def test_gguf_conversion_is_cached_and_cache_hit_is_faster(tmp_path):
+def test_gguf_conversion_is_cached_and_cache_hit_is_faster(tmp_path, monkeypatch):
     gguf = PACKAGED["smollm2-135m"].location()
     code = (
         "import time,sys; from tunelab.models import load_model; t=time.perf_counter(); "
         f"load_model({str(gguf)!r}); print(time.perf_counter()-t)"
     )
     env = {**os.environ, "TUNELAB_CACHE": str(tmp_path)}
+    # What a conversion killed by SIGKILL leaves: its temporary folder, never cleaned by its owner.
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    stale = converted_dir(gguf)
+    stale = stale.with_name(f".{stale.name}.x1y2z3.tmp")
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 2**20)
 
     def timed_load() -> float:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -105,4 +116,23 @@ def test_gguf_conversion_is_cached_and_cache_hit_is_faster(tmp_path):
 
     first, second = timed_load(), timed_load()
     assert list(tmp_path.rglob("model.safetensors")), "conversion must write a safetensors copy"
+    assert not stale.exists(), "the next conversion removes what a killed one left"
     assert second < first / 3, f"cache hit {second:.1f}s vs first load {first:.1f}s"
+
+
+def test_a_killed_conversions_leftovers_are_removed_only_under_the_lock(tmp_path):
+    """A second process waits on the lock (never deletes a live conversion's folder); the holder
+    removes the leftovers of dead ones."""
+    target = tmp_path / "models" / "m-0123"
+    leftover = target.with_name(f".{target.name}.abc.tmp")
+    leftover.mkdir(parents=True)
+    (leftover / "w").write_bytes(b"\0" * 1000)
+    (target.parent / ".other-9.abc.tmp").mkdir()  # another model's conversion: not ours to touch
+    with conversion_lock(target):
+        holder = subprocess.run(
+            [sys.executable, "-c", f"import fcntl; fh = open({str(target.with_name('.m-0123.lock'))!r}); "
+             "fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)"], capture_output=True, text=True,
+        )
+        assert holder.returncode != 0 and "BlockingIOError" in holder.stderr  # the lock is really held
+        assert remove_stale_temporaries(target) == 1000
+    assert not leftover.exists() and (target.parent / ".other-9.abc.tmp").exists()

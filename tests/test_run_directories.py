@@ -110,6 +110,7 @@ def test_resume_refuses_a_changed_recipe_and_records_safe_changes(tmp_path):
     started = (tmp_path / "run" / "recipe.yaml").read_text()
     with pytest.raises(UserError, match=r"method.lora.r \(4 -> 8\)"):
         run_training(load_run_recipe(tmp_path / "run", ("method.lora.r=8",)), resume=True, show_progress=False)
+    write_chat_data(tmp_path / "other.jsonl", n=32, seed=1)
     with pytest.raises(UserError, match=r"data.train .*train.lr"):
         run_training(load_run_recipe(tmp_path / "run", ("train.lr=0.05", f"data.train={tmp_path / 'other.jsonl'}")), resume=True, show_progress=False)
     run_training(load_run_recipe(tmp_path / "run", ("train.max_steps=6",)), resume=True, show_progress=False)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from tunelab.errors import UserError
 from tunelab.evaluate.metrics import METRICS
 
 
@@ -32,6 +33,12 @@ def metrics_command(metric_list: str, predictions_path: str, reference_paths: tu
     get_metrics(names)  # a typo fails before any file is read
     predictions = read_predictions(predictions_path)
     references = read_references(reference_paths)
+    if predictions and len(predictions) != len(references):
+        raise UserError(
+            f"{predictions_path} has {len(predictions)} predictions but {', '.join(reference_paths)} "
+            f"{'has' if len(reference_paths) == 1 else 'have'} {len(references)} references",
+            hint="give exactly one line/row of references per prediction (check for a missing line or an extra blank one)",
+        )
     scores = score(names, predictions, references)
     click.echo(json.dumps({"items": len(predictions), "scores": scores, "settings": settings(names)}, indent=2))
 

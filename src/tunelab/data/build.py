@@ -43,8 +43,8 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     if not cfg.train:
         raise UserError("data.train is not set", hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them")
     bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
-    train_rows = _renamed(read_rows(cfg.train, bad_rows), cfg.columns)
-    val_rows = _renamed(read_rows(cfg.validation, bad_rows), cfg.columns) if cfg.validation else []
+    train_rows = _renamed(read_rows(cfg.train, bad_rows, "data.train"), cfg.columns)
+    val_rows = _renamed(read_rows(cfg.validation, bad_rows, "data.validation"), cfg.columns) if cfg.validation else []
     report = DataReport(format="", rows_read=len(train_rows) + len(val_rows) + bad_rows.count)
     if not train_rows:
         report.bad_rows_skipped = bad_rows.count
@@ -62,7 +62,12 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     if cfg.validation:
         train = shuffled(train, seed)
     else:
-        train, validation = hold_out(train, cfg.val_fraction, seed)
+        try:
+            train, validation = hold_out(train, cfg.val_fraction, seed)
+        except UserError as exc:  # say which file, and when duplicates are why so few rows are left
+            removed = f" (after removing {report.duplicates_removed} duplicate rows)" if report.duplicates_removed else ""
+            dedup = "; or set data.dedup: false to keep repeats" if report.duplicates_removed else ""
+            raise UserError(f"{exc.message}{removed}", where=cfg.train, hint=f"{exc.hint}{dedup}") from None
 
     encoder = _encoder(cfg, tokenizer, shape, train, report)
     train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
@@ -70,12 +75,12 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
 
     report.bad_rows_skipped = bad_rows.count
     report.bad_row_samples = bad_rows.samples
-    report.truncated, report.dropped = encoder.truncated, encoder.dropped
+    report.truncated, report.dropped, report.clipped = encoder.truncated, encoder.dropped, encoder.clipped
     report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
     report.tokens = sum(_tokens(e) for e in train_examples)
     report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
     if not train_examples:
-        raise _nothing_left(cfg, report)
+        raise _nothing_left(cfg, report, encoder)
     if cfg.validation and not val_examples:
         raise UserError(
             "no validation examples left",
@@ -85,14 +90,33 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     return DataBundle(train_examples, val_examples, report, report.label_names)
 
 
-def _nothing_left(cfg: DataConfig, report: DataReport) -> UserError:
-    return UserError(
-        "no training examples left",
-        where=cfg.train,
-        hint=f"rows read {report.rows_read}, bad rows skipped {report.bad_rows_skipped}, duplicates "
-        f"{report.duplicates_removed}, held out for validation {report.validation_examples}, dropped "
-        f"{report.dropped} with nothing to learn within data.max_length = {cfg.max_length}",
+def losses_summary(report: DataReport) -> str:
+    """Where the rows went, in one clause (for errors about having too few examples)."""
+    return (
+        f"rows read {report.rows_read}, bad rows skipped {report.bad_rows_skipped}, duplicates removed "
+        f"{report.duplicates_removed}, held out for validation {report.validation_examples}, dropped for length {report.dropped}"
     )
+
+
+def _nothing_left(cfg: DataConfig, report: DataReport, encoder: Encoder | None = None) -> UserError:
+    """Why no training example is left, biggest cause first, with the fix for it."""
+    counts = losses_summary(report)
+    if encoder is not None and encoder.dropped:
+        overhead = encoder.template_overhead()
+        template = f"; the chat template alone takes {overhead} tokens" if overhead else ""
+        fix = f"raise data.max_length to at least {encoder.shortest_needed}" if encoder.shortest_needed else "raise data.max_length"
+        if cfg.truncation_side == "right":
+            fix += ", or set data.truncation_side: left to cut long prompts from their start"
+        return UserError(
+            f"no training examples left: {encoder.dropped} had nothing to learn within data.max_length = {cfg.max_length}{template}",
+            where=cfg.train, hint=f"{fix} ({counts})",
+        )
+    if report.duplicates_removed:
+        return UserError(
+            f"no training examples left after removing {report.duplicates_removed} duplicate rows", where=cfg.train,
+            hint=f"add distinct rows, or set data.dedup: false to keep repeats ({counts})",
+        )
+    return UserError("no training examples left", where=cfg.train, hint=counts)
 
 
 def _renamed(rows: list[Row], columns: dict[str, str]) -> list[Row]:

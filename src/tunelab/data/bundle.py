@@ -45,6 +45,7 @@ class DataReport:
     bad_row_samples: list[str] = field(default_factory=list)
     duplicates_removed: int = 0
     truncated: int = 0
+    clipped: int = 0  # texts cut by characters before tokenizing (also counted in truncated)
     dropped: int = 0
     train_examples: int = 0
     validation_examples: int = 0

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.bundle import IGNORE_INDEX, Example
 from tunelab.data.chat_masking import tokenize_chat
+from tunelab.data.clip import char_budget, clip_record
 from tunelab.data.config import DataConfig
 from tunelab.data.formats import Record, Shape
 from tunelab.data.head_encode import encode_head_example
@@ -35,15 +36,23 @@ class Encoder:
     label_index: dict[str, int] | None = None
     truncated: int = 0
     dropped: int = 0
+    #: Texts cut by characters before tokenizing (``tunelab.data.clip``); each is also truncated.
+    clipped: int = 0
+    #: The shortest ``max_length`` that would have kept something to learn in a dropped example.
+    shortest_needed: int | None = None
     _declared_labels: bool = field(init=False)
+    _char_budget: int = field(init=False)
 
     def __post_init__(self) -> None:
         self._declared_labels = self.cfg.labels is not None
+        self._char_budget = char_budget(self.tokenizer, self.cfg.max_length)
 
     def encode(self, record: Record, shots: Sequence[Record] = ()) -> Example | None:
         """The example for ``record`` (``shots`` as demonstrations), or None when truncation left
         nothing to learn."""
         cfg = self.cfg
+        record, clipped = clip_record(record, self._char_budget, cfg.truncation_side)
+        self.clipped += clipped
         if self.shape in HEAD_SHAPES:
             example, cut = encode_head_example(self.tokenizer, cfg, self.shape, record, self.label_index, self._declared_labels)
             self.truncated += cut
@@ -64,10 +73,31 @@ class Encoder:
             ids, labels = tokenize_chat(
                 self.tokenizer, messages, self.chat_template, train_on_prompt=cfg.train_on_prompt, where=record.where
             )
+        full_labels = labels
         ids, labels, cut = truncate(ids, labels, cfg.max_length, cfg.truncation_side)
         example = Example(ids, labels)
         if learned_tokens(example) == 0:
             self.dropped += 1
+            needed = None if clipped else _length_to_learn(full_labels, cfg.truncation_side)  # a clipped text's is unknown
+            if needed is not None:
+                self.shortest_needed = min(needed, self.shortest_needed or needed)
             return None
         self.truncated += cut
         return example
+
+    def template_overhead(self) -> int:
+        """Tokens the chat template adds around one empty user turn and answer (0 outside sft)."""
+        if self.shape != "sft" or self.chat_template is None:
+            return 0
+        empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+        ids, _ = tokenize_chat(self.tokenizer, empty, self.chat_template, train_on_prompt=True, where="template")
+        return len(ids)
+
+
+def _length_to_learn(labels: list[int], side: str) -> int | None:
+    """The shortest cut of ``labels`` (from ``side``) that keeps one learned token (the first
+    label is never a target), or None when even the whole sequence has none."""
+    learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and i > 0]
+    if not learned:
+        return None
+    return learned[0] + 1 if side == "right" else len(labels) - learned[-1] + 1

@@ -11,13 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.data.bad_rows import BadRows
 from tunelab.errors import UserError
+
+#: The largest row a reader accepts: anything longer is a mistake (a whole corpus on one line);
+#: texts are cut to a multiple of data.max_length before tokenizing anyway (``tunelab.data.clip``).
+MAX_ROW_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -28,8 +32,9 @@ class Row:
     where: str
 
 
-def read_rows(path: str | Path, bad_rows: BadRows) -> list[Row]:
-    """All rows of a data file, or of every data file in a folder (sorted by name)."""
+def read_rows(path: str | Path, bad_rows: BadRows, setting: str | None = None) -> list[Row]:
+    """All rows of a data file, or of every data file in a folder (sorted by name); ``setting``
+    names what the user set the path with (``data.train``, ``--data``) for a missing file."""
     path = Path(path).expanduser()
     if path.is_dir():
         shards = sorted(p for p in path.rglob("*") if p.is_file() and _reader_for(p) and not p.name.startswith("."))
@@ -41,7 +46,7 @@ def read_rows(path: str | Path, bad_rows: BadRows) -> list[Row]:
             )
         return [row for shard in shards for row in _read_file(shard, bad_rows)]
     if not path.exists():
-        raise UserError("data file not found", where=str(path), hint="check data.train / data.validation")
+        raise UserError("data file not found", where=str(path), hint=f"check {setting or 'the path'}")
     return _read_file(path, bad_rows)
 
 
@@ -61,7 +66,21 @@ def _read_file(path: Path, bad_rows: BadRows) -> list[Row]:
 
 
 def _reader_for(path: Path) -> Callable[[Path, BadRows], list[Row]] | None:
-    return READERS.get(path.suffix.lower())
+    """The reader the content calls for when it has a binary signature (a Parquet file named
+    ``.jsonl`` is still Parquet), else the one its name calls for."""
+    reader = READERS.get(path.suffix.lower())
+    if reader is None or not path.is_file():
+        return reader
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        return reader
+    if magic == b"PAR1":
+        return read_parquet
+    if magic[:2] == b"\x1f\x8b":
+        raise UserError("the file is gzip-compressed", where=str(path), hint=f"decompress it first (gunzip -c {path.name} > data{path.suffix})")
+    return reader
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -97,18 +116,53 @@ def _object_or_error(value: Any, where: str) -> dict[str, Any]:
 
 
 def read_jsonl(path: Path, bad_rows: BadRows) -> list[Row]:
-    """One JSON object per line; blank lines are ignored."""
-    return _jsonl_rows(path, _read_bytes(path), bad_rows)
+    """One JSON object per line; blank lines are ignored. Read line by line, so a huge line is
+    refused (``MAX_ROW_BYTES``) without ever being held in memory."""
+    return _jsonl_rows(path, _lines(path), bad_rows)
 
 
-def _jsonl_rows(path: Path, data: bytes, bad_rows: BadRows) -> list[Row]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes | int]]:
+    """``(line number, bytes)`` per line, or ``(line number, size)`` for a line over ``MAX_ROW_BYTES``.
+
+    Lines end at ``\n``, ``\r\n`` or ``\r`` (never inside a JSON string: JSON escapes those; a
+    ``str.splitlines`` would also split on U+2028, which JSON allows unescaped)."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"cannot read file ({exc.strerror or exc.__class__.__name__})", where=str(path)) from None
+    lineno, content = 0, False
+    with fh:
+        while raw := fh.readline(MAX_ROW_BYTES + 1):
+            if lineno == 0:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is legal but not data
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while not raw.endswith(b"\n"):  # skip the rest of the line, a megabyte at a time
+                    raw = fh.readline(1 << 20)
+                    if not raw:
+                        break
+                    size += len(raw)
+                lineno += 1
+                content = True
+                yield lineno, size
+                continue
+            for part in raw.splitlines() or [b""]:
+                lineno += 1
+                content = content or bool(part.strip())
+                yield lineno, part
+    if not content:
+        raise UserError("file is empty", where=str(path), hint="add examples or point data.train at another file")
+
+
+def _jsonl_rows(path: Path, lines: Iterable[tuple[int, bytes | int]], bad_rows: BadRows) -> list[Row]:
     rows = []
-    # bytes.splitlines splits only on \n, \r\n and \r, never inside a JSON string (str.splitlines would
-    # also split on U+2028 and friends, which JSON allows unescaped).
-    for lineno, raw in enumerate(data.splitlines(), 1):
+    for lineno, raw in lines:
+        where = f"{path}:{lineno}"
+        if isinstance(raw, int):
+            bad_rows.handle(_too_long(where, raw))
+            continue
         if not raw.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -129,11 +183,20 @@ def _jsonl_rows(path: Path, data: bytes, bad_rows: BadRows) -> list[Row]:
     return rows
 
 
+def _too_long(where: str, size: int) -> UserError:
+    return UserError(
+        f"row of {size / 2**20:,.0f} MB is over the {MAX_ROW_BYTES // 2**20} MB limit for one row",
+        where=where,
+        hint="split the text into several rows (only the first few thousand tokens of a row are ever used)",
+    )
+
+
 def read_json(path: Path, bad_rows: BadRows) -> list[Row]:
     """A JSON array of objects; a ``.json`` file that is not an array is read as JSON Lines."""
+    with path.open("rb") as fh:
+        if not fh.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            return read_jsonl(path, bad_rows)
     data = _read_bytes(path)
-    if not data.lstrip().startswith(b"["):
-        return _jsonl_rows(path, data, bad_rows)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -194,6 +257,7 @@ def read_csv(path: Path, bad_rows: BadRows, delimiter: str = ",") -> list[Row]:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad byte costs one row,
     # not the whole file; rows holding such a character are reported below.
     text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
+    csv.field_size_limit(MAX_ROW_BYTES)  # the default (128K characters) rejects ordinary long documents
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = reader.fieldnames or []
     rows = []
@@ -207,6 +271,8 @@ def read_csv(path: Path, bad_rows: BadRows, delimiter: str = ",") -> list[Row]:
             except UserError as exc:
                 bad_rows.handle(exc)
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise _too_long(f"{path}:{reader.line_num}", MAX_ROW_BYTES + 1) from None
         raise UserError(
             f"malformed CSV ({exc})", where=f"{path}:{reader.line_num}", hint="fix the quoting there"
         ) from None
@@ -251,7 +317,14 @@ def read_parquet(path: Path, bad_rows: BadRows) -> list[Row]:
             where=str(path),
             hint="re-export the table, or convert it to JSONL",
         ) from None
-    return [Row(record, f"{path}:row {i}") for i, record in enumerate(records, 1)]
+    rows = []
+    for i, record in enumerate(records, 1):
+        size = sum(len(v) for v in record.values() if isinstance(v, (str, bytes)))
+        if size > MAX_ROW_BYTES:
+            bad_rows.handle(_too_long(f"{path}:row {i}", size))
+        else:
+            rows.append(Row(record, f"{path}:row {i}"))
+    return rows
 
 
 READERS: dict[str, Callable[[Path, BadRows], list[Row]]] = {

@@ -34,7 +34,7 @@ def key_path(page: Path) -> Path:
 def _read_system(path: Path) -> list[tuple[str, str]]:
     """``(prompt, output)`` per record of a predictions JSONL (as written by ``tunelab eval``)."""
     pairs = []
-    for row in read_rows(path, BadRows("error")):
+    for row in read_rows(path, BadRows("error"), "the predictions file"):
         output = next((row.fields[f] for f in OUTPUT_FIELDS if f in row.fields), None)
         if "prompt" not in row.fields or output is None:
             raise UserError(

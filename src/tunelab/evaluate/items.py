@@ -15,9 +15,9 @@ from tunelab.data.readers import Row, read_rows
 from tunelab.errors import UserError
 
 
-def read_items(path: str, max_examples: int | None = None) -> list[Row]:
+def read_items(path: str, max_examples: int | None = None, setting: str = "--data / eval.data") -> list[Row]:
     """The rows to evaluate (the first ``max_examples`` when given)."""
-    rows = read_rows(path, BadRows("error"))
+    rows = read_rows(path, BadRows("error"), setting)
     return rows[:max_examples] if max_examples else rows
 
 

@@ -75,7 +75,7 @@ def evaluate(setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, sh
     if cfg.metric_names():
         get_metrics(cfg.metric_names())  # a typo fails before any model is loaded
     items = read_items(setup.data, cfg.max_examples)
-    pool = read_items(setup.pool) if setup.pool and any(shots) else []
+    pool = read_items(setup.pool, setting="--pool / eval.pool") if setup.pool and any(shots) else []
     same_file = bool(setup.pool) and Path(setup.pool).resolve() == Path(setup.data).resolve()
     plan = ([(base, k) for k in shots] if base else []) + [(run, 0) for run in runs]
     results: list[SystemResult] = []

@@ -24,7 +24,7 @@ REFERENCE_FIELDS = ("references", "reference", "answers", "answer", "text")
 
 def read_predictions(path: str | Path) -> list[str]:
     """One prediction string per item."""
-    values = _read_items(Path(path), PREDICTION_FIELDS)
+    values = _read_items(Path(path), PREDICTION_FIELDS, "--predictions")
     for value, where in values:
         if not isinstance(value, str):
             raise UserError(f"a prediction must be a string, got {type(value).__name__}", where=where)
@@ -35,7 +35,7 @@ def read_references(paths: Sequence[str | Path]) -> list[list[str]]:
     """One list of reference strings per item, merged across files item by item."""
     if not paths:
         raise UserError("references missing", hint="pass --references FILE (repeat it for several reference sets)")
-    per_file = [[_as_references(value, where) for value, where in _read_items(Path(p), REFERENCE_FIELDS)] for p in paths]
+    per_file = [[_as_references(value, where) for value, where in _read_items(Path(p), REFERENCE_FIELDS, "--references")] for p in paths]
     lengths = {len(items) for items in per_file}
     if len(lengths) > 1:
         raise UserError(
@@ -52,10 +52,10 @@ def _as_references(value: Any, where: str) -> list[str]:
     return refs
 
 
-def _read_items(path: Path, fields: Sequence[str]) -> list[tuple[Any, str]]:
+def _read_items(path: Path, fields: Sequence[str], setting: str) -> list[tuple[Any, str]]:
     """``(value, where)`` per item: the first of ``fields`` present in each row, or each text line."""
     if path.suffix in READERS:
-        return [(_field(row.fields, fields, row.where), row.where) for row in read_rows(path, BadRows("error"))]
+        return [(_field(row.fields, fields, row.where), row.where) for row in read_rows(path, BadRows("error"), setting)]
     text = read_user_text(path)
     return [(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)]
 

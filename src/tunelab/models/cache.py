@@ -8,8 +8,12 @@ replacing the GGUF invalidates its copy.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,3 +37,26 @@ def converted_dir(source: Path) -> Path:
 def is_complete(directory: Path) -> bool:
     """A cache entry is usable only once its marker file exists (written last)."""
     return (directory / ".complete").exists()
+
+
+@contextlib.contextmanager
+def conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the one lock that converts into ``target``: a second process waits, then finds the
+    copy complete. The OS drops the lock when its holder dies, even by ``kill -9``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(target: Path) -> int:
+    """Delete what conversions into ``target`` that were killed midway left behind (call it under
+    ``conversion_lock``: holding it proves nobody is still writing them); returns the bytes freed."""
+    freed = 0
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        freed += sum(f.stat().st_size for f in stale.rglob("*") if f.is_file()) if stale.is_dir() else stale.stat().st_size
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return freed

@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from tunelab import atomic  # noqa: E402
 from tunelab.compress.store import MANIFEST as COMPRESSION_MANIFEST  # noqa: E402
 from tunelab.errors import UserError  # noqa: E402
-from tunelab.models.cache import converted_dir, is_complete  # noqa: E402
+from tunelab.models.cache import conversion_lock, converted_dir, is_complete, remove_stale_temporaries  # noqa: E402
 from tunelab.models.kinds import model_kind  # noqa: E402,F401  (re-exported)
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
 from tunelab.rundir import is_run_dir  # noqa: E402
@@ -166,6 +166,17 @@ def gguf_to_directory(gguf: Path) -> Path:
     target = converted_dir(gguf)
     if is_complete(target):
         return target
+    with conversion_lock(target):
+        if is_complete(target):  # another process converted it while this one waited
+            return target
+        freed = remove_stale_temporaries(target)
+        if freed:
+            print(f"tunelab: removed {freed / 2**20:,.0f} MB left in the cache by an interrupted conversion", flush=True)
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     print(f"tunelab: converting {gguf.name} to safetensors once (cached in {target}) ...", flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -181,11 +192,19 @@ def gguf_to_directory(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic.directory(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(str(gguf.resolve()))
-    return target
+    try:
+        with atomic.directory(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / ".complete").write_text(str(gguf.resolve()))
+    except Exception as exc:
+        if not atomic.is_disk_full(exc):
+            raise
+        need = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+        raise UserError(
+            f"disk full converting the model (needs about {need:,.0f} MB)", where=str(target.parent),
+            hint="free space, or set TUNELAB_CACHE to a folder on a larger disk",
+        ) from None
 
 
 def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:

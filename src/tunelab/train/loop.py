@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,21 @@ class CancelToken(Protocol):
     """Anything with ``is_set()`` (``threading.Event``, ``multiprocessing.Event``)."""
 
     def is_set(self) -> bool: ...
+
+
+#: Steps (after the first, which warms up) timed before the run's length is estimated.
+ETA_AFTER_STEPS = 3
+#: Runs estimated to take longer than this get a warning with their ETA.
+LONG_RUN_SECONDS = 24 * 3600
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours:,.0f} hours" if hours < 24 * 14 else f"{hours / 24:,.0f} days"
+
+
+class TooFewExamples(UserError):
+    """Not enough examples for one optimizer step (the caller knows the data and says why)."""
 
 
 @dataclass
@@ -97,7 +113,7 @@ class Trainer:
             self.sampler = ShuffleSampler(len(self.train), self.cfg.batch_size, self.seed)
         self.steps_per_epoch = self.sampler.num_batches() // (self.cfg.grad_accum * self.world.size)
         if self.steps_per_epoch == 0:
-            raise UserError(
+            raise TooFewExamples(
                 f"only {len(self.train)} training examples, fewer than one optimizer step's batch ({global_batch})",
                 hint="lower train.batch_size / train.grad_accum or add data",
             )
@@ -188,7 +204,7 @@ class Trainer:
         )
         # A resumed run carries its totals on: the summary describes the whole run, not the last leg.
         started = time.perf_counter() - info.get("seconds", 0.0)
-        first_step_seconds = 0.0
+        first_step_seconds = after_first_step = 0.0
         tokens_seen, supervised = info.get("tokens_seen", 0), info.get("supervised_units", 0)
         last_loss: float | None = info.get("train_loss")
         last_eval: dict[str, float] | None = info.get("last_eval")
@@ -250,6 +266,9 @@ class Trainer:
                 updating = False
                 if step == start_step:
                     first_step_seconds = time.perf_counter() - step_start
+                    after_first_step = time.perf_counter()
+                elif step == start_step + ETA_AFTER_STEPS and self.world.is_main:
+                    self._warn_if_long((time.perf_counter() - after_first_step) / ETA_AFTER_STEPS, self.total_steps - state.step)
                 self._each("on_step_end", state)
 
                 if state.step % self.cfg.log_every == 0 or state.step == self.total_steps:
@@ -297,6 +316,17 @@ class Trainer:
             eval_before=eval_before, eval_after=last_eval, best_metric=best_value, best_checkpoint=best_path,
             stop_reason=stop_reason, history=state.history,
         )
+
+    def _warn_if_long(self, seconds_per_step: float, steps_left: int) -> None:
+        """Say so when the schedule asks for more than a day (a typo like ``epochs: 1e9`` should
+        not start a four-year run without a word); the progress bar keeps the ETA after that."""
+        eta = seconds_per_step * steps_left
+        if eta > LONG_RUN_SECONDS:
+            tqdm.write(
+                f"warning: {steps_left:,} more steps at {seconds_per_step:.2f} s/step will take about {_duration(eta)} "
+                f"(train.epochs={self.cfg.epochs:g}, train.max_steps={self.cfg.max_steps}); Ctrl-C stops with a checkpoint",
+                file=sys.stderr,
+            )
 
     def _eval_and_log(self, state: TrainState, log_only: bool = False) -> dict[str, float]:
         metrics = self.evaluate() if self.world.is_main else {}

@@ -25,13 +25,13 @@ import torch
 
 import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
 from tunelab import atomic
+from tunelab.data.build import losses_summary
 from tunelab.errors import UserError
 from tunelab.hardware import best_device, configure_threads, resolve_precision
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
 from tunelab.rundir import (
-    check_writable,
     checkpoint_step,
     holds_a_run,
     list_checkpoints,
@@ -41,7 +41,14 @@ from tunelab.rundir import (
 )
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
-from tunelab.train.loop import CancelToken, EventSink, Trainer, TrainResult
+from tunelab.train.loop import (
+    CancelToken,
+    EventSink,
+    TooFewExamples,
+    Trainer,
+    TrainResult,
+)
+from tunelab.train.preflight import check_trainable
 from tunelab.train.prepare import prepare
 
 
@@ -85,8 +92,7 @@ def run_training(
 
     Without ``output_dir`` the run gets a new unique directory under ``runs/`` (the summary's ``run_dir``).
     """
-    if recipe.output_dir is not None:
-        check_writable(Path(recipe.output_dir))  # before the model loads: minutes on a real model
+    check_trainable(recipe)  # before the model loads: minutes on a real model
     device = best_device()
     world = init_world(device)
     if recipe.output_dir is None:
@@ -159,12 +165,15 @@ def _run(
         say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
         say(_data_line(data.report.as_dict()))
 
-    trainer = Trainer(
-        model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
-        collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
-        callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile,
-        sampler=prepared.sampler, events=events, cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
-    )
+    try:
+        trainer = Trainer(
+            model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
+            collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
+            callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile,
+            sampler=prepared.sampler, events=events, cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
+        )
+    except TooFewExamples as exc:
+        raise UserError(exc.message, where=recipe.data.train, hint=f"{exc.hint} ({losses_summary(data.report)})") from None
     result = trainer.fit(resume_from)
     saved = ""
     if result.stop_reason == "cancelled":

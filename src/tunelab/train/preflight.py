@@ -1,0 +1,37 @@
+"""What a recipe must get right before a run loads its model: checked by ``tunelab train`` first
+(a model load takes minutes on real models) and by ``tunelab recipe validate``, so a recipe that
+validates is a recipe that starts training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.data.config import DataConfig
+from tunelab.errors import UserError
+from tunelab.recipe import Recipe
+from tunelab.rundir import check_writable
+
+
+def check_trainable(recipe: Recipe) -> None:
+    """Where outputs go can be written, and every data section names training data that exists."""
+    if recipe.output_dir is not None:
+        check_writable(Path(recipe.output_dir))
+    tasks = recipe.method.tasks or {}
+    if not tasks:
+        _check_data(recipe.data, "data")
+    for name, task in tasks.items():
+        from tunelab.train.multitask import task_data_config
+
+        _check_data(task_data_config(recipe.data, task.data), f"method.tasks.{name}.data")
+
+
+def _check_data(data: DataConfig, section: str) -> None:
+    if not data.train:
+        raise UserError(
+            f"{section}.train is not set: this recipe cannot train",
+            hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them (a recipe only for eval or compress: recipe validate --for eval)",
+        )
+    for key in ("train", "validation"):
+        value = getattr(data, key)
+        if value and not Path(value).expanduser().exists():
+            raise UserError("data file not found", where=value, hint=f"check {section}.{key}")

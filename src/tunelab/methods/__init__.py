@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.methods import bottleneck, dropout, freeze, heads, peft_adapters  # noqa: F401  (registration)
+from tunelab.methods import bottleneck, dropout, freeze, heads, peft_adapters, student  # noqa: F401  (registration)
 from tunelab.methods.base import METHODS, Method, MethodContext, active_methods, register_method
 from tunelab.methods.config import MethodConfig
 

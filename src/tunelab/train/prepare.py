@@ -35,6 +35,10 @@ from tunelab.recipe import Recipe
 from tunelab.train.embedding_artifacts import save_embedding_final
 from tunelab.train.multitask import prepare_multitask
 from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
+from tunelab.train.objectives.base import (
+    attach_objective_modules,
+    detach_objective_modules,
+)
 from tunelab.train.prepared import Prepared, head_collate, masking, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
 
@@ -69,13 +73,15 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     tokenizer = loaded.tokenizer
     data = build_datasets(recipe.data, tokenizer, shape="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
-    ctx = ObjectiveContext(model, tokenizer, data.label_names, data.train, None, device, recipe.seed)
+    ctx = ObjectiveContext(model, tokenizer, data.label_names, data.train, None, device, recipe.seed, model_name=recipe.model.name)
     objective = _objective(recipe, "causal_lm", ctx)
+    attach_objective_modules(model, objective)
     pad_id = pad_token_id(tokenizer)
     packed = objective.collation == "packed" and recipe.data.packing
     collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))
 
     def save(run_dir: Path) -> Path:
+        detach_objective_modules(model)
         return save_final(run_dir, model, tokenizer, base=recipe.model.name, model_task="causal-lm", section=recipe.method, label_names=data.label_names)
 
     return Prepared(model, tokenizer, loaded.source, data, objective, collate, save, recipe.train)
@@ -88,7 +94,7 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
     data = build_datasets(recipe.data, loaded.tokenizer, shape=plan.example_shape, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     tokenizer = loaded.tokenizer
-    objective = _objective(recipe, plan.objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed))
+    objective = _objective(recipe, plan.objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed, model_name=recipe.model.name))
 
     def save(run_dir: Path) -> Path:
         if head.type == "embedding":

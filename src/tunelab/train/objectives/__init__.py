@@ -4,6 +4,7 @@ from tunelab.train.objectives import (  # noqa: F401  (registration)
     causal_lm,
     classification,
     contrastive,
+    distill,
     masked_lm,
     multi_label,
     multiple_choice,

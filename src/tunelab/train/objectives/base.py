@@ -55,18 +55,27 @@ class ObjectiveContext:
     head: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    _auxiliary: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
+    #: The recipe's ``model.name`` (what the trained model was loaded from: a distilled student's teacher).
+    model_name: str | None = None
+    _auxiliary: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     def auxiliary_model(self, name: str, model_task: str = "causal-lm") -> torch.nn.Module:
         """Model ``name`` (any alias, directory, GGUF file or run directory), frozen, in eval mode,
         on the run's device; asking twice returns the same instance."""
+        return self._load_auxiliary(name, model_task).model
+
+    def auxiliary_tokenizer(self, name: str, model_task: str = "causal-lm") -> Any:
+        """The tokenizer that came with ``auxiliary_model(name)``."""
+        return self._load_auxiliary(name, model_task).tokenizer
+
+    def _load_auxiliary(self, name: str, model_task: str) -> Any:
         key = (name, model_task)
         if key not in self._auxiliary:
             from tunelab.models.load import load_model
 
-            model = load_model(name, model_task, seed=self.seed).model.eval().to(self.device)  # type: ignore[arg-type]
-            model.requires_grad_(False)
-            self._auxiliary[key] = model
+            loaded = load_model(name, model_task, seed=self.seed)  # type: ignore[arg-type]
+            loaded.model.eval().to(self.device).requires_grad_(False)
+            self._auxiliary[key] = loaded
         return self._auxiliary[key]
 
 
@@ -112,6 +121,24 @@ def build_objective(name: str, settings: Any, ctx: ObjectiveContext) -> Objectiv
         have = f"a {head_type} head" if head_type else "no head (causal LM)"
         raise UserError(f"objective {name!r} trains {wanted}, but the recipe has {have}", where="objective.name", hint="choose an objective for this head, or leave objective: out for the default")
     return plugin.build(settings if settings is not None else plugin.Config(), ctx)
+
+
+#: Where an objective's own trainable modules (``trainable_modules``) sit on the model during a run.
+OBJECTIVE_MODULES = "tunelab_objective"
+
+
+def attach_objective_modules(model: torch.nn.Module, objective: Objective) -> None:
+    """Put the objective's trainable parts (a distillation projection) on the model for the run,
+    so the optimizer, DDP, device moves and checkpoints cover them with no special case."""
+    modules = getattr(objective, "trainable_modules", None)
+    if modules is not None and len(modules) > 0:
+        model.add_module(OBJECTIVE_MODULES, modules)
+
+
+def detach_objective_modules(model: torch.nn.Module) -> None:
+    """Take them off again before the final model is saved: they are training aids, not the model."""
+    if OBJECTIVE_MODULES in model._modules:
+        del model._modules[OBJECTIVE_MODULES]
 
 
 def accumulate(total: Stats, new: Stats) -> Stats:

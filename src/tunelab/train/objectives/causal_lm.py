@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,16 @@ from tunelab.train.varlen_attention import (
 )
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class SupervisedForward:
+    """One model's outputs at a batch's supervised positions (rows: the N picked positions)."""
+
+    logits: torch.Tensor  # [N, vocab]
+    targets: torch.Tensor  # [N]
+    picked: torch.Tensor  # [B, T-1] bool: position t is picked when token t+1 carries loss
+    hidden_states: list[torch.Tensor] | None = None  # [N, width] per layer; index 0 is the embeddings
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -69,8 +80,14 @@ class CausalLMObjective:
     def supervised_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [N, vocab], targets [N], picked [B, T-1])`` at the N positions whose next token is
         supervised, computed the cheapest way the model allows (sliced LM head, per-example attention
-        on packed rows). Objectives that compare distributions (distillation, preferences) call this
-        for the student and pass ``picked`` to select the same positions elsewhere."""
+        on packed rows)."""
+        out = self.forward_supervised(model, batch)
+        return out.logits, out.targets, out.picked
+
+    def forward_supervised(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden_states: bool = False) -> SupervisedForward:
+        """``supervised_logits`` plus, when asked, every layer's hidden states at the same positions.
+        Objectives that compare models (distillation, preferences) call this for each model: the
+        positions are picked from the labels alone, so the rows line up."""
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         if self._packed_attention(batch):
@@ -81,13 +98,16 @@ class CausalLMObjective:
             if self.sliced_logits:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = supervised_next
-                logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-                logits = logits.reshape(-1, logits.shape[-1])
+                out = model(**inputs, logits_to_keep=keep, use_cache=False, output_hidden_states=hidden_states)
+                logits = out.logits.reshape(-1, out.logits.shape[-1])
             else:
-                full = model(**inputs, use_cache=False).logits
-                full = full[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
+                out = model(**inputs, use_cache=False, output_hidden_states=hidden_states)
+                full = out.logits[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
                 logits = full[:, :-1][supervised_next]
-        return logits, targets, supervised_next
+        states = None
+        if hidden_states:
+            states = [h[:, -labels.shape[1] :][:, :-1][supervised_next] for h in out.hidden_states]
+        return SupervisedForward(logits, targets, supervised_next, states)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         logits, targets, supervised_next = self.supervised_logits(model, batch)

@@ -1,0 +1,172 @@
+"""Distillation: the losses against reference computations, the objectives on tiny models, and
+students built from their teacher that reload as ordinary Hugging Face models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from tests.train_helpers import recipe_for, write_chat_data
+from tunelab.data import collate_packed
+from tunelab.distill.losses import divergence_terms, hint_loss, logit_kd
+from tunelab.errors import UserError
+from tunelab.methods.student import StudentConfig, kept_blocks
+from tunelab.models import load_model, load_run
+from tunelab.recipe import load_recipe
+from tunelab.train.objectives.distill import layer_pairs
+from tunelab.train.prepare import prepare
+from tunelab.train.run import run_training
+
+
+def _logits(seed: int, rows: int = 5, vocab: int = 11) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_logit_kd_matches_the_reference_divergences(temperature):
+    s, t = _logits(0), _logits(1)
+    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    t2 = temperature**2
+    forward = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * t2  # KL(teacher || student)
+    reverse = F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1) * t2
+    m = (log_s.exp() + log_t.exp()) / 2
+    js = 0.5 * (log_t.exp() * (log_t - m.log())).sum(-1) + 0.5 * (log_s.exp() * (log_s - m.log())).sum(-1)
+    assert torch.allclose(logit_kd(s, t, temperature=temperature, divergence="forward"), forward.float(), atol=1e-5)
+    assert torch.allclose(logit_kd(s, t, temperature=temperature, divergence="reverse"), reverse.float(), atol=1e-5)
+    assert torch.allclose(logit_kd(s, t, temperature=temperature, divergence="js"), (js * t2).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "js"])
+def test_top_k_over_the_whole_vocabulary_is_the_full_loss_and_the_teacher_itself_costs_nothing(divergence):
+    s, t = _logits(2), _logits(3)
+    full = logit_kd(s, t, temperature=2.0, divergence=divergence)
+    assert torch.equal(logit_kd(s, t, temperature=2.0, divergence=divergence, top_k=s.shape[-1]), full)
+    assert not torch.allclose(logit_kd(s, t, temperature=2.0, divergence=divergence, top_k=3), full)
+    assert logit_kd(t, t, divergence=divergence).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "js"])
+def test_the_gradient_of_logit_kd_is_the_finite_difference_one(divergence):
+    t = _logits(4, rows=3, vocab=6)
+    s = _logits(5, rows=3, vocab=6).requires_grad_(True)
+
+    def kd64(x):  # the same loss in float64 end to end, so finite differences are meaningful
+        log_s, log_t = F.log_softmax(x / 2.0, -1), F.log_softmax(t / 2.0, -1)
+        return divergence_terms(log_s, log_t, divergence).sum() * 4.0
+
+    assert torch.autograd.gradcheck(kd64, (s,), eps=1e-6, atol=1e-5)
+    got = torch.autograd.grad(logit_kd(s.float(), t.float(), temperature=2.0, divergence=divergence).sum(), s)[0]
+    want = torch.autograd.grad(kd64(s), s)[0]
+    assert torch.allclose(got.float(), want.float(), atol=1e-4)
+
+
+def test_hint_losses_and_layer_maps():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(hint_loss(a, b, "mse"), ((a - b) ** 2).mean(-1))
+    assert torch.allclose(hint_loss(a, 3 * a, "cosine"), torch.zeros(4), atol=1e-6)
+    assert layer_pairs("uniform", 3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert layer_pairs("last", 3, 6) == [(3, 6)]
+    with pytest.raises(UserError, match="out of range"):
+        layer_pairs([(4, 1)], 3, 6)
+
+
+def test_students_keep_the_blocks_asked_for():
+    assert kept_blocks(StudentConfig(), 6) == [0, 2, 4]
+    assert kept_blocks(StudentConfig(keep="ends", num_layers=3), 6) == [0, 1, 5]
+    assert kept_blocks(StudentConfig(keep="layers", layers=[5, 0]), 6) == [5, 0]
+    with pytest.raises(UserError, match="distinct blocks"):
+        kept_blocks(StudentConfig(keep="layers", layers=[6]), 6)
+
+
+KD = (
+    "model: {{name: tiny-llama-20m}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
+    "method: {{student: {{keep: every_other}}}}\n"
+    "objective: {{name: {objective}, temperature: 2.0, kd_weight: 1.0, hard_label_weight: {hard}}}\n"
+    "train: {{lr: 0.002, batch_size: 4, precision: fp32, max_steps: 12, threads: 1, eval_before: true}}\n"
+)
+
+
+def test_kd_on_the_teacher_itself_is_zero(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.0).replace("method: {student: {keep: every_other}}\n", "method: {}\n"))
+    recipe = load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.temperature=1.0"])
+    prepared = prepare(recipe)
+    batch = collate_packed(prepared.data.train[:4])
+    with torch.no_grad():
+        loss, stats = prepared.objective(prepared.model.eval(), batch)
+    assert abs(float(loss)) < 1e-4 and stats["tokens"] > 0
+
+
+@pytest.mark.parametrize("objective", ["kd_logits", "kd_hints"])
+def test_a_half_depth_student_learns_from_its_teacher_and_reloads_as_a_plain_model(tmp_path, objective):
+    data = write_chat_data(tmp_path / "d.jsonl", n=48)
+    summary = run_training(recipe_for(tmp_path, KD.format(data=data, objective=objective, hard=0.0)), show_progress=False)
+    assert summary.eval_after["eval_kd"] < summary.eval_before["eval_kd"]  # the student moves towards its teacher
+    if objective == "kd_hints":
+        assert summary.eval_after["eval_hint"] < summary.eval_before["eval_hint"]
+    final = tmp_path / "run" / "final"
+    plain = AutoModelForCausalLM.from_pretrained(final / "model")
+    assert plain.config.num_hidden_layers == 3 and not any("hint" in n for n in plain.state_dict())
+    ids = torch.tensor([[5, 17, 40, 99, 12]])
+    ours, _, _ = load_run(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-6)
+
+
+def test_a_student_starts_from_the_teachers_kept_blocks(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.5))
+    student = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}"])).model
+    teacher = load_model("tiny-llama-20m").model
+    for new, old in enumerate([0, 2, 4]):
+        for (name, a), b in zip(student.model.layers[new].state_dict().items(), teacher.model.layers[old].state_dict().values()):
+            assert torch.equal(a, b), name
+        assert student.model.layers[new].self_attn.layer_idx == new  # its KV-cache slot follows it
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_a_student_with_frozen_blocks_and_lora_saves_only_its_adapter_and_rebuilds_from_the_teacher(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    text = KD.format(data=data, objective="kd_logits", hard=0.5).replace(
+        "method: {student: {keep: every_other}}", "method: {student: {keep: ends, num_layers: 2}, lora: {r: 4, target_modules: all-linear}}"
+    ).replace("max_steps: 12", "max_steps: 4")
+    run_training(recipe_for(tmp_path, text), show_progress=False)
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter").exists() and not (final / "model").exists()
+    manifest = json.loads((final / "tunelab_model.json").read_text())
+    assert manifest["method"]["student"]["keep"] == "ends"
+    model, _, _ = load_run(tmp_path / "run")
+    assert len(model.base_model.model.model.layers) == 2
+
+
+def test_a_hint_student_of_another_width_trains_a_projection_it_does_not_keep(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    text = (
+        f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{}}\n"
+        "objective: {name: kd_hints, teacher: tiny-llama-20m, layers: last, hint_weight: 1.0}\n"
+        "train: {lr: 0.01, batch_size: 4, precision: fp32, max_steps: 6, threads: 1, eval_before: true}\n"
+    )
+    summary = run_training(recipe_for(tmp_path, text), show_progress=False)
+    assert summary.eval_after["eval_hint"] < summary.eval_before["eval_hint"]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+    assert not any("hint" in n or "objective" in n for n in saved.state_dict())
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, monkeypatch):
+    from tunelab.train.objectives import base
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.5))
+    recipe = load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}"])
+
+    class OtherVocabulary:
+        def get_vocab(self):
+            return {"a": 0}
+
+    monkeypatch.setattr(base.ObjectiveContext, "auxiliary_tokenizer", lambda self, name: OtherVocabulary())
+    with pytest.raises(UserError, match="another tokenizer than the student"):
+        prepare(recipe)

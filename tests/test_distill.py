@@ -170,3 +170,34 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(base.ObjectiveContext, "auxiliary_tokenizer", lambda self, name: OtherVocabulary())
     with pytest.raises(UserError, match="another tokenizer than the student"):
         prepare(recipe)
+
+
+def _student_grads(prepared, batch) -> dict[str, torch.Tensor]:
+    model = prepared.model.train()
+    model.zero_grad()
+    loss, _ = prepared.objective(model, batch)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_cached_teacher_outputs_give_the_gradients_the_live_teacher_gives(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    data = write_chat_data(tmp_path / "d.jsonl", n=24)
+    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.5))
+    live = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8"]))
+    cached = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8", "objective.cache=true"]))
+    assert len(list((tmp_path / "cache" / "teacher_outputs").iterdir())) == 1
+    batch = collate_packed(live.data.train[:4])
+    assert cached.objective.cache.lookup(batch) is not None
+    want, got = _student_grads(live, batch), _student_grads(cached, batch)
+    assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    assert cached.objective.cache.lookup(collate_packed(live.data.validation[:2])) is None  # not cached: run live
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs were cached")
+
+    monkeypatch.setattr("tunelab.train.objectives.distill.LogitDistillation.teacher_outputs", no_teacher)
+    again = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run2'}", "objective.top_k=8", "objective.cache=true"]))
+    assert again.objective.cache.directory == cached.objective.cache.directory  # another student reads the same outputs
+    with pytest.raises(UserError, match="set objective.top_k"):
+        prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.cache=true"]))

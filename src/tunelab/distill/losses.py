@@ -28,15 +28,22 @@ def logit_kd(
     the teacher's side then costs k numbers per position instead of the vocabulary (what a cache
     stores); with k = vocabulary it is exactly the full loss.
     """
-    s = student.float() / temperature
-    t = teacher.float() / temperature
-    log_s = F.log_softmax(s, dim=-1)
-    if top_k is not None and top_k < t.shape[-1]:
-        t_top, index = t.topk(top_k, dim=-1)
-        log_t = F.log_softmax(t_top, dim=-1)
-        log_s = log_s.gather(-1, index)
-    else:
-        log_t = F.log_softmax(t, dim=-1)
+    if top_k is not None and top_k < teacher.shape[-1]:
+        values, index = teacher.topk(top_k, dim=-1)
+        return sparse_logit_kd(student, values, index, temperature=temperature, divergence=divergence)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return divergence_terms(log_s, log_t, divergence) * temperature**2
+
+
+def sparse_logit_kd(
+    student: torch.Tensor, teacher_values: torch.Tensor, teacher_index: torch.Tensor, *, temperature: float = 1.0, divergence: Divergence = "forward"
+) -> torch.Tensor:
+    """``logit_kd`` from the teacher's k largest logits and their token ids only (what a teacher
+    cache stores): the teacher's distribution renormalised over those k tokens, the student's
+    log-probabilities (over the whole vocabulary) read at the same tokens."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, teacher_index)
+    log_t = F.log_softmax(teacher_values.float() / temperature, dim=-1)
     return divergence_terms(log_s, log_t, divergence) * temperature**2
 
 

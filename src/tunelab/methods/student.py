@@ -91,6 +91,7 @@ class StudentMethod(Method):
 
     def apply(self, model: torch.nn.Module, cfg: StudentConfig, ctx: MethodContext) -> torch.nn.Module:
         model = merge_adapters(model)  # a fine-tuned LoRA teacher: the student inherits its merged weights
+        model.requires_grad_(True)  # a run directory loads frozen; the methods after this one decide what trains
         keep = kept_blocks(cfg, len(block_list(model)[1]))
         drop_blocks(model, keep)
         model.config.tunelab_student_of = {"blocks_kept": keep}

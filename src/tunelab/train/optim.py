@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from tunelab.errors import UserError
+
 from tunelab.methods.blocks import block_index, block_list
 from tunelab.train.config import TrainConfig
 
@@ -43,7 +45,7 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg)
     if not groups:
-        raise ValueError("no trainable parameters: every parameter is frozen")
+        raise UserError("no trainable parameters: every parameter is frozen", where="method", hint="unfreeze something (method.freeze) or add an adapter (method.lora)")
     # foreach kernels update all parameters of a group in a few fused ops instead of a Python loop.
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.config_base import Section
-from tunelab.distill.losses import hint_loss, logit_kd
+from tunelab.data import Example, collate_packed, collate_padded
+from tunelab.distill.losses import hint_loss, logit_kd, sparse_logit_kd
+from tunelab.distill.teacher_cache import TeacherCache, teacher_fingerprint
 from tunelab.errors import UserError
 from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
@@ -46,12 +48,17 @@ class KDLogitsConfig(Section):
         "forward", description="forward: KL(teacher‖student), classic KD; reverse: KL(student‖teacher), mode-seeking; js: Jensen-Shannon."
     )
     top_k: int | None = Field(None, gt=0, description="Keep only the teacher's k most likely tokens per position (renormalised).")
+    cache: bool = Field(
+        False, description="Compute the teacher's top_k logits for the training examples once, into the tunelab cache; "
+        "later epochs, resumes and other students read them instead of running the teacher.",
+    )
     kd_weight: float = Field(0.5, ge=0, description="Weight of the distillation term.")
     hard_label_weight: float = Field(0.5, ge=0, description="Weight of the ordinary cross-entropy on the data's answers.")
 
 
 class KDHintsConfig(KDLogitsConfig):
-    """Logit distillation plus hidden-state hints (``objective.name: kd_hints``)."""
+    """Logit distillation plus hidden-state hints (``objective.name: kd_hints``; hints need the live
+    teacher's hidden states, so no ``cache``)."""
 
     hint_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state term.")
     layers: HintLayers = Field(
@@ -74,6 +81,7 @@ class LogitDistillation:
         self.teacher = teacher
         self.collation = "packed" if self.student_view.collation == self.teacher_view.collation == "packed" else "padded"
         self.trainable_modules = torch.nn.ModuleDict()  # the objective's own trainable parts (hint projections)
+        self.cache: TeacherCache | None = None
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return self.student_view.units(batch)
@@ -91,7 +99,8 @@ class LogitDistillation:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         student = self.student_view.forward_supervised(model, batch, hidden_states=self._hidden_states_needed())
-        teacher = self.teacher_outputs(batch)
+        cached = self.cache.lookup(batch) if self.cache is not None else None
+        teacher = self.teacher_outputs(batch) if cached is None else None
         weights = batch.get("weights")
         token_weights = weights[:, 1:][student.picked] if weights is not None else None
 
@@ -99,7 +108,12 @@ class LogitDistillation:
             return per_token.sum() if token_weights is None else (per_token * token_weights).sum()
 
         ce = summed(F.cross_entropy(student.logits.float(), student.targets, reduction="none"))
-        kd = summed(logit_kd(student.logits, teacher.logits, temperature=self.cfg.temperature, divergence=self.cfg.divergence, top_k=self.cfg.top_k))
+        if cached is not None:
+            per_token = sparse_logit_kd(student.logits, *cached, temperature=self.cfg.temperature, divergence=self.cfg.divergence)
+        else:
+            assert teacher is not None
+            per_token = logit_kd(student.logits, teacher.logits, temperature=self.cfg.temperature, divergence=self.cfg.divergence, top_k=self.cfg.top_k)
+        kd = summed(per_token)
         loss = self.cfg.hard_label_weight * ce + self.cfg.kd_weight * kd
         stats = {
             "loss_sum": float(loss.detach()), "ce_sum": float(ce.detach()), "kd_sum": float(kd.detach()),
@@ -112,7 +126,7 @@ class LogitDistillation:
             stats[f"{key}_sum"] = float(value.detach())
         return loss, stats
 
-    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
+    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
         """Further weighted terms (name -> (weight, summed loss)); none for logits alone."""
         return {}
 
@@ -140,8 +154,8 @@ class HintDistillation(LogitDistillation):
     def _hidden_states_needed(self) -> bool:
         return True
 
-    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
-        assert student.hidden_states is not None and teacher.hidden_states is not None
+    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
+        assert student.hidden_states is not None and teacher is not None and teacher.hidden_states is not None
         per_token = 0
         for s, t in self.pairs:
             state = student.hidden_states[s]
@@ -198,11 +212,33 @@ def teacher_for(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> torch.nn.Module:
     return teacher
 
 
+def attach_cache(objective: LogitDistillation, cfg: KDLogitsConfig, ctx: ObjectiveContext) -> None:
+    """Read the teacher's top-k logits on the training examples from disk (computing them once)."""
+    if cfg.top_k is None:
+        raise UserError("a teacher cache stores the teacher's top-k logits", where="objective.cache", hint="set objective.top_k (e.g. 64)")
+    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+
+    def compute(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate_packed(examples) if objective.collation == "packed" else collate_padded(examples, pad_id)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        logits = objective.teacher_outputs(batch).logits
+        values, index = logits.float().topk(cfg.top_k, dim=-1)  # type: ignore[arg-type]
+        return values.cpu(), index.cpu()
+
+    name = cfg.teacher or ctx.model_name or ""
+    objective.cache = TeacherCache.open_or_build(list(ctx.train), cfg.top_k, teacher_fingerprint(name, ctx.seed), compute)
+
+
 @register_objective("kd_logits", KDLogitsConfig, heads=(None,))
 def kd_logits(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> LogitDistillation:
-    return LogitDistillation(cfg, ctx.model, teacher_for(cfg, ctx))
+    objective = LogitDistillation(cfg, ctx.model, teacher_for(cfg, ctx))
+    if cfg.cache:
+        attach_cache(objective, cfg, ctx)
+    return objective
 
 
 @register_objective("kd_hints", KDHintsConfig, heads=(None,))
 def kd_hints(cfg: KDHintsConfig, ctx: ObjectiveContext) -> HintDistillation:
+    if cfg.cache:
+        raise UserError("hints need the live teacher's hidden states: kd_hints cannot read a teacher cache", where="objective.cache", hint="remove it, or use kd_logits")
     return HintDistillation(cfg, ctx.model, teacher_for(cfg, ctx))

@@ -4,6 +4,7 @@ students built from their teacher that reload as ordinary Hugging Face models.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,50 @@ def test_cached_teacher_outputs_give_the_gradients_the_live_teacher_gives(tmp_pa
     assert again.objective.cache.directory == cached.objective.cache.directory  # another student reads the same outputs
     with pytest.raises(UserError, match="set objective.top_k"):
         prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.cache=true"]))
+
+
+class StopAfter:
+    """Raise KeyboardInterrupt once ``n`` batches of teacher answers were generated (a kill midway)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, real):
+        def wrapped(*args, **kwargs):
+            if self.n == 0:
+                raise KeyboardInterrupt
+            self.n -= 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+
+def test_sequence_level_kd_trains_on_the_teachers_answers_and_resumes_their_generation(tmp_path, monkeypatch):
+    from tunelab.distill import sequence
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    data = write_chat_data(tmp_path / "d.jsonl", n=20)
+    text = (
+        f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{}}\n"
+        "objective: {name: kd_sequence, max_new_tokens: 6, batch_size: 4}\n"
+        "train: {lr: 0.01, batch_size: 4, precision: fp32, max_steps: 3, threads: 1}\n"
+    )
+    real = sequence.generate_batch
+    monkeypatch.setattr(sequence, "generate_batch", StopAfter(2)(real))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(recipe_for(tmp_path, text), show_progress=False)
+    partial = next((tmp_path / "cache" / "teacher_answers").iterdir()) / "train.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 8  # two batches kept
+
+    calls = []
+    monkeypatch.setattr(sequence, "generate_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    (tmp_path / "second").mkdir()
+    summary = run_training(recipe_for(tmp_path / "second", text), show_progress=False)
+    assert calls == [4, 4] and summary.train_examples == 16 and summary.validation_examples == 4  # only what was missing
+    folder = partial.parent
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    originals = {json.loads(line)["messages"][0]["content"]: json.loads(line)["messages"][1]["content"] for line in Path(data).read_text().splitlines()}
+    assert len(rows) == 16 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert any(r["messages"][-1]["content"] != originals[r["messages"][0]["content"]] for r in rows)  # the teacher's words, not the data's
+    validation = [json.loads(line) for line in (folder / "validation.jsonl").read_text().splitlines()]
+    assert all(v["messages"][-1]["content"] == originals[v["messages"][0]["content"]] for v in validation)  # the data's own answers

@@ -40,9 +40,35 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     text, every token learned) or ``classification`` (text + label). Everything dropped or cut on
     the way is counted in the report; ending with no training example is a UserError.
     """
+    bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
+    train, validation, report = split_records(cfg, shape=shape, seed=seed, bad_rows=bad_rows)
+    encoder = _encoder(cfg, tokenizer, shape, train, report)
+    train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
+    val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)
+
+    report.bad_rows_skipped = bad_rows.count
+    report.bad_row_samples = bad_rows.samples
+    report.truncated, report.dropped, report.clipped = encoder.truncated, encoder.dropped, encoder.clipped
+    report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
+    report.tokens = sum(_tokens(e) for e in train_examples)
+    report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
+    if not train_examples:
+        raise _nothing_left(cfg, report, encoder)
+    if cfg.validation and not val_examples:
+        raise UserError(
+            "no validation examples left",
+            where=cfg.validation,
+            hint="every row was a bad row, a duplicate of another, or had nothing to learn within data.max_length",
+        )
+    return DataBundle(train_examples, val_examples, report, report.label_names)
+
+
+def split_records(cfg: DataConfig, *, shape: Shape, seed: int, bad_rows: BadRows | None = None) -> tuple[list[Record], list[Record], DataReport]:
+    """The validated, de-duplicated training and validation records (seeded split), before any
+    tokenization: what data transforms (a teacher's answers, augmentation) rewrite."""
+    bad_rows = bad_rows or BadRows(cfg.on_bad_row, setting="data.on_bad_row")
     if not cfg.train:
         raise UserError("data.train is not set", hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them")
-    bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
     train_rows = _renamed(read_rows(cfg.train, bad_rows, "data.train"), cfg.columns)
     val_rows = _renamed(read_rows(cfg.validation, bad_rows, "data.validation"), cfg.columns) if cfg.validation else []
     report = DataReport(format="", rows_read=len(train_rows) + len(val_rows) + bad_rows.count)
@@ -69,25 +95,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
             dedup = "; or set data.dedup: false to keep repeats" if report.duplicates_removed else ""
             raise UserError(f"{exc.message}{removed}", where=cfg.train, hint=f"{exc.hint}{dedup}") from None
 
-    encoder = _encoder(cfg, tokenizer, shape, train, report)
-    train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
-    val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)
-
-    report.bad_rows_skipped = bad_rows.count
-    report.bad_row_samples = bad_rows.samples
-    report.truncated, report.dropped, report.clipped = encoder.truncated, encoder.dropped, encoder.clipped
-    report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
-    report.tokens = sum(_tokens(e) for e in train_examples)
-    report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
-    if not train_examples:
-        raise _nothing_left(cfg, report, encoder)
-    if cfg.validation and not val_examples:
-        raise UserError(
-            "no validation examples left",
-            where=cfg.validation,
-            hint="every row was a bad row, a duplicate of another, or had nothing to learn within data.max_length",
-        )
-    return DataBundle(train_examples, val_examples, report, report.label_names)
+    return train, validation, report
 
 
 def losses_summary(report: DataReport) -> str:

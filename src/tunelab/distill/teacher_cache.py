@@ -18,6 +18,7 @@ temporary folder and renamed, so a killed precomputation leaves nothing half-usa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def segments(batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, int, int]]:
         return
     for row, positions in enumerate(batch["position_ids"]):
         starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
-        for start, end in zip(starts, starts[1:]):
+        for start, end in itertools.pairwise(starts):
             yield row, start, end
 
 

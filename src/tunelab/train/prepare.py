@@ -19,6 +19,7 @@ from tunelab.data import (
     collate_packed,
     collate_padded,
 )
+from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
 from tunelab.methods import apply_methods
 from tunelab.methods.artifacts import save_final
@@ -34,7 +35,12 @@ from tunelab.models.load import peek_config
 from tunelab.recipe import Recipe
 from tunelab.train.embedding_artifacts import save_embedding_final
 from tunelab.train.multitask import prepare_multitask
-from tunelab.train.objectives import Objective, ObjectiveContext, build_objective
+from tunelab.train.objectives import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveContext,
+    build_objective,
+)
 from tunelab.train.objectives.base import (
     attach_objective_modules,
     detach_objective_modules,
@@ -68,12 +74,21 @@ def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective
     return build_objective(chosen.name if chosen is not None else default, chosen, ctx)
 
 
+def _objective_data(recipe: Recipe, ctx: ObjectiveContext) -> DataConfig:
+    """The data section, or the one the chosen objective makes (a teacher's answers)."""
+    chosen = recipe.objective
+    plugin = OBJECTIVES.get(chosen.name) if chosen is not None else None
+    return plugin.data(chosen, ctx, recipe.data) if plugin is not None and plugin.data is not None else recipe.data
+
+
 def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
     tokenizer = loaded.tokenizer
-    data = build_datasets(recipe.data, tokenizer, shape="text" if recipe.data.format == "text" else "sft", seed=recipe.seed)
+    ctx = ObjectiveContext(loaded.model, tokenizer, device=device, seed=recipe.seed, model_name=recipe.model.name)
+    data_section = _objective_data(recipe, ctx)
+    data = build_datasets(data_section, tokenizer, shape="text" if data_section.format == "text" else "sft", seed=recipe.seed)
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
-    ctx = ObjectiveContext(model, tokenizer, data.label_names, data.train, None, device, recipe.seed, model_name=recipe.model.name)
+    ctx.model, ctx.label_names, ctx.train = model, data.label_names, data.train
     objective = _objective(recipe, "causal_lm", ctx)
     attach_objective_modules(model, objective)
     pad_id = pad_token_id(tokenizer)

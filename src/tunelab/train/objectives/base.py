@@ -91,6 +91,9 @@ class ObjectivePlugin:
     build: Callable[[Any, ObjectiveContext], Objective]
     #: The ``method.head.type`` values it trains (None in the tuple: no head, causal LM); None: any model.
     heads: tuple[str | None, ...] | None = None
+    #: ``data(cfg, ctx, data_section) -> data_section``: where the training data comes from when the
+    #: objective makes its own (a teacher's answers); called before the data is read.
+    data: Callable[[Any, ObjectiveContext, Any], Any] | None = None
 
 
 OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
@@ -99,12 +102,16 @@ OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
 Builder = Callable[[Any, ObjectiveContext], Objective]
 
 
-def register_objective(name: str, Config: type[Section] = NoSettings, *, heads: tuple[str | None, ...] | None = None) -> Callable[[Builder], Builder]:
+def register_objective(
+    name: str, Config: type[Section] = NoSettings, *, heads: tuple[str | None, ...] | None = None,
+    data: Callable[[Any, ObjectiveContext, Any], Any] | None = None,
+) -> Callable[[Builder], Builder]:
     """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with
-    ``objective: {name: ..., <Config's keys>}``. ``heads`` limits it to those head types."""
+    ``objective: {name: ..., <Config's keys>}``. ``heads`` limits it to those head types; ``data``
+    rewrites the data section first (see ``ObjectivePlugin.data``)."""
 
     def wrap(build: Builder) -> Builder:
-        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads))
+        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads, data))
         return build
 
     return wrap

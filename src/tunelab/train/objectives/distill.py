@@ -69,6 +69,14 @@ class KDHintsConfig(KDLogitsConfig):
     hint_loss: Literal["mse", "cosine"] = Field("mse", description="Distance between the (projected) student and teacher states.")
 
 
+class KDSequenceConfig(Section):
+    """Sequence-level distillation (``objective.name: kd_sequence``): plain SFT on the teacher's answers."""
+
+    teacher: str | None = Field(None, description="The teacher: an alias, HF directory, GGUF or run directory; default: model.name.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest teacher answer (greedy decoding).")
+    batch_size: int = Field(8, gt=0, description="Prompts the teacher answers at once.")
+
+
 class LogitDistillation:
     """``hard_label_weight`` × cross-entropy + ``kd_weight`` × divergence from the teacher."""
 
@@ -242,3 +250,17 @@ def kd_hints(cfg: KDHintsConfig, ctx: ObjectiveContext) -> HintDistillation:
     if cfg.cache:
         raise UserError("hints need the live teacher's hidden states: kd_hints cannot read a teacher cache", where="objective.cache", hint="remove it, or use kd_logits")
     return HintDistillation(cfg, ctx.model, teacher_for(cfg, ctx))
+
+
+def _teacher_answers(cfg: KDSequenceConfig, ctx: ObjectiveContext, data: Any) -> Any:
+    from tunelab.distill.sequence import teacher_answered_data
+
+    name = cfg.teacher or ctx.model_name
+    if name is None:
+        raise UserError("distillation needs a teacher", where="objective.teacher", hint="name a model or run directory")
+    return teacher_answered_data(data, teacher_name=name, ctx=ctx, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+
+
+@register_objective("kd_sequence", KDSequenceConfig, heads=(None,), data=_teacher_answers)
+def kd_sequence(cfg: KDSequenceConfig, ctx: ObjectiveContext) -> CausalLMObjective:
+    return CausalLMObjective(ctx.model)

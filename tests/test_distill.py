@@ -249,3 +249,25 @@ def test_sequence_level_kd_trains_on_the_teachers_answers_and_resumes_their_gene
     assert any(r["messages"][-1]["content"] != originals[r["messages"][0]["content"]] for r in rows)  # the teacher's words, not the data's
     validation = [json.loads(line) for line in (folder / "validation.jsonl").read_text().splitlines()]
     assert all(v["messages"][-1]["content"] == originals[v["messages"][0]["content"]] for v in validation)  # the data's own answers
+
+
+def test_a_pruned_model_keeps_its_zeros_while_it_recovers_by_distillation(tmp_path):
+    loaded = load_model("tiny-llama-20m")
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0  # half of one layer pruned
+    loaded.model.save_pretrained(tmp_path / "pruned")
+    loaded.tokenizer.save_pretrained(tmp_path / "pruned")
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    text = (
+        f"model: {{name: {tmp_path / 'pruned'}}}\ndata: {{train: {data}}}\nmethod: {{}}\n"
+        "objective: {name: kd_logits, teacher: tiny-llama-20m}\ncallbacks: [{name: keep_sparsity}]\n"
+        "train: {lr: 0.01, batch_size: 4, precision: fp32, max_steps: 3, threads: 1}\n"
+    )
+    run_training(recipe_for(tmp_path, text), show_progress=False)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+    weight = trained.model.layers[0].mlp.down_proj.weight
+    assert bool((weight[:, ::2] == 0).all()) and bool((weight[:, 1::2] != layer.weight[:, 1::2]).any())  # zeros kept, the rest trained
+    assert json.loads((tmp_path / "run" / "keep_sparsity.json").read_text())["layers"] == 1
+    with pytest.raises(UserError, match="keep_sparsity found no pruned weights"):
+        run_training(recipe_for(tmp_path / "run", text.replace(str(tmp_path / "pruned"), "tiny-llama-20m")), show_progress=False)

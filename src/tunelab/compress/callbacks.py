@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
 from tunelab import atomic
 from tunelab.compress import lottery
@@ -20,6 +21,7 @@ from tunelab.compress.qat import prepare_qat, unwrap_qat
 from tunelab.compress.qlinear import QuantSpec
 from tunelab.compress.schedule import cubic_sparsity
 from tunelab.compress.targets import linear_layers
+from tunelab.config_base import Section
 from tunelab.errors import UserError
 from tunelab.train.callbacks import Callback, TrainState, register_callback
 
@@ -138,6 +140,48 @@ class QuantizationAwareCallback(Callback):
             "spec": self.cfg.model_dump(), "layers": self.names,
             "convert": "tunelab compress RUN_DIR with a variant `quantize: <same format, group_size, bits, targets>`",
         })
+
+
+class KeepSparsity(Section):
+    """Keep a pruned model's zeros at zero while it trains: recovery fine-tuning or distillation of a
+    model from ``tunelab compress`` (with ``keep_models: true``) keeps the sparsity it was pruned to."""
+
+    targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: all but the output head and adapters.")
+
+
+class KeepSparsityCallback(Callback):
+    """Masks from the weights that are exactly zero when training starts, re-applied after every step."""
+
+    def __init__(self, cfg: KeepSparsity):
+        self.cfg = cfg
+        self.layers: dict[str, torch.nn.Module] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.layers = linear_layers(state.model, self.cfg.targets)
+        self.masks = {name: layer.weight.detach() != 0 for name, layer in self.layers.items() if bool((layer.weight == 0).any())}
+        if not self.masks:
+            raise UserError("keep_sparsity found no pruned weights (no exact zeros) in the model's linear layers", where="callbacks",
+                            hint="train a model written by tunelab compress with a prune step, or remove keep_sparsity")
+
+    @torch.no_grad()
+    def on_step_end(self, state: TrainState) -> None:
+        apply_masks(self.layers, self.masks)
+
+    def on_train_end(self, state: TrainState) -> None:
+        measured = sparsity_of({n: self.layers[n].weight.detach() for n in self.masks})
+        atomic.write_json(state.run_dir / "keep_sparsity.json", {"measured_sparsity_of_pruned_layers": measured, "layers": len(self.masks)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = state["masks"]
+
+
+@register_callback("keep_sparsity", KeepSparsity)
+def _keep_sparsity(recipe: Recipe, cfg: object) -> Callback | None:
+    return KeepSparsityCallback(cfg) if isinstance(cfg, KeepSparsity) else None
 
 
 @register_callback("gradual_pruning")

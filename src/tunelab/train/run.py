@@ -121,25 +121,7 @@ def _run(
     seed_everything(recipe.seed)
     resume_from, changes = None, {}
     if resume:
-        if not (run_dir / "recipe.yaml").exists():
-            raise UserError("nothing to resume: no run was started here (no recipe.yaml)", where=str(run_dir), hint="train without --resume")
-        changes = resume_changes(run_dir, recipe)
-        checkpoints = list_checkpoints(run_dir)
-        resume_from = checkpoints[-1] if checkpoints else None
-        if (run_dir / "summary.json").exists():  # written after the final model: the run is complete
-            if not extends_schedule(recipe, changes):
-                raise UserError(
-                    "the run is complete: nothing to resume", where=str(run_dir),
-                    hint="its model is in final/; to train it further, resume with a larger train.epochs or train.max_steps",
-                )
-            if resume_from is None:
-                raise UserError("the run is complete and kept no checkpoint to extend", where=str(run_dir), hint="train a new run")
-        if world.is_main:
-            rewind(run_dir, checkpoint_step(resume_from) if resume_from else None)
-            if (run_dir / "summary.json").exists():  # extending: the shorter run's summary stays on record
-                os.replace(run_dir / "summary.json", run_dir / f"summary-step-{checkpoint_step(resume_from)}.json")
-        if resume_from is None:
-            print(f"tunelab: {run_dir} has no complete checkpoint yet; starting the run again from step 0", flush=True)
+        resume_from, changes = _resume_point(recipe, run_dir, world)
     elif world.is_main and holds_a_run(run_dir):
         raise UserError(
             "run directory already holds a run (a directory belongs to one run)", where=str(run_dir),
@@ -206,6 +188,31 @@ def _run(
                             evaluation=task_evaluation(recipe), echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
     return summary
+
+
+def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | None, dict[str, list[Any]]]:
+    """The checkpoint ``--resume`` continues from (None: start again, none was complete) and the
+    safe recipe changes; the run directory is rewound to that checkpoint first."""
+    if not (run_dir / "recipe.yaml").exists():
+        raise UserError("nothing to resume: no run was started here (no recipe.yaml)", where=str(run_dir), hint="train without --resume")
+    changes = resume_changes(run_dir, recipe)
+    checkpoints = list_checkpoints(run_dir)
+    resume_from = checkpoints[-1] if checkpoints else None
+    if (run_dir / "summary.json").exists():  # written after the final model: the run is complete
+        if not extends_schedule(recipe, changes):
+            raise UserError(
+                "the run is complete: nothing to resume", where=str(run_dir),
+                hint="its model is in final/; to train it further, resume with a larger train.epochs or train.max_steps",
+            )
+        if resume_from is None:
+            raise UserError("the run is complete and kept no checkpoint to extend", where=str(run_dir), hint="train a new run")
+    if world.is_main:
+        rewind(run_dir, checkpoint_step(resume_from) if resume_from else None)
+        if (run_dir / "summary.json").exists():  # extending: the shorter run's summary stays on record
+            os.replace(run_dir / "summary.json", run_dir / f"summary-step-{checkpoint_step(resume_from)}.json")
+    if resume_from is None and world.is_main:
+        print(f"tunelab: {run_dir} has no complete checkpoint yet; starting the run again from step 0", flush=True)
+    return resume_from, changes
 
 
 #: Settings a resumed run may change without changing what its finished steps meant: speed,

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ROOT / "examples/data/heldout/fortunes.txt"
 
 
-def task_scores(run: Path, system: str) -> dict[str, float]:
-    """The scores of ``system`` in the evaluation a student run wrote after training."""
-    report = json.loads((run / "eval" / "eval.json").read_text())
-    return next(s["scores"] for s in report["systems"] if s["system"] == system)
+def task_scores(run: Path, teacher: bool = False) -> dict[str, float]:
+    """The student's scores in the evaluation its run wrote after training, or (``teacher``) those
+    of the base it was built from, the 0-shot row of the same table."""
+    systems = json.loads((run / "eval" / "eval.json").read_text())["systems"]
+    return next(s["scores"] for s in systems if s["system"].endswith(" 0-shot") == teacher)
 
 
 def main() -> None:
@@ -43,11 +44,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         merged = export_merged(teacher, Path(tmp) / "teacher")
         first = students[0]
-        rows.append({"model": f"teacher ({teacher.name})", **task_scores(first, f"{teacher} 0-shot"),
+        rows.append({"model": f"teacher ({teacher.name})", **task_scores(first, teacher=True),
                      **measure_in_subprocess(merged, TEXTS, 20, settings)})
     for run in students:
         summary = json.loads((run / "summary.json").read_text())
-        rows.append({"model": run.name, "steps": summary["steps"], **task_scores(run, str(run)),
+        rows.append({"model": run.name, "steps": summary["steps"], **task_scores(run),
                      **measure_in_subprocess(run / "final" / "model", TEXTS, 20, settings)})
     print(f"CPU: {cpu_model_name()}, 1 thread")
     print("| model | accuracy | macro F1 | params | disk MB | prefill tok/s | decode tok/s | peak RSS MB |")

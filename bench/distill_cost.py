@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def main() -> None:
     cache_build_seconds = cached_prepare - uncached_prepare
     batch = collate_packed(next(iter(modes.values())).data.train[:8])  # type: ignore[attr-defined]
 
-    def step(p) -> float:  # noqa: ANN001
+    def step(p: Any) -> float:
         model = p.model.train()
         model.zero_grad(set_to_none=True)
         start = time.process_time()

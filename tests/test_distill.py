@@ -271,3 +271,32 @@ def test_a_pruned_model_keeps_its_zeros_while_it_recovers_by_distillation(tmp_pa
     assert json.loads((tmp_path / "run" / "keep_sparsity.json").read_text())["layers"] == 1
     with pytest.raises(UserError, match="keep_sparsity found no pruned weights"):
         run_training(recipe_for(tmp_path / "run", text.replace(str(tmp_path / "pruned"), "tiny-llama-20m")), show_progress=False)
+
+
+def test_a_smaller_encoder_learns_its_teachers_sentence_embeddings_and_saves_for_sentence_transformers(tmp_path):
+    from tests.test_objectives_contrastive import write_pairs
+
+    data = write_pairs(tmp_path / "p.jsonl", n=96)
+    base = (
+        f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
+        "method: {head: {type: embedding, pooling: mean}}\nobjective: {name: infonce}\n"
+        "train: {lr: 0.003, max_steps: 30, batch_size: 16, precision: fp32, threads: 1, eval_before: true}\n"
+    )
+    (tmp_path / "teacher").mkdir()
+    run_training(recipe_for(tmp_path / "teacher", base), show_progress=False)  # a teacher that learned something
+    teacher = tmp_path / "teacher" / "run"
+    text = base.replace("method: {head:", "method: {student: {keep: every_other}, head:").replace(
+        "objective: {name: infonce}", f"objective: {{name: kd_embedding, teacher: {teacher}, loss: cosine}}"
+    )
+    summary = run_training(recipe_for(tmp_path, text), show_progress=False)
+    assert summary.eval_after["eval_kd"] < summary.eval_before["eval_kd"] / 2 and "eval_mrr" in summary.eval_after
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    st = sentence_transformers.SentenceTransformer(str(tmp_path / "run" / "final" / "model"), device="cpu")
+    assert st[0].auto_model.config.num_hidden_layers == 1 and st.encode(["cat dog"]).shape == (1, 64)
+
+    (tmp_path / "self.yaml").write_text(base.replace("objective: {name: infonce}", "objective: {name: kd_embedding}"))
+    prepared = prepare(load_recipe(tmp_path / "self.yaml", [f"output_dir={tmp_path / 'self'}"]))
+    batch = prepared.collate(prepared.data.train[:8])
+    with torch.no_grad():
+        loss, _ = prepared.objective(prepared.model.eval(), batch)
+    assert abs(float(loss)) < 1e-5  # the teacher itself is already where it should be

@@ -5,6 +5,7 @@ from tunelab.train.objectives import (  # noqa: F401  (registration)
     classification,
     contrastive,
     distill,
+    distill_embedding,
     masked_lm,
     multi_label,
     multiple_choice,

@@ -54,19 +54,26 @@ class ContrastiveObjective:
         if self.name == "simcse":
             anchors = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             positives = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            per_row = info_nce(anchors, positives, self.loss.temperature)
+            return self._summed(info_nce(anchors, positives, self.loss.temperature), anchors, positives, batch)
+        return self.group_loss(*embed_group(model, batch), batch)
+
+    def group_loss(self, embedded: torch.Tensor, mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        """The loss of (anchor, positive[, negative]) rows already embedded (``embed_group``), for
+        objectives that reuse the embeddings (distillation)."""
+        anchors, positives = embedded[:, 0], embedded[:, 1]
+        has_negative = mask[:, 2] if mask.shape[1] > 2 else torch.zeros_like(mask[:, 0])
+        if self.name == "infonce":
+            candidates = torch.cat([positives, embedded[:, 2][has_negative]]) if has_negative.any() else positives
+            per_row = info_nce(anchors, candidates, self.loss.temperature)
         else:
-            embedded, mask = embed_group(model, batch)
-            anchors, positives = embedded[:, 0], embedded[:, 1]
-            has_negative = mask[:, 2] if mask.shape[1] > 2 else torch.zeros_like(mask[:, 0])
-            if self.name == "infonce":
-                candidates = torch.cat([positives, embedded[:, 2][has_negative]]) if has_negative.any() else positives
-                per_row = info_nce(anchors, candidates, self.loss.temperature)
-            else:
-                negatives = hardest_negatives(anchors, positives)
-                if has_negative.any():
-                    negatives = torch.where(has_negative.unsqueeze(-1), embedded[:, 2], negatives)
-                per_row = triplet_margin(anchors, positives, negatives, self.loss.margin)
+            negatives = hardest_negatives(anchors, positives)
+            if has_negative.any():
+                negatives = torch.where(has_negative.unsqueeze(-1), embedded[:, 2], negatives)
+            per_row = triplet_margin(anchors, positives, negatives, self.loss.margin)
+        return self._summed(per_row, anchors, positives, batch)
+
+    @staticmethod
+    def _summed(per_row: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         loss_sum = weighted_sum(per_row, batch)
         return loss_sum, {
             "loss_sum": loss_sum.detach().item(),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from tunelab.data import IGNORE_INDEX
-from tunelab.train.objectives.config import WeightedCrossEntropyConfig
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.classification import class_counts, label_metrics
+from tunelab.train.objectives.config import WeightedCrossEntropyConfig
 from tunelab.train.objectives.losses import class_weight_vector, weighted_cross_entropy
 
 

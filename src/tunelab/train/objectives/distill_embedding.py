@@ -1,0 +1,89 @@
+"""Embedding distillation (``objective.name: kd_embedding``): a student encoder learns to place
+every text where the teacher's sentence embedding puts it (MSE or cosine on the pooled, projected,
+normalised embeddings), optionally with the in-batch contrastive loss on the pairs as well.
+
+The teacher is wrapped in the student's own head (same pooling and normalisation; no projection),
+so the two embed alike; with ``method.student`` the student is the teacher minus blocks, and the
+result is a smaller sentence-transformers model. Validation reports the retrieval metrics of the
+contrastive objectives (recall@k, MRR), so a distilled student compares with its teacher directly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from tunelab.config_base import Section
+from tunelab.distill.losses import hint_loss
+from tunelab.errors import UserError
+from tunelab.methods.pooling import Embedder, default_pooling
+from tunelab.models.kinds import model_kind
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.objectives.config import InfoNCEConfig
+from tunelab.train.objectives.contrastive import ContrastiveObjective, embed_group
+
+
+class KDEmbeddingConfig(Section):
+    """Sentence-embedding distillation from a teacher encoder."""
+
+    teacher: str | None = Field(None, description="The teacher encoder (alias, directory or run); default: model.name.")
+    loss: Literal["mse", "cosine"] = Field("cosine", description="Distance between student and teacher embeddings.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the distillation term (per text).")
+    contrastive_weight: float = Field(0.0, ge=0, description="Weight of InfoNCE on the pairs (0: distillation only).")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (with contrastive_weight).")
+
+
+class EmbeddingDistillation:
+    """Per row: ``kd_weight`` × mean distance over its texts + ``contrastive_weight`` × InfoNCE."""
+
+    name = "kd_embedding"
+    collation = "padded"
+
+    def __init__(self, cfg: KDEmbeddingConfig, teacher: Embedder):
+        self.cfg = cfg
+        self.teacher = teacher
+        self.contrastive = ContrastiveObjective("infonce", InfoNCEConfig(temperature=cfg.temperature))
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.contrastive.units(batch)
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        student, mask = embed_group(model, batch)
+        contrastive, stats = self.contrastive.group_loss(student, mask, batch)
+        with torch.no_grad():
+            teacher, _ = embed_group(self.teacher, batch)
+        per_text = hint_loss(student, teacher, self.cfg.loss) * mask
+        per_row = per_text.sum(1) / mask.sum(1).clamp(min=1)
+        weights = batch.get("weights")
+        kd = (per_row * weights).sum() if weights is not None else per_row.sum()
+        loss = self.cfg.kd_weight * kd + self.cfg.contrastive_weight * contrastive
+        stats.update(loss_sum=float(loss.detach()), kd_sum=float(kd.detach()), infonce_sum=float(contrastive.detach()))
+        return loss, stats
+
+    def summarize(self, stats: Stats) -> dict[str, float]:
+        metrics = self.contrastive.summarize(stats)
+        examples = max(1, stats.get("examples", 0))
+        metrics.update(kd=stats.get("kd_sum", 0.0) / examples, infonce=stats.get("infonce_sum", 0.0) / examples)
+        return metrics
+
+
+@register_objective("kd_embedding", KDEmbeddingConfig, heads=("embedding",))
+def kd_embedding(cfg: KDEmbeddingConfig, ctx: ObjectiveContext) -> EmbeddingDistillation:
+    name = cfg.teacher or ctx.model_name
+    if name is None:
+        raise UserError("distillation needs a teacher", where="objective.teacher", hint="name an encoder or run directory")
+    body = ctx.auxiliary_model(name, "base")
+    if ctx.auxiliary_tokenizer(name, "base").get_vocab() != ctx.tokenizer.get_vocab():
+        raise UserError(f"the teacher {name!r} has another tokenizer than the student", where="objective.teacher",
+                        hint="distil from an encoder of the same family")
+    head = ctx.head
+    teacher = Embedder(body, head.pooling or default_pooling(model_kind(body.config) == "encoder"), None, head.normalize).eval()
+    student_width = head.projection or ctx.model.config.hidden_size
+    if student_width != body.config.hidden_size:
+        raise UserError(
+            f"the student embeds in {student_width} dimensions, the teacher in {body.config.hidden_size}",
+            where="method.head.projection", hint=f"set method.head.projection: {body.config.hidden_size}, or distil from a teacher of the student's width",
+        )
+    return EmbeddingDistillation(cfg, teacher)

@@ -164,7 +164,6 @@ class KeepSparsityCallback(Callback):
             raise UserError("keep_sparsity found no pruned weights (no exact zeros) in the model's linear layers", where="callbacks",
                             hint="train a model written by tunelab compress with a prune step, or remove keep_sparsity")
 
-    @torch.no_grad()
     def on_step_end(self, state: TrainState) -> None:
         apply_masks(self.layers, self.masks)
 

@@ -168,7 +168,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, monkeypatch):
         def get_vocab(self):
             return {"a": 0}
 
-    monkeypatch.setattr(base.ObjectiveContext, "auxiliary_tokenizer", lambda self, name: OtherVocabulary())
+    monkeypatch.setattr(base.ObjectiveContext, "auxiliary_tokenizer", lambda self, name, model_task="causal-lm": OtherVocabulary())
     with pytest.raises(UserError, match="another tokenizer than the student"):
         prepare(recipe)
 

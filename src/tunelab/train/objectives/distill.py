@@ -204,20 +204,31 @@ def _width(model: torch.nn.Module) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
-def teacher_for(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> torch.nn.Module:
-    """The frozen teacher, checked to speak the student's vocabulary."""
+def teacher_name(cfg: Any, ctx: ObjectiveContext) -> str:
+    """``objective.teacher``, else the model the student was loaded from (``model.name``)."""
     name = cfg.teacher or ctx.model_name
     if name is None:
         raise UserError("distillation needs a teacher", where="objective.teacher", hint="name a model or run directory")
-    teacher = merge_adapters(ctx.auxiliary_model(name))  # a fine-tuned LoRA run: one plain forward, not base + adapter
-    teacher_vocab, student_vocab = ctx.auxiliary_tokenizer(name).get_vocab(), ctx.tokenizer.get_vocab()
+    return name
+
+
+def same_vocabulary_teacher(cfg: Any, ctx: ObjectiveContext, model_task: str = "causal-lm") -> torch.nn.Module:
+    """The frozen teacher, checked to speak the student's vocabulary (distributions and
+    embeddings over different tokenizers are not comparable)."""
+    name = teacher_name(cfg, ctx)
+    teacher = ctx.auxiliary_model(name, model_task)
+    teacher_vocab, student_vocab = ctx.auxiliary_tokenizer(name, model_task).get_vocab(), ctx.tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
         raise UserError(
-            f"the teacher {name!r} has another tokenizer than the student ({len(teacher_vocab)} vs {len(student_vocab)} tokens): "
-            "their next-token distributions cannot be compared",
-            where="objective.teacher", hint="distil from a teacher of the same model family, or use sequence-level distillation",
+            f"the teacher {name!r} has another tokenizer than the student ({len(teacher_vocab)} vs {len(student_vocab)} tokens)",
+            where="objective.teacher", hint="distil from a teacher of the same model family (or, for causal LMs, use kd_sequence)",
         )
     return teacher
+
+
+def teacher_for(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> torch.nn.Module:
+    """The causal-LM teacher; a fine-tuned LoRA run merged: one plain forward, not base + adapter."""
+    return merge_adapters(same_vocabulary_teacher(cfg, ctx))
 
 
 def attach_cache(objective: LogitDistillation, cfg: KDLogitsConfig, ctx: ObjectiveContext) -> None:
@@ -233,8 +244,8 @@ def attach_cache(objective: LogitDistillation, cfg: KDLogitsConfig, ctx: Objecti
         values, index = logits.float().topk(cfg.top_k, dim=-1)  # type: ignore[arg-type]
         return values.cpu(), index.cpu()
 
-    name = cfg.teacher or ctx.model_name or ""
-    objective.cache = TeacherCache.open_or_build(list(ctx.train), cfg.top_k, teacher_fingerprint(name, ctx.seed), compute)
+    fingerprint = teacher_fingerprint(teacher_name(cfg, ctx), ctx.seed)
+    objective.cache = TeacherCache.open_or_build(list(ctx.train), cfg.top_k, fingerprint, compute)
 
 
 @register_objective("kd_logits", KDLogitsConfig, heads=(None,))
@@ -255,10 +266,7 @@ def kd_hints(cfg: KDHintsConfig, ctx: ObjectiveContext) -> HintDistillation:
 def _teacher_answers(cfg: KDSequenceConfig, ctx: ObjectiveContext, data: Any) -> Any:
     from tunelab.distill.sequence import teacher_answered_data
 
-    name = cfg.teacher or ctx.model_name
-    if name is None:
-        raise UserError("distillation needs a teacher", where="objective.teacher", hint="name a model or run directory")
-    return teacher_answered_data(data, teacher_name=name, ctx=ctx, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    return teacher_answered_data(data, teacher_name=teacher_name(cfg, ctx), ctx=ctx, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 
 @register_objective("kd_sequence", KDSequenceConfig, heads=(None,), data=_teacher_answers)

@@ -23,6 +23,7 @@ from tunelab.models.kinds import model_kind
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.config import InfoNCEConfig
 from tunelab.train.objectives.contrastive import ContrastiveObjective, embed_group
+from tunelab.train.objectives.distill import same_vocabulary_teacher
 
 
 class KDEmbeddingConfig(Section):
@@ -71,13 +72,7 @@ class EmbeddingDistillation:
 
 @register_objective("kd_embedding", KDEmbeddingConfig, heads=("embedding",))
 def kd_embedding(cfg: KDEmbeddingConfig, ctx: ObjectiveContext) -> EmbeddingDistillation:
-    name = cfg.teacher or ctx.model_name
-    if name is None:
-        raise UserError("distillation needs a teacher", where="objective.teacher", hint="name an encoder or run directory")
-    body = ctx.auxiliary_model(name, "base")
-    if ctx.auxiliary_tokenizer(name, "base").get_vocab() != ctx.tokenizer.get_vocab():
-        raise UserError(f"the teacher {name!r} has another tokenizer than the student", where="objective.teacher",
-                        hint="distil from an encoder of the same family")
+    body = same_vocabulary_teacher(cfg, ctx, "base")
     head = ctx.head
     teacher = Embedder(body, head.pooling or default_pooling(model_kind(body.config) == "encoder"), None, head.normalize).eval()
     student_width = head.projection or ctx.model.config.hidden_size

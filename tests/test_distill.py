@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tests.train_helpers import recipe_for, write_chat_data
+from tests.train_helpers import recipe_for, train, write_chat_data
 from tunelab.data import collate_packed
 from tunelab.distill.losses import divergence_terms, hint_loss, logit_kd
 from tunelab.errors import UserError
@@ -300,3 +300,111 @@ def test_a_smaller_encoder_learns_its_teachers_sentence_embeddings_and_saves_for
     with torch.no_grad():
         loss, _ = prepared.objective(prepared.model.eval(), batch)
     assert abs(float(loss)) < 1e-5  # the teacher itself is already where it should be
+
+
+def test_attention_relations_are_the_models_causal_attention_maps_and_their_kd_gradient_is_exact():
+    from tunelab.distill.losses import relation_kd, relation_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 4 * 3, generator=g, dtype=torch.float64), torch.randn(5, 2 * 3, generator=g, dtype=torch.float64)
+    maps = relation_log_probs(q, k, 4, 2, causal=True).exp()
+    for head in range(4):  # grouped-query attention: query heads 0,1 share key head 0; 2,3 key head 1
+        qh, kh = q[:, head * 3 : head * 3 + 3], k[:, (head // 2) * 3 : (head // 2) * 3 + 3]
+        scores = (qh @ kh.T / 3**0.5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        assert torch.allclose(maps[head], scores.softmax(-1))
+    teacher = relation_log_probs(q, q, 2, 2, causal=True)
+    assert relation_kd(teacher, teacher).abs().max() < 1e-12
+    student = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: relation_kd(relation_log_probs(x, x, 2, 2, causal=True), teacher).sum(), (student,))
+
+
+ATTENTION = (
+    "model: {{name: tiny-llama-20m}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{{method}}}\n"
+    "objective: {{name: kd_attention, kd_weight: 0.0, hard_label_weight: 0.0, attention_weight: 1.0{extra}}}\n"
+    "train: {{lr: 0.002, batch_size: 4, precision: fp32, max_steps: 12, threads: 1, eval_before: true}}\n"
+)
+
+
+def test_attention_transfer_on_the_teacher_itself_is_zero_and_never_crosses_packed_examples(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    (tmp_path / "r.yaml").write_text(ATTENTION.format(data=data, method="student: {keep: every_other}", extra=", relations: [qk, vv], layers: uniform"))
+    student = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}"]))
+    examples = student.data.train[:3]
+    with torch.no_grad():
+        _, together = student.objective(student.model.eval(), collate_packed(examples))
+        alone = [student.objective(student.model, collate_packed([e]))[1] for e in examples]
+    # per token the same whether the examples share a packed row or not (relations stay inside each example)
+    lengths = [len(e.input_ids) for e in examples]
+    supervised = [s["tokens"] for s in alone]
+    per_token_alone = sum(s["attention_sum"] / t * n for s, t, n in zip(alone, supervised, lengths)) / sum(lengths)
+    assert together["attention_sum"] / together["tokens"] == pytest.approx(per_token_alone, rel=1e-4)
+    assert together["attention_sum"] > 0
+
+    (tmp_path / "r.yaml").write_text(ATTENTION.format(data=data, method="", extra=", relations: [qk, qq, kk, vv], layers: uniform"))
+    itself = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run2'}"]))
+    with torch.no_grad():
+        loss, stats = itself.objective(itself.model.eval(), collate_packed(examples))
+    assert abs(float(loss)) < 1e-5 and stats["attention_sum"] < 1e-5
+
+
+def test_a_student_learns_its_teachers_attention_and_heads_that_cannot_match_are_refused(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=48)
+    text = ATTENTION.format(data=data, method="student: {keep: every_other}", extra="")
+    summary = run_training(recipe_for(tmp_path, text), show_progress=False)
+    assert summary.eval_after["eval_attention"] < 0.8 * summary.eval_before["eval_attention"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+    assert plain.config.num_hidden_layers == 3
+
+    other = ATTENTION.format(data=data, method="", extra=", teacher: tiny-llama-20m, relations: [qk]").replace("name: tiny-llama-20m}", "name: tiny-llama}", 1)
+    (tmp_path / "o.yaml").write_text(other)
+    with pytest.raises(UserError, match="student has 4 heads, the teacher 8"):
+        prepare(load_recipe(tmp_path / "o.yaml", [f"output_dir={tmp_path / 'run3'}"]))
+    with pytest.raises(UserError, match="does not split into 3 relation heads"):
+        prepare(load_recipe(tmp_path / "o.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.relations=[qq]", "objective.relation_heads=3"]))
+    wider = prepare(load_recipe(tmp_path / "o.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.relations=[qq,kk,vv]"]))
+    assert wider.objective.relation_heads == 2  # the student's key/value heads; the 512-wide teacher splits the same way
+
+
+ON_POLICY = (
+    "model: {{name: tiny-llama-20m}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{{method}}}\n"
+    "objective: {{name: kd_on_policy, on_policy_fraction: {fraction}, max_new_tokens: 6, kd_weight: 1.0, hard_label_weight: 0.0}}\n"
+    "train: {{lr: 0.002, batch_size: 4, precision: fp32, max_steps: {steps}, threads: 1, eval_before: true}}\n"
+)
+
+
+def test_on_policy_batches_are_the_students_own_answers_to_the_batchs_prompts(tmp_path):
+    from tunelab.distill.on_policy import answered_batch, batch_prompts
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    (tmp_path / "r.yaml").write_text(ON_POLICY.format(data=data, method="", fraction=1.0, steps=2))
+    prepared = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}"]))
+    examples = prepared.data.train[:3]
+    prompts = batch_prompts(collate_packed(examples))
+    for prompt, example in zip(prompts, examples):
+        first = next(i for i, label in enumerate(example.labels) if label != -100)
+        assert prompt.ids == example.input_ids[:first] and prompt.stop == [x for x in example.labels if x != -100][-1]
+    sampled = answered_batch(prompts, [[7, 8], [], [9]], collate_packed)
+    assert sampled["labels"].ne(-100).sum() == 3 and len(batch_prompts(sampled)) == 2  # loss on the answers; the empty one is dropped
+    objective, model = prepared.objective, prepared.model
+    with torch.no_grad():
+        _, trained = objective(model.train(), collate_packed(examples))
+        _, measured = objective(model.eval(), collate_packed(examples))
+    assert "kd_on_policy_sum" in trained and "kd_sum" not in trained  # training batches: the student's own answers
+    assert "kd_sum" in measured and "kd_on_policy_sum" not in measured  # validation: the data's answers
+    decisions = {objective.goes_on_policy(model.train(), collate_packed([e])) for e in prepared.data.train}
+    assert decisions == {True}
+    objective.cfg = objective.cfg.model_copy(update={"on_policy_fraction": 0.5})
+    share = sum(objective.goes_on_policy(model, collate_packed([e])) for e in prepared.data.train) / len(prepared.data.train)
+    assert 0.1 < share < 0.9 and objective.goes_on_policy(model, collate_packed(examples)) == objective.goes_on_policy(model, collate_packed(examples))
+
+
+def test_on_policy_distillation_from_the_teacher_itself_is_zero_and_a_student_learns_from_it(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=48)
+    (tmp_path / "r.yaml").write_text(ON_POLICY.format(data=data, method="", fraction=1.0, steps=2))
+    itself = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run0'}"]))
+    with torch.no_grad():
+        loss, stats = itself.objective(itself.model.train(), collate_packed(itself.data.train[:4]))
+    assert abs(float(loss)) < 1e-4 and stats["kd_on_policy_sum"] < 1e-4
+    summary = train(tmp_path, ON_POLICY.format(data=data, method="student: {keep: every_other}", fraction=1.0, steps=12))
+    assert summary.eval_after["eval_kd"] < summary.eval_before["eval_kd"]  # learning on its own answers brings it closer on the data's too
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model").config.num_hidden_layers == 3

@@ -66,3 +66,31 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["mse",
         return (student.float() - teacher.float()).pow(2).mean(-1)
     return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
 
+
+
+def relation_log_probs(a: torch.Tensor, b: torch.Tensor, heads_a: int, heads_b: int, *, causal: bool) -> torch.Tensor:
+    """Self-attention-style relations of one sequence: per head, ``softmax(a_h · b_hᵀ / √d)`` over
+    positions, as log-probabilities ``[heads_a, T, T]``.
+
+    ``a`` ``[T, width_a]`` is split into ``heads_a`` heads and ``b`` into ``heads_b`` (each of
+    ``b``'s heads serves ``heads_a / heads_b`` of ``a``'s, as grouped-query attention shares keys).
+    With ``a = q, b = k`` and the model's head counts this is the attention map itself (MiniLM);
+    with ``a = b`` (queries, keys or values) split into any number of relation heads it is
+    MiniLMv2's relation, which compares models whose head counts differ. ``causal`` hides later
+    positions, as a decoder does."""
+    length, dtype = a.shape[0], torch.promote_types(a.dtype, torch.float32)
+    a_heads = a.to(dtype).view(length, heads_a, -1).transpose(0, 1)
+    b_heads = b.to(dtype).view(length, heads_b, -1).transpose(0, 1).repeat_interleave(heads_a // heads_b, dim=0)
+    scores = a_heads @ b_heads.transpose(1, 2) / math.sqrt(a_heads.shape[-1])
+    if causal:
+        later = torch.ones(length, length, dtype=torch.bool, device=a.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kd(log_student: torch.Tensor, log_teacher: torch.Tensor) -> torch.Tensor:
+    """Per query position, KL(teacher relation ‖ student relation) averaged over heads (``[T]``);
+    hidden (masked) positions have probability zero on both sides and add nothing."""
+    p_t = log_teacher.exp()
+    terms = p_t * (log_teacher - log_student)
+    return torch.where(p_t > 0, terms, torch.zeros_like(terms)).sum(-1).mean(0)

@@ -96,3 +96,17 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def standard_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Undo ``varlen_attention`` for a nested call that is not a packed row (a student generating
+    inside its own training step); ``varlen_sdpa`` only ever replaces sdpa."""
+    config = _transformers_model(model).config
+    previous = config._attn_implementation
+    if previous == NAME:
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

@@ -1,11 +1,13 @@
 """Objectives: what the loss is. Importing this package registers the built-in ones."""
 
-from tunelab.train.objectives import (  # noqa: F401  (registration)
+from tunelab.train.objectives import (
     causal_lm,
     classification,
     contrastive,
     distill,
+    distill_attention,
     distill_embedding,
+    distill_on_policy,
     masked_lm,
     multi_label,
     multiple_choice,

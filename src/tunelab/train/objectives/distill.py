@@ -105,36 +105,42 @@ class LogitDistillation:
         with torch.no_grad():
             return self.teacher_view.forward_supervised(self.teacher, batch, hidden_states=self._hidden_states_needed())
 
+    def student_outputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SupervisedForward:
+        """The student's logits (and hidden states, for hints) at the batch's supervised positions."""
+        return self.student_view.forward_supervised(model, batch, hidden_states=self._hidden_states_needed())
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        student = self.student_view.forward_supervised(model, batch, hidden_states=self._hidden_states_needed())
-        cached = self.cache.lookup(batch) if self.cache is not None else None
-        teacher = self.teacher_outputs(batch) if cached is None else None
-        weights = batch.get("weights")
-        token_weights = weights[:, 1:][student.picked] if weights is not None else None
-
-        def summed(per_token: torch.Tensor) -> torch.Tensor:
-            return per_token.sum() if token_weights is None else (per_token * token_weights).sum()
-
+        student = self.student_outputs(model, batch)
+        summed = token_summer(batch, student)
         ce = summed(F.cross_entropy(student.logits.float(), student.targets, reduction="none"))
-        if cached is not None:
-            per_token = sparse_logit_kd(student.logits, *cached, temperature=self.cfg.temperature, divergence=self.cfg.divergence)
-        else:
-            assert teacher is not None
-            per_token = logit_kd(student.logits, teacher.logits, temperature=self.cfg.temperature, divergence=self.cfg.divergence, top_k=self.cfg.top_k)
-        kd = summed(per_token)
+        kd_name, kd, teacher = self.distillation_term(model, batch, student, summed)
         loss = self.cfg.hard_label_weight * ce + self.cfg.kd_weight * kd
         stats = {
-            "loss_sum": float(loss.detach()), "ce_sum": float(ce.detach()), "kd_sum": float(kd.detach()),
+            "loss_sum": float(loss.detach()), "ce_sum": float(ce.detach()), f"{kd_name}_sum": float(kd.detach()),
             "tokens": int(student.targets.numel()), "correct": int((student.logits.argmax(-1) == student.targets).sum()),
         }
-        extra = self.extra_terms(student, teacher, summed)
+        extra = self.extra_terms(student, teacher, summed, batch)
         for key, (weight, value) in extra.items():
             loss = loss + weight * value
             stats["loss_sum"] += weight * float(value.detach())
             stats[f"{key}_sum"] = float(value.detach())
         return loss, stats
 
-    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
+    def distillation_term(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], student: SupervisedForward, summed: Summed
+    ) -> tuple[str, torch.Tensor, SupervisedForward | None]:
+        """``(name, summed divergence, the teacher's outputs when it ran)`` at the batch's supervised
+        positions, from the teacher cache when it holds the batch, else from the live teacher."""
+        cached = self.cache.lookup(batch) if self.cache is not None else None
+        if cached is not None:
+            return "kd", summed(sparse_logit_kd(student.logits, *cached, temperature=self.cfg.temperature, divergence=self.cfg.divergence)), None
+        teacher = self.teacher_outputs(batch)
+        per_token = logit_kd(student.logits, teacher.logits, temperature=self.cfg.temperature, divergence=self.cfg.divergence, top_k=self.cfg.top_k)
+        return "kd", summed(per_token), teacher
+
+    def extra_terms(
+        self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed, batch: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
         """Further weighted terms (name -> (weight, summed loss)); none for logits alone."""
         return {}
 
@@ -153,7 +159,7 @@ class HintDistillation(LogitDistillation):
 
     def __init__(self, cfg: KDHintsConfig, student: torch.nn.Module, teacher: torch.nn.Module):
         super().__init__(cfg, student, teacher)
-        self.pairs = layer_pairs(cfg.layers, _depth(student), _depth(teacher))
+        self.pairs = layer_pairs(cfg.layers, depth(student), depth(teacher))
         student_width, teacher_width = _width(student), _width(teacher)
         if student_width != teacher_width:  # FitNets' regressor: the student's states mapped into the teacher's width
             for s, _ in self.pairs:
@@ -162,7 +168,9 @@ class HintDistillation(LogitDistillation):
     def _hidden_states_needed(self) -> bool:
         return True
 
-    def extra_terms(self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed) -> dict[str, tuple[float, torch.Tensor]]:
+    def extra_terms(
+        self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed, batch: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
         assert student.hidden_states is not None and teacher is not None and teacher.hidden_states is not None
         per_token = 0
         for s, t in self.pairs:
@@ -171,6 +179,17 @@ class HintDistillation(LogitDistillation):
                 state = self.trainable_modules[f"hint_{s}"](state)
             per_token = per_token + hint_loss(state, teacher.hidden_states[t], self.cfg.hint_loss)  # type: ignore[attr-defined]
         return {"hint": (self.cfg.hint_weight, summed(per_token / len(self.pairs)))}  # type: ignore[attr-defined]
+
+
+def token_summer(batch: dict[str, torch.Tensor], outputs: SupervisedForward) -> Summed:
+    """Sums per-token losses at ``outputs``' positions, each token weighted as its example (``data.weight_column``)."""
+    weights = batch.get("weights")
+    token_weights = weights[:, 1:][outputs.picked] if weights is not None else None
+
+    def summed(per_token: torch.Tensor) -> torch.Tensor:
+        return per_token.sum() if token_weights is None else (per_token * token_weights).sum()
+
+    return summed
 
 
 def layer_pairs(layers: HintLayers, student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
@@ -194,7 +213,7 @@ def _config(model: torch.nn.Module) -> Any:
     return unwrap_peft(model).config
 
 
-def _depth(model: torch.nn.Module) -> int:
+def depth(model: torch.nn.Module) -> int:
     config = _config(model)
     return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
@@ -231,6 +250,12 @@ def teacher_for(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> torch.nn.Module:
     return merge_adapters(same_vocabulary_teacher(cfg, ctx))
 
 
+def refuse_cache(cfg: KDLogitsConfig, objective: str, why: str) -> None:
+    """A clear error when an objective that needs more of the live teacher than its top-k logits is asked to read a cache."""
+    if cfg.cache:
+        raise UserError(f"{why}: {objective} cannot read a teacher cache", where="objective.cache", hint="remove it, or use kd_logits")
+
+
 def attach_cache(objective: LogitDistillation, cfg: KDLogitsConfig, ctx: ObjectiveContext) -> None:
     """Read the teacher's top-k logits on the training examples from disk (computing them once)."""
     if cfg.top_k is None:
@@ -258,8 +283,7 @@ def kd_logits(cfg: KDLogitsConfig, ctx: ObjectiveContext) -> LogitDistillation:
 
 @register_objective("kd_hints", KDHintsConfig, heads=(None,))
 def kd_hints(cfg: KDHintsConfig, ctx: ObjectiveContext) -> HintDistillation:
-    if cfg.cache:
-        raise UserError("hints need the live teacher's hidden states: kd_hints cannot read a teacher cache", where="objective.cache", hint="remove it, or use kd_logits")
+    refuse_cache(cfg, "kd_hints", "hints need the live teacher's hidden states")
     return HintDistillation(cfg, ctx.model, teacher_for(cfg, ctx))
 
 

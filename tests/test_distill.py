@@ -408,3 +408,65 @@ def test_on_policy_distillation_from_the_teacher_itself_is_zero_and_a_student_le
     summary = train(tmp_path, ON_POLICY.format(data=data, method="student: {keep: every_other}", fraction=1.0, steps=12))
     assert summary.eval_after["eval_kd"] < summary.eval_before["eval_kd"]  # learning on its own answers brings it closer on the data's too
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model").config.num_hidden_layers == 3
+
+
+CALIBRATION = Path(__file__).resolve().parent.parent / "examples/data/heldout/calibration.txt"
+
+
+def test_a_student_chosen_by_block_importance_keeps_the_blocks_that_change_the_hidden_states_most(tmp_path):
+    from tunelab.compress.calibration import block_influence, read_texts, token_chunks
+    from tunelab.methods.blocks import block_list
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    text = KD.format(data=data, objective="kd_logits", hard=0.5).replace(
+        "student: {keep: every_other}", f"student: {{keep: importance, num_layers: 2, calibration: {CALIBRATION}, calibration_chunks: 4}}"
+    )
+    (tmp_path / "r.yaml").write_text(text)
+    student = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}"])).model
+    teacher = load_model("tiny-llama-20m")
+    chunks = token_chunks(teacher.tokenizer, read_texts(CALIBRATION), 256, 4)
+    influence = block_influence(teacher.model, block_list(teacher.model)[1], chunks)
+    assert student.config.tunelab_student_of["blocks_kept"] == sorted(influence.topk(2).indices.tolist())
+    with pytest.raises(UserError, match="calibration"):
+        load_recipe(tmp_path / "r.yaml", ["method.student.calibration=null"])
+
+
+def test_a_narrower_student_with_fewer_heads_and_channels_rebuilds_exactly_from_its_teacher_when_only_its_adapter_was_saved(tmp_path, monkeypatch):
+    from tests.train_helpers import record_final_logits
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    text = KD.format(data=data, objective="kd_attention", hard=0.5).replace(
+        "method: {student: {keep: every_other}}",
+        f"method: {{student: {{keep: ends, num_layers: 2, head_fraction: 0.5, mlp_fraction: 0.25, calibration: {CALIBRATION}, calibration_chunks: 2}}, "
+        "lora: {r: 4, target_modules: all-linear}}",
+    ).replace("max_steps: 12", "max_steps: 3")
+    ids = torch.tensor([[5, 17, 40, 99, 12]])
+    recorder = record_final_logits(monkeypatch, ids)
+    train(tmp_path, text)
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter").exists() and (final / "student.json").exists() and not (final / "model").exists()
+    model, _, _ = load_run(tmp_path / "run")
+    inner = model.base_model.model
+    assert inner.config.num_attention_heads == 4 and inner.config.num_key_value_heads == 2 and inner.config.intermediate_size == 1056
+    assert inner.model.layers[0].mlp.up_proj.base_layer.weight.shape == (1056, 512)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, recorder.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["teacher", "random"])
+def test_a_student_of_another_width_starts_from_the_teachers_weights_selected_or_at_random(tmp_path, init):
+    data = write_chat_data(tmp_path / "d.jsonl", n=32)
+    text = KD.format(data=data, objective="kd_logits", hard=0.0).replace(
+        "student: {keep: every_other}", f"student: {{keep: all, config: {{hidden_size: 256, intermediate_size: 512, num_attention_heads: 4, num_key_value_heads: 2}}, init: {init}}}"
+    ).replace("max_steps: 12", "max_steps: 6")
+    (tmp_path / "r.yaml").write_text(text)
+    student = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'pre'}"])).model
+    teacher = load_model("tiny-llama-20m").model
+    selected = torch.equal(student.model.layers[3].mlp.down_proj.weight, teacher.model.layers[3].mlp.down_proj.weight[:256, :512])
+    assert selected == (init == "teacher") and student.model.layers[3].self_attn.head_dim == 64
+    summary = train(tmp_path, text)
+    assert summary.eval_after["eval_kd"] < summary.eval_before["eval_kd"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model")
+    assert plain.config.hidden_size == 256 and plain.config.num_hidden_layers == 6
+    with pytest.raises(UserError, match="not num_hidden_layers"):
+        prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'x'}", "method.student.config.num_hidden_layers=2"]))

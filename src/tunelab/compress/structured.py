@@ -20,6 +20,7 @@ from torch import nn
 from tunelab.compress import calibration
 from tunelab.compress.masks import check_sparsity
 from tunelab.errors import UserError
+from tunelab.methods.blocks import drop_blocks
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -41,48 +42,76 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 def prune_mlp_channels(model: nn.Module, fraction: float, chunks: torch.Tensor | None = None) -> dict[str, int]:
     """Remove ``fraction`` of every block's MLP channels (the least important ones)."""
     check_sparsity(fraction)
-    blocks = decoder_blocks(model)
+    decoder_blocks(model)  # a clear error before any Llama-only config field is read
     width = model.config.intermediate_size
-    keep = width - math.floor(fraction * width + 0.5)
+    keep_mlp_channels(model, rank_mlp_channels(model, width - math.floor(fraction * width + 0.5), chunks))
+    return {"intermediate_size_before": width, "intermediate_size_after": model.config.intermediate_size}
+
+
+def rank_mlp_channels(model: nn.Module, keep: int, chunks: torch.Tensor | None = None) -> list[list[int]]:
+    """Per block, the ``keep`` most important MLP channels (ascending)."""
+    blocks = decoder_blocks(model)
     norms = _norms_into(model, {i: b.mlp.down_proj for i, b in enumerate(blocks)}, chunks)
-    for i, block in enumerate(blocks):
-        score = block.mlp.down_proj.weight.detach().abs().sum(0) * norms[i]
-        index = score.topk(keep).indices.sort().values
+    return [
+        (block.mlp.down_proj.weight.detach().abs().sum(0) * norms[i]).topk(keep).indices.sort().values.tolist()
+        for i, block in enumerate(blocks)
+    ]
+
+
+def keep_mlp_channels(model: nn.Module, kept: list[list[int]]) -> None:
+    """Shrink every block's MLP to its channels ``kept[block]`` (all blocks keep as many)."""
+    for block, channels in zip(decoder_blocks(model), kept):
+        index = torch.tensor(channels)
         block.mlp.gate_proj = _slice(block.mlp.gate_proj, index, dim=0)
         block.mlp.up_proj = _slice(block.mlp.up_proj, index, dim=0)
         block.mlp.down_proj = _slice(block.mlp.down_proj, index, dim=1)
-        block.mlp.intermediate_size = keep
-    model.config.intermediate_size = keep
-    return {"intermediate_size_before": width, "intermediate_size_after": keep}
+        block.mlp.intermediate_size = len(channels)
+    model.config.intermediate_size = len(kept[0])
 
 
 def prune_heads(model: nn.Module, fraction: float, chunks: torch.Tensor | None = None) -> dict[str, int]:
     """Remove ``fraction`` of every block's key/value head groups (each with its query heads)."""
     check_sparsity(fraction)
-    blocks = decoder_blocks(model)
+    decoder_blocks(model)
     config = model.config
-    kv_heads = config.num_key_value_heads
-    group = config.num_attention_heads // kv_heads
-    head_dim = blocks[0].self_attn.head_dim
+    kv_heads, heads = config.num_key_value_heads, config.num_attention_heads
     keep = kv_heads - math.floor(fraction * kv_heads + 0.5)
     if keep == kv_heads:
         raise UserError(f"head pruning of {fraction} removes no head group of {kv_heads}", hint=f"use at least {0.5 / kv_heads:.2f}")
+    keep_head_groups(model, rank_head_groups(model, keep, chunks))
+    return {"heads_before": heads, "heads_after": config.num_attention_heads}
+
+
+def rank_head_groups(model: nn.Module, keep: int, chunks: torch.Tensor | None = None) -> list[list[int]]:
+    """Per block, the ``keep`` most important key/value head groups (ascending)."""
+    blocks = decoder_blocks(model)
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
     norms = _norms_into(model, {i: b.self_attn.o_proj for i, b in enumerate(blocks)}, chunks)
+    ranked = []
     for i, block in enumerate(blocks):
-        attn = block.self_attn
-        column = attn.o_proj.weight.detach().abs().sum(0) * norms[i]
-        score = column.view(kv_heads, group * head_dim).sum(1)
-        kept = score.topk(keep).indices.sort().values
-        kv_index = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        q_index = ((kept[:, None] * group + torch.arange(group))[..., None] * head_dim + torch.arange(head_dim)).flatten()
+        column = block.self_attn.o_proj.weight.detach().abs().sum(0) * norms[i]
+        ranked.append(column.view(config.num_key_value_heads, group * block.self_attn.head_dim).sum(1).topk(keep).indices.sort().values.tolist())
+    return ranked
+
+
+def keep_head_groups(model: nn.Module, kept: list[list[int]]) -> None:
+    """Shrink every block's attention to its key/value head groups ``kept[block]`` and their query heads."""
+    blocks = decoder_blocks(model)
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    head_dim = blocks[0].self_attn.head_dim
+    for block, groups in zip(blocks, kept):
+        attn, index = block.self_attn, torch.tensor(groups)
+        kv_index = (index[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        q_index = ((index[:, None] * group + torch.arange(group))[..., None] * head_dim + torch.arange(head_dim)).flatten()
         attn.q_proj = _slice(attn.q_proj, q_index, dim=0)
         attn.k_proj = _slice(attn.k_proj, kv_index, dim=0)
         attn.v_proj = _slice(attn.v_proj, kv_index, dim=0)
         attn.o_proj = _slice(attn.o_proj, q_index, dim=1)
     config.head_dim = head_dim  # stays explicit: hidden_size // heads no longer gives it
-    config.num_attention_heads = keep * group
-    config.num_key_value_heads = keep
-    return {"heads_before": kv_heads * group, "heads_after": keep * group}
+    config.num_attention_heads = len(kept[0]) * group
+    config.num_key_value_heads = len(kept[0])
 
 
 def prune_blocks(model: nn.Module, fraction: float, chunks: torch.Tensor) -> dict[str, object]:
@@ -97,13 +126,7 @@ def prune_blocks(model: nn.Module, fraction: float, chunks: torch.Tensor) -> dic
     influence = calibration.block_influence(model, blocks, chunks)
     dropped = sorted(influence.topk(remove, largest=False).indices.tolist())
     kept = [i for i in range(len(blocks)) if i not in dropped]
-    model.model.layers = nn.ModuleList(blocks[i] for i in kept)
-    for new_index, block in enumerate(model.model.layers):
-        block.self_attn.layer_idx = new_index  # the KV cache is indexed by position in the stack
-    config = model.config
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in kept]
-    config.num_hidden_layers = len(kept)
+    drop_blocks(model, kept)
     return {"blocks_before": len(blocks), "blocks_after": len(kept), "blocks_removed": dropped}
 
 

@@ -8,11 +8,18 @@ Importing this package registers the built-in methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tunelab.methods import bottleneck, dropout, freeze, heads, peft_adapters, student  # noqa: F401  (registration)
-from tunelab.methods.base import METHODS, Method, MethodContext, active_methods, register_method
+from tunelab.methods.base import (
+    METHODS,
+    Method,
+    MethodContext,
+    active_methods,
+    register_method,
+)
 from tunelab.methods.config import MethodConfig
 
 
@@ -31,9 +38,11 @@ class TrainableSummary:
         return f"trainable params: {self.trainable:,} / {self.total:,} ({self.percent:.3f}%)"
 
 
-def apply_methods(model: torch.nn.Module, section: MethodConfig, *, model_task: str, tokenizer_dir: str | None = None) -> torch.nn.Module:
+def apply_methods(
+    model: torch.nn.Module, section: MethodConfig, *, model_task: str, tokenizer_dir: str | None = None, tokenizer: Any = None
+) -> torch.nn.Module:
     """Prepare ``model`` for training as the recipe's ``method:`` section says."""
-    ctx = MethodContext(model_task=model_task, tokenizer_dir=tokenizer_dir)
+    ctx = MethodContext(model_task=model_task, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer)
     for method, cfg in active_methods(section):
         model = method.apply(model, cfg, ctx)
     return model

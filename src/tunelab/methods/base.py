@@ -28,6 +28,8 @@ class MethodContext:
     model_task: str
     #: The tokenizer's directory (prompt tuning initialised from text reads it).
     tokenizer_dir: str | None = None
+    #: The model's tokenizer (a student measures its teacher's blocks on tokenized text).
+    tokenizer: Any = None
 
 
 class Method:

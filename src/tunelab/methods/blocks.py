@@ -40,3 +40,25 @@ def sublayer(block: torch.nn.Module, candidates: tuple[str, ...]) -> torch.nn.Mo
         except AttributeError:
             continue
     return None
+
+
+def drop_blocks(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
+    """Keep only blocks ``keep`` of ``model`` (in place), renumbering what indexes blocks: the
+    attention layers' ``layer_idx`` (the KV cache slot) and per-layer config lists."""
+    name, blocks = block_list(model)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    kept = torch.nn.ModuleList(blocks[i] for i in keep)
+    setattr(parent, name.rsplit(".", 1)[-1], kept)
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, len(keep))
+    for key in ("layer_types",):  # per-block settings (sliding or full attention) follow their blocks
+        values = getattr(config, key, None)
+        if isinstance(values, list) and len(values) == len(blocks):
+            setattr(config, key, [values[i] for i in keep])
+    return model

@@ -30,7 +30,6 @@ from tunelab import rundir
 from tunelab.data import DataBundle, DataConfig, DataReport, Example, build_datasets
 from tunelab.methods import apply_methods
 from tunelab.methods.config import HeadConfig, MethodConfig, TaskConfig
-from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.heads import (
     attach_embedding_head,
     check_model_fits,
@@ -38,6 +37,7 @@ from tunelab.methods.heads import (
     model_kwargs,
     plan_for,
 )
+from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.methods.pooling import Embedder
 from tunelab.models import load_model
 from tunelab.models.kinds import model_kind
@@ -127,7 +127,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
         bundles[name] = build_datasets(task_data_config(recipe.data, task.data), tokenizer, shape=task_plan(task).example_shape, seed=recipe.seed)  # type: ignore[arg-type]
 
     body_method = recipe.method.model_copy(update={"tasks": None, "head": None})
-    body = apply_methods(body_loaded.model, body_method, model_task="base", tokenizer_dir=body_loaded.details.get("directory"))
+    body = apply_methods(body_loaded.model, body_method, model_task="base", tokenizer_dir=body_loaded.details.get("directory"), tokenizer=body_loaded.tokenizer)
     models, label_names = {}, {}
     for name, task in tasks.items():
         models[name], label_names[name] = _task_model(recipe, task.head, bundles[name], body, is_encoder)

@@ -87,7 +87,7 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     ctx = ObjectiveContext(loaded.model, tokenizer, device=device, seed=recipe.seed, model_name=recipe.model.name)
     data_section = _objective_data(recipe, ctx)
     data = build_datasets(data_section, tokenizer, shape="text" if data_section.format == "text" else "sft", seed=recipe.seed)
-    model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
+    model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"), tokenizer=loaded.tokenizer)
     ctx.model, ctx.label_names, ctx.train = model, data.label_names, data.train
     objective = _objective(recipe, "causal_lm", ctx)
     attach_objective_modules(model, objective)
@@ -126,7 +126,7 @@ def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded:
     kwargs = model_kwargs(head, label_names)
     if kwargs:  # the head's size is known only now that the data is read
         loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **kwargs)
-    model = apply_methods(loaded.model, recipe.method, model_task=plan.model_task, tokenizer_dir=loaded.details.get("directory"))
+    model = apply_methods(loaded.model, recipe.method, model_task=plan.model_task, tokenizer_dir=loaded.details.get("directory"), tokenizer=loaded.tokenizer)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(
             f"nothing to train: method.freeze.base is true and a {head.type} head adds no weights",

@@ -173,37 +173,6 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, monkeypatch):
         prepare(recipe)
 
 
-def _student_grads(prepared, batch) -> dict[str, torch.Tensor]:
-    model = prepared.model.train()
-    model.zero_grad()
-    loss, _ = prepared.objective(model, batch)
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_cached_teacher_outputs_give_the_gradients_the_live_teacher_gives(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
-    data = write_chat_data(tmp_path / "d.jsonl", n=24)
-    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.5))
-    live = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8"]))
-    cached = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8", "objective.cache=true"]))
-    assert len(list((tmp_path / "cache" / "teacher_outputs").iterdir())) == 1
-    batch = collate_packed(live.data.train[:4])
-    assert cached.objective.cache.lookup(batch) is not None
-    want, got = _student_grads(live, batch), _student_grads(cached, batch)
-    assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
-    assert cached.objective.cache.lookup(collate_packed(live.data.validation[:2])) is None  # not cached: run live
-
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("the teacher ran although its outputs were cached")
-
-    monkeypatch.setattr("tunelab.train.objectives.distill.LogitDistillation.teacher_outputs", no_teacher)
-    again = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run2'}", "objective.top_k=8", "objective.cache=true"]))
-    assert again.objective.cache.directory == cached.objective.cache.directory  # another student reads the same outputs
-    with pytest.raises(UserError, match="set objective.top_k"):
-        prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.cache=true"]))
-
-
 class StopAfter:
     """Raise KeyboardInterrupt once ``n`` batches of teacher answers were generated (a kill midway)."""
 
@@ -218,6 +187,47 @@ class StopAfter:
             return real(*args, **kwargs)
 
         return wrapped
+
+
+def _student_grads(prepared, batch) -> dict[str, torch.Tensor]:
+    model = prepared.model.train()
+    model.zero_grad()
+    loss, _ = prepared.objective(model, batch)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_cached_teacher_outputs_give_the_gradients_the_live_teacher_gives(tmp_path, monkeypatch):
+    from tunelab.distill import teacher_cache
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(teacher_cache, "SHARD_EXAMPLES", 4)  # 19 training examples: 5 shards, a batch spans two
+    data = write_chat_data(tmp_path / "d.jsonl", n=24)
+    (tmp_path / "r.yaml").write_text(KD.format(data=data, objective="kd_logits", hard=0.5))
+    live = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8"]))
+    real_write = teacher_cache._write_shard
+    monkeypatch.setattr(teacher_cache, "_write_shard", StopAfter(2)(real_write))  # killed while writing the third shard
+    with pytest.raises(KeyboardInterrupt):
+        prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8", "objective.cache=true"]))
+    written = []
+    monkeypatch.setattr(teacher_cache, "_write_shard", lambda folder, *a: written.append(folder.name) or real_write(folder, *a))
+    cached = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run'}", "objective.top_k=8", "objective.cache=true"]))
+    assert written == ["shard-00002", "shard-00003", "shard-00004"]  # the two finished shards were kept
+    assert len(list((tmp_path / "cache" / "teacher_outputs").iterdir())) == 1
+    batch = collate_packed(live.data.train[2:6])  # from two shards
+    assert cached.objective.cache.lookup(batch) is not None
+    want, got = _student_grads(live, batch), _student_grads(cached, batch)
+    assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    assert cached.objective.cache.lookup(collate_packed(live.data.validation[:2])) is None  # not cached: run live
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs were cached")
+
+    monkeypatch.setattr("tunelab.train.objectives.distill.LogitDistillation.teacher_outputs", no_teacher)
+    again = prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run2'}", "objective.top_k=8", "objective.cache=true"]))
+    assert again.objective.cache.directory == cached.objective.cache.directory  # another student reads the same outputs
+    with pytest.raises(UserError, match="set objective.top_k"):
+        prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.cache=true"]))
 
 
 def test_sequence_level_kd_trains_on_the_teachers_answers_and_resumes_their_generation(tmp_path, monkeypatch):

@@ -11,8 +11,10 @@ no example ids in the batch: the packed row (or padded rows) is split into its e
 one is looked up. A batch with any example the cache lacks (validation rows) runs the teacher live.
 
 The cache lives under ``<tunelab cache>/teacher_outputs/<fingerprint>``, keyed by the teacher
-(its path and files' sizes and times), k and the training examples; it is written into a
-temporary folder and renamed, so a killed precomputation leaves nothing half-usable.
+(its path and files' sizes and times), k and the training examples. It is written in shards of
+``SHARD_EXAMPLES`` examples, each one atomically as it completes: memory while building stays one
+shard's worth whatever the data's size, and a killed precomputation resumes at the first missing
+shard. The cache counts as built only once its top-level ``index.json`` exists.
 """
 
 from __future__ import annotations
@@ -83,11 +85,11 @@ def teacher_fingerprint(name: str, seed: int) -> str:
 
 @dataclass
 class TeacherCache:
-    """Memory-mapped top-k teacher logits for a set of examples."""
+    """Memory-mapped top-k teacher logits for a set of examples, in shards."""
 
-    values: np.ndarray  # [positions, k] float32
-    indices: np.ndarray  # [positions, k] int32
-    where: dict[str, tuple[int, int]]  # example key -> (first row, rows)
+    values: list[np.ndarray]  # per shard [positions, k] float32
+    indices: list[np.ndarray]  # per shard [positions, k] int32
+    where: dict[str, tuple[int, int, int]]  # example key -> (shard, first row, rows)
     directory: Path
 
     @classmethod
@@ -96,14 +98,19 @@ class TeacherCache:
         compute: Callable[[list[Example]], tuple[torch.Tensor, torch.Tensor]], *, show_progress: bool = True,
     ) -> TeacherCache:
         """The cache for ``examples``, built with ``compute(examples) -> (values, indices)`` (the
-        teacher's top-k at the examples' supervised positions, in order) when it does not exist."""
+        teacher's top-k at the examples' supervised positions, in order) where it is missing."""
         keys = [example_key(e.input_ids, _example_supervised(e)) for e in examples]
-        fingerprint = hashlib.sha256(f"{teacher_id}|k={top_k}|{'/'.join(sorted(set(keys)))}".encode()).hexdigest()[:20]
+        fingerprint = hashlib.sha256(f"{teacher_id}|k={top_k}|sharded|{'/'.join(sorted(set(keys)))}".encode()).hexdigest()[:20]
         directory = cache_root() / "teacher_outputs" / fingerprint
         if not (directory / "index.json").exists():
-            _build(directory, examples, keys, top_k, compute, show_progress)
+            _build(directory, examples, keys, compute, show_progress)
         where = {k: tuple(v) for k, v in json.loads((directory / "index.json").read_text()).items()}
-        return cls(np.load(directory / "values.npy", mmap_mode="r"), np.load(directory / "indices.npy", mmap_mode="r"), where, directory)  # type: ignore[arg-type]
+        shards = sorted(directory.glob("shard-*"))
+        return cls(
+            [np.load(shard / "values.npy", mmap_mode="r") for shard in shards],
+            [np.load(shard / "indices.npy", mmap_mode="r") for shard in shards],
+            where, directory,  # type: ignore[arg-type]
+        )
 
     def lookup(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The teacher's ``(values, indices)`` at ``batch``'s supervised positions, or None when
@@ -111,33 +118,54 @@ class TeacherCache:
         spans = [self.where.get(key) for key in batch_keys(batch)]
         if any(span is None for span in spans):
             return None
-        rows = np.concatenate([np.arange(first, first + count) for first, count in spans]) if spans else np.zeros(0, dtype=np.int64)  # type: ignore[misc]
-        return torch.from_numpy(np.asarray(self.values[rows])), torch.from_numpy(np.asarray(self.indices[rows]).astype(np.int64))
+        k = self.values[0].shape[1] if self.values else 0
+        values = [np.asarray(self.values[shard][first : first + count]) for shard, first, count in spans]  # type: ignore[misc]
+        indices = [np.asarray(self.indices[shard][first : first + count]) for shard, first, count in spans]  # type: ignore[misc]
+        return (
+            torch.from_numpy(np.concatenate(values) if values else np.zeros((0, k), np.float32)),
+            torch.from_numpy((np.concatenate(indices) if indices else np.zeros((0, k), np.int32)).astype(np.int64)),
+        )
+
+
+#: Examples per shard: a shard's top-64 logits for ~100-token answers are ~200 MB.
+SHARD_EXAMPLES = 4096
 
 
 def _build(
-    directory: Path, examples: Sequence[Example], keys: list[str], top_k: int,
+    directory: Path, examples: Sequence[Example], keys: list[str],
     compute: Callable[[list[Example]], tuple[torch.Tensor, torch.Tensor]], show_progress: bool,
 ) -> None:
+    """Compute the shards ``directory`` lacks (one at a time, each written atomically), then the index."""
     unique = list({key: example for key, example in zip(keys, examples)}.items())
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale(directory)
+    where: dict[str, tuple[int, int, int]] = {}
+    shards = [unique[i : i + SHARD_EXAMPLES] for i in range(0, len(unique), SHARD_EXAMPLES)]
+    done = sum(len(shard) for number, shard in enumerate(shards) if (directory / f"shard-{number:05d}").exists())
+    with tqdm(total=len(unique), initial=done, desc="teacher outputs", unit="example", disable=not show_progress, mininterval=1.0) as progress:
+        for number, shard in enumerate(shards):
+            folder = directory / f"shard-{number:05d}"
+            if not folder.exists():
+                _write_shard(folder, shard, compute, progress)
+            offset = 0
+            for key, example in shard:
+                count = sum(_example_supervised(example))
+                where[key] = (number, offset, count)
+                offset += count
+    atomic.write_text(directory / "index.json", json.dumps(where))
+
+
+def _write_shard(
+    folder: Path, shard: list[tuple[str, Example]], compute: Callable[[list[Example]], tuple[torch.Tensor, torch.Tensor]], progress: tqdm
+) -> None:
     values: list[np.ndarray] = []
     indices: list[np.ndarray] = []
-    where: dict[str, tuple[int, int]] = {}
-    offset = 0
-    with tqdm(total=len(unique), desc="teacher outputs", unit="example", disable=not show_progress, mininterval=1.0) as progress:
-        for start in range(0, len(unique), BUILD_BATCH):
-            chunk = unique[start : start + BUILD_BATCH]
-            top_values, top_indices = compute([example for _, example in chunk])
-            cursor = 0
-            for key, example in chunk:
-                count = sum(_example_supervised(example))
-                where[key] = (offset + cursor, count)
-                cursor += count
-            values.append(top_values.float().numpy())
-            indices.append(top_indices.to(torch.int32).numpy())
-            offset += cursor
-            progress.update(len(chunk))
-    with atomic.directory(directory) as tmp:
-        np.save(tmp / "values.npy", np.concatenate(values) if values else np.zeros((0, top_k), np.float32))
-        np.save(tmp / "indices.npy", np.concatenate(indices) if indices else np.zeros((0, top_k), np.int32))
-        (tmp / "index.json").write_text(json.dumps(where))
+    for start in range(0, len(shard), BUILD_BATCH):
+        chunk = [example for _, example in shard[start : start + BUILD_BATCH]]
+        top_values, top_indices = compute(chunk)
+        values.append(top_values.float().numpy())
+        indices.append(top_indices.to(torch.int32).numpy())
+        progress.update(len(chunk))
+    with atomic.directory(folder) as tmp:
+        np.save(tmp / "values.npy", np.concatenate(values))
+        np.save(tmp / "indices.npy", np.concatenate(indices))

@@ -480,3 +480,31 @@ def test_a_student_of_another_width_starts_from_the_teachers_weights_selected_or
     assert plain.config.hidden_size == 256 and plain.config.num_hidden_layers == 6
     with pytest.raises(UserError, match="not num_hidden_layers"):
         prepare(load_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path / 'x'}", "method.student.config.num_hidden_layers=2"]))
+
+
+def test_one_recipe_builds_the_student_distils_evaluates_and_compresses_it_from_the_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tunelab.cli import cli
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    data = write_chat_data(tmp_path / "d.jsonl", n=40)
+    rows = [json.loads(line)["messages"] for line in data.read_text().splitlines()[:6]]
+    heldout = tmp_path / "eval.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": m[0]["content"], "answer": m[1]["content"]}) + "\n" for m in rows))
+    (tmp_path / "r.yaml").write_text(
+        f"model: {{name: tiny-llama-20m}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
+        f"method: {{student: {{keep: importance, num_layers: 3, mlp_fraction: 0.25, calibration: {CALIBRATION}, calibration_chunks: 2}}}}\n"
+        "objective: {name: kd_logits, top_k: 16, cache: true}\n"
+        "train: {lr: 0.002, batch_size: 4, precision: fp32, max_steps: 6, threads: 1}\n"
+        f"eval: {{after_training: true, data: {heldout}, max_new_tokens: 4}}\n"
+        f"compress: {{heldout: {CALIBRATION}, heldout_texts: 4, max_length: 64, repeats: 1, decode_tokens: 4, prefill_tokens: 16, threads: 1, "
+        "variants: [{name: int8, steps: [{quantize: dynamic-int8, smooth: 0}]}]}\n"
+    )
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "r.yaml"), f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    student = AutoModelForCausalLM.from_pretrained(run / "final" / "model")
+    assert student.config.num_hidden_layers == 3 and student.config.intermediate_size == 1056
+    assert (run / "eval").exists() and "int8" in (run / "compress" / "compress.md").read_text()
+    assert any((tmp_path / "cache" / "teacher_outputs").iterdir())

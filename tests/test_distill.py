@@ -439,6 +439,8 @@ def test_a_student_chosen_by_block_importance_keeps_the_blocks_that_change_the_h
     assert student.config.tunelab_student_of["blocks_kept"] == sorted(influence.topk(2).indices.tolist())
     with pytest.raises(UserError, match="calibration"):
         load_recipe(tmp_path / "r.yaml", ["method.student.calibration=null"])
+    (tmp_path / "cal.txt").write_text(CALIBRATION.read_text())
+    assert load_recipe(tmp_path / "r.yaml", ["method.student.calibration=cal.txt"]).method.student.calibration == str(tmp_path / "cal.txt")  # beside the recipe
 
 
 def test_a_narrower_student_with_fewer_heads_and_channels_rebuilds_exactly_from_its_teacher_when_only_its_adapter_was_saved(tmp_path, monkeypatch):

@@ -192,6 +192,8 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     data_sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
     fields = [(section, name) for section in data_sections for name in ("train", "validation")]
     fields += [(recipe.compress, "heldout"), (recipe.compress, "calibration"), (recipe.eval, "data"), (recipe.eval, "pool")]
+    if recipe.method.student is not None:
+        fields.append((recipe.method.student, "calibration"))
     for section, name in fields:
         value = getattr(section, name)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():

@@ -9,9 +9,13 @@ is the objective's forward and backward:
 - ``causal_lm``: plain SFT, no teacher;
 - ``kd_logits`` live: the teacher's forward on the same batch every step (full vocabulary);
 - ``kd_logits`` cached: the teacher's top-64 logits read from the teacher cache, built once
-  (its build time is reported separately: it is paid once per teacher and data, not per step).
+  (its build time is reported separately: it is paid once per teacher and data, not per step);
+- ``kd_attention``: the live teacher plus query/key/value relations of the last blocks;
+- ``kd_on_policy`` with ``on_policy_fraction: 1``: every step the student samples its answers
+  (up to 8 tokens) to the batch's prompts and the teacher scores them (a recipe's default 0.5
+  pays this on half the steps and the live-teacher cost on the others).
 
-Rounds alternate the three so machine load hits them alike; the median CPU seconds per step and
+Rounds alternate the modes so machine load hits them alike; the median CPU seconds per step and
 the ratios to plain SFT are printed and written to bench-results/distill_cost.json.
 """
 
@@ -63,6 +67,8 @@ def main() -> None:
     uncached_prepare = prepared({"name": "kd_logits", "top_k": 64})[1]
     cached, cached_prepare = prepared({"name": "kd_logits", "top_k": 64, "cache": True})
     modes["cached teacher top-64 (kd_logits, cache)"] = cached
+    modes["attention transfer (kd_attention)"] = prepared({"name": "kd_attention"})[0]
+    modes["on-policy every step (kd_on_policy)"] = prepared({"name": "kd_on_policy", "on_policy_fraction": 1.0, "max_new_tokens": 8})[0]
     cache_build_seconds = cached_prepare - uncached_prepare
     batch = collate_packed(next(iter(modes.values())).data.train[:8])  # type: ignore[attr-defined]
 

@@ -1,14 +1,19 @@
 """``method.student``: a smaller student built from the model being loaded (the teacher), by
-dropping transformer blocks and keeping the rest of the teacher's weights.
+dropping transformer blocks, head groups and MLP channels, or narrowing its configuration, and
+keeping as much of the teacher's weights as the new shape holds.
 
-Dropping every other block (DistilBERT) or the middle ones keeps the embeddings, the final norm,
-the LM head and the kept blocks exactly as the teacher trained them, so the student starts from
-the teacher's knowledge instead of from scratch; distillation (``objective: {name: kd_logits}``,
-whose teacher defaults to ``model.name``) then teaches it to make up for the missing blocks.
+Dropping every other block (DistilBERT), the middle ones, or the ones that change the hidden
+states least (Block Influence) keeps the embeddings, the final norm, the LM head and the kept
+blocks exactly as the teacher trained them, so the student starts from the teacher's knowledge
+instead of from scratch; distillation (``objective: {name: kd_logits}``, whose teacher defaults to
+``model.name``) then teaches it to make up for what is missing. Heads and channels are removed by
+the structured pruning ``tunelab compress`` uses; a narrower config takes the leading slices of
+the teacher's tensors (``tunelab.distill.student_shape``).
 
-The student is an ordinary Hugging Face model of the same class with ``num_hidden_layers``
-lowered, so it saves, reloads and exports like any other. A teacher that is a LoRA run is merged
-first. Applied before every other method (order 5): adapters and freezing act on the student.
+The student is an ordinary Hugging Face model of the same class with a smaller config, so it
+saves, reloads and exports like any other; what was measured to build it is recorded so it can
+be rebuilt exactly. A teacher that is a LoRA run is merged first. Applied before every other
+method (order 5): adapters and freezing act on the student.
 """
 
 from __future__ import annotations

@@ -312,6 +312,26 @@ def test_a_smaller_encoder_learns_its_teachers_sentence_embeddings_and_saves_for
     assert abs(float(loss)) < 1e-5  # the teacher itself is already where it should be
 
 
+def test_an_encoder_student_learns_its_teachers_attention_bidirectionally(tmp_path):
+    from tests.test_objectives_contrastive import write_pairs
+
+    data = write_pairs(tmp_path / "p.jsonl", n=64)
+    text = (
+        f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.25}}\n"
+        "method: {student: {keep: every_other}, head: {type: embedding, pooling: mean}}\n"
+        "objective: {name: kd_embedding, kd_weight: 0.0, attention_weight: 1.0, relations: [qk, vv]}\n"
+        "train: {lr: 0.003, max_steps: 12, batch_size: 16, precision: fp32, threads: 1, eval_before: true}\n"
+    )
+    summary = run_training(recipe_for(tmp_path, text), show_progress=False)
+    assert summary.eval_after["eval_attention"] < 0.7 * summary.eval_before["eval_attention"]
+    (tmp_path / "self.yaml").write_text(text.replace("student: {keep: every_other}, ", ""))
+    itself = prepare(load_recipe(tmp_path / "self.yaml", [f"output_dir={tmp_path / 'self'}"]))
+    assert itself.objective.transfer.causal is False  # an encoder attends both ways
+    with torch.no_grad():
+        loss, stats = itself.objective(itself.model.eval(), itself.collate(itself.data.train[:8]))
+    assert abs(float(loss)) < 1e-5 and stats["attention_sum"] < 1e-5
+
+
 def test_attention_relations_are_the_models_causal_attention_maps_and_their_kd_gradient_is_exact():
     from tunelab.distill.losses import relation_kd, relation_log_probs
 
@@ -372,7 +392,7 @@ def test_a_student_learns_its_teachers_attention_and_heads_that_cannot_match_are
     with pytest.raises(UserError, match="does not split into 3 relation heads"):
         prepare(load_recipe(tmp_path / "o.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.relations=[qq]", "objective.relation_heads=3"]))
     wider = prepare(load_recipe(tmp_path / "o.yaml", [f"output_dir={tmp_path / 'run3'}", "objective.relations=[qq,kk,vv]"]))
-    assert wider.objective.relation_heads == 2  # the student's key/value heads; the 512-wide teacher splits the same way
+    assert wider.objective.transfer.relation_heads == 2  # the student's key/value heads; the 512-wide teacher splits the same way
 
 
 ON_POLICY = (

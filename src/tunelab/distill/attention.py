@@ -1,5 +1,6 @@
-"""Reading a model's attention inputs for attention transfer: the query, key and value projections
-of chosen blocks, captured by forward hooks while one forward pass runs.
+"""Attention transfer's machinery, shared by the causal-LM (``kd_attention``) and the encoder
+(``kd_embedding``) objectives: the query, key and value projections of chosen blocks, captured by
+forward hooks while one forward pass runs, and their relations compared sequence by sequence.
 
 Hooks on the projections (not ``output_attentions``) work with every attention kernel (sdpa,
 per-example varlen on packed rows, eager) and cost no extra matmul: the relations are computed
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from tunelab.config_base import Section
+from tunelab.distill.losses import relation_kd, relation_log_probs
 from tunelab.errors import UserError
 from tunelab.methods.blocks import block_list, sublayer
 from tunelab.methods.peft_adapters import unwrap_peft
@@ -62,3 +67,82 @@ def _keeper(store: dict[str, torch.Tensor], name: str):
         store[name] = output
 
     return hook
+
+
+Relation = Literal["qk", "qq", "kk", "vv"]
+
+
+class AttentionSettings(Section):
+    """Which attention relations a student learns from its teacher (MiniLM, MiniLMv2)."""
+
+    attention_weight: float = Field(1.0, ge=0, description="Weight of the attention-relation term (KL per token).")
+    relations: list[Relation] = Field(
+        ["qq", "kk", "vv"], min_length=1,
+        description="qk: attention maps (same query-head count as the teacher); qq/kk/vv: query/key/value self-relations (MiniLMv2).",
+    )
+    relation_heads: int | None = Field(
+        None, gt=0, description="Heads the qq/kk/vv relations are split into; default: the student's key/value heads."
+    )
+    layers: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
+        "last", description="Which student block learns from which teacher block: last (MiniLM), uniform, or [[student, teacher], ...] (1-based)."
+    )
+
+
+class AttentionTransfer:
+    """The student's and the teacher's attention relations on chosen pairs of blocks: capture the
+    projections during each model's forward, then compare them sequence by sequence."""
+
+    def __init__(self, settings: AttentionSettings, student: torch.nn.Module, teacher: torch.nn.Module, pairs: list[tuple[int, int]], *, causal: bool):
+        if any(s == 0 or t == 0 for s, t in pairs):
+            raise UserError("attention pairs name blocks (1-based); 0 is the embeddings, which have no attention", where="objective.layers")
+        self.relations, self.pairs, self.causal = settings.relations, pairs, causal
+        self.modules = {
+            "student": {f"{s}.{kind}": m for s, _ in pairs for kind, m in projections(student, s).items()},
+            "teacher": {f"{t}.{kind}": m for _, t in pairs for kind, m in projections(teacher, t).items()},
+        }
+        self.heads = {"student": head_counts(student), "teacher": head_counts(teacher)}
+        self.relation_heads = settings.relation_heads or self.heads["student"][1]
+        self._check_heads()
+        self.states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _check_heads(self) -> None:
+        student, teacher = self.heads["student"][0], self.heads["teacher"][0]
+        if "qk" in self.relations and student != teacher:
+            raise UserError(
+                f"attention maps (qk) are compared head by head: the student has {student} heads, the teacher {teacher}",
+                where="objective.relations", hint="use the qq/kk/vv relations, which any head count can learn",
+            )
+        kinds = {kind for relation in self.relations if relation != "qk" for kind in relation}
+        for side, modules in self.modules.items():
+            for name, module in modules.items():
+                width = getattr(module, "out_features", None)
+                if name.split(".")[1] in kinds and width is not None and width % self.relation_heads:
+                    raise UserError(
+                        f"the {side}'s {name.split('.')[1]} projection ({width} wide) does not split into {self.relation_heads} relation heads",
+                        where="objective.relation_heads", hint="choose a number that divides every projection's width",
+                    )
+
+    @contextlib.contextmanager
+    def capturing(self, side: str) -> Iterator[None]:
+        """Keep ``side``'s (student or teacher) projections from the forward run inside the context."""
+        with captured(self.modules[side]) as store:
+            yield
+        self.states[side] = store
+
+    def _log_relations(self, side: str, block: int, relation: str, row: int, start: int, end: int) -> torch.Tensor:
+        a, b = (self.states[side][f"{block}.{kind}"][row, start:end] for kind in relation)
+        heads = self.heads[side] if relation == "qk" else (self.relation_heads, self.relation_heads)
+        return relation_log_probs(a, b, *heads, causal=self.causal)
+
+    def divergence(self, row: int, start: int, end: int) -> torch.Tensor:
+        """KL(teacher ‖ student) of one sequence's relations, summed over its positions and
+        averaged over block pairs and relations."""
+        total = sum(
+            relation_kd(self._log_relations("student", s, r, row, start, end), self._log_relations("teacher", t, r, row, start, end)).sum()
+            for s, t in self.pairs for r in self.relations
+        )
+        return total / (len(self.pairs) * len(self.relations))  # type: ignore[return-value]
+
+    def release(self) -> None:
+        """Drop the captured projections (they hold the forward's graph)."""
+        self.states.clear()

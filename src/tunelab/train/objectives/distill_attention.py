@@ -18,13 +18,9 @@ means the same whatever the prompt-to-answer ratio of a batch.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from tunelab.distill.attention import captured, head_counts, projections
-from tunelab.distill.losses import relation_kd, relation_log_probs
+from tunelab.distill.attention import AttentionSettings, AttentionTransfer
 from tunelab.distill.teacher_cache import segments
 from tunelab.errors import UserError
 from tunelab.train.objectives.base import ObjectiveContext, register_objective
@@ -39,23 +35,9 @@ from tunelab.train.objectives.distill import (
     teacher_for,
 )
 
-Relation = Literal["qk", "qq", "kk", "vv"]
 
-
-class KDAttentionConfig(KDLogitsConfig):
+class KDAttentionConfig(KDLogitsConfig, AttentionSettings):
     """Logit distillation plus attention transfer (attention needs the live teacher: no ``cache``)."""
-
-    attention_weight: float = Field(1.0, ge=0, description="Weight of the attention-relation term (KL per token).")
-    relations: list[Relation] = Field(
-        ["qq", "kk", "vv"], min_length=1,
-        description="qk: attention maps (same query-head count as the teacher); qq/kk/vv: query/key/value self-relations (MiniLMv2).",
-    )
-    relation_heads: int | None = Field(
-        None, gt=0, description="Heads the qq/kk/vv relations are split into; default: the student's key/value heads."
-    )
-    layers: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
-        "last", description="Which student block learns from which teacher block: last (MiniLM), uniform, or [[student, teacher], ...] (1-based)."
-    )
 
 
 class AttentionDistillation(LogitDistillation):
@@ -67,67 +49,29 @@ class AttentionDistillation(LogitDistillation):
         super().__init__(cfg, student, teacher)
         if self.student_view.prompt_learning:
             raise UserError("attention transfer cannot line up a student's virtual prompt tokens with the teacher's", where="objective.name")
-        self.pairs = layer_pairs(cfg.layers, depth(student), depth(teacher))
-        if any(s == 0 or t == 0 for s, t in self.pairs):
-            raise UserError("attention pairs name blocks (1-based); 0 is the embeddings, which have no attention", where="objective.layers")
-        self.student_modules = {f"{s}.{kind}": m for s, _ in self.pairs for kind, m in projections(student, s).items()}
-        self.teacher_modules = {f"{t}.{kind}": m for _, t in self.pairs for kind, m in projections(teacher, t).items()}
-        self.student_heads, self.teacher_heads = head_counts(student), head_counts(teacher)
-        self.relation_heads = cfg.relation_heads or self.student_heads[1]
-        self._check_heads(cfg)
-        self.states: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _check_heads(self, cfg: KDAttentionConfig) -> None:
-        if "qk" in cfg.relations and self.student_heads[0] != self.teacher_heads[0]:
-            raise UserError(
-                f"attention maps (qk) are compared head by head: the student has {self.student_heads[0]} heads, the teacher {self.teacher_heads[0]}",
-                where="objective.relations", hint="use the qq/kk/vv relations, which any head count can learn",
-            )
-        kinds = {kind for relation in cfg.relations if relation != "qk" for kind in relation}
-        for side, modules in (("student", self.student_modules), ("teacher", self.teacher_modules)):
-            for name, module in modules.items():
-                width = getattr(module, "out_features", None)
-                if name.split(".")[1] in kinds and width is not None and width % self.relation_heads:
-                    raise UserError(
-                        f"the {side}'s {name.split('.')[1]} projection ({width} wide) does not split into {self.relation_heads} relation heads",
-                        where="objective.relation_heads", hint="choose a number that divides every projection's width",
-                    )
+        self.transfer = AttentionTransfer(cfg, student, teacher, layer_pairs(cfg.layers, depth(student), depth(teacher)), causal=True)
 
     def student_outputs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SupervisedForward:
-        with captured(self.student_modules) as store:
-            out = super().student_outputs(model, batch)
-        self.states["student"] = store
-        return out
+        with self.transfer.capturing("student"):
+            return super().student_outputs(model, batch)
 
     def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> SupervisedForward:
-        with captured(self.teacher_modules) as store:
-            out = super().teacher_outputs(batch)
-        self.states["teacher"] = store
-        return out
-
-    def _relations(self, side: str, block: int, relation: str, row: int, start: int, end: int) -> torch.Tensor:
-        store = self.states[side]
-        a, b = (store[f"{block}.{kind}"][row, start:end] for kind in relation)
-        heads = (self.student_heads if side == "student" else self.teacher_heads) if relation == "qk" else (self.relation_heads,) * 2
-        return relation_log_probs(a, b, *heads, causal=True)
+        with self.transfer.capturing("teacher"):
+            return super().teacher_outputs(batch)
 
     def extra_terms(
         self, student: SupervisedForward, teacher: SupervisedForward | None, summed: Summed, batch: dict[str, torch.Tensor]
     ) -> dict[str, tuple[float, torch.Tensor]]:
-        cfg: KDAttentionConfig = self.cfg  # type: ignore[assignment]
         weights = batch.get("weights")
         total = torch.zeros((), device=student.logits.device)
         tokens = 0
         for row, start, end in segments(batch):
-            example = sum(
-                relation_kd(self._relations("student", s, relation, row, start, end), self._relations("teacher", t, relation, row, start, end)).sum()
-                for s, t in self.pairs for relation in cfg.relations
-            )
+            example = self.transfer.divergence(row, start, end)
             total = total + (example if weights is None else example * weights[row, start])
             tokens += end - start
-        self.states.clear()
-        mean_per_token = total / (max(1, tokens) * len(self.pairs) * len(cfg.relations))
-        return {"attention": (cfg.attention_weight, mean_per_token * student.targets.numel())}
+        self.transfer.release()
+        mean_per_token = total / max(1, tokens)
+        return {"attention": (self.cfg.attention_weight, mean_per_token * student.targets.numel())}  # type: ignore[attr-defined]
 
 
 @register_objective("kd_attention", KDAttentionConfig, heads=(None,))

@@ -58,3 +58,55 @@ def test_schedules_with_warmup():
     assert lr_multiplier(55, 100, linear) == pytest.approx(0.1 + 0.9 * (1 - 45 / 90))
     assert lr_multiplier(50, 100, TrainConfig(schedule="constant")) == 1.0
     assert math.isclose(lr_multiplier(3, 100, TrainConfig(warmup_ratio=0.1)), 0.4)
+
+
+def _one_step(optimizer_class, **settings):
+    """A parameter after two steps of ``optimizer_class`` on fixed gradients (the second uses the momentum)."""
+    param = torch.nn.Parameter(torch.tensor([0.5, -0.2, 0.0, 3.0]))
+    optimizer = optimizer_class([param], **settings)
+    for grad in ([0.3, -0.1, 0.2, -4.0], [-0.5, -0.1, 0.1, 1.0]):
+        param.grad = torch.tensor(grad)
+        optimizer.step()
+    return param.detach()
+
+
+def test_sign_optimizers_take_the_steps_their_papers_define():
+    from tunelab.train.sign_optimizers import Lion, SignMomentum
+
+    p0, g1, g2 = torch.tensor([0.5, -0.2, 0.0, 3.0]), torch.tensor([0.3, -0.1, 0.2, -4.0]), torch.tensor([-0.5, -0.1, 0.1, 1.0])
+    lr, wd = 0.1, 0.01
+    # Lion: update = sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g; decoupled decay
+    m, p = torch.zeros(4), p0.clone()
+    for g in (g1, g2):
+        p = p * (1 - lr * wd) - lr * torch.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+    assert torch.allclose(_one_step(Lion, lr=lr, weight_decay=wd), p)
+    # Signum: m <- b*m + (1-b)*g; p <- p - lr*sign(m); signSGD: sign of the gradient itself
+    m, p = torch.zeros(4), p0.clone()
+    for g in (g1, g2):
+        m = 0.9 * m + 0.1 * g
+        p = p - lr * torch.sign(m)
+    assert torch.allclose(_one_step(SignMomentum, lr=lr, momentum=0.9), p)
+    assert torch.allclose(_one_step(SignMomentum, lr=lr, momentum=0.0), p0 - lr * torch.sign(g1) - lr * torch.sign(g2))
+
+
+@pytest.mark.parametrize("name", ["lion", "signum", "signsgd", "adafactor"])
+def test_every_registered_optimizer_trains_from_the_recipe(tmp_path, name):
+    from tests.train_helpers import train, write_chat_data
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=48)
+    lr = 0.002 if name in ("lion", "signum", "signsgd") else 0.02
+    summary = train(tmp_path, (
+        f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.2}}\nmethod: {{lora: {{r: 4}}}}\n"
+        f"train: {{optimizer: {name}, lr: {lr}, max_steps: 10, batch_size: 4, precision: fp32, threads: 1, eval_before: true}}\n"
+    ))
+    assert summary.eval_after["eval_loss"] < summary.eval_before["eval_loss"]
+
+
+def test_an_unknown_optimizer_is_a_one_line_error_naming_the_choices(tmp_path):
+    from tunelab.errors import UserError
+    from tunelab.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text("model: {name: tiny-llama}\ndata: {train: d.jsonl}\ntrain: {optimizer: lino}\n")
+    with pytest.raises(UserError, match="train.optimizer.*unknown optimizer 'lino'.*lion"):
+        load_recipe(tmp_path / "r.yaml")

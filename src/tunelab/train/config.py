@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config_base import Section
 
@@ -26,7 +26,10 @@ class TrainConfig(Section):
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
 
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: str = Field(
+        "adamw", description="adamw | adam | sgd | lion | signum | signsgd | adafactor, or any optimizer registered with "
+        "tunelab.train.optim.register_optimizer. Sign-based ones (lion, signum, signsgd) want a 3-10x smaller lr.",
+    )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     decay_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
@@ -53,6 +56,17 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     best_metric: str = Field("eval_loss", description="Metric that picks the best checkpoint.")
     best_mode: Literal["min", "max"] = "min"
+
+    @field_validator("optimizer")
+    @classmethod
+    def _registered_optimizer(cls, value: str) -> str:
+        from tunelab.train.optimizers import (
+            OPTIMIZERS,  # registering imports torch: not at config import
+        )
+
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}; registered: {', '.join(OPTIMIZERS.names())}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

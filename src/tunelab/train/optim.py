@@ -12,9 +12,9 @@ import math
 import torch
 
 from tunelab.errors import UserError
-
 from tunelab.methods.blocks import block_index, block_list
 from tunelab.train.config import TrainConfig
+from tunelab.train.optimizers import OPTIMIZERS
 
 
 def _no_decay(name: str, param: torch.nn.Parameter, embedding_ids: set[int]) -> bool:
@@ -46,12 +46,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = parameter_groups(model, cfg)
     if not groups:
         raise UserError("no trainable parameters: every parameter is frozen", where="method", hint="unfreeze something (method.freeze) or add an adapter (method.lora)")
-    # foreach kernels update all parameters of a group in a few fused ops instead of a Python loop.
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    return OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
 
 
 def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,45 @@
+"""The optimizer registry (``train.optimizer``): each entry builds an optimizer from the trainer's
+parameter groups (which carry their own ``lr`` and ``weight_decay``) and the ``train:`` section.
+
+A new optimizer is one ``register_optimizer`` call; the recipe accepts its name from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tunelab.plugins import Registry
+from tunelab.train.sign_optimizers import Lion, SignMomentum
+
+#: ``build(parameter_groups, train_config) -> Optimizer`` by recipe name (``train.optimizer``).
+OptimizerBuilder = Callable[[list[dict], Any], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer", "train.optimizer")
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Register ``build(groups, cfg)`` under ``name``; each group carries its ``lr`` and ``weight_decay``."""
+
+    def wrap(build: OptimizerBuilder) -> OptimizerBuilder:
+        OPTIMIZERS.register(name, build)
+        return build
+
+    return wrap
+
+
+# foreach kernels update all parameters of a group in a few fused ops instead of a Python loop.
+register_optimizer("adamw")(lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True))
+register_optimizer("adam")(lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, foreach=True))
+register_optimizer("sgd")(lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True))
+register_optimizer("signum")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr, momentum=cfg.momentum))
+register_optimizer("signsgd")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr, momentum=0.0))
+# Adafactor keeps factored second moments (a row and a column vector per matrix) and no first moment.
+register_optimizer("adafactor")(lambda groups, cfg: torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True))
+
+
+@register_optimizer("lion")
+def _lion(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
+    """Lion with its own default betas (0.9, 0.99) unless the recipe sets train.betas."""
+    return Lion(groups, lr=cfg.lr, betas=cfg.betas if "betas" in cfg.model_fields_set else (0.9, 0.99))

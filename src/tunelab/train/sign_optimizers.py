@@ -18,54 +18,57 @@ from collections.abc import Iterable
 import torch
 
 
-class SignMomentum(torch.optim.Optimizer):
+class SignOptimizer(torch.optim.Optimizer):
+    """The shared step: each group's parameters with gradients move by ``-lr·direction`` (plus decay);
+    subclasses say what the direction is and update their momentum."""
+
+    def direction(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """State updates that come after the parameters moved (Lion's momentum)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            update = self.direction(group, params, grads)
+            if group["weight_decay"]:  # decoupled, as AdamW
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+            self.after_step(group, params, grads)
+        return loss
+
+    def moments(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+
+
+class SignMomentum(SignOptimizer):
     """Signum; ``momentum=0`` is signSGD (no state)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["momentum"]:
-                moments = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
-                torch._foreach_lerp_(moments, grads, 1 - group["momentum"])
-                direction = torch._foreach_sign(moments)
-            else:
-                direction = torch._foreach_sign(grads)
-            _apply(params, direction, group["lr"], group["weight_decay"])
-        return loss
+    def direction(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not group["momentum"]:
+            return torch._foreach_sign(grads)
+        moments = self.moments(params)
+        torch._foreach_lerp_(moments, grads, 1 - group["momentum"])
+        return torch._foreach_sign(moments)
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(SignOptimizer):
     """Lion: sign of the momentum-gradient interpolation; one moment per parameter."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
-            moments = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
-            interpolated = torch._foreach_lerp(moments, grads, 1 - beta1)
-            _apply(params, torch._foreach_sign(interpolated), group["lr"], group["weight_decay"])
-            torch._foreach_lerp_(moments, grads, 1 - beta2)
-        return loss
+    def direction(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return torch._foreach_sign(torch._foreach_lerp(self.moments(params), grads, 1 - group["betas"][0]))
 
-
-def _apply(params: list[torch.Tensor], direction: list[torch.Tensor], lr: float, weight_decay: float) -> None:
-    """``p ← p·(1 - lr·λ) - lr·direction`` (decoupled weight decay)."""
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_add_(params, direction, alpha=-lr)
+    def after_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch._foreach_lerp_(self.moments(params), grads, 1 - group["betas"][1])

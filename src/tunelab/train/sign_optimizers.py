@@ -29,7 +29,7 @@ class SignOptimizer(torch.optim.Optimizer):
         """State updates that come after the parameters moved (Lion's momentum)."""
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+    def step(self, closure=None):  # torch.optim.Optimizer.step signature
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -72,13 +72,15 @@ def main() -> None:
     parser.add_argument("--train-per-label", type=int, default=250)
     parser.add_argument("--test-per-label", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for the files (default: this one)")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     train_pool, test_pool = split_by_movie(read_snippets(args.source), test_share=0.25, rng=rng)
     train = balanced_sample(train_pool, args.train_per_label, rng)
     test = balanced_sample(test_pool, args.test_per_label, rng)
-    out = Path(__file__).parent
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
         write_jsonl(out / f"rt_sentiment_{name}.jsonl", [chat_row(r) for r in rows])
         write_jsonl(out / f"rt_cls_{name}.jsonl", [{"text": r["text"], "label": r["label"]} for r in rows])

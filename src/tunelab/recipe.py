@@ -26,7 +26,7 @@ from tunelab.evaluate.config import EvalConfig
 from tunelab.methods import METHODS
 from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train import task_mix  # noqa: F401  (registers the multi-task sampler)
+from tunelab.train import task_mix, weight_average  # noqa: F401  (register the multi-task sampler, SWA and EMA)
 from tunelab.train.callbacks import CALLBACKS
 from tunelab.train.config import TrainConfig
 from tunelab.train.objectives import OBJECTIVES

@@ -80,6 +80,7 @@ def _shots(value: str | None) -> list[int] | None:
 @click.option("--extract", type=click.Choice(["none", "first_line", "regex", "choice_letter"]), default=None)
 @click.option("--extract-pattern", default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--ensemble", type=click.Choice(["logits", "probs", "vote"]), default=None, help="Add a row for the --run models combined.")
 @click.option("--out", "out_dir", default=None, help="Output folder; default: <recipe output_dir>/eval or ./eval-<task>.")
 def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str | None, out_dir: str | None, **options: object) -> None:
     """Evaluate the base model zero-/few-shot and fine-tuned runs on one task; write eval.json, eval.md, predictions."""
@@ -102,6 +103,7 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
         "max_new_tokens": options["max_new_tokens"], "temperature": options["temperature"],
         "stop": [_unescape(s) for s in options["stop"]] or None,  # type: ignore[attr-defined]
         "extract": options["extract"], "extract_pattern": options["extract_pattern"], "seed": options["seed"],
+        "ensemble": options["ensemble"],
     }
     base = model_name or (recipe.model.name if recipe else None)
     task = overrides["task"] or (recipe.eval.task if recipe else "generation")

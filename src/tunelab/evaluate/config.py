@@ -49,6 +49,9 @@ class EvalConfig(Section):
     stop: list[str] = Field(default_factory=list, description="Generation ends at the first of these strings (not included).")
     extract: Literal["none", "first_line", "regex", "choice_letter"] = Field("none", description="How the answer is taken out of generated text before scoring.")
     extract_pattern: str | None = Field(None, description="Regex for extract: regex; its first group (else the whole match) is the answer.")
+    ensemble: Literal["logits", "probs", "vote"] | None = Field(
+        None, description="Add a row combining the evaluated runs: average their logits, their probabilities, or take a majority vote (generation: vote only).",
+    )
     max_length: int = Field(1024, gt=1, description="Perplexity window in tokens.")
     stride: int | None = Field(None, gt=0, description="Perplexity: new tokens scored per window (default max_length // 2).")
 

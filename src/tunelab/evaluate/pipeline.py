@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
+from tunelab.evaluate.ensemble import check_ensemble, ensemble
 from tunelab.evaluate.report import write_report
 from tunelab.evaluate.runner import SystemResult, evaluate
 from tunelab.evaluate.setup import resolve_setup
@@ -22,11 +23,16 @@ def run_eval(
     *,
     recipe_dir: str | Path | None = None,
 ) -> tuple[list[SystemResult], Path]:
-    """Resolve settings, evaluate ``base`` (at each k shots) and ``runs``, write the report."""
+    """Resolve settings, evaluate ``base`` (at each k shots) and ``runs`` (and, with
+    ``eval.ensemble``, the runs combined as one more row), write the report."""
     if not base and not runs:
         raise UserError("nothing to evaluate", hint="pass --model NAME and/or --run DIR")
     setup = resolve_setup(recipe, overrides, recipe_dir)
+    if setup.cfg.ensemble:
+        check_ensemble(setup.cfg, len(runs))
     results = evaluate(setup, base, runs)
+    if setup.cfg.ensemble:
+        results.append(ensemble(results[len(results) - len(runs):], setup.cfg.ensemble, setup.cfg))
     return results, write_report(out_dir, setup, results)
 
 
@@ -35,5 +41,6 @@ def eval_after_training(recipe: Recipe, run_dir: str | Path) -> Path:
 
     Writes ``<run_dir>/eval/eval.json`` (plus the table and predictions) and returns its path.
     """
-    _, path = run_eval(recipe, {}, recipe.model.name, [str(run_dir)], Path(run_dir) / "eval")
+    single = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"ensemble": None})})  # one run: no ensemble
+    _, path = run_eval(single, {}, recipe.model.name, [str(run_dir)], Path(run_dir) / "eval")
     return path

@@ -89,7 +89,7 @@ def run_choice(model: torch.nn.Module, tokenizer: Any, inputs: TaskInputs, progr
         picked_norm.append(opts[norm])
         records.append(
             {"where": row.where, "prediction": opts[raw], "prediction_norm": opts[norm], "answer": opts[g],
-             "correct": raw == g, "logprobs": [s.logprob for s in item]}
+             "correct": raw == g, "options": opts, "logprobs": [s.logprob for s in item]}
         )
     refs = [[opts[g]] for opts, g in zip(options, gold)]
     scores = score(cfg.metric_names(), picked, refs)
@@ -137,13 +137,17 @@ def run_classification(model: torch.nn.Module, tokenizer: Any, inputs: TaskInput
     limit = min(cfg.max_length, getattr(model.config, "max_position_embeddings", None) or cfg.max_length)
     start = time.perf_counter()
     model.eval()
-    predicted: list[int] = []
+    logits: list[list[float]] = []
     for begin in range(0, len(texts), cfg.batch_size):
         batch = tokenizer(texts[begin : begin + cfg.batch_size], padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        predicted += model(**batch).logits.argmax(-1).tolist()
+        logits += model(**batch).logits.float().tolist()
     seconds = time.perf_counter() - start
-    labels = [str(id2label.get(p, p)) for p in predicted]
-    records = [{"where": row.where, "prediction": label, "references": r} for row, label, r in zip(inputs.items, labels, refs)]
+    names = [str(id2label.get(i, i)) for i in range(len(logits[0]))] if logits else []
+    labels = [names[max(range(len(row)), key=row.__getitem__)] for row in logits]
+    records = [
+        {"where": row.where, "prediction": label, "references": r, "class_logits": dict(zip(names, scores))}
+        for row, label, r, scores in zip(inputs.items, labels, refs, logits)
+    ]
     return TaskOutput(score(cfg.metric_names(), labels, refs), records, seconds)
 
 

@@ -6,7 +6,9 @@ callback that re-wraps modules, like QAT, sees its own layers restored), then pe
 ``on_after_backward`` (gradients are in ``.grad``, before clipping and the optimizer step),
 ``on_step_end`` (weights updated; ``state.loss`` and ``state.lr`` set), ``on_eval`` (after each
 evaluation), ``on_epoch_end``; finally ``on_train_end``. ``state_dict``/``load_state_dict`` are
-saved into and restored from every checkpoint, keyed by ``name``, so resume is exact.
+saved into and restored from every checkpoint, keyed by ``name``, so resume is exact. Two hooks
+are not events: ``lr_multiplier`` may replace the schedule, and ``averaged_weights`` offers weights
+the loop evaluates and the run saves in place of the live ones (SWA, EMA).
 
 Built in: early stopping. Others register a factory with ``register_callback``: it receives the
 recipe and, when the recipe lists the callback under ``callbacks:``, that entry's validated
@@ -74,6 +76,16 @@ class Callback:
     def on_epoch_end(self, state: TrainState) -> None: ...
 
     def on_train_end(self, state: TrainState) -> None: ...
+
+    def lr_multiplier(self, step: int, total: int, scheduled: float) -> float:
+        """The LR multiplier for 0-based optimizer step ``step`` of ``total``, given the
+        schedule's ``scheduled`` one (SWA takes the LR over; most callbacks leave it)."""
+        return scheduled
+
+    def averaged_weights(self) -> dict[str, torch.Tensor] | None:
+        """Trainable weights by name to evaluate and save instead of the live ones (weight
+        averaging), or None. The loop evaluates both; the run saves these as ``final/``."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """What this callback must remember across a resume (tensors, numbers, lists)."""

@@ -29,15 +29,20 @@ def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by name; a tensor shared by two names (tied weights) is stored once."""
-    state: dict[str, torch.Tensor] = {}
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by name; a tensor shared by two names (tied weights) appears once."""
     seen: set[int] = set()
+    out: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in seen:
             seen.add(id(param))
-            state[name] = param.detach().cpu().contiguous()
-    return state
+            out[name] = param
+    return out
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name, on the CPU, each stored once."""
+    return {name: param.detach().cpu().contiguous() for name, param in trainable_parameters(model).items()}
 
 
 def save_checkpoint(

@@ -27,7 +27,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
 
     optimizer: str = Field(
-        "adamw", description="adamw | adam | sgd | lion | signum | signsgd | adafactor, or any optimizer registered with "
+        "adamw", description="adamw | adam | sgd | lion | signum | signsgd | adafactor | adamw8bit, or any optimizer registered with "
         "tunelab.train.optim.register_optimizer. Sign-based ones (lion, signum, signsgd) want a 3-10x smaller lr.",
     )
     lr: float = Field(2e-4, gt=0)

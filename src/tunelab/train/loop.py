@@ -29,8 +29,14 @@ from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.objectives import Objective, accumulate
-from tunelab.train.optim import build_optimizer, build_scheduler
-from tunelab.train.samplers import Sampler, ShuffleSampler, evaluation_batches, step_batches
+from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
+from tunelab.train.samplers import (
+    Sampler,
+    ShuffleSampler,
+    evaluation_batches,
+    step_batches,
+)
+from tunelab.train.weight_average import swapped_in
 
 Collate = Callable[[list[Example]], dict[str, torch.Tensor]]
 #: Receives every metrics record as it is written (the job API's event sink).
@@ -73,6 +79,8 @@ class TrainResult:
     best_metric: float | None
     best_checkpoint: str | None
     stop_reason: str
+    #: Bytes the optimizer keeps for the trainable parameters (moments, statistics), measured.
+    optimizer_state_bytes: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -119,7 +127,10 @@ class Trainer:
             )
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg, [cb.lr_multiplier for cb in self.callbacks])
+        averaging = [cb.name for cb in self.callbacks if type(cb).averaged_weights is not Callback.averaged_weights]
+        if len(averaging) > 1:
+            raise UserError(f"two callbacks average weights ({', '.join(averaging)}); the run can save only one average", where="callbacks")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -153,9 +164,26 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
 
-    @torch.no_grad()
+    def averaged_weights(self) -> dict[str, torch.Tensor] | None:
+        """The weights a callback averages (SWA, EMA), once it has any; None otherwise."""
+        for cb in self.callbacks:
+            weights = cb.averaged_weights()
+            if weights is not None:
+                return weights
+        return None
+
     def evaluate(self) -> dict[str, float]:
-        """Objective metrics on the validation set, prefixed ``eval_``."""
+        """Objective metrics on the validation set, prefixed ``eval_``: of the averaged weights when
+        a callback averages, with the live weights' metrics beside them as ``eval_raw_*``."""
+        averaged = self.averaged_weights()
+        if averaged is None:
+            return self._evaluate("eval_")
+        raw = self._evaluate("eval_raw_")
+        with swapped_in(unwrap(self.wrapped), averaged):
+            return {**self._evaluate("eval_"), **raw}
+
+    @torch.no_grad()
+    def _evaluate(self, prefix: str) -> dict[str, float]:
         model = unwrap(self.wrapped)
         was_training = model.training
         model.eval()
@@ -166,7 +194,7 @@ class Trainer:
                 _, batch_stats = self.objective(model, batch)
             accumulate(stats, batch_stats)
         model.train(was_training)
-        return {f"eval_{k}": v for k, v in self.objective.summarize(stats).items()}
+        return {f"{prefix}{k}": v for k, v in self.objective.summarize(stats).items()}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -314,7 +342,7 @@ class Trainer:
             steps=state.step, seconds=time.perf_counter() - started, first_step_seconds=first_step_seconds,
             tokens_seen=tokens_seen, supervised_units=supervised, final_train_loss=last_loss,
             eval_before=eval_before, eval_after=last_eval, best_metric=best_value, best_checkpoint=best_path,
-            stop_reason=stop_reason, history=state.history,
+            stop_reason=stop_reason, optimizer_state_bytes=optimizer_state_bytes(self.optimizer), history=state.history,
         )
 
     def _warn_if_long(self, seconds_per_step: float, steps_left: int) -> None:

@@ -8,6 +8,7 @@ deeper blocks adapt more, embeddings least, heads at the full rate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,5 +64,26 @@ def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+#: ``adjust(step, total, scheduled) -> multiplier``: a callback's say over the schedule (SWA's LR).
+LRAdjust = Callable[[int, int, float], float]
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig, adjust: Sequence[LRAdjust] = ()
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def multiplier(step: int) -> float:
+        value = lr_multiplier(step, total_steps, cfg)
+        for change in adjust:
+            value = change(step, total_steps, value)
+        return value
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps per parameter (moments, factored statistics,
+    quantisation maps): what the choice of optimizer costs in memory, measured, not assumed."""
+    return sum(
+        value.numel() * value.element_size()
+        for per_param in optimizer.state.values() for value in per_param.values() if isinstance(value, torch.Tensor)
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tunelab.errors import UserError
 from tunelab.plugins import Registry
 from tunelab.train.sign_optimizers import Lion, SignMomentum
 
@@ -37,6 +38,18 @@ register_optimizer("signum")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr,
 register_optimizer("signsgd")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr, momentum=0.0))
 # Adafactor keeps factored second moments (a row and a column vector per matrix) and no first moment.
 register_optimizer("adafactor")(lambda groups, cfg: torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True))
+
+
+@register_optimizer("adamw8bit")
+def _adamw_8bit(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW with both moments stored in 8 bits (bitsandbytes' block-wise quantisation: 2 bytes per
+    parameter instead of 8). Tensors under 4,096 elements keep fp32 moments, as bitsandbytes does."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UserError("train.optimizer adamw8bit needs bitsandbytes", where="train.optimizer",
+                        hint=f"pip install bitsandbytes, or choose adamw ({exc})") from None
+    return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 @register_optimizer("lion")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,11 @@ from tunelab.train.loop import (
 )
 from tunelab.train.preflight import check_trainable
 from tunelab.train.prepare import prepare
+from tunelab.train.prepared import Prepared
+from tunelab.train.weight_average import load_into
+
+#: With SWA/EMA, the live (not averaged) weights of the last step, beside ``final/``.
+RAW_FINAL = "final-raw"
 
 
 @dataclass
@@ -166,7 +172,7 @@ def _run(
         raise KeyboardInterrupt
     if world.is_main:
         with reporting_disk_full(run_dir, "the final model"):
-            saved = str(prepared.save(run_dir))
+            saved = str(_save_final(prepared, run_dir, trainer.averaged_weights()))
     world.barrier()
     summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
     if world.is_main:
@@ -188,6 +194,18 @@ def _run(
                             evaluation=task_evaluation(recipe), echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
     return summary
+
+
+def _save_final(prepared: Prepared, run_dir: Path, averaged: dict[str, torch.Tensor] | None) -> Path:
+    """Save the trained model as ``final/``. With weight averaging, the live weights go to
+    ``final-raw/`` first and the average then replaces them in the model, so ``final/``, the
+    evaluation after training and compression all use the average."""
+    if averaged is not None:
+        raw = run_dir / RAW_FINAL
+        shutil.rmtree(raw, ignore_errors=True)  # an extended run replaces the shorter run's
+        os.replace(prepared.save(run_dir), raw)
+        load_into(prepared.model, averaged)
+    return prepared.save(run_dir)
 
 
 def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | None, dict[str, list[Any]]]:
@@ -288,6 +306,7 @@ def format_summary(s: RunSummary) -> str:
         f"  trainable params   {s.trainable_params:,} of {s.total_params:,} ({100 * s.trainable_params / max(1, s.total_params):.2f}%)",
         f"  steps / time       {s.steps} steps in {s.seconds:.1f}s (first step {s.first_step_seconds:.1f}s), {s.tokens_per_s:,.0f} tokens/s",
         f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} supervised)",
+        f"  optimizer state    {s.optimizer_state_bytes / 2**20:,.1f} MiB ({s.optimizer_state_bytes / max(1, s.trainable_params):.2f} bytes per trainable parameter)",
         f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",
     ]
     if s.eval_after:

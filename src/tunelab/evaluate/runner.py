@@ -23,6 +23,7 @@ from tunelab.evaluate.tasks import (
     MODEL_TASK,
     TASKS,
     TaskInputs,
+    TaskOutput,
     check_shots,
 )
 
@@ -85,10 +86,19 @@ def evaluate(setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, sh
             loaded, loaded_name = load_model(name, MODEL_TASK[cfg.task], seed=cfg.seed), name
         assert loaded is not None
         system = f"{name} {k}-shot" if name == base and cfg.task in FEW_SHOT_TASKS else name
-        inputs = TaskInputs(items, cfg, _builder(setup, loaded.tokenizer), pool, same_file, k)
-        output = TASKS[cfg.task](loaded.model, loaded.tokenizer, inputs, progress=system if show_progress else None)
+        output = evaluate_loaded(setup, items, loaded.model, loaded.tokenizer, pool=pool, same_file=same_file, shots=k,
+                                 progress=system if show_progress else None)
         results.append(SystemResult(system, name, loaded.source, k, len(items), output.seconds, output.scores, output.records))
     return results
+
+
+def evaluate_loaded(
+    setup: EvalSetup, items: list[Any], model: Any, tokenizer: Any, *, pool: Sequence[Any] = (), same_file: bool = False,
+    shots: int = 0, progress: str | None = None,
+) -> TaskOutput:
+    """Score a model already in memory (``evaluate`` loads them; a greedy soup builds them)."""
+    inputs = TaskInputs(items, setup.cfg, _builder(setup, tokenizer), list(pool), same_file, shots)
+    return TASKS[setup.cfg.task](model, tokenizer, inputs, progress=progress)
 
 
 def _builder(setup: EvalSetup, tokenizer: Any) -> PromptBuilder:

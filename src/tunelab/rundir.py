@@ -33,6 +33,8 @@ from tunelab.errors import UserError
 
 MANIFEST = "tunelab_model.json"
 FINAL = "final"
+#: With weight averaging (SWA, EMA), the live weights of the last step, beside the averaged ``final/``.
+RAW_FINAL = "final-raw"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"step-(\d+)$")
 

@@ -33,6 +33,7 @@ from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
 from tunelab.rundir import (
+    RAW_FINAL,
     checkpoint_step,
     holds_a_run,
     list_checkpoints,
@@ -53,9 +54,6 @@ from tunelab.train.preflight import check_trainable
 from tunelab.train.prepare import prepare
 from tunelab.train.prepared import Prepared
 from tunelab.train.weight_average import load_into
-
-#: With SWA/EMA, the live (not averaged) weights of the last step, beside ``final/``.
-RAW_FINAL = "final-raw"
 
 
 @dataclass

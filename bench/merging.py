@@ -57,11 +57,21 @@ def results() -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"rows": []}
 
 
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["part"], row["seed"], row.get("system")
+
+
 def save(data: dict[str, Any]) -> None:
+    """Write our rows together with any another part (another process) wrote meanwhile."""
     from tunelab.hardware import cpu_model_name
 
+    on_disk = results()["rows"]
+    ours = {_key(r) for r in data["rows"]}
+    data["rows"] = [r for r in on_disk if _key(r) not in ours] + data["rows"]
     data["cpu"] = cpu_model_name()
-    (OUT / "merging.json").write_text(json.dumps(data, indent=2) + "\n")
+    tmp = OUT / "merging.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(OUT / "merging.json")
 
 
 def scores(system: str, overrides: dict[str, Any]) -> float:
@@ -151,6 +161,12 @@ def split_held_out() -> tuple[Path, Path]:
     return val, test
 
 
+def _soup_member_dir(lr: float, seed: int) -> Path:
+    """bench/optimizers.py's AdamW run is this recipe at lr 5e-5 (same data, seed, schedule): reuse it."""
+    same = OUT / "optimizer-runs" / f"adamw-seed{seed}"
+    return same if lr == 5e-5 and (same / "summary.json").exists() else OUT / "soup-runs" / f"full-lr{lr:g}-seed{seed}"
+
+
 def bench_soup(seed: int, data: dict[str, Any]) -> None:
     from tunelab.evaluate.runner import evaluate
     from tunelab.evaluate.setup import resolve_setup
@@ -158,7 +174,7 @@ def bench_soup(seed: int, data: dict[str, Any]) -> None:
     if any(r["part"] == "soup" and r["seed"] == seed for r in data["rows"]):
         return
     val, test = split_held_out()
-    members = [train_minilm(OUT / "soup-runs" / f"full-lr{lr:g}-seed{seed}", seed, {"freeze": {"base": False}}, lr) for lr in (3e-5, 5e-5, 8e-5)]
+    members = [train_minilm(_soup_member_dir(lr, seed), seed, {"freeze": {"base": False}}, lr) for lr in (3e-5, 5e-5, 8e-5)]
     soups = {}
     for method in ("uniform", "greedy"):
         out = OUT / "soup-runs" / f"{method}-seed{seed}"

@@ -10,7 +10,9 @@ after 10% warmup, fp32, one thread; accuracy on 500 snippets of other movies. Ev
 same data, steps and batches; only the optimizer (and its usual learning rate) or the averaging
 callback changes. SWA and EMA runs report the averaged weights and, from the same run, the live
 weights of the last step. Step time: training steps 2..N from metrics.jsonl (evaluation excluded),
-as a ratio to AdamW with the same seed, measured in the same process one run after another.
+as a ratio to AdamW with the same seed, measured in the same process one run after another; with
+``--timing-rounds N`` also round-robin (one step of each config in turn, N rounds, medians), which
+keeps the ratios fair when other work shares the machine.
 Optimizer memory: the optimizer's state tensors after training (``summary.optimizer_state_bytes``).
 Writes bench-results/optimizers.json after every run (a rerun skips finished runs) and prints a
 markdown table.
@@ -72,13 +74,66 @@ def run_one(data: Path, runs: Path, name: str, seed: int) -> dict[str, Any]:
     }
 
 
+def interleaved_step_times(data: Path, rounds: int) -> dict[str, float]:
+    """Median seconds per optimizer step (forward, backward, clip, optimizer, averaging callback)
+    for every config, measured round-robin: one step of each config in turn, so whatever else the
+    machine does slows every config alike and the ratios stay fair."""
+    import time
+
+    import torch
+
+    from tunelab.models import load_model
+    from tunelab.train.callbacks import TrainState
+    from tunelab.train.config import TrainConfig
+    from tunelab.train.optim import build_optimizer
+    from tunelab.train.weight_average import (
+        EMAConfig,
+        ExponentialMovingAverage,
+        StochasticWeightAveraging,
+        SWAConfig,
+    )
+
+    texts = [json.loads(line) for line in (data / "rt_cls_train.jsonl").read_text().splitlines()][:16]
+    setups = {}
+    for name, (train, callbacks) in CONFIGS.items():
+        loaded = load_model("minilm-l6", "sequence-classification", num_labels=2)
+        model = loaded.model.train()
+        optimizer = build_optimizer(model, TrainConfig(**train))
+        callback = None
+        if callbacks:  # averaging from the first timed step on
+            settings = {k: v for k, v in callbacks[0].items() if k != "name"} | {"start": 1}
+            swa = callbacks[0]["name"] == "swa"
+            callback = StochasticWeightAveraging(SWAConfig(**settings), train["lr"]) if swa else ExponentialMovingAverage(EMAConfig(**settings))
+        batch = loaded.tokenizer([t["text"] for t in texts], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        labels = torch.tensor([int(t["label"] == "positive") for t in texts])
+        state = TrainState(model, optimizer, Path("."), max_steps=rounds + 2)
+        setups[name] = (model, optimizer, callback, batch, labels, state)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    torch.set_num_threads(1)
+    for step in range(rounds + 1):
+        for name, (model, optimizer, callback, batch, labels, state) in setups.items():
+            start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step + 2
+            if callback is not None:
+                callback.on_step_end(state)
+            if step:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], timing: dict[str, float] | None = None) -> str:
     by = {(r["config"], r["seed"]): r for r in rows}
-    lines = ["| optimizer / averaging | accuracy (mean ± std) | step time vs AdamW | optimizer state | bytes / param |", "|---|---|---|---|---|"]
+    time_column = "step time vs AdamW (interleaved)" if timing else "step time vs AdamW (in the runs)"
+    lines = [f"| optimizer / averaging | accuracy (mean ± std) | {time_column} | optimizer state | bytes / param |", "|---|---|---|---|---|"]
     for name in CONFIGS:
         mine = [r for r in rows if r["config"] == name]
         if not mine:
@@ -86,6 +141,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratios = [r["step_s"] / by[("adamw", r["seed"])]["step_s"] for r in mine if ("adamw", r["seed"]) in by]
         memory = mine[0]["optimizer_state_bytes"]
         ratio = f"{statistics.mean(ratios):.2f}x" if ratios else "-"
+        if timing:
+            ratio = f"{timing[name] / timing['adamw']:.2f}x"
         lines.append(f"| {name} | {mean_std([r['accuracy'] for r in mine])} | {ratio} | {memory / 2**20:.1f} MiB | "
                      f"{memory / mine[0]['trainable_params']:.2f} |")
         if mine[0]["raw_accuracy"] is not None:
@@ -99,12 +156,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--timing-rounds", type=int, default=0, help="Also time every config round-robin for N steps (fairer ratios on a busy machine).")
     args = parser.parse_args()
 
     from tunelab.hardware import cpu_model_name
 
     results_path = args.out / "optimizers.json"
-    rows: list[dict[str, Any]] = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
+    rows: list[dict[str, Any]] = saved.get("rows", [])
     done = {(r["config"], r["seed"]) for r in rows}
     for seed in args.seeds:  # seed-major: every config of a seed runs close together in time
         for name in args.configs:
@@ -112,10 +171,14 @@ def main() -> None:
                 continue
             rows.append(run_one(args.data, args.out / "optimizer-runs", name, seed))
             args.out.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps({"cpu": cpu_model_name(), "rows": rows}, indent=2) + "\n")
+            results_path.write_text(json.dumps({**saved, "cpu": cpu_model_name(), "rows": rows}, indent=2) + "\n")
             print(f"{name} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
+    timing = saved.get("interleaved_step_s")
+    if args.timing_rounds:
+        timing = interleaved_step_times(args.data, args.timing_rounds)
+        results_path.write_text(json.dumps({**saved, "cpu": cpu_model_name(), "rows": rows, "interleaved_step_s": timing}, indent=2) + "\n")
     print(f"CPU: {cpu_model_name()}, 1 thread, fp32")
-    print(table(rows))
+    print(table(rows, timing))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     .venv/bin/python bench/optimizers.py --data bench-results/rt1k [--seeds 0 1 2]
 
 Workload: full fine-tuning of all-MiniLM-L6-v2 (22.7M parameters, all trainable) with a
-classification head on 1,000 Rotten Tomatoes snippets, 2 epochs (126 steps of 16), linear decay
+classification head on 1,000 Rotten Tomatoes snippets, 2 epochs (124 steps of 16), linear decay
 after 10% warmup, fp32, one thread; accuracy on 500 snippets of other movies. Every run has the
 same data, steps and batches; only the optimizer (and its usual learning rate) or the averaging
 callback changes. SWA and EMA runs report the averaged weights and, from the same run, the live

@@ -73,6 +73,25 @@ def test_a_uniform_soup_is_the_mean_of_its_members(runs, tmp_path, kind):
         assert torch.allclose(soup[name], (wa[name] + wb[name]) / 2, atol=1e-5), name
 
 
+def test_a_merged_classifier_keeps_its_label_names_and_heads_average(tmp_path):
+    from tests.train_helpers import write_label_data
+
+    folders = []
+    for i, lr in enumerate((0.001, 0.003)):
+        folder = tmp_path / f"cls{i}"
+        folder.mkdir()
+        data = write_label_data(folder / "d.jsonl", n=48, seed=i)
+        train(folder, f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
+                      "method: {head: {type: classification}, freeze: {base: false}}\n"
+                      f"train: {{lr: {lr}, max_steps: 4, batch_size: 4, precision: fp32, threads: 1, eval_before: false}}\n")
+        folders.append(folder / "run")
+    merge(*map(str, folders), "--method", "uniform", "--out", str(tmp_path / "soup"))
+    soup = load_model(str(tmp_path / "soup"), "sequence-classification").model
+    assert soup.config.id2label == {0: "neg", 1: "pos"}
+    members = [load_model(str(f), "sequence-classification").model for f in folders]
+    assert torch.allclose(soup.classifier.weight, (members[0].classifier.weight + members[1].classifier.weight) / 2, atol=1e-6)
+
+
 def test_task_arithmetic_adds_and_subtracts_task_vectors(runs, tmp_path):
     base, a = plain_weights("tiny-llama"), plain_weights(runs["full_a"])
     merge(str(runs["full_a"]), "--method", "task_arithmetic", "--weights", "-1", "--scale", "0.5", "--out", str(tmp_path / "neg"))

@@ -35,12 +35,15 @@ class FullMerger:
 
         first = members[0].manifest
         self.model_task = manifest_model_task(first)
+        # The first member is the container the merge is written into: its config keeps the
+        # run's label names, which a freshly loaded base would not have.
+        loaded = load_model(str(members[0].path), self.model_task)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         kwargs = {"num_labels": first.get("num_labels") or len(first.get("label_names") or [])} if self.model_task in LABELLED else {}
-        base = load_model(first["base"], self.model_task, **kwargs)
-        self.model, self.tokenizer = base.model, base.tokenizer
-        heads = {id(p) for module in head_modules(self.model) for p in module.parameters()}
-        self.base = {n: (torch.zeros_like(p) if id(p) in heads else p.detach().float().clone()) for n, p in self.model.named_parameters()}
-        self.members = [_parameters(load_model(str(m.path), self.model_task).model) for m in members]
+        base = load_model(first["base"], self.model_task, **kwargs).model
+        heads = {id(p) for module in head_modules(base) for p in module.parameters()}
+        self.base = {n: (torch.zeros_like(p) if id(p) in heads else p.detach().float().clone()) for n, p in base.named_parameters()}
+        self.members = [_parameters(self.model)] + [_parameters(load_model(str(m.path), self.model_task).model) for m in members[1:]]
         for member, params in zip(members, self.members):
             if params.keys() != self.base.keys():
                 raise UserError("the run's parameters do not match its base model's", where=str(member.path))

@@ -25,17 +25,15 @@ from tunelab.evaluate.metrics import score
 from tunelab.evaluate.runner import SystemResult
 
 
-def _item_scores(record: dict[str, Any]) -> tuple[list[str], torch.Tensor]:
-    """The answers one member scored for an item, and its score (logit / log-likelihood) for each."""
-    if "class_logits" in record:
-        labels = list(record["class_logits"])
-        return labels, torch.tensor([record["class_logits"][k] for k in labels], dtype=torch.float64)
-    return list(record["options"]), torch.tensor(record["logprobs"], dtype=torch.float64)
+def _answer_scores(record: dict[str, Any]) -> dict[str, float]:
+    """One member's score (logit / log-likelihood) for each answer of an item, by answer: members
+    whose heads order their labels differently still line up."""
+    return dict(record["class_logits"]) if "class_logits" in record else dict(zip(record["options"], record["logprobs"]))
 
 
 def _combine_item(records: Sequence[dict[str, Any]], how: str) -> str:
-    answers = _item_scores(records[0])[0]
-    stacked = torch.stack([_item_scores(r)[1] for r in records])
+    answers = list(_answer_scores(records[0]))
+    stacked = torch.tensor([[_answer_scores(r)[a] for a in answers] for r in records], dtype=torch.float64)
     probs = stacked.softmax(-1).mean(0)
     if how == "logits":
         return answers[int(stacked.mean(0).argmax())]

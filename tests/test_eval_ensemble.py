@@ -77,3 +77,26 @@ def test_eval_cli_adds_the_ensemble_row_after_its_members(tmp_path):
     one = CliRunner().invoke(cli, ["eval", *runs[:2], "--data", data, "--task", "choice", "--choice", "no", "--choice", "yes",
                                    "--prompt-template", "{question}", "--ensemble", "vote"])
     assert one.exit_code == 2 and "at least two runs, got 1" in one.output
+
+
+def test_lora_classification_runs_keep_their_label_names_and_ensemble(tmp_path):
+    """An adapter run's head loads with the run's label names (not the base's LABEL_0 ...), so
+    `eval --task classification` scores its predictions against the data's labels."""
+    from tests.train_helpers import train, write_label_data
+
+    data = write_label_data(tmp_path / "d.jsonl", n=48)
+    runs = []
+    for i in range(2):
+        folder = tmp_path / f"r{i}"
+        folder.mkdir()
+        train(folder, f"model: {{name: tiny-bert}}\ndata: {{train: {data}, val_fraction: 0.2}}\n"
+                      "method: {head: {type: classification}, lora: {r: 4}}\n"
+                      f"seed: {i}\ntrain: {{lr: 0.01, max_steps: 4, batch_size: 4, precision: fp32, threads: 1, eval_before: false}}\n")
+        runs += ["--run", str(folder / "run")]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["eval", *runs, "--data", str(data), "--task", "classification", "--answer-field", "label",
+                                      "--ensemble", "logits", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _, records = read_report(out)
+    for rows in records.values():
+        assert {r["prediction"] for r in rows} <= {"neg", "pos"}

@@ -42,6 +42,11 @@ def load_run(
     source = str(final / MODEL_DIR) if (final / MODEL_DIR).exists() else manifest["base"]
     loaded = load_base(source, model_task, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     model = loaded.model
+    labels = manifest.get("label_names")
+    if model_task in LABELLED and labels and source == manifest["base"]:
+        # A head trained as an adapter run: the base's config has placeholder names (LABEL_0 ...).
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     ctx = MethodContext(model_task=model_task)
     saved = {key: value for key, value in (manifest.get("method") or {}).items() if value is not None}
     for key in sorted((k for k in saved if k in METHODS), key=lambda k: METHODS.get(k).order):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -48,20 +49,26 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         params[name].copy_(value.to(params[name].dtype))
 
 
-class WeightAverage(Callback):
+class WeightAverage(Callback, ABC):
     """A running average of the trainable weights, updated after the steps ``due`` selects."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: SWAConfig | EMAConfig) -> None:
+        self.cfg = cfg
         self.average: dict[str, torch.Tensor] = {}
         self.count = 0
 
-    def due(self, step: int, total: int) -> bool:
-        """Whether the weights after optimizer step ``step`` (1-based) enter the average."""
-        raise NotImplementedError
+    @abstractmethod
+    def first_step(self, total: int) -> int:
+        """The step after which averaging begins (the weights after later steps enter it)."""
 
+    @abstractmethod
     def blend(self, count: int) -> float:
         """The weight of the new weights when ``count`` snapshots are already averaged."""
-        raise NotImplementedError
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether the weights after optimizer step ``step`` (1-based) enter the average."""
+        start = self.first_step(total)
+        return step > start and (step - start) % self.cfg.every == 0
 
     def on_train_start(self, state: TrainState) -> None:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in state.model.modules()):
@@ -123,26 +130,22 @@ class StochasticWeightAveraging(WeightAverage):
     name = "swa"  # type: ignore[assignment]
 
     def __init__(self, cfg: SWAConfig, base_lr: float):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
+        self.cfg: SWAConfig = cfg
         self.base_lr = base_lr
 
-    def _start(self, total: int) -> int:
+    def first_step(self, total: int) -> int:
         start = start_step(self.cfg.start, total)
         if start >= total:
             raise UserError(f"swa starts at step {start} but the run has {total} steps", where="callbacks", hint="lower start (a fraction < 1 is a share of the run)")
         return start
-
-    def due(self, step: int, total: int) -> bool:
-        start = self._start(total)
-        return step > start and (step - start) % self.cfg.every == 0
 
     def blend(self, count: int) -> float:
         return 1.0 / (count + 1)
 
     def lr_multiplier(self, step: int, total: int, scheduled: float) -> float:
         """From ``start`` on, the SWA learning rate (as a multiple of train.lr) replaces the schedule."""
-        start = self._start(total)
+        start = self.first_step(total)
         if self.cfg.lr is None or step < start:
             return scheduled
         low = self.cfg.lr / self.base_lr
@@ -171,12 +174,11 @@ class ExponentialMovingAverage(WeightAverage):
     name = "ema"  # type: ignore[assignment]
 
     def __init__(self, cfg: EMAConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
+        self.cfg: EMAConfig = cfg
 
-    def due(self, step: int, total: int) -> bool:
-        start = start_step(self.cfg.start, total)
-        return step > start and (step - start) % self.cfg.every == 0
+    def first_step(self, total: int) -> int:
+        return start_step(self.cfg.start, total)
 
     def blend(self, count: int) -> float:
         decay = min(self.cfg.decay, (1 + count) / (10 + count)) if self.cfg.warmup else self.cfg.decay

@@ -31,7 +31,10 @@ def run_merge(paths: list[str], spec: MergeSpec, out: Path, setup: Any = None, e
     merger = merger_for(members)
     trace: list[dict[str, Any]] = []
     if spec.method == "greedy":
-        chosen, trace = greedy_soup(len(members), lambda idx: _score(merger, idx, spec, setup, echo))
+        from tunelab.evaluate.items import read_items
+
+        items = read_items(setup.data, setup.cfg.max_examples)  # once: every candidate soup is scored on them
+        chosen, trace = greedy_soup(len(members), lambda idx: _score(merger, idx, spec, setup, items, echo))
         weights = [spec.scale / len(chosen)] * len(chosen)
     else:
         chosen, weights = list(range(len(members))), spec.member_weights(len(members))
@@ -51,14 +54,13 @@ def run_merge(paths: list[str], spec: MergeSpec, out: Path, setup: Any = None, e
     return report
 
 
-def _score(merger: Any, indices: list[int], spec: MergeSpec, setup: Any, echo: Any) -> float:
+def _score(merger: Any, indices: list[int], spec: MergeSpec, setup: Any, items: list[Any], echo: Any) -> float:
     """The held-out score of the uniform soup of ``indices`` (the task's first metric; lower is
     better only for perplexity)."""
-    from tunelab.evaluate.items import read_items
     from tunelab.evaluate.runner import evaluate_loaded
 
     model = merger.build(indices, [1 / len(indices)] * len(indices), spec)
-    output = evaluate_loaded(setup, read_items(setup.data, setup.cfg.max_examples), model, merger.tokenizer)
+    output = evaluate_loaded(setup, items, model, merger.tokenizer)
     key = "perplexity" if setup.cfg.task == "perplexity" else next(iter(output.scores))
     value = output.scores[key]
     echo(f"  soup of members {indices}: {key} {value:.4f}")

@@ -82,12 +82,16 @@ def _shots(value: str | None) -> list[int] | None:
 @click.option("--seed", type=int, default=None)
 @click.option("--ensemble", type=click.Choice(["logits", "probs", "vote"]), default=None, help="Add a row for the --run models combined.")
 @click.option("--out", "out_dir", default=None, help="Output folder; default: <recipe output_dir>/eval or ./eval-<task>.")
-def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str | None, out_dir: str | None, **options: object) -> None:
+@click.option("--rescore-base", is_flag=True, help="Score the base model again even if an identical evaluation is cached.")
+def eval_command(
+    model_name: str | None, runs: tuple[str, ...], recipe_path: str | None, out_dir: str | None, rescore_base: bool, **options: object
+) -> None:
     """Evaluate the base model zero-/few-shot and fine-tuned runs on one task; write eval.json, eval.md, predictions."""
     from pathlib import Path
 
     from tunelab.evaluate.pipeline import run_eval
     from tunelab.evaluate.report import markdown_table
+    from tunelab.evaluate.score_cache import REUSED
     from tunelab.hardware import configure_threads
     from tunelab.recipe import load_recipe
 
@@ -109,8 +113,11 @@ def eval_command(model_name: str | None, runs: tuple[str, ...], recipe_path: str
     task = overrides["task"] or (recipe.eval.task if recipe else "generation")
     out = Path(out_dir) if out_dir else (Path(recipe.output_dir) / "eval" if recipe and recipe.output_dir else Path(f"eval-{task}"))
     configure_threads()
-    results, path = run_eval(recipe, overrides, base, runs, out, recipe_dir=Path(recipe_path).parent if recipe_path else None)
+    results, path = run_eval(recipe, overrides, base, runs, out, recipe_dir=Path(recipe_path).parent if recipe_path else None,
+                             reuse_base_scores=not rescore_base)
     click.echo(markdown_table(results), nl=False)
+    if any(r.source.endswith(REUSED) for r in results):
+        click.echo(f"{base}: scores {REUSED} (same model files, data, settings and scoring code); --rescore-base recomputes them")
     click.echo(f"wrote {path}, {out / 'eval.md'} and per-system predictions")
 
 

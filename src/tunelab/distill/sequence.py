@@ -23,12 +23,11 @@ from tunelab.data.config import DataConfig
 from tunelab.data.prompting import build_messages
 from tunelab.data.records import Record
 from tunelab.data.templates import render_chat, resolve_chat_template
-from tunelab.distill.teacher_cache import teacher_fingerprint
 from tunelab.errors import UserError
 from tunelab.evaluate.generation import generate_batch
 from tunelab.generate import GenerationSettings
 from tunelab.methods.peft_adapters import merge_adapters
-from tunelab.models.cache import cache_root
+from tunelab.models.cache import cache_root, model_fingerprint
 
 
 def teacher_answered_data(
@@ -37,7 +36,7 @@ def teacher_answered_data(
     """``data`` with the training answers replaced by the teacher's (generated once, cached) and
     the validation split written out with its own answers."""
     train, validation, _ = split_records(data, shape="sft", seed=ctx.seed)
-    settings = f"{teacher_fingerprint(teacher_name, ctx.seed)}|{max_new_tokens}|{data.system_prompt}"
+    settings = f"{model_fingerprint(teacher_name, ctx.seed)}|{max_new_tokens}|{data.system_prompt}"
     keys = json.dumps([[r.key() for r in train], [r.key() for r in validation]])
     directory = cache_root() / "teacher_answers" / hashlib.sha256(f"{settings}|{keys}".encode()).hexdigest()[:20]
     directory.mkdir(parents=True, exist_ok=True)

@@ -74,15 +74,6 @@ def batch_keys(batch: dict[str, torch.Tensor]) -> list[str]:
     return keys
 
 
-def teacher_fingerprint(name: str, seed: int) -> str:
-    """The teacher's identity: a path's files (names, sizes, times) or an alias and its seed."""
-    path = Path(name).expanduser()
-    if not path.exists():
-        return f"{name}|seed={seed}"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
-    return "|".join(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
-
-
 @dataclass
 class TeacherCache:
     """Memory-mapped top-k teacher logits for a set of examples, in shards."""

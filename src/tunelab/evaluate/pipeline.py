@@ -22,15 +22,17 @@ def run_eval(
     out_dir: str | Path,
     *,
     recipe_dir: str | Path | None = None,
+    reuse_base_scores: bool = True,
 ) -> tuple[list[SystemResult], Path]:
-    """Resolve settings, evaluate ``base`` (at each k shots) and ``runs`` (and, with
-    ``eval.ensemble``, the runs combined as one more row), write the report."""
+    """Resolve settings, evaluate ``base`` (at each k shots; cached scores reused unless
+    ``reuse_base_scores`` is off) and ``runs`` (and, with ``eval.ensemble``, the runs combined as
+    one more row), write the report."""
     if not base and not runs:
         raise UserError("nothing to evaluate", hint="pass --model NAME and/or --run DIR")
     setup = resolve_setup(recipe, overrides, recipe_dir)
     if setup.cfg.ensemble:
         check_ensemble(setup.cfg, len(runs))
-    results = evaluate(setup, base, runs)
+    results = evaluate(setup, base, runs, reuse_base_scores=reuse_base_scores)
     if setup.cfg.ensemble:
         results.append(ensemble(results[len(results) - len(runs):], setup.cfg.ensemble, setup.cfg))
     return results, write_report(out_dir, setup, results)

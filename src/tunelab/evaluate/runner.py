@@ -66,8 +66,15 @@ class SystemResult:
         }
 
 
-def evaluate(setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, show_progress: bool = True) -> list[SystemResult]:
-    """Score ``base`` at every k in ``setup.cfg.shots`` and each of ``runs`` zero-shot."""
+def evaluate(
+    setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, show_progress: bool = True, reuse_base_scores: bool = True
+) -> list[SystemResult]:
+    """Score ``base`` at every k in ``setup.cfg.shots`` and each of ``runs`` zero-shot.
+
+    The base model's rows come from the score cache (``evaluate.score_cache``) when an identical
+    evaluation was done before, unless ``reuse_base_scores`` is off; its source then says so.
+    """
+    from tunelab.evaluate import score_cache
     from tunelab.models import load_model
 
     cfg = setup.cfg
@@ -82,12 +89,20 @@ def evaluate(setup: EvalSetup, base: str | None, runs: Sequence[str] = (), *, sh
     results: list[SystemResult] = []
     loaded, loaded_name = None, None
     for name, k in plan:
+        system = f"{name} {k}-shot" if name == base and cfg.task in FEW_SHOT_TASKS else name
+        key = score_cache.score_key(name, cfg.seed, setup, k) if name == base else None
+        cached = score_cache.load_scores(key) if key and reuse_base_scores else None
+        if cached is not None:
+            results.append(SystemResult(system, name, f"{cached['source']}; scores {score_cache.REUSED}", k, len(items),
+                                        cached["seconds"], cached["scores"], cached["records"]))
+            continue
         if loaded_name != name:
             loaded, loaded_name = load_model(name, MODEL_TASK[cfg.task], seed=cfg.seed), name
         assert loaded is not None
-        system = f"{name} {k}-shot" if name == base and cfg.task in FEW_SHOT_TASKS else name
         output = evaluate_loaded(setup, items, loaded.model, loaded.tokenizer, pool=pool, same_file=same_file, shots=k,
                                  progress=system if show_progress else None)
+        if key:
+            score_cache.store_scores(key, loaded.source, output.seconds, output.scores, output.records)
         results.append(SystemResult(system, name, loaded.source, k, len(items), output.seconds, output.scores, output.records))
     return results
 
@@ -97,11 +112,12 @@ def evaluate_loaded(
     shots: int = 0, progress: str | None = None,
 ) -> TaskOutput:
     """Score a model already in memory (``evaluate`` loads them; a greedy soup builds them)."""
-    inputs = TaskInputs(items, setup.cfg, _builder(setup, tokenizer), list(pool), same_file, shots)
+    inputs = TaskInputs(items, setup.cfg, prompt_builder(setup, tokenizer), list(pool), same_file, shots)
     return TASKS[setup.cfg.task](model, tokenizer, inputs, progress=progress)
 
 
-def _builder(setup: EvalSetup, tokenizer: Any) -> PromptBuilder:
+def prompt_builder(setup: EvalSetup, tokenizer: Any) -> PromptBuilder:
+    """How this setup turns an item into a prompt and an option into its continuation."""
     return PromptBuilder(
         tokenizer=tokenizer,
         template=setup.cfg.prompt_template or DEFAULT_TEMPLATE,

@@ -26,6 +26,22 @@ def cache_root() -> Path:
     return base / "tunelab"
 
 
+def model_fingerprint(name: str, seed: int = 0) -> str:
+    """A model's identity for caches of what it computed: its files' names, sizes and times.
+
+    A packaged alias stands for its installed file; a tiny config for its name and seed (it is
+    rebuilt identically from them); anything else that is not a path, for its name.
+    """
+    from tunelab.models.registry import PACKAGED
+
+    location = PACKAGED[name].location() if name in PACKAGED else None
+    path = location if location is not None else Path(name).expanduser()
+    if not path.exists():
+        return f"{name}|seed={seed}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+    return "|".join(f"{p.relative_to(path.parent)}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+
+
 def converted_dir(source: Path) -> Path:
     """The cache directory for a converted copy of ``source`` (may not exist yet)."""
     stat = source.stat()

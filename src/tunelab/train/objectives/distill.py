@@ -28,9 +28,10 @@ from pydantic import Field
 from tunelab.config_base import Section
 from tunelab.data import Example, collate_packed, collate_padded
 from tunelab.distill.losses import hint_loss, logit_kd, sparse_logit_kd
-from tunelab.distill.teacher_cache import TeacherCache, teacher_fingerprint
+from tunelab.distill.teacher_cache import TeacherCache
 from tunelab.errors import UserError
 from tunelab.methods.peft_adapters import merge_adapters
+from tunelab.models.cache import model_fingerprint
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.causal_lm import CausalLMObjective, SupervisedForward
 
@@ -269,7 +270,7 @@ def attach_cache(objective: LogitDistillation, cfg: KDLogitsConfig, ctx: Objecti
         values, index = logits.float().topk(cfg.top_k, dim=-1)  # type: ignore[arg-type]
         return values.cpu(), index.cpu()
 
-    fingerprint = teacher_fingerprint(teacher_name(cfg, ctx), ctx.seed)
+    fingerprint = model_fingerprint(teacher_name(cfg, ctx), ctx.seed)
     objective.cache = TeacherCache.open_or_build(list(ctx.train), cfg.top_k, fingerprint, compute)
 
 

@@ -27,7 +27,7 @@ def child(mode: str, steps: int, batch: int, length: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from tunelab.compress.calibration import read_texts, token_chunks
-    from tunelab.compress.measure import peak_rss, reset_peak_rss
+    from tunelab.hardware import peak_rss_bytes, reset_peak_rss
     from tunelab.models import load_model
 
     torch.set_num_threads(1)
@@ -46,7 +46,7 @@ def child(mode: str, steps: int, batch: int, length: int) -> dict:
     data = token_chunks(tokenizer, read_texts(TEXTS), length, batch * steps)
     gc.collect()
     reset_peak_rss()
-    ready = peak_rss()
+    ready = peak_rss_bytes()
     losses, start = [], time.perf_counter()
     for chunk in data.split(batch):
         loss = model(input_ids=chunk, labels=chunk).loss
@@ -54,7 +54,7 @@ def child(mode: str, steps: int, batch: int, length: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"mode": mode, "rss_ready_bytes": ready, "peak_rss_training_bytes": peak_rss(),
+    return {"mode": mode, "rss_ready_bytes": ready, "peak_rss_training_bytes": peak_rss_bytes(),
             "seconds_per_step": (time.perf_counter() - start) / steps, "losses": losses}
 
 

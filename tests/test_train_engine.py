@@ -77,9 +77,8 @@ def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path):
 def test_peft_loads_our_adapter_and_merged_export_matches(tmp_path):
     from peft import PeftModel
 
-    from tunelab.models import load_model
     from tunelab.export import export_merged
-    from tunelab.models import load_run
+    from tunelab.models import load_model, load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")
     train(tmp_path, LORA_RUN.format(data=data), "train.max_steps=8")
@@ -134,6 +133,8 @@ def test_metrics_jsonl_and_loss_curve(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in records if r["type"] == "train")
     assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "recipe.yaml").exists() and (tmp_path / "run" / "summary.json").exists()
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["peak_rss_bytes"] > 50 * 2**20  # torch alone holds more; a zero would mean it went unmeasured
 
 
 def test_ddp_two_processes_equal_one_process_on_doubled_batch(tmp_path):

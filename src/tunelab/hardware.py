@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,6 +121,25 @@ def _time_mlp_step(*, autocast: bool, repeats: int = 5) -> float:
         if i:  # the first call pays one-time kernel selection
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5); a no-op where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size in bytes since start or the last reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def configure_threads(threads: int | None = None) -> int:

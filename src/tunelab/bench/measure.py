@@ -9,13 +9,13 @@ supervised. Work a trainer spends on padding or on logits nobody reads is not cr
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from tunelab.data import IGNORE_INDEX, Example
+from tunelab.hardware import peak_rss_bytes
 
 
 def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -31,8 +31,8 @@ def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
 
 
 def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's resident-memory high-water mark in MiB."""
+    return peak_rss_bytes() / 2**20
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tunelab.hardware import peak_rss_bytes, reset_peak_rss
 
 WEIGHT_FILES = ("*.safetensors", "*.pt", "*.bin")
 
@@ -40,7 +41,7 @@ def measure_directory(
 
     directory = Path(directory)
     model, tokenizer, manifest = load_compressed(directory)
-    load_peak = peak_rss()
+    load_peak = peak_rss_bytes()
     gc.collect()
     reset_peak_rss()  # from here on, the peak is what running the model needs, not loading transients
     total, nonzero = count_parameters(model)
@@ -51,7 +52,7 @@ def measure_directory(
         "params": total,
         "nonzero_params": nonzero,
         "size_bytes": sum(f.stat().st_size for pattern in WEIGHT_FILES for f in directory.glob(pattern)),
-        "peak_rss_bytes": peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "load_peak_rss_bytes": load_peak,
         **speed,
         "perplexity": ppl["perplexity"],
@@ -59,25 +60,6 @@ def measure_directory(
         "tokens_scored": ppl["tokens"],
         "loader": manifest["loader"],
     }
-
-
-def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5); a no-op where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak resident set size in bytes since start or the last reset."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_in_subprocess(directory: Path, texts_file: Path, text_limit: int, settings: dict[str, int]) -> dict[str, Any]:

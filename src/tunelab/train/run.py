@@ -28,7 +28,12 @@ import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lot
 from tunelab import atomic
 from tunelab.data.build import losses_summary
 from tunelab.errors import UserError
-from tunelab.hardware import best_device, configure_threads, resolve_precision
+from tunelab.hardware import (
+    best_device,
+    configure_threads,
+    peak_rss_bytes,
+    resolve_precision,
+)
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
@@ -68,6 +73,8 @@ class RunSummary(TrainResult):
     train_examples: int = 0
     validation_examples: int = 0
     tokens_per_s: float = 0.0
+    #: The training process's resident-memory high-water mark (model load included), measured.
+    peak_rss_bytes: int = 0
     data: dict[str, Any] = field(default_factory=dict)
     saved: str = ""
 
@@ -292,7 +299,7 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
     return RunSummary(
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
-        tokens_per_s=round(steady_tokens / steady, 1), data=data.report.as_dict(), saved=saved,
+        tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), data=data.report.as_dict(), saved=saved,
     )
 
 
@@ -304,6 +311,7 @@ def format_summary(s: RunSummary) -> str:
         f"  trainable params   {s.trainable_params:,} of {s.total_params:,} ({100 * s.trainable_params / max(1, s.total_params):.2f}%)",
         f"  steps / time       {s.steps} steps in {s.seconds:.1f}s (first step {s.first_step_seconds:.1f}s), {s.tokens_per_s:,.0f} tokens/s",
         f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} supervised)",
+        f"  peak memory        {s.peak_rss_bytes / 2**20:,.0f} MiB (process RSS, model load included)",
         f"  optimizer state    {s.optimizer_state_bytes / 2**20:,.1f} MiB ({s.optimizer_state_bytes / max(1, s.trainable_params):.2f} bytes per trainable parameter)",
         f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",
     ]

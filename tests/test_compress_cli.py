@@ -96,7 +96,9 @@ def test_a_run_is_compressed_into_its_own_folder_and_scored_on_its_own_eval_set(
     variants = "compress.variants=[{name: int8, steps: [{quantize: dynamic-int8, smooth: 0}]}]"
     result = CliRunner().invoke(cli, ["compress", str(run), variants, "--recipe", str(EXAMPLES / "compress_tiny.yaml")])
     assert result.exit_code == 0, result.output
-    rows = json.loads((run / "compress" / "compress.json").read_text())["rows"]
+    table = json.loads((run / "compress" / "compress.json").read_text())
+    rows = table["rows"]
+    assert table["run"] == str(run.resolve())  # tunelab compare charges the variants this run's training
     assert [row["variant"] for row in rows] == ["original", "int8"]
     assert all("exact_match" in row["task"] for row in rows)
     assert (run / "compress" / "eval" / "eval.json").exists()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from tests.browser import CHROMIUM, PipeBrowser
 from tunelab.cli import cli
 from tunelab.errors import UserError
 from tunelab.evaluate.human_export import export_review, key_path
@@ -23,7 +21,6 @@ from tunelab.evaluate.human_stats import (
     wilson_interval,
 )
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMPTS = ["Say hi", "Name a colour", "Count to three", "Give a <b>bold</b> </script> answer"]
 
 
@@ -48,70 +45,6 @@ def test_page_is_blinded_and_self_contained(page):
     assert export_review([Path(s) for s in key["sources"]], page.with_name("again.html"), seed=3).read_text() == html
 
 
-class PipeBrowser:
-    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (no extra packages)."""
-
-    def __init__(self, user_data_dir: Path):
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
-
-        def child_fds() -> None:
-            # Chromium reads commands on fd 3 and answers on fd 4. dup2 makes them inheritable and
-            # close_fds=False keeps them across exec; every other descriptor is close-on-exec.
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
-
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "about:blank"]
-        self.proc = subprocess.Popen([CHROMIUM, *flags], close_fds=False, preexec_fn=child_fds,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self._buffer = b""
-        self._next_id = 0
-        self.session: str | None = None
-
-    def send(self, method: str, params: dict | None = None, session: bool = True) -> dict:
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params or {}}
-        if session and self.session:
-            message["sessionId"] = self.session
-        os.write(self._to_child, json.dumps(message).encode() + b"\0")
-        while True:
-            while b"\0" not in self._buffer:
-                chunk = os.read(self._from_child, 65536)
-                assert chunk, "chromium closed the pipe"
-                self._buffer += chunk
-            raw, self._buffer = self._buffer.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self._next_id:
-                assert "error" not in reply, reply
-                return reply["result"]
-
-    def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", {"url": url}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
-        self.wait_for("document.readyState === 'complete' && document.querySelectorAll('.item').length > 0")
-
-    def js(self, expression: str):
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 20) -> None:
-        deadline = time.time() + timeout
-        while not self.js(expression):
-            assert time.time() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        os.close(self._to_child)
-        os.close(self._from_child)
-
-
 def wait_for_file(path: Path, timeout: float = 20) -> Path:
     deadline = time.time() + timeout
     while not path.exists():
@@ -129,7 +62,7 @@ def test_rating_in_headless_chromium_downloads_files_that_import_unblinds(page, 
     browser = PipeBrowser(tmp_path / "profile")
     try:
         browser.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}, session=False)
-        browser.open(page.as_uri())
+        browser.open(page.as_uri(), ready="document.querySelectorAll('.item').length > 0")
         assert browser.js("document.body.innerText.includes('</script> answer')")  # shown as text, not markup
         # The rater prefers "tuned" on items 0-2, calls item 3 a tie, and scores item 0.
         for item in range(3):

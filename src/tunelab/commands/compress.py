@@ -50,7 +50,8 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     if evaluation is None and config.evaluate and run_dir is not None and (run_dir / "recipe.yaml").exists():
         eval_overrides = [o for o in overrides if o.startswith("eval.")]
         evaluation = task_evaluation(load_recipe(run_dir / "recipe.yaml", eval_overrides))  # the run's own eval set
-    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, evaluation=evaluation, echo=click.echo)
+    run_compression(model, tokenizer, config, target, source=label, seed=recipe.seed, evaluation=evaluation,
+                    trained_run=run_dir, echo=click.echo)
     click.echo((target / "compress.md").read_text())
     click.echo(f"written: {target / 'compress.md'}, {target / 'compress.json'}, models under {target / 'compressed'}")
 

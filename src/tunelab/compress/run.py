@@ -57,11 +57,14 @@ def run_compression(
     source: str = "",
     seed: int = 0,
     evaluation: EvalSetup | None = None,
+    trained_run: Path | None = None,
     echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Compress ``model`` into every variant of ``config`` under ``run_dir``; returns the table rows.
 
     ``evaluation`` adds the task metrics of every variant (see the module docstring).
+    ``trained_run`` (the training run the model came from; None for a base model) is recorded in
+    compress.json, so ``tunelab compare`` can charge the variants their run's training.
     """
     if not config.variants:
         raise UserError("the compress section lists no variants", hint="add compress.variants (see examples/compress_smollm2.yaml)")
@@ -112,7 +115,8 @@ def run_compression(
         if not config.keep_models:
             shutil.rmtree(directory)
     atomic.write_json(run_dir / "compress.json", {"settings": {**settings, "heldout": config.heldout,
-                      "heldout_texts": config.heldout_texts, "calibration": config.calibration}, "rows": rows})
+                      "heldout_texts": config.heldout_texts, "calibration": config.calibration},
+                      "run": str(trained_run.resolve()) if trained_run else None, "rows": rows})
     atomic.write_text(run_dir / "compress.md", markdown(rows))
     if evaluation is not None:
         write_report(run_dir / "eval", evaluation, list(scored.values()))

@@ -31,6 +31,7 @@ from tunelab.errors import UserError
 from tunelab.hardware import (
     best_device,
     configure_threads,
+    cpu_model_name,
     peak_rss_bytes,
     resolve_precision,
 )
@@ -75,6 +76,8 @@ class RunSummary(TrainResult):
     tokens_per_s: float = 0.0
     #: The training process's resident-memory high-water mark (model load included), measured.
     peak_rss_bytes: int = 0
+    #: The processor the run's timings were measured on (figures on another CPU do not compare).
+    cpu: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     saved: str = ""
 
@@ -196,7 +199,7 @@ def _run(
 
             plain = merge_methods(model)  # compression works on plain weights
             run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed,
-                            evaluation=task_evaluation(recipe), echo=say)
+                            evaluation=task_evaluation(recipe), trained_run=run_dir, echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
     return summary
 
@@ -299,7 +302,8 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
     return RunSummary(
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
-        tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), data=data.report.as_dict(), saved=saved,
+        tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), cpu=cpu_model_name(),
+        data=data.report.as_dict(), saved=saved,
     )
 
 

@@ -44,6 +44,7 @@ class TradeoffRow:
     saved_bytes: int | None = None
     #: The whole model as served (merged weights), from the compression stage's measurement.
     model_bytes: int | None = None
+    #: Serving measurements (peak RSS while generating, prompt and decode speed, held-out perplexity).
     peak_rss_bytes: int | None = None
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None

@@ -1,5 +1,11 @@
 """Precision is chosen from what the hardware measurably does well, never assumed."""
 
+import os
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
 from tunelab import hardware
@@ -35,3 +41,32 @@ def test_environment_report_names_precision_and_reason():
     report = hardware.environment_report()
     assert report.precision in {"fp32", "bf16", "fp16"} and report.precision_reason
     assert report.torch == torch.__version__
+
+
+def test_busy_cores_counts_other_processes_not_this_one(monkeypatch):
+    """Ticks over the sample: 150 of 200 busy on 2 CPUs, 50 of them this process's own: one core."""
+    cpu = iter([(1000, 5000), (1150, 5200)])
+    own = iter([300, 350])
+    monkeypatch.setattr(hardware, "_cpu_ticks", lambda: next(cpu))
+    monkeypatch.setattr(hardware, "_own_ticks", lambda: next(own))
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    assert hardware.busy_cores(interval=0) == pytest.approx(1.0)
+
+
+def test_a_finished_process_leaves_its_cores_to_the_next_run():
+    """While a busy loop runs, it keeps a core; once it exits the cores are free again, even though
+    the load average still remembers it (what fooled the thread choice before)."""
+    from tunelab.hardware import busy_cores, configure_threads
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2 or (busy_cores() or 0) > 0.3:
+        pytest.skip("needs 2+ cores and an otherwise idle machine")
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores() == pytest.approx(1.0, abs=0.3)
+        assert configure_threads() == cores - 1
+    finally:
+        loop.kill()
+        loop.wait()
+    assert configure_threads() == cores

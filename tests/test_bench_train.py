@@ -16,16 +16,21 @@ def test_quick_benchmark_runs_both_sides_and_saves_under_the_current_directory(t
     monkeypatch.chdir(tmp_path)  # not the source tree: an installed tunelab has none to write into
     result = CliRunner().invoke(cli, ["bench", "train", "--quick", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("speedup=") and " mem_ratio=" in last and " loss_delta=" in last and " mfu=" in last
+    short_line, long_line = result.output.strip().splitlines()[-2:]  # one result line per workload, both workloads by default
+    for line, name in ((short_line, "short"), (long_line, "long")):
+        assert line.startswith(f"{name}: speedup=") and " mem_ratio=" in line and " loss_delta=" in line and " mfu=" in line
     assert "results: bench-results/train_throughput_tiny-llama.json" in result.output
-    saved = json.loads((tmp_path / "bench-results" / "train_throughput_tiny-llama.json").read_text())
-    hf, ours = saved["raw"]["hf"][0], saved["raw"]["tunelab"][0]
-    # same examples, same order: identical token counts, and the losses agree
-    assert hf["real_tokens"] == ours["real_tokens"] > 0 and hf["supervised_tokens"] == ours["supervised_tokens"] > 0
-    assert saved["loss_parity"], (saved["loss_delta"], saved["eval_loss_delta"])
-    assert len(ours["step_losses"]) == len(hf["step_losses"]) == 3
-    assert saved["sides"]["tunelab"]["peak_rss_mb"] > 0 and saved["gemm_peak_gflops"][saved["precision"]] > 0
+    supervised_share = {}
+    for file in ("train_throughput_tiny-llama.json", "train_throughput_tiny-llama_long.json"):
+        saved = json.loads((tmp_path / "bench-results" / file).read_text())
+        hf, ours = saved["raw"]["hf"][0], saved["raw"]["tunelab"][0]
+        # same examples, same order: identical token counts, and the losses agree
+        assert hf["real_tokens"] == ours["real_tokens"] > 0 and hf["supervised_tokens"] == ours["supervised_tokens"] > 0
+        assert saved["loss_parity"], (saved["loss_delta"], saved["eval_loss_delta"])
+        assert len(ours["step_losses"]) == len(hf["step_losses"]) == 3
+        assert saved["sides"]["tunelab"]["peak_rss_mb"] > 0 and saved["gemm_peak_gflops"][saved["precision"]] > 0
+        supervised_share[saved["workload"]["name"]] = ours["supervised_tokens"] / ours["real_tokens"]
+    assert supervised_share["long"] > 0.9 > 0.2 > supervised_share["short"]  # what makes the two workloads different
 
 
 def test_unknown_lever_is_a_user_error():

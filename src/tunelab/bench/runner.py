@@ -137,7 +137,7 @@ def format_table(result: dict[str, Any]) -> str:
     """A Markdown table of both sides (and ablations) for the README and the terminal."""
     gemm = result["gemm_peak_gflops"]
     lines = [
-        f"model {result['workload']['model']} | {result['workload']['steps']} steps x {result['workload']['batch_size']} examples | "
+        f"model {result['workload']['model']} | workload {result['workload'].get('name', 'short')} | {result['workload']['steps']} steps x {result['workload']['batch_size']} examples | "
         f"precision {result['precision']} | GEMM peak {' / '.join(f'{k} {v:.0f}' for k, v in gemm.items())} GFLOP/s",
         "",
         "| run | real tok/s | supervised tok/s | real tok/CPU-s | peak RSS MB | first step s | final loss | eval loss | MFU |",
@@ -156,6 +156,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save(result: dict[str, Any], directory: Path) -> Path:
-    path = directory / f"train_throughput_{result['workload']['model']}.json"
+    """``train_throughput_<model>.json`` for the short workload (the name it always had), ``..._<workload>.json`` otherwise."""
+    workload = result["workload"]
+    suffix = "" if workload.get("name", "short") == "short" else f"_{workload['name']}"
+    path = directory / f"train_throughput_{workload['model']}{suffix}.json"
     atomic.write_json(path, result)
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from tunelab.data import DataConfig, Example, build_datasets
 from tunelab.train.samplers import epoch_permutation
@@ -30,13 +31,30 @@ DEFAULT_LEVERS = ("packing", "sliced_logits", "varlen", "low_precision_frozen")
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 
 
+class WorkloadFiles(NamedTuple):
+    train: Path
+    validation: Path
+    shape: str  # the data pipeline's example shape (see tunelab.data.build_datasets)
+    about: str
+
+
+#: The workloads, by name, and what makes each a different test of the engine.
+WORKLOADS = {
+    "short": WorkloadFiles(EXAMPLES_DIR / "rt_sentiment_train.jsonl", EXAMPLES_DIR / "rt_sentiment_test.jsonl", "sft",
+                           "Rotten Tomatoes chat rows: ~70-token prompts, 2-token supervised answers (logit slicing skips most of the LM head)"),
+    "long": WorkloadFiles(EXAMPLES_DIR / "fortunes_text" / "train.jsonl", EXAMPLES_DIR / "fortunes_text" / "test.jsonl", "text",
+                          "fortune-cookie text, continued pretraining: every token supervised (the LM head and loss over the vocabulary dominate)"),
+}
+
+
 @dataclass(frozen=True)
 class Workload:
     """What both sides train: model, data, LoRA, optimizer settings and the number of steps."""
 
     model: str = "smollm2-135m"
-    train_file: str = str(EXAMPLES_DIR / "rt_sentiment_train.jsonl")
-    validation_file: str = str(EXAMPLES_DIR / "rt_sentiment_test.jsonl")
+    name: str = "short"
+    train_file: str = str(WORKLOADS["short"].train)
+    validation_file: str = str(WORKLOADS["short"].validation)
     validation_examples: int = 32
     max_length: int = 512
     steps: int = 12
@@ -55,6 +73,12 @@ class Workload:
         unknown = set(self.levers) - set(LEVERS)
         if unknown:
             raise ValueError(f"unknown lever(s) {sorted(unknown)}; known: {', '.join(LEVERS)}")
+
+    @classmethod
+    def named(cls, name: str, **settings: object) -> "Workload":
+        """The workload ``name`` of ``WORKLOADS`` with ``settings`` (model, steps, ...)."""
+        files = WORKLOADS[name]
+        return cls(name=name, train_file=str(files.train), validation_file=str(files.validation), **settings)  # type: ignore[arg-type]
 
     def uses(self, lever: str) -> bool:
         return lever in self.levers
@@ -95,7 +119,8 @@ def data_config(workload: Workload, workdir: Path) -> DataConfig:
 
 def build_workload_data(workload: Workload, tokenizer, workdir: Path) -> WorkloadData:
     """Tokenized, masked examples; ``ordered`` is epoch 0 of the engine's permutation."""
-    bundle = build_datasets(data_config(workload, workdir), tokenizer, shape="sft", seed=workload.seed)
+    shape = WORKLOADS[workload.name].shape if workload.name in WORKLOADS else "sft"
+    bundle = build_datasets(data_config(workload, workdir), tokenizer, shape=shape, seed=workload.seed)  # type: ignore[arg-type]
     needed = workload.steps * workload.batch_size
     if needed > len(bundle.train):
         raise ValueError(f"{workload.steps} steps x {workload.batch_size} need {needed} examples; the data has {len(bundle.train)}")

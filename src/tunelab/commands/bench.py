@@ -24,14 +24,16 @@ def bench_group() -> None:
 @click.option("--compile", "use_compile", is_flag=True, help="tunelab side with regional torch.compile.")
 @click.option("--ablate", multiple=True, help="Also run tunelab with this lever switched (repeatable; 'all' for every lever).")
 @click.option("--profile", "profile_steps", type=int, default=0, help="Profile this many steps of each side (top-10 table).")
+@click.option("--workload", "workload_names", type=click.Choice(["short", "long", "both"]), default="both", show_default=True,
+              help="short: chat rows with 2-token answers; long: raw text, every token supervised.")
 @click.option("--quick", is_flag=True, help="CI smoke test: tiny-llama, 3 steps of 4 examples.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for train_throughput_<model>.json (relative to the current directory).")
 def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, ablate: tuple[str, ...],
-                use_compile: bool, profile_steps: int, quick: bool, out: Path) -> None:
-    """Train the same LoRA on the same data both ways; print the table and the one-line result."""
+                use_compile: bool, profile_steps: int, workload_names: str, quick: bool, out: Path) -> None:
+    """Train the same LoRA on the same data both ways, per workload; print the tables and one result line each."""
     from tunelab.bench.runner import format_table, result_line, run_benchmark, save
-    from tunelab.bench.workload import DEFAULT_LEVERS, LEVERS, Workload
+    from tunelab.bench.workload import DEFAULT_LEVERS, LEVERS, WORKLOADS, Workload
     from tunelab.errors import UserError
 
     levers = tuple(LEVERS) if "all" in ablate else ablate
@@ -42,15 +44,21 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
         raise UserError("--steps must be at least 2 (the first step is warm-up)", where="--steps")
     on = (*DEFAULT_LEVERS, "compile") if use_compile else DEFAULT_LEVERS
     if quick:
-        workload = Workload(model="tiny-llama", steps=3, batch_size=4, validation_examples=8, threads=threads, levers=on)
+        settings = {"model": "tiny-llama", "steps": 3, "batch_size": 4, "validation_examples": 8}
     else:
-        workload = Workload(model=model, steps=steps, batch_size=batch_size, threads=threads, levers=on)
-    result = run_benchmark(workload, repeats=repeats, ablate=levers, profile_steps=profile_steps)
-    for side, table in result.get("profiles", {}).items():
-        click.echo(f"\nprofile ({side}, top 10 by self CPU time):\n{table}")
-    click.echo(format_table(result))
-    click.echo(f"results: {save(result, out)}")
-    click.echo(result_line(result))
+        settings = {"model": model, "steps": steps, "batch_size": batch_size}
+    names = ["short", "long"] if workload_names == "both" else [workload_names]
+    lines = []
+    for name in names:
+        workload = Workload.named(name, threads=threads, levers=on, **settings)
+        click.echo(f"\nworkload {name}: {WORKLOADS[name].about}")
+        result = run_benchmark(workload, repeats=repeats, ablate=levers, profile_steps=profile_steps)
+        for side, table in result.get("profiles", {}).items():
+            click.echo(f"\nprofile ({side}, top 10 by self CPU time):\n{table}")
+        click.echo(format_table(result))
+        click.echo(f"results: {save(result, out)}")
+        lines.append(f"{name}: {result_line(result)}")
+    click.echo("\n".join(lines))
 
 
 commands = [bench_group]

@@ -210,7 +210,8 @@ def tables(data: dict[str, Any]) -> str:
     tasks = [r for r in rows if r["part"] == "tasks"]
     if tasks:
         out += ["", f"| system ({len({r['seed'] for r in tasks})} seeds) | sentiment accuracy | topic accuracy |", "|---|---|---|"]
-        for name in dict.fromkeys(r["system"] for r in tasks):
+        order = [BASE, "sentiment adapter", "topic adapter", *TASK_MERGES]
+        for name in sorted(dict.fromkeys(r["system"] for r in tasks), key=lambda n: order.index(n) if n in order else len(order)):
             mine = [r for r in tasks if r["system"] == name]
             out.append(f"| {name} | {ms([r['sentiment'] for r in mine])} | {ms([r['topic'] for r in mine])} |")
     ens = [r for r in rows if r["part"] == "ensemble"]

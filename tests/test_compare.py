@@ -121,5 +121,7 @@ def test_bad_input_is_one_line(tmp_path, runs):
     result = _invoke("compare", not_a_run, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "not a finished run (no summary.json)" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    missing = _invoke("compare", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert missing.exit_code == 2 and missing.output.strip() == f"error: {tmp_path / 'nowhere'}: no such directory — pass run directories (tunelab train) or compression outputs (tunelab compress)"
     typo = _invoke("compare", runs["lora"], "--metric", "acuracy", "--out", tmp_path / "o")
     assert typo.exit_code == 2 and "--metric 'acuracy': no row has it" in typo.output and "accuracy" in typo.output.split("choose")[1]

@@ -9,8 +9,8 @@ import click
 
 
 @click.command("compare")
-@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--compress-dirs", "compress_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--compress-dirs", "compress_dirs", multiple=True, type=click.Path(path_type=Path),
               help="A tunelab compress output outside the runs (repeatable; such directories may also be listed as DIRS).")
 @click.option("--metric", default=None, help="Task score to chart (default: accuracy, else the first score every row has).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -24,6 +24,7 @@ def compare_command(dirs: tuple[Path, ...], compress_dirs: tuple[Path, ...], met
     task metric against serving memory, decode speed and training time, frontier highlighted.
     """
     from tunelab import atomic
+    from tunelab.errors import UserError
     from tunelab.report.compare import (
         choose_metric,
         collect,
@@ -36,6 +37,9 @@ def compare_command(dirs: tuple[Path, ...], compress_dirs: tuple[Path, ...], met
     from tunelab.report.pareto import write_html, write_png
     from tunelab.rundir import unique_run_dir
 
+    for d in (*dirs, *compress_dirs):
+        if not d.is_dir():
+            raise UserError(f"{d}: no such directory", hint="pass run directories (tunelab train) or compression outputs (tunelab compress)")
     runs = [d for d in dirs if (d / "summary.json").exists() or not (d / "compress.json").exists()]
     rows = collect(runs, [*compress_dirs, *(d for d in dirs if d not in runs)])
     chosen = choose_metric(rows, metric)

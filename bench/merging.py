@@ -209,7 +209,8 @@ def tables(data: dict[str, Any]) -> str:
     rows, out = data["rows"], [f"CPU: {data.get('cpu', '?')}"]
     tasks = [r for r in rows if r["part"] == "tasks"]
     if tasks:
-        out += ["", f"| system ({len({r['seed'] for r in tasks})} seeds) | sentiment accuracy | topic accuracy |", "|---|---|---|"]
+        seeds = len({r["seed"] for r in tasks if r["system"] != BASE})  # the base row is copied into every seed started
+        out += ["", f"| system ({seeds} seeds) | sentiment accuracy | topic accuracy |", "|---|---|---|"]
         order = [BASE, "sentiment adapter", "topic adapter", *TASK_MERGES]
         for name in sorted(dict.fromkeys(r["system"] for r in tasks), key=lambda n: order.index(n) if n in order else len(order)):
             mine = [r for r in tasks if r["system"] == name]

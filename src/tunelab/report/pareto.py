@@ -9,20 +9,16 @@ no scripts or network) whose points name themselves on hover.
 from __future__ import annotations
 
 import html
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from tunelab import atomic  # noqa: E402
-from tunelab.report.compare import LOWER_IS_BETTER, MB, TradeoffRow, metric_value  # noqa: E402
+from tunelab import atomic
+from tunelab.report.compare import LOWER_IS_BETTER, MB, TradeoffRow, metric_value
+from tunelab.report.plots import plt, save_figure  # plots selects the Agg backend
 
 
 @dataclass(frozen=True)
@@ -111,12 +107,7 @@ def write_png(rows: Sequence[TradeoffRow], metric: str, out_png: Path) -> Path |
     handles = [Line2D([], [], marker="o", linestyle="", color=KIND_COLOURS[kind], label=kind) for kind in kinds]
     handles.append(Line2D([], [], color=FRONTIER_COLOUR, marker="o", markerfacecolor="none", label="Pareto frontier"))
     axes[0][0].legend(handles=handles, fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic.write_bytes(out_png, buffer.getvalue())
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:

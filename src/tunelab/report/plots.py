@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from tunelab import atomic  # noqa: E402
 
@@ -33,6 +34,11 @@ def plot_training(metrics_jsonl: Path, out_png: Path) -> Path | None:
     ax.set_title(metrics_jsonl.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig: Figure, out_png: Path) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically (a reader never sees half a file) and free it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -121,11 +121,12 @@ def _run_rows(run_dir: Path, label: str) -> list[TradeoffRow]:
 def _trained_run(compress_dir: Path) -> tuple[Path | None, bool]:
     """The run a compression output came from, and whether it is known to be a base model's."""
     table = _read_json(compress_dir / "compress.json")
-    if table.get("run"):
+    if table.get("run") and (Path(table["run"]) / "summary.json").exists():
         return Path(table["run"]), False
     if (compress_dir.parent / "summary.json").exists():
         return compress_dir.parent, False
-    return None, "run" in table  # written by a tunelab that records the run: null means a base model
+    # Written by a tunelab that records the run: null means a base model; a run since moved is unknown.
+    return None, "run" in table and table["run"] is None
 
 
 def collect(run_dirs: Sequence[Path], compress_dirs: Sequence[Path] = ()) -> list[TradeoffRow]:

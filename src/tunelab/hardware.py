@@ -158,6 +158,8 @@ def _own_ticks() -> int:
 def busy_cores(interval: float = 0.25) -> float | None:
     """How many cores other processes keep busy now, sampled over ``interval`` seconds; None
     where /proc/stat is unavailable (then the caller falls back to the load average)."""
+    if interval and time.monotonic() - _last_busy[0] < 10:
+        return _last_busy[1]  # one process starting several stages does not wait a quarter second each time
     try:
         busy0, total0, own0 = *_cpu_ticks(), _own_ticks()
         time.sleep(interval)
@@ -165,9 +167,14 @@ def busy_cores(interval: float = 0.25) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     total = total1 - total0
-    if total <= 0:
-        return 0.0
-    return max(0.0, (busy1 - busy0 - (own1 - own0)) / total * (os.cpu_count() or 1))
+    busy = max(0.0, (busy1 - busy0 - (own1 - own0)) / total * (os.cpu_count() or 1)) if total > 0 else 0.0
+    if interval:
+        _last_busy[:] = [time.monotonic(), busy]
+    return busy
+
+
+#: (monotonic time, value) of the last ``busy_cores`` sample.
+_last_busy: list[float] = [-1e9, 0.0]
 
 
 def configure_threads(threads: int | None = None) -> int:

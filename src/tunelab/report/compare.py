@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tunelab.compress.measure import WEIGHT_FILES
 from tunelab.errors import UserError
 
 #: Score keys where a smaller number is the better model; every other score is higher-is-better.
@@ -25,7 +26,6 @@ LOWER_IS_BETTER = frozenset({"perplexity", "nll_per_token", "bits_per_token"})
 ORIGINAL = "original"
 #: The metric charted when no row has task scores: what tunelab compress measures on held-out text.
 HELDOUT_PERPLEXITY = "perplexity"
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
 @dataclass

@@ -109,7 +109,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         max_steps=workload.steps, batch_size=workload.batch_size, lr=workload.lr, schedule="cosine",
         max_grad_norm=workload.max_grad_norm, eval_before=False, save_every=workload.steps,
     )
-    objective = CausalLMObjective(model, sliced_logits=workload.uses("sliced_logits"), varlen=workload.uses("varlen"))
+    objective = CausalLMObjective(model, sliced_logits=workload.uses("sliced_logits"), varlen=workload.uses("varlen"),
+                                  fused_loss=workload.uses("fused_loss"))
     pad_id = loaded.tokenizer.pad_token_id or 0
     collate = collate_packed if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
     clock = StepClock(profiler)

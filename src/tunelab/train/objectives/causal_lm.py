@@ -6,6 +6,11 @@ where prompts are longer than answers, that is most of the LM-head compute and m
 vocabulary is 49,152). Prompt-learning adapters (prompt/prefix tuning) prepend virtual tokens the
 mask cannot describe; for them the full logits are computed and the virtual positions dropped.
 
+When the LM head is a plain linear layer, the loss is computed by ``fused_linear_cross_entropy``:
+the head and the cross-entropy in row chunks, so the ``[tokens, vocab]`` logits never exist whole
+(what dominates memory when every token is supervised). Objectives that need the logits
+themselves (distillation, preferences) use ``forward_supervised``, which still returns them.
+
 Packed rows run attention once per example (``tunelab.train.varlen_attention``) on models whose
 attention goes through transformers' attention interface, instead of one block-diagonal-masked
 attention over the whole row. Models that cannot take packed rows exactly (``packs_exactly``:
@@ -23,6 +28,8 @@ import torch.nn.functional as F
 
 from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
+from tunelab.train.distributed import unwrap as unwrap_ddp
+from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (
     segment_bounds,
@@ -47,15 +54,43 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
 
+#: Config fields with which a causal LM transforms its logits after the head (Gemma's soft-capping,
+#: Cohere's and Granite's scales): the fused loss would skip them, so such models keep the plain path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformer under the LM head (``model.model`` for Llama), through DDP and peft wrappers."""
+    inner = unwrap_peft(unwrap_ddp(model))
+    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return decoder if isinstance(decoder, torch.nn.Module) else None
+
+
+def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head when ``logits = head(decoder(...).last_hidden_state)`` holds exactly: a plain
+    bias-free ``nn.Linear`` (not a LoRA-wrapped one), behind the decoder the model names as its
+    base, with no logit transform configured."""
+    inner = unwrap_peft(unwrap_ddp(model))
+    head = getattr(inner, "lm_head", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or _decoder(model) is None:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
 class CausalLMObjective:
     """Token-level cross-entropy on positions whose label is not -100."""
 
     name = "causal_lm"
 
-    def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True):
-        """``sliced_logits``/``varlen`` exist so the benchmark can measure each lever switched off."""
+    def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True, fused_loss: bool = True):
+        """``sliced_logits``/``varlen``/``fused_loss`` exist so the benchmark can measure each lever
+        switched off."""
         self.prompt_learning = is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
+        self.fused_loss = fused_loss and self.sliced_logits and fusable_head(model) is not None
         varlen = varlen and not self.prompt_learning and supports_varlen(model)
         packs = not self.prompt_learning and packs_exactly(model, varlen=varlen)
         if not packs and not self.prompt_learning:
@@ -84,14 +119,18 @@ class CausalLMObjective:
         out = self.forward_supervised(model, batch)
         return out.logits, out.targets, out.picked
 
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        if self._packed_attention(batch):
+            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
+        return inputs
+
     def forward_supervised(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden_states: bool = False) -> SupervisedForward:
         """``supervised_logits`` plus, when asked, every layer's hidden states at the same positions.
         Objectives that compare models (distillation, preferences) call this for each model: the
         positions are picked from the labels alone, so the rows line up."""
         labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        if self._packed_attention(batch):
-            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
+        inputs = self._model_inputs(batch)
         supervised_next = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
         targets = labels[:, 1:][supervised_next]
         with self.attention_scope(model, batch):
@@ -109,12 +148,37 @@ class CausalLMObjective:
             states = [h[:, -labels.shape[1] :][:, :-1][supervised_next] for h in out.hidden_states]
         return SupervisedForward(logits, targets, supervised_next, states)
 
+    def supervised_hidden(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(last hidden state [N, width], targets [N], picked [B, T-1])`` at the supervised
+        positions, the LM head left to the fused loss.
+
+        The call still goes through ``model`` itself (a DistributedDataParallel wrapper must see
+        the forward to reduce the gradients), asking for the logits of no position; a hook on the
+        decoder picks up its output on the way.
+        """
+        decoder = _decoder(model)
+        labels = batch["labels"]
+        supervised_next = labels[:, 1:] != IGNORE_INDEX
+        captured: list[torch.Tensor] = []
+        handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out.last_hidden_state))
+        try:
+            with self.attention_scope(model, batch):
+                model(**self._model_inputs(batch), logits_to_keep=torch.zeros_like(labels, dtype=torch.bool), use_cache=False)
+        finally:
+            handle.remove()
+        return captured[0][:, :-1][supervised_next], labels[:, 1:][supervised_next], supervised_next
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        logits, targets, supervised_next = self.supervised_logits(model, batch)
-        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
         weights = batch.get("weights")  # data.weight_column: each token weighs as its example
-        loss_sum = per_token.sum() if weights is None else (per_token * weights[:, 1:][supervised_next]).sum()
-        correct = (logits.argmax(-1) == targets).sum()
+        if self.fused_loss:
+            hidden, targets, supervised_next = self.supervised_hidden(model, batch)
+            token_weights = None if weights is None else weights[:, 1:][supervised_next]
+            loss_sum, correct = fused_linear_cross_entropy(hidden, fusable_head(model).weight, targets, token_weights)
+        else:
+            logits, targets, supervised_next = self.supervised_logits(model, batch)
+            per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+            loss_sum = per_token.sum() if weights is None else (per_token * weights[:, 1:][supervised_next]).sum()
+            correct = (logits.argmax(-1) == targets).sum()
         return loss_sum, {"loss_sum": loss_sum.detach().item(), "tokens": int(targets.numel()), "correct": int(correct)}
 
     def summarize(self, stats: Stats) -> dict[str, float]:

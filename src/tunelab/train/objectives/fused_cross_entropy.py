@@ -1,0 +1,102 @@
+"""LM head + cross-entropy in row chunks, never holding the ``[tokens, vocab]`` logits.
+
+When every token is supervised (continued pretraining, long answers) the plain path materialises
+the logits of all N positions over the whole vocabulary (SmolLM2: 49,152 classes, 197 kB per token
+in fp32) and then several same-sized tensors around them: the fp32 copy, the log-softmax, and the
+gradient in the backward pass. Here each chunk of rows computes its logits, its loss and, when a
+gradient will be needed, its gradient with respect to the hidden states (and the head weight, if
+that trains) right away, in the forward pass, so only one chunk's logits ever exist. The backward
+pass then only scales the stored gradients by the incoming scalar. This is the scheme of Liger
+Kernel's fused linear cross-entropy and of Wijmans et al. 2024 ("Cut your losses"), written with
+plain matmuls: the FLOPs equal the unfused path's, the memory is N x width instead of N x vocab.
+
+The loss is returned **summed** over tokens (optionally weighted per token), which is what the
+trainer's objectives return; the gradient is exact for any scalar that is a multiple of that sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Rows per chunk: 512 x 49k fp32 logits = 100 MB transient. Measured on SmolLM2's head (2048 tokens,
+#: AVX2 EPYC, fp32): 512 rows as fast as 1024 at half the memory (287 vs 575 MB); 256 rows 5% slower.
+DEFAULT_CHUNK_ROWS = 512
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss, the probabilities (fp32, in place of the logits) and the argmax of one chunk."""
+    logits = F.linear(hidden.to(_matmul_dtype(weight)), weight).float()
+    predicted = logits.argmax(-1)
+    log_norm = torch.logsumexp(logits, dim=-1)
+    loss = log_norm - logits.gather(1, targets[:, None]).squeeze(1)
+    probabilities = logits.sub_(log_norm[:, None]).exp_()
+    return loss, probabilities, predicted
+
+
+def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The gradient matmuls run in the precision the forward's ``F.linear`` ran in: autocast's
+    when it is on (as the unfused backward would), else the weight's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the summed loss and both gradients chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk_rows):  # type: ignore[override]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        dtype = _matmul_dtype(weight)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t = hidden[rows], targets[rows]
+            loss, grad_logits, predicted = _chunk_loss(h, weight, t)
+            w = None if token_weights is None else token_weights[rows].float()
+            total += loss.sum() if w is None else (loss * w).sum()
+            correct += (predicted == t).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(sum_i w_i * loss_i)/d logits_i = w_i * (softmax_i - onehot(t_i))
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if w is not None:
+                grad_logits.mul_(w[:, None])
+            grad_logits = grad_logits.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h.to(dtype)).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        grad_h = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
+        grad_w = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i w_i * CE(hidden_i @ weight.T, targets_i), number of argmax hits)``.
+
+    ``hidden``: [N, width]; ``weight``: the LM head's [vocab, width]; ``targets``: [N] class ids;
+    ``token_weights``: optional [N]. Equal (to float rounding) to
+    ``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")`` weighted and
+    summed, with the same gradients.
+    """
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, token_weights, chunk_rows)

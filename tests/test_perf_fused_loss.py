@@ -1,0 +1,84 @@
+"""The chunked LM-head + cross-entropy: the same loss and gradients as the plain path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from tunelab.data import Example, collate_packed
+from tunelab.models import load_model
+from tunelab.train.objectives.causal_lm import CausalLMObjective, fusable_head
+from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_equals_plain_cross_entropy_in_value_and_gradients(head_trains, weighted):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=g, requires_grad=True)
+    weight = torch.randn(500, 32, generator=g, requires_grad=head_trains)
+    targets = torch.randint(0, 500, (300,), generator=g)
+    token_weights = torch.rand(300, generator=g) if weighted else None
+    loss, correct = fused_linear_cross_entropy(hidden, weight, targets, token_weights, chunk_rows=64)
+    (0.37 * loss).backward()  # any multiple of the summed loss, as the trainer's 1/units
+
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    weight_ref = weight.detach().clone().requires_grad_(head_trains)
+    logits = F.linear(hidden_ref, weight_ref)
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    reference = per_token.sum() if token_weights is None else (per_token * token_weights).sum()
+    (0.37 * reference).backward()
+
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    assert torch.allclose(hidden.grad, hidden_ref.grad, atol=1e-5)
+    if head_trains:
+        assert torch.allclose(weight.grad, weight_ref.grad, atol=1e-5)
+
+
+def test_fused_without_gradients_returns_the_loss_only():
+    hidden, weight = torch.randn(10, 8), torch.randn(20, 8)
+    targets = torch.arange(10)
+    with torch.no_grad():
+        loss, _ = fused_linear_cross_entropy(hidden, weight, targets)
+    assert torch.allclose(loss, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"), rtol=1e-5)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n in (40, 17, 90):
+        ids = torch.randint(7, 200, (n,), generator=g).tolist()
+        rows.append(Example(input_ids=ids, labels=ids))  # every token supervised, as in pretraining
+    return collate_packed(rows)
+
+
+def _loss_and_grads(objective, model, batch):
+    model.zero_grad()
+    loss, stats = objective(model, batch)
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_objective_fused_equals_unfused_on_a_model(lora):
+    """LoRA (frozen, tied head) and full fine-tuning (the tied embedding/head trains)."""
+    model = load_model("tiny-llama", seed=1).model
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    fused, plain = CausalLMObjective(model), CausalLMObjective(model, fused_loss=False)
+    assert fused.fused_loss and not plain.fused_loss
+    batch = _batch()
+    loss_a, stats_a, grads_a = _loss_and_grads(fused, model, batch)
+    loss_b, stats_b, grads_b = _loss_and_grads(plain, model, batch)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert stats_a["tokens"] == stats_b["tokens"] and stats_a["correct"] == stats_b["correct"]
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5) for k in grads_a)
+
+
+def test_a_lora_wrapped_head_keeps_the_plain_path():
+    model = load_model("tiny-llama", seed=1).model
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    assert fusable_head(model) is None
+    assert not CausalLMObjective(model).fused_loss

@@ -151,3 +151,25 @@ def test_recipe_eval_section_after_training_compares_base_and_run(tmp_path):
     assert [s["system"] for s in report["systems"]] == ["tiny-llama 0-shot", "tiny-llama 1-shot", str(run_dir)]
     assert report["settings"]["prompt_template"] == "Q: {question}?"  # taken from data: when eval: has none
     assert (run_dir / "eval" / "eval.md").read_text().startswith("# choice evaluation")
+
+
+def test_after_training_a_classification_head_is_scored_without_a_base_row(tmp_path):
+    """The base model has no trained head (it would be drawn at random), so only the run is scored."""
+    from tunelab.evaluate.pipeline import eval_after_training
+    from tunelab.models import load_model
+    from tunelab.recipe import load_recipe
+
+    rows = [{"text": f"{w} day", "label": lab} for w, lab in [("good", "pos"), ("bad", "neg")] * 4]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        "model: {name: tiny-bert}\ndata: {train: d.jsonl}\nmethod: {head: {type: classification}}\n"
+        "eval: {task: classification, data: d.jsonl, answer_field: label}\n"
+    )
+    run_dir = tmp_path / "run"
+    loaded = load_model("tiny-bert", "sequence-classification", seed=5, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    loaded.model.save_pretrained(run_dir)
+    loaded.tokenizer.save_pretrained(run_dir)
+    report = json.loads(eval_after_training(load_recipe(recipe_file), run_dir).read_text())
+    assert [s["system"] for s in report["systems"]] == [str(run_dir)]
+    assert report["systems"][0]["scores"]["accuracy"] in {i / 8 for i in range(9)}

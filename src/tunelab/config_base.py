@@ -8,10 +8,25 @@ silently ignored setting.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 class Section(BaseModel):
     """A strict recipe section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _positive_or_auto(value: Any) -> Any:
+    """One clear error for a ``number | "auto"`` field instead of one per union branch."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("must be a number > 0 or auto")
+    return value
+
+
+#: A positive number, or ``auto`` for a value tunelab chooses (see where the field is resolved).
+PositiveOrAuto = Annotated[float | Literal["auto"], BeforeValidator(_positive_or_auto)]

@@ -41,8 +41,12 @@ def run_eval(
 def eval_after_training(recipe: Recipe, run_dir: str | Path) -> Path:
     """Evaluate a finished run against its base model as the recipe's ``eval:`` section says.
 
-    Writes ``<run_dir>/eval/eval.json`` (plus the table and predictions) and returns its path.
+    A ``classification`` task scores the run's trained head; the base model has no such head
+    (one would be drawn at random), so it gets no row: the run's own ``eval_before`` is the
+    untrained figure. Writes ``<run_dir>/eval/eval.json`` (plus the table and predictions) and
+    returns its path.
     """
     single = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"ensemble": None})})  # one run: no ensemble
-    _, path = run_eval(single, {}, recipe.model.name, [str(run_dir)], Path(run_dir) / "eval")
+    base = None if recipe.eval.task == "classification" else recipe.model.name
+    _, path = run_eval(single, {}, base, [str(run_dir)], Path(run_dir) / "eval")
     return path

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunelab.config_base import Section
+from tunelab.config_base import PositiveOrAuto, Section
 
 
 class EarlyStoppingConfig(Section):
@@ -21,7 +21,9 @@ class EarlyStoppingConfig(Section):
 class TrainConfig(Section):
     """Optimizer, schedule, batch shape, precision and bookkeeping of one training run."""
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: PositiveOrAuto = Field(
+        "auto", description="Passes over the training split; auto: 1 from 300 examples up, more for smaller splits (tunelab.train.auto_settings).",
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -30,7 +32,9 @@ class TrainConfig(Section):
         "adamw", description="adamw | adam | sgd | lion | signum | signsgd | adafactor | adamw8bit, or any optimizer registered with "
         "tunelab.train.optim.register_optimizer. Sign-based ones (lion, signum, signsgd) want a 3-10x smaller lr.",
     )
-    lr: float = Field(2e-4, gt=0)
+    lr: PositiveOrAuto = Field(
+        "auto", description="Peak learning rate; auto: by what trains (LoRA 5e-4, full fine-tuning 2e-5, ...; tunelab.train.auto_settings).",
+    )
     weight_decay: float = Field(0.0, ge=0)
     decay_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
     betas: tuple[float, float] = (0.9, 0.999)

@@ -45,6 +45,7 @@ from tunelab.train.objectives.base import (
     attach_objective_modules,
     detach_objective_modules,
 )
+from tunelab.train import auto_settings
 from tunelab.train.prepared import Prepared, head_collate, masking, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
 
@@ -57,14 +58,15 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
             raise UserError("a multi-task run takes each task's objective from that task", where="objective", hint="move it under method.tasks.<task>.objective")
         if recipe.sampler is not None and recipe.sampler.name != "task_mix":
             raise UserError(f"sampler {recipe.sampler.name} would mix tasks in one batch", where="sampler.name", hint="use task_mix (the default for method.tasks)")
-        return prepare_multitask(recipe)
-    if recipe.method.head is None:
+        prepared = prepare_multitask(recipe)
+    elif recipe.method.head is None:
         prepared = _prepare_causal_lm(recipe, device)
     else:
         prepared = _prepare_head(recipe, recipe.method.head, device)
-    if recipe.sampler is not None:
+    if recipe.sampler is not None and not recipe.method.tasks:
         plugin = SAMPLERS.get(recipe.sampler.name)
         prepared.sampler = plugin.build(recipe.sampler, SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed))
+    prepared.train_cfg, prepared.notes = auto_settings.resolve(recipe.train, recipe.method, len(prepared.data.train))
     return prepared
 
 

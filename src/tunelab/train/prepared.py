@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class Prepared:
     #: False when a step may leave some trainable parameters without a gradient (multi-task heads):
     #: DDP must then look for unused parameters.
     uses_all_parameters: bool = True
+    #: One line per setting chosen for the user (``auto`` values), to print at the start of the run.
+    notes: list[str] = field(default_factory=list)
 
 
 def masking(objective: Any) -> MaskedLMConfig:

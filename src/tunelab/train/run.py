@@ -146,6 +146,8 @@ def _run(
     say(f"tunelab: loading {recipe.model.name} ...", flush=True)
     prepared = prepare(recipe, device)
     model, data = prepared.model, prepared.data
+    written = recipe  # recipe.yaml keeps what the user wrote ("auto"); the run uses the numbers
+    recipe = recipe.model_copy(update={"train": prepared.train_cfg})
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
@@ -154,12 +156,14 @@ def _run(
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # the recipe a run started with stays its record; resumes log their changes
-            atomic.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+            atomic.write_text(run_dir / "recipe.yaml", dump_recipe(written))
         elif changes:
             atomic.append_jsonl(run_dir / "resume_changes.jsonl", {"from_step": checkpoint_step(resume_from) if resume_from else 0, "changes": changes})
         atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
         say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
         say(_data_line(data.report.as_dict()))
+        for note in prepared.notes:
+            say(f"train: {note}")
 
     try:
         trainer = Trainer(

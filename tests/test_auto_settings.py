@@ -1,0 +1,51 @@
+"""``train.epochs: auto`` and ``train.lr: auto``: the rule, and a run that uses it."""
+
+import json
+
+import pytest
+import yaml
+
+from tests.train_helpers import train, write_chat_data
+from tunelab.methods.config import MethodConfig
+from tunelab.train.auto_settings import LEARNING_RATES, auto_epochs, resolve, what_trains
+from tunelab.train.config import TrainConfig
+
+
+@pytest.mark.parametrize(("examples", "epochs"), [(5000, 1), (300, 1), (299, 2), (100, 3), (40, 8), (10, 10), (0, 10)])
+def test_small_splits_get_more_passes_up_to_a_cap(examples, epochs):
+    assert auto_epochs(examples) == epochs
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ({}, "full"),
+        ({"lora": {"r": 8}}, "lora"),
+        ({"ia3": {}}, "ia3"),
+        ({"head": {"type": "classification"}}, "head_only"),  # a classifier head freezes the body by default
+        ({"head": {"type": "classification"}, "lora": {"r": 8}}, "lora"),
+        ({"head": {"type": "classification"}, "freeze": {"base": False}}, "full"),
+        ({"bottleneck": {}}, "bottleneck"),
+    ],
+)
+def test_the_learning_rate_follows_what_trains(method, kind):
+    assert what_trains(MethodConfig(**method)) == kind
+
+
+def test_numbers_stay_and_max_steps_makes_epochs_moot():
+    given, notes = resolve(TrainConfig(epochs=2, lr=1e-3), MethodConfig(), 50)
+    assert (given.epochs, given.lr, notes) == (2, 1e-3, [])
+    stepped, notes = resolve(TrainConfig(max_steps=7), MethodConfig(lora={"r": 4}), 50)
+    assert stepped.lr == LEARNING_RATES["lora"] and len(notes) == 1 and notes[0].startswith("lr auto")
+
+
+def test_a_run_without_train_settings_uses_the_rule_and_keeps_auto_in_its_recipe(tmp_path, capsys):
+    data = write_chat_data(tmp_path / "d.jsonl", n=60)  # 54 training rows after the 10% validation split
+    summary = train(tmp_path, f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{lora: {{r: 4}}}}\n", "train.batch_size=16")
+    out = capsys.readouterr().out
+    assert "epochs auto -> 6 (54 training examples" in out and "lr auto -> 0.0005 (lora)" in out
+    assert summary.steps == 6 * (54 // 16)  # six passes of three full batches
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["train"]["epochs"] == "auto" and saved["train"]["lr"] == "auto"
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("lr", 0) for r in logged if r["type"] == "train") == pytest.approx(5e-4, rel=0.01)  # cosine from 5e-4

@@ -6,12 +6,13 @@ The rule (docs/choosing_a_method.md has the measurements behind it):
   smaller split is repeated until about that many examples have been seen (``ceil(300 / n)``
   passes, at most ``MAX_EPOCHS``). The shape is OpenAI's documented ``n_epochs: "auto"`` (more
   passes over small files, clamped), with its target lowered from ~3 passes to what CPU time
-  allows: one pass over 270-450 examples already reached 0.86-0.97 accuracy on the three label
-  tasks measured (sentiment, news topics, intents). MEASURE-SMALL-SET
+  allows: one pass over 270-450 examples already reached 0.85-0.97 accuracy on the three label
+  tasks measured (sentiment, news topics, intents), and a 101-example intent split reached 0.947
+  with the 3 passes the rule gives against 0.527 with one.
 - **lr**: by what trains. LoRA/DoRA and bottleneck adapters 5e-4 (measured on the tasks above,
   batch 8, cosine); a frozen body with only a new head 1e-3; IA3 3e-3, prefix tuning 1e-2 and
   prompt tuning 3e-2 (peft's published examples, not measured here); full fine-tuning 2e-5 (the
-  usual BERT/Llama fine-tuning range, and what keeps a 135M model from forgetting at batch 8).
+  usual range for full fine-tuning of BERT- and Llama-style models; not measured here).
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ import yaml
 
 from tests.train_helpers import train, write_chat_data
 from tunelab.methods.config import MethodConfig
-from tunelab.train.auto_settings import LEARNING_RATES, auto_epochs, resolve, what_trains
+from tunelab.train.auto_settings import (
+    LEARNING_RATES,
+    auto_epochs,
+    resolve,
+    what_trains,
+)
 from tunelab.train.config import TrainConfig
 
 
@@ -49,3 +54,16 @@ def test_a_run_without_train_settings_uses_the_rule_and_keeps_auto_in_its_recipe
     assert saved["train"]["epochs"] == "auto" and saved["train"]["lr"] == "auto"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("lr", 0) for r in logged if r["type"] == "train") == pytest.approx(5e-4, rel=0.01)  # cosine from 5e-4
+
+
+def test_resuming_an_auto_run_with_more_epochs_extends_it_and_as_many_does_not(tmp_path):
+    from tunelab.errors import UserError
+    from tunelab.train.run import load_run_recipe, run_training
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=60)
+    recipe = f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{lora: {{r: 4}}}}\ntrain: {{batch_size: 16, save_every: 3}}\n"
+    assert train(tmp_path, recipe).steps == 18  # auto: 6 passes of 3 batches
+    with pytest.raises(UserError, match="the run is complete"):
+        run_training(load_run_recipe(tmp_path / "run", ("train.epochs=6",)), resume=True, show_progress=False)
+    extended = run_training(load_run_recipe(tmp_path / "run", ("train.epochs=7",)), resume=True, show_progress=False)
+    assert extended.steps == 21

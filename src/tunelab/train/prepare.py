@@ -33,6 +33,7 @@ from tunelab.methods.heads import (
 from tunelab.models import load_model
 from tunelab.models.load import peek_config
 from tunelab.recipe import Recipe
+from tunelab.train import auto_settings
 from tunelab.train.embedding_artifacts import save_embedding_final
 from tunelab.train.multitask import prepare_multitask
 from tunelab.train.objectives import (
@@ -45,7 +46,6 @@ from tunelab.train.objectives.base import (
     attach_objective_modules,
     detach_objective_modules,
 )
-from tunelab.train import auto_settings
 from tunelab.train.prepared import Prepared, head_collate, masking, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
 

@@ -14,6 +14,7 @@ process are independent; to run several at once, use ``tunelab.jobs.run_in_subpr
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -47,6 +48,7 @@ from tunelab.rundir import (
     rewind,
     unique_run_dir,
 )
+from tunelab.train import auto_settings
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
 from tunelab.train.loop import (
@@ -229,7 +231,7 @@ def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | N
     checkpoints = list_checkpoints(run_dir)
     resume_from = checkpoints[-1] if checkpoints else None
     if (run_dir / "summary.json").exists():  # written after the final model: the run is complete
-        if not extends_schedule(recipe, changes):
+        if not extends_schedule(recipe, changes, run_dir):
             raise UserError(
                 "the run is complete: nothing to resume", where=str(run_dir),
                 hint="its model is in final/; to train it further, resume with a larger train.epochs or train.max_steps",
@@ -269,16 +271,24 @@ def resume_changes(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
     return {k: v for k, v in changed.items() if k != "output_dir"}
 
 
-def extends_schedule(recipe: Recipe, changes: dict[str, list[Any]]) -> bool:
+def extends_schedule(recipe: Recipe, changes: dict[str, list[Any]], run_dir: Path) -> bool:
     """True when a resume asks for more training than the run was set to do, counted the same
-    way (a larger ``train.max_steps``, or a larger ``train.epochs`` when no step limit is set)."""
+    way (a larger ``train.max_steps``, or a larger ``train.epochs`` when no step limit is set;
+    ``auto`` counts as the passes it gave the run's training split)."""
     if "train.max_steps" in changes:
         then, now = changes["train.max_steps"]
         return then is not None and now is not None and now > then
     if recipe.train.max_steps is None and "train.epochs" in changes:
-        then, now = changes["train.epochs"]
+        then, now = (_epoch_count(value, run_dir) for value in changes["train.epochs"])
         return now > then
     return False
+
+
+def _epoch_count(epochs: float | str, run_dir: Path) -> float:
+    if epochs != "auto":
+        return float(epochs)
+    report = json.loads((run_dir / "data_report.json").read_text())
+    return float(auto_settings.auto_epochs(report["train_examples"]))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

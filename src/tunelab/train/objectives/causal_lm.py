@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
-from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.distributed import unwrap as unwrap_ddp
+from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 from tunelab.train.packing_check import packs_exactly
 from tunelab.train.varlen_attention import (

@@ -18,7 +18,7 @@ def names_by_group(model, groups):
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     model = load_model("tiny-bert", "base").model
-    groups = parameter_groups(model, TrainConfig(weight_decay=0.1))
+    groups = parameter_groups(model, TrainConfig(lr=1e-3, weight_decay=0.1))
     for names, group in names_by_group(model, groups):
         for name in names:
             exempt = "LayerNorm" in name or name.endswith("bias") or "embeddings" in name
@@ -38,14 +38,14 @@ def test_layer_wise_lr_decay_raises_lr_with_depth():
 def test_frozen_parameters_get_no_optimizer_state():
     model = load_model("tiny-llama").model
     model.model.layers[0].requires_grad_(False)
-    optimizer = build_optimizer(model, TrainConfig())
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3))
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in optimized for p in model.model.layers[0].parameters())
 
 
 @pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
 def test_optimizer_choice(name, cls):
-    optimizer = build_optimizer(load_model("tiny-llama").model, TrainConfig(optimizer=name, nesterov=name == "sgd"))
+    optimizer = build_optimizer(load_model("tiny-llama").model, TrainConfig(optimizer=name, lr=1e-3, nesterov=name == "sgd"))
     assert isinstance(optimizer, cls)
 
 

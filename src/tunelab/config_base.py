@@ -20,12 +20,17 @@ class Section(BaseModel):
 
 
 def _positive_or_auto(value: Any) -> Any:
-    """One clear error for a ``number | "auto"`` field instead of one per union branch."""
+    """One clear error for a ``number | "auto"`` field instead of one per union branch. Numeric
+    strings count as numbers: YAML reads ``1e-3`` (no dot) as a string."""
     if value == "auto":
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not number > 0:  # also NaN
         raise ValueError("must be a number > 0 or auto")
-    return value
+    return number
 
 
 #: A positive number, or ``auto`` for a value tunelab chooses (see where the field is resolved).

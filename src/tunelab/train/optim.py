@@ -24,6 +24,8 @@ def _no_decay(name: str, param: torch.nn.Parameter, embedding_ids: set[int]) -> 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Group trainable parameters by (weight decay, LR scale)."""
+    if cfg.lr == "auto":
+        raise ValueError("train.lr is 'auto': resolve it with tunelab.train.auto_settings.resolve before building an optimizer")
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     blocks_name, blocks = block_list(model)
     depth = len(blocks)

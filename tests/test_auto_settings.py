@@ -50,6 +50,7 @@ def test_a_run_without_train_settings_uses_the_rule_and_keeps_auto_in_its_recipe
     out = capsys.readouterr().out
     assert "epochs auto -> 6 (54 training examples" in out and "lr auto -> 0.0005 (lora)" in out
     assert summary.steps == 6 * (54 // 16)  # six passes of three full batches
+    assert (summary.epochs, summary.lr) == (6, 5e-4)  # summary.json records what auto chose
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert saved["train"]["epochs"] == "auto" and saved["train"]["lr"] == "auto"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -80,6 +80,9 @@ class RunSummary(TrainResult):
     peak_rss_bytes: int = 0
     #: The processor the run's timings were measured on (figures on another CPU do not compare).
     cpu: str = ""
+    #: The schedule the run used: the recipe's numbers, or what ``auto`` chose (tunelab.train.auto_settings).
+    lr: float = 0.0
+    epochs: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     saved: str = ""
 
@@ -317,7 +320,7 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
         tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), cpu=cpu_model_name(),
-        data=data.report.as_dict(), saved=saved,
+        lr=float(recipe.train.lr), epochs=float(recipe.train.epochs), data=data.report.as_dict(), saved=saved,
     )
 
 

@@ -90,7 +90,9 @@ class CausalLMObjective:
         switched off."""
         self.prompt_learning = is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
-        self.fused_loss = fused_loss and self.sliced_logits and fusable_head(model) is not None
+        # Looked up once: a DDP wrapper added later holds the same modules.
+        self.head = fusable_head(model) if fused_loss and self.sliced_logits else None
+        self.fused_loss = self.head is not None
         varlen = varlen and not self.prompt_learning and supports_varlen(model)
         packs = not self.prompt_learning and packs_exactly(model, varlen=varlen)
         if not packs and not self.prompt_learning:
@@ -173,7 +175,7 @@ class CausalLMObjective:
         if self.fused_loss:
             hidden, targets, supervised_next = self.supervised_hidden(model, batch)
             token_weights = None if weights is None else weights[:, 1:][supervised_next]
-            loss_sum, correct = fused_linear_cross_entropy(hidden, fusable_head(model).weight, targets, token_weights)
+            loss_sum, correct = fused_linear_cross_entropy(hidden, self.head.weight, targets, token_weights)
         else:
             logits, targets, supervised_next = self.supervised_logits(model, batch)
             per_token = F.cross_entropy(logits.float(), targets, reduction="none")

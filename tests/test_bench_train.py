@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tunelab.bench.measure import ModelShape, example_flops, real_tokens, supervised_tokens
+from tunelab.bench.measure import ModelShape, example_flops, real_tokens, step_flops, supervised_tokens
 from tunelab.bench.runner import result_line, summary
 from tunelab.bench.workload import DEFAULT_LEVERS, Workload
 from tunelab.cli import cli
@@ -55,6 +55,16 @@ def test_flops_count_supervised_lm_head_and_causal_attention():
     head = 2 * 4 * 100  # two supervised next-token positions
     assert example_flops(example, shape) == linear + attention + head
     assert real_tokens([example]) == 4 and supervised_tokens([example]) == 2
+
+
+def test_a_shared_prefix_is_credited_once():
+    shape = ModelShape(layers=2, attention_width=8, lm_head=100, frozen_linear=1000, lora=10)
+    prefix = list(range(10, 20))  # 10 unsupervised tokens every example starts with
+    examples = [Example(input_ids=prefix + [i, i + 1], labels=[-100] * 11 + [i + 1]) for i in (30, 40, 50)]
+    alone = sum(example_flops(e, shape) for e in examples)
+    assert step_flops(examples, shape, shared_prefix=False) == alone
+    once = 10 * (4 * 1000 + 6 * 10) + 3 * 2 * 4 * 8 * (10 * 11 / 2)  # the prefix's blocks and its own attention
+    assert step_flops(examples, shape, shared_prefix=True) == pytest.approx(alone - 2 * once)
 
 
 def test_speedup_does_not_count_without_loss_parity():

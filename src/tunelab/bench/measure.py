@@ -4,7 +4,9 @@ MFU divides the model FLOPs a step *needs* by the machine's measured GEMM peak. 
 counted from the data, the same for both sides: every real (non-pad) token goes through every
 decoder block forward and back (frozen weights get input gradients only, LoRA weights get both),
 attention over the tokens before it in its own example, and the LM head only where a label is
-supervised. Work a trainer spends on padding or on logits nobody reads is not credited.
+supervised. Work a trainer spends on padding or on logits nobody reads is not credited. A row that
+holds the batch's shared prompt prefix once (``shared_prefix`` lever) is credited with the prefix
+once: MFU stays a fraction of what the machine can do, and the work avoided shows as speed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tunelab.data import IGNORE_INDEX, Example
+from tunelab.data.collate import shared_prefix_length
 from tunelab.hardware import peak_rss_bytes
 
 
@@ -76,6 +79,19 @@ def example_flops(example: Example, shape: ModelShape) -> float:
     linear = n * (4 * shape.frozen_linear + 6 * shape.lora)
     attention = 3 * shape.layers * 4 * shape.attention_width * n * (n + 1) / 2
     return linear + attention + supervised * 4 * shape.lm_head
+
+
+def _prefix_flops(tokens: int, shape: ModelShape) -> float:
+    """What ``example_flops`` counts for the first ``tokens`` tokens of an unsupervised prompt."""
+    return tokens * (4 * shape.frozen_linear + 6 * shape.lora) + 3 * shape.layers * 4 * shape.attention_width * tokens * (tokens + 1) / 2
+
+
+def step_flops(examples: list[Example], shape: ModelShape, shared_prefix: bool) -> float:
+    """The FLOPs one step's examples need, their common prefix counted once when the row shares it."""
+    total = sum(example_flops(e, shape) for e in examples)
+    if shared_prefix:
+        total -= (len(examples) - 1) * _prefix_flops(shared_prefix_length(examples), shape)
+    return total
 
 
 def real_tokens(examples: list[Example]) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tunelab.bench.measure import ModelShape, example_flops, model_shape, real_tokens, supervised_tokens
+from tunelab.bench.measure import ModelShape, model_shape, real_tokens, step_flops, supervised_tokens
 from tunelab.bench.workload import Workload, WorkloadData, build_workload_data
 from tunelab.data import Example, collate_packed
 from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision
@@ -54,7 +54,7 @@ class StepClock:
 
 
 def _report(workload: Workload, data: WorkloadData, shape: ModelShape, clock: StepClock, losses: list[float],
-            eval_loss: float, precision: PrecisionChoice, setup_seconds: float) -> dict[str, Any]:
+            eval_loss: float, precision: PrecisionChoice, setup_seconds: float, shared_prefix: bool = False) -> dict[str, Any]:
     """Throughput over steps 2..N (step 1 carries one-time warm-up, reported on its own)."""
     steps = [data.step_examples(s, workload.batch_size) for s in range(workload.steps)]
     steady = steps[1:]
@@ -71,7 +71,7 @@ def _report(workload: Workload, data: WorkloadData, shape: ModelShape, clock: St
         "step_seconds": [b - a for a, b in zip([0.0, *step_ends], step_ends)],
         "real_tokens": sum(real_tokens(s) for s in steady),
         "supervised_tokens": sum(supervised_tokens(s) for s in steady),
-        "flops": sum(example_flops(e, shape) for s in steady for e in s),
+        "flops": sum(step_flops(s, shape, shared_prefix) for s in steady),
         "step_losses": losses,
         "final_train_loss": sum(losses[-tail:]) / tail,
         "eval_loss": eval_loss,
@@ -110,9 +110,10 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         max_grad_norm=workload.max_grad_norm, eval_before=False, save_every=workload.steps,
     )
     objective = CausalLMObjective(model, sliced_logits=workload.uses("sliced_logits"), varlen=workload.uses("varlen"),
-                                  fused_loss=workload.uses("fused_loss"))
+                                  fused_loss=workload.uses("fused_loss"), shared_prefix=workload.uses("shared_prefix"))
     pad_id = loaded.tokenizer.pad_token_id or 0
-    collate = collate_packed if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
+    shared = objective.shared_prefix and workload.uses("packing")
+    collate = (lambda examples: collate_packed(examples, shared)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
     clock = StepClock(profiler)
 
     class Clock(Callback):
@@ -131,7 +132,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     result = trainer.fit()
     losses = [r["loss"] for r in result.history if r.get("type") == "train"]
     eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size)
-    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup)
+    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, shared)
 
 
 def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None) -> dict[str, Any]:

@@ -21,13 +21,14 @@ LEVERS = {
     "sliced_logits": "LM head and loss only at supervised positions",
     "fused_loss": "LM head + cross-entropy in row chunks, the [tokens, vocab] logits never whole",
     "varlen": "attention per packed example instead of one block-diagonal mask",
+    "shared_prefix": "a batch's common unsupervised prompt prefix held once per packed row",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
     "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
-DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "low_precision_frozen")
+DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 

@@ -7,7 +7,7 @@ prompt/few-shot helpers that evaluation shares.
 
 from tunelab.data.build import build_datasets
 from tunelab.data.bundle import IGNORE_INDEX, DataBundle, DataReport, Example
-from tunelab.data.collate import collate_packed, collate_padded
+from tunelab.data.collate import batch_tokens, collate_packed, collate_padded
 from tunelab.data.config import DataConfig
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "DataConfig",
     "DataReport",
     "Example",
+    "batch_tokens",
     "build_datasets",
     "collate_packed",
     "collate_padded",

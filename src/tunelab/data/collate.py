@@ -9,6 +9,14 @@ example boundary.
 Call the model with ``use_cache=False`` on packed batches: transformers only looks for packed
 sequences when there is no KV cache, and models create one by default (``config.use_cache``),
 even in training mode. With a cache, examples silently attend to each other.
+
+A packed row can also hold the batch's **shared prefix** once (``share_prefix=True``): chat rows
+usually start with the same system prompt and instruction, and computing those tokens once per
+batch instead of once per example is work avoided, not approximated. The row is then
+``prefix + suffix_1 + suffix_2 + ...``; each suffix's ``position_ids`` continue from the prefix
+length, and ``shared_prefix`` in the batch tells the per-example attention
+(``tunelab.train.varlen_attention``) to let every suffix attend to the prefix and to itself. Only
+unsupervised tokens are shared, so every loss term is the one the example would get alone.
 """
 
 from __future__ import annotations
@@ -20,31 +28,76 @@ import torch
 from tunelab.data.bundle import IGNORE_INDEX, Example
 
 
-def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+#: Shorter common prefixes are not worth the masked attention they turn the suffixes' into.
+MIN_SHARED_PREFIX = 8
+
+
+def _first_supervised(example: Example) -> int:
+    """Index of the first label after position 0 that carries loss (the length if none does)."""
+    return next((i for i, label in enumerate(example.labels) if i > 0 and label != IGNORE_INDEX), len(example.labels))
+
+
+def shared_prefix_length(examples: Sequence[Example]) -> int:
+    """How many leading tokens all ``examples`` have in common and none supervises.
+
+    Labels 1..P must carry no loss: position P-1, the prefix's last, is computed once, so it
+    cannot predict a different supervised token for each example. Each example keeps at least one
+    token of its own.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    limit = min(min(len(e.input_ids) - 1, _first_supervised(e) - 1) for e in examples)
+    length = 0
+    while length < limit and all(e.input_ids[length] == first[length] for e in examples):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def collate_packed(examples: Sequence[Example], share_prefix: bool = False) -> dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``position_ids``, each ``[1, total_tokens]``; no attention mask.
 
     Each example's first label is ``IGNORE_INDEX``: models shift labels left by one inside, so the
-    last token of one example would otherwise be trained to predict the first of the next.
+    last token of one example would otherwise be trained to predict the first of the next. With
+    ``share_prefix`` and a common prefix of at least ``MIN_SHARED_PREFIX`` tokens, the row holds
+    that prefix once and the batch gains ``shared_prefix`` (its length, ``[1]``) and
+    ``example_tokens`` (the examples' own token count, ``[1]``, for throughput figures).
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
+    if not all(e.labels for e in examples):
+        raise ValueError("collate_packed is for causal-LM examples (classification examples have no token labels)")
+    prefix = shared_prefix_length(examples) if share_prefix else 0
+    input_ids: list[int] = list(examples[0].input_ids[:prefix])
+    labels: list[int] = [IGNORE_INDEX] * prefix
+    positions: list[int] = list(range(prefix))
+    weights: list[float] = [1.0] * prefix  # never read: no prefix token is supervised
     for example in examples:
-        if not example.labels:
-            raise ValueError("collate_packed is for causal-LM examples (classification examples have no token labels)")
-        input_ids += example.input_ids
-        labels += [IGNORE_INDEX, *example.labels[1:]]
-        positions += range(len(example.input_ids))
+        input_ids += example.input_ids[prefix:]
+        labels += [IGNORE_INDEX, *example.labels[prefix + 1 :]]
+        positions += range(prefix, len(example.input_ids))
+        weights += [example.weight] * (len(example.input_ids) - prefix)
     batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
     }
     if any(e.weight != 1.0 for e in examples):
-        batch["weights"] = torch.tensor([[e.weight for e in examples for _ in e.input_ids]], dtype=torch.float32)
+        batch["weights"] = torch.tensor([weights], dtype=torch.float32)
+    if prefix:
+        batch["shared_prefix"] = torch.tensor([prefix])
+        batch["example_tokens"] = torch.tensor([sum(len(e.input_ids) for e in examples)])
     return batch
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens of the examples in ``batch``: padding not counted, a shared prefix counted once
+    per example (what the examples hold, however the row is laid out)."""
+    if "example_tokens" in batch:
+        return int(batch["example_tokens"].sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

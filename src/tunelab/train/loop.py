@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tunelab import atomic
-from tunelab.data import Example
+from tunelab.data import Example, batch_tokens
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
 from tunelab.train import checkpoint, frozen_precision
@@ -285,7 +285,7 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
 
-                step_tokens = int(self.world.all_sum(sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum()) for b in micro)))
+                step_tokens = int(self.world.all_sum(sum(batch_tokens(b) for b in micro)))
                 tokens_seen += step_tokens
                 supervised += int(units)
                 window_tokens += step_tokens

@@ -95,7 +95,8 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     attach_objective_modules(model, objective)
     pad_id = pad_token_id(tokenizer)
     packed = objective.collation == "packed" and recipe.data.packing
-    collate = collate_packed if packed else (lambda examples: collate_padded(examples, pad_id))
+    share_prefix = bool(getattr(objective, "shared_prefix", False))
+    collate = (lambda examples: collate_packed(examples, share_prefix)) if packed else (lambda examples: collate_padded(examples, pad_id))
 
     def save(run_dir: Path) -> Path:
         detach_objective_modules(model)

@@ -18,6 +18,12 @@ cost per call, most of it in backward. Measured in one process, alternating, one
 (bench/README.md): on SmolLM2 chat examples of ~70 tokens the whole LoRA step was 14% faster with
 the math kernel; on tiny-llama-20m byte-level examples of 150-190 tokens flash was 10% faster.
 ``MATH_BELOW`` sits between the two.
+
+A row laid out with a shared prefix (``collate_packed(share_prefix=True)``) arrives with the
+``shared_prefix`` keyword (the prefix length P): the first segment is the prefix, attended causally
+once, and every later segment is one example's suffix, whose queries attend to the prefix's keys
+and causally to their own (a bottom-right-aligned causal mask over ``P + len`` keys). Each token
+thus sees exactly the tokens it would see in its example alone, at the same positions.
 """
 
 from __future__ import annotations
@@ -49,10 +55,19 @@ def varlen_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa per segment of a ``[1, heads, T, dim]`` packed row; returns ``[1, T, heads, dim]``."""
     bounds = kwargs["cu_seq_lens_q"].tolist()  # type: ignore[union-attr]
+    prefix = int(kwargs.get("shared_prefix") or 0)  # type: ignore[call-overload]
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     parts = []
     for s, e in zip(bounds[:-1], bounds[1:]):
+        if prefix and s > 0:  # a suffix: its own keys after the shared prefix's
+            keys = torch.cat([key[:, :, :prefix], key[:, :, s:e]], dim=2)
+            values = torch.cat([value[:, :, :prefix], value[:, :, s:e]], dim=2)
+            sees = torch.ones(e - s, prefix + e - s, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
+            parts.append(F.scaled_dot_product_attention(
+                query[:, :, s:e], keys, values, attn_mask=sees, dropout_p=p, scale=scaling, enable_gqa=gqa,
+            ))
+            continue
         kernel = sdpa_kernel(SDPBackend.MATH) if e - s < MATH_BELOW else contextlib.nullcontext()
         with kernel:
             parts.append(F.scaled_dot_product_attention(
@@ -79,9 +94,15 @@ def supports_varlen(model: torch.nn.Module) -> bool:
     return bool(getattr(inner, "_supports_attention_backend", False)) and inner.config._attn_implementation == "sdpa"
 
 
-def segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
-    """Cumulative example boundaries ``[0, len0, len0+len1, ..., T]`` of a ``[1, T]`` packed row."""
-    starts = torch.nonzero(position_ids[0] == 0).flatten()
+def segment_bounds(position_ids: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+    """Cumulative example boundaries ``[0, len0, len0+len1, ..., T]`` of a ``[1, T]`` packed row.
+
+    With a shared prefix of P tokens, the segments are the prefix and then each suffix (whose
+    positions start at P)."""
+    restarts = position_ids[0] == 0
+    if shared_prefix:
+        restarts |= position_ids[0] == shared_prefix
+    starts = torch.nonzero(restarts).flatten()
     total = torch.tensor([position_ids.shape[1]], dtype=starts.dtype)
     return torch.cat([starts, total]).to(torch.int32)
 

@@ -42,6 +42,10 @@ class Objective(Protocol):
     # the model attends for a batch (packed rows: per-example attention) exposes it, and the
     # trainer holds it over forward *and* backward, because activation checkpointing re-runs the
     # forward inside backward and must attend the same way.
+    #
+    # Optional: ``shared_prefix: bool``. True asks the trainer for packed rows that hold a batch's
+    # common unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective
+    # whose attention scope understands that layout may say so.
 
 
 @dataclass

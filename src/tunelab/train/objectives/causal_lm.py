@@ -13,7 +13,8 @@ themselves (distillation, preferences) use ``forward_supervised``, which still r
 
 Packed rows run attention once per example (``tunelab.train.varlen_attention``) on models whose
 attention goes through transformers' attention interface, instead of one block-diagonal-masked
-attention over the whole row. Models that cannot take packed rows exactly (``packs_exactly``:
+attention over the whole row; the trainer's rows also hold a batch's common unsupervised prefix
+(the system prompt and instruction of chat data) once instead of once per example. Models that cannot take packed rows exactly (``packs_exactly``:
 BLOOM drops ``position_ids``, BERT attends both ways) get padded batches instead.
 """
 
@@ -85,9 +86,12 @@ class CausalLMObjective:
 
     name = "causal_lm"
 
-    def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True, fused_loss: bool = True):
-        """``sliced_logits``/``varlen``/``fused_loss`` exist so the benchmark can measure each lever
-        switched off."""
+    def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True, fused_loss: bool = True,
+                 shared_prefix: bool = False):
+        """``sliced_logits``/``varlen``/``fused_loss``/``shared_prefix`` exist so the benchmark can
+        measure each lever switched off. ``shared_prefix`` asks for packed rows that hold the
+        batch's common unsupervised prefix once (``collate_packed(share_prefix=True)``); it needs
+        per-example attention, so ``self.shared_prefix`` says whether the model got it."""
         self.prompt_learning = is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
         # Looked up once: a DDP wrapper added later holds the same modules.
@@ -99,6 +103,7 @@ class CausalLMObjective:
             print(f"tunelab: {type(unwrap_peft(model)).__name__} computes packed rows differently from each example alone; training on padded batches", flush=True)
         self.varlen = varlen and packs
         self.collation = "packed" if packs else "padded"
+        self.shared_prefix = shared_prefix and self.varlen
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -123,8 +128,13 @@ class CausalLMObjective:
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        prefix = int(batch["shared_prefix"]) if "shared_prefix" in batch else 0
+        if prefix and not self._packed_attention(batch):
+            raise ValueError("a batch with a shared prefix needs per-example attention, which this model does not run")
         if self._packed_attention(batch):
-            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
+            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"], prefix)
+        if prefix:
+            inputs["shared_prefix"] = prefix
         return inputs
 
     def forward_supervised(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden_states: bool = False) -> SupervisedForward:
@@ -195,4 +205,4 @@ class CausalLMObjective:
 
 @register_objective("causal_lm", heads=(None,))
 def causal_lm(cfg: object, ctx: ObjectiveContext) -> CausalLMObjective:
-    return CausalLMObjective(ctx.model)
+    return CausalLMObjective(ctx.model, shared_prefix=True)

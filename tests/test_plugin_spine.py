@@ -322,15 +322,18 @@ def test_recipe_from_a_dict_resolves_paths_and_reports_key_paths(tmp_path):
 
 def test_run_in_a_child_process_streams_events_and_cancels(tmp_path):
     from tunelab.jobs import run_in_subprocess
+    from tunelab.plugins import external_plugin_modules
 
     recipe = _recipe(tmp_path, "child")
     seen: list[dict[str, Any]] = []
     cancel = threading.Event()
-    plugins = ("tests.test_plugin_spine",)  # the child is a fresh interpreter: it imports the plug-ins the recipe names
-    done = run_in_subprocess(recipe, events=cancelling_sink(seen, cancel, at_step=2), cancel=cancel, imports=plugins)
+    # The child is a fresh interpreter: it imports this module, which registered the plug-ins the
+    # recipe names, without being told (tunelab.plugins.external_plugin_modules).
+    assert "tests.test_plugin_spine" in external_plugin_modules()
+    done = run_in_subprocess(recipe, events=cancelling_sink(seen, cancel, at_step=2), cancel=cancel)
     assert done["stop_reason"] == "cancelled" and 2 <= done["steps"] < 8
     assert [r["step"] for r in seen if r["type"] == "train"][:2] == [1, 2]
-    finished = run_in_subprocess(recipe, resume=True, imports=plugins)
+    finished = run_in_subprocess(recipe, resume=True)
     assert finished["steps"] == 8 and finished["stop_reason"] == "completed"
     with pytest.raises(UserError, match="nothing to resume: no run was started here"):
-        run_in_subprocess(_recipe(tmp_path, "never-ran"), resume=True, imports=plugins)
+        run_in_subprocess(_recipe(tmp_path, "never-ran"), resume=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import sys
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -18,6 +19,7 @@ T = TypeVar("T")
 
 _versions = itertools.count(1)
 _version = 0
+_registries: list[Registry] = []
 
 
 def version() -> int:
@@ -32,11 +34,16 @@ class Registry(Generic[T]):
         self.kind = kind
         self.recipe_key = recipe_key
         self._entries: dict[str, T] = {}
+        self._modules: dict[str, str] = {}  # name -> the module outside tunelab that registered it
+        _registries.append(self)
 
     def register(self, name: str, entry: T) -> T:
         """Add ``entry`` under ``name``; registering a name twice replaces the first (tests, reloads)."""
         global _version
         self._entries[name] = entry
+        caller = _registering_module()
+        if caller is not None:
+            self._modules[name] = caller
         _version = next(_versions)
         return entry
 
@@ -59,3 +66,20 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
+
+
+def _registering_module() -> str | None:
+    """The module whose top-level code made this registration (plug-ins register as their module
+    is imported), or None when that module is tunelab's own."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return None if not name or name == "tunelab" or name.startswith("tunelab.") else name
+
+
+def external_plugin_modules() -> list[str]:
+    """Modules outside tunelab that registered plug-ins in this process: a child process that
+    trains a recipe (``tunelab.jobs``) imports them too, so its recipe schema knows the same
+    sections. ``__main__`` is left out (a spawned child re-runs the main module itself)."""
+    return sorted({m for registry in _registries for m in registry._modules.values() if m not in ("__main__", "__mp_main__")})

@@ -27,7 +27,6 @@ import torch
 
 from tunelab.data.bundle import IGNORE_INDEX, Example
 
-
 #: Shorter common prefixes are not worth the masked attention they turn the suffixes' into.
 MIN_SHARED_PREFIX = 8
 

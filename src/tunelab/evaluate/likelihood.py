@@ -93,7 +93,7 @@ def _score_from_prompt_cache(model: torch.nn.Module, batch: PromptBatch, pad: in
     ids, mask = _left_padded([head for head, _ in batch], pad)
     out = model(**_inputs(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    prompt_cache, cache_arg = _cache_of(model, out)
+    prompt_cache, cache_arg = kv_cache_of(model, out)
     totals = [[first[row, tail[0]].item() for tail in tails] for row, (_, tails) in enumerate(batch)]
     longer = [(row, k) for row, (_, tails) in enumerate(batch) for k, tail in enumerate(tails) if len(tail) > 1]
     lengths = mask.sum(-1)
@@ -171,7 +171,7 @@ def _inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, posit
     return kwargs
 
 
-def _cache_of(model: torch.nn.Module, out: Any) -> tuple[Any, str]:
+def kv_cache_of(model: torch.nn.Module, out: Any) -> tuple[Any, str]:
     """The key/value cache a forward returned, and the argument name that passes it back.
 
     transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away).

@@ -84,6 +84,13 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _step_accuracy(objective: Objective, stats: dict[str, Any]) -> dict[str, float]:
+    """The step's token or example accuracy on this process's micro-batches, when the objective
+    reports one (what OpenAI's ``train_mean_token_accuracy`` metric shows)."""
+    metrics = objective.summarize(stats)
+    return {key: metrics[key] for key in ("token_accuracy", "accuracy") if key in metrics}
+
+
 @dataclass
 class Trainer:
     """Trains ``model`` on ``train`` with ``objective``; writes into ``run_dir`` (rank 0 only)."""
@@ -264,17 +271,18 @@ class Trainer:
                 units = self.world.all_sum(sum(self.objective.units(b) for b in micro))
                 if units == 0:
                     raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
-                loss_total = 0.0
+                loss_total, step_stats = 0.0, {}
                 for j, batch in enumerate(micro):
                     sync = j == len(micro) - 1 or not self.world.distributed
                     with self._attention_scope(batch):  # forward and backward (checkpointing re-runs the forward)
                         with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                            loss_sum, _ = self.objective(self.wrapped, batch)
+                            loss_sum, batch_stats = self.objective(self.wrapped, batch)
                             # Summed loss / units of the whole step; DDP averages gradients over processes,
                             # so scaling by world size makes the result the global token mean exactly.
                             loss = loss_sum * (self.world.size / units)
                         self.scaler.scale(loss).backward()
                     loss_total += float(loss_sum.detach())
+                    accumulate(step_stats, batch_stats)
                 self._each("on_after_backward", state)
                 if self.cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
@@ -303,7 +311,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
                     record = {
-                        "type": "train", "step": state.step, "epoch": round(step / self.steps_per_epoch, 4), "loss": last_loss,
+                        "type": "train", "step": state.step, "total_steps": self.total_steps, "epoch": round(step / self.steps_per_epoch, 4),
+                        "loss": last_loss, **_step_accuracy(self.objective, step_stats),
                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
                         "elapsed_s": time.perf_counter() - started,
                     }

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
+from tests.test_perf_varlen import lora_model
 from tunelab.data import Example, batch_tokens, collate_packed
 from tunelab.data.collate import MIN_SHARED_PREFIX, shared_prefix_length
 from tunelab.models import load_model
@@ -26,11 +26,6 @@ def chat_like(lengths: list[int], seed: int = 0, prompt: int = 6, weights: list[
         labels = [-100] * (len(PREFIX) + min(prompt, n)) + own[prompt:]
         out.append(Example(input_ids=ids, labels=labels, weight=1.0 if weights is None else weights[i]))
     return out
-
-
-def lora_model():
-    model = load_model("tiny-llama", seed=1).model
-    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def loss_and_grads(objective, model, batch):

@@ -22,16 +22,20 @@ def whole_model_reply(source: str) -> str:
     return "".join(p.text for p in decode(loaded.model, loaded.tokenizer, ids, Sampling(max_tokens=8, temperature=0)))
 
 
+def two_fine_tuned(c: OpenAI, rows: int, **hyperparameters: float) -> list:
+    """Two succeeded jobs on tiny-llama, trained on different data (seeds 1 and 2)."""
+    jobs = []
+    for seed in (1, 2):
+        f = c.files.create(file=("t.jsonl", chat_rows(rows, seed=seed)), purpose="fine-tune")
+        jobs.append(wait_for(c, c.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=seed, hyperparameters=hyperparameters).id))
+    assert all(j.status == "succeeded" for j in jobs), [j.error for j in jobs]
+    return jobs
+
+
 def test_two_adapters_on_one_base_answer_like_their_runs(tmp_path):
     with running_server(tmp_path) as url:
         c = OpenAI(base_url=url, api_key="none", max_retries=0, _strict_response_validation=True)
-        jobs = []
-        for seed in (1, 2):
-            f = c.files.create(file=("t.jsonl", chat_rows(24, seed=seed)), purpose="fine-tune")
-            job = c.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=seed,
-                                            hyperparameters={"n_epochs": 3, "learning_rate_multiplier": 20})
-            jobs.append(wait_for(c, job.id))
-        assert all(j.status == "succeeded" for j in jobs), [j.error for j in jobs]
+        jobs = two_fine_tuned(c, 24, n_epochs=3, learning_rate_multiplier=20)
         replies = {}
         for name in ("tiny-llama", jobs[0].fine_tuned_model, jobs[1].fine_tuned_model, "tiny-llama", jobs[0].fine_tuned_model):
             r = c.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, temperature=0)
@@ -44,14 +48,10 @@ def test_two_adapters_on_one_base_answer_like_their_runs(tmp_path):
     assert len(set(replies.values())) == 3  # the adapters change the answers: switching is really tested
 
 
-
 def test_deleting_an_adapter_leaves_the_base_and_the_other_adapters_answering(tmp_path):
     with running_server(tmp_path) as url:
         c = OpenAI(base_url=url, api_key="none", max_retries=0, _strict_response_validation=True)
-        names = []
-        for seed in (1, 2):
-            f = c.files.create(file=("t.jsonl", chat_rows(12, seed=seed)), purpose="fine-tune")
-            names.append(wait_for(c, c.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=seed).id).fine_tuned_model)
+        names = [job.fine_tuned_model for job in two_fine_tuned(c, 12)]
 
         def reply(name: str) -> str:
             return c.chat.completions.create(model=name, messages=MESSAGES, max_tokens=4, temperature=0).choices[0].message.content

@@ -1,8 +1,9 @@
 """``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``.
 
-Generation runs in a worker thread (the event loop stays free for other requests) with the
-model's lock held, one request per loaded model at a time; streamed responses are Server-Sent
-Events ending in ``data: [DONE]``, as the ``openai`` client reads them.
+Generation is handed to the model's batcher (``tunelab.serve.batching``: requests waiting for
+the same model and adapter are decoded together) and awaited in a worker thread, so the event
+loop stays free; streamed responses are Server-Sent Events ending in ``data: [DONE]``, as the
+``openai`` client reads them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.serve.batching import pieces
 from tunelab.serve.context import caller, state
-from tunelab.serve.decoding import Piece, Sampling, decode
+from tunelab.serve.decoding import Piece, Sampling
 from tunelab.serve.errors import bad_request, envelope
 from tunelab.serve.inference import LoadedModel, public
 from tunelab.serve.store import new_id
@@ -103,9 +105,9 @@ def _logprobs_content(pieces: list[Piece]) -> list[dict[str, Any]]:
             for piece in pieces for lp in piece.logprobs]
 
 
-def _run_all(loaded: LoadedModel, ids: torch.Tensor, sampling: Sampling) -> list[Piece]:
-    with loaded.lock, loaded.activate():
-        return list(decode(loaded.model, loaded.tokenizer, ids, sampling))
+def _collect(out: Any) -> list[Piece]:
+    """Every piece of a submitted request (blocking: run it in a worker thread)."""
+    return list(pieces(out))
 
 
 def _seeded(sampling: Sampling, choice: int) -> Sampling:
@@ -128,9 +130,8 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _locked_stream(loaded: LoadedModel, ids: torch.Tensor, sampling: Sampling) -> Iterator[Piece]:
-    with loaded.lock, loaded.activate():
-        yield from decode(loaded.model, loaded.tokenizer, ids, sampling)
+def _stream(loaded: LoadedModel, ids: torch.Tensor, sampling: Sampling) -> Iterator[Piece]:
+    yield from pieces(loaded.batcher.submit(loaded, ids, sampling))
 
 
 @router.get("/models")
@@ -164,7 +165,7 @@ async def chat(request: Request, body: ChatRequest, owner: str | None = Depends(
             for choice in range(body.n):
                 yield {**base, "object": "chat.completion.chunk", "choices": [
                     {"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-                for piece in _locked_stream(loaded, ids, _seeded(sampling, choice)):
+                for piece in _stream(loaded, ids, _seeded(sampling, choice)):
                     logprobs = {"content": _logprobs_content([piece])} if body.logprobs else None
                     if piece.text or logprobs:
                         yield {**base, "object": "chat.completion.chunk", "choices": [
@@ -177,13 +178,14 @@ async def chat(request: Request, body: ChatRequest, owner: str | None = Depends(
                 yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ids.shape[1], completion)}
 
         return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+    runs = [loaded.batcher.submit(loaded, ids, _seeded(sampling, choice)) for choice in range(body.n)]  # all queued: they batch
     choices, completion = [], 0
-    for choice in range(body.n):
-        pieces = await anyio.to_thread.run_sync(_run_all, loaded, ids, _seeded(sampling, choice))
-        completion += pieces[-1].completion_tokens
-        choices.append({"index": choice, "message": {"role": "assistant", "content": "".join(p.text for p in pieces), "refusal": None},
-                        "logprobs": {"content": _logprobs_content(pieces), "refusal": None} if body.logprobs else None,
-                        "finish_reason": pieces[-1].finish_reason})
+    for choice, run in enumerate(runs):
+        parts = await anyio.to_thread.run_sync(_collect, run)
+        completion += parts[-1].completion_tokens
+        choices.append({"index": choice, "message": {"role": "assistant", "content": "".join(p.text for p in parts), "refusal": None},
+                        "logprobs": {"content": _logprobs_content(parts), "refusal": None} if body.logprobs else None,
+                        "finish_reason": parts[-1].finish_reason})
     return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(ids.shape[1], completion)}
 
 
@@ -227,7 +229,7 @@ async def complete(request: Request, body: CompletionRequest, owner: str | None 
             completion, index = 0, 0
             for ids in prompts:
                 for choice in range(body.n):
-                    for piece in _locked_stream(loaded, ids, _seeded(sampling, choice)):
+                    for piece in _stream(loaded, ids, _seeded(sampling, choice)):
                         completion += piece.completion_tokens if piece.finish_reason else 0
                         yield {**base, "choices": [{"index": index, "text": piece.text, "logprobs": legacy_logprobs([piece]),
                                                     "finish_reason": piece.finish_reason}]}
@@ -236,15 +238,15 @@ async def complete(request: Request, body: CompletionRequest, owner: str | None 
                 yield {**base, "choices": [], "usage": _usage(sum(p.shape[1] for p in prompts), completion)}
 
         return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+    runs = [(ids, loaded.batcher.submit(loaded, ids, _seeded(sampling, choice))) for ids in prompts for choice in range(body.n)]
     choices, completion = [], 0
-    for ids in prompts:
-        for choice in range(body.n):
-            pieces = await anyio.to_thread.run_sync(_run_all, loaded, ids, _seeded(sampling, choice))
-            completion += pieces[-1].completion_tokens
-            text = "".join(p.text for p in pieces)
-            if body.echo:
-                text = loaded.tokenizer.decode(ids[0], skip_special_tokens=True) + text
-            choices.append({"index": len(choices), "text": text, "logprobs": legacy_logprobs(pieces), "finish_reason": pieces[-1].finish_reason})
+    for ids, run in runs:
+        parts = await anyio.to_thread.run_sync(_collect, run)
+        completion += parts[-1].completion_tokens
+        text = "".join(p.text for p in parts)
+        if body.echo:
+            text = loaded.tokenizer.decode(ids[0], skip_special_tokens=True) + text
+        choices.append({"index": len(choices), "text": text, "logprobs": legacy_logprobs(parts), "finish_reason": parts[-1].finish_reason})
     return {**base, "choices": choices, "usage": _usage(sum(p.shape[1] for p in prompts), completion)}
 
 

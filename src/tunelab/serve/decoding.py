@@ -69,42 +69,89 @@ def _end_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return {int(i) for i in ids if isinstance(i, int)}
 
 
-@torch.no_grad()
-def decode(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor, sampling: Sampling) -> Iterator[Piece]:
-    """Pieces of the continuation of ``input_ids`` ``[1, T]``; the last one says why it ended."""
-    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed() % 2**63)
-    end_ids = _end_ids(model, tokenizer)
-    tokens: list[int] = []
-    sent = 0  # characters of the decoded text already emitted
-    pending: list[TokenLogprob] = []
-    step_input, cache, cache_arg = input_ids, None, "cache"
-    finish = "length"
-    for _ in range(sampling.max_tokens):
-        kwargs = {cache_arg: cache} if cache is not None else {}
-        out = model(input_ids=step_input, use_cache=True, logits_to_keep=1, **kwargs)
-        cache, cache_arg = kv_cache_of(model, out)
-        logits = out.logits[0, -1].float()
-        token = _pick(logits, sampling, generator)
-        if token in end_ids:
-            finish = "stop"
-            break
-        tokens.append(token)
-        if sampling.top_logprobs is not None:
+class _Row:
+    """One request's decoding state: its tokens, the text already sent, its random stream."""
+
+    def __init__(self, tokenizer, sampling: Sampling, end_ids: set[int]) -> None:
+        self.tokenizer, self.sampling, self.end_ids = tokenizer, sampling, end_ids
+        self.generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed() % 2**63)
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.pending: list[TokenLogprob] = []
+        self.done = False
+
+    def _piece(self, text: str, finish: str | None) -> Piece:
+        piece = Piece(text, self.pending, finish, len(self.tokens))
+        self.pending = []
+        self.done = finish is not None
+        return piece
+
+    def advance(self, logits: torch.Tensor) -> Piece | None:
+        """Pick the next token from ``logits`` ``[vocab]``; the text it releases (if any)."""
+        token = _pick(logits, self.sampling, self.generator)
+        if token in self.end_ids:
+            return self._piece(self.tokenizer.decode(self.tokens, skip_special_tokens=True)[self.sent :], "stop")
+        self.tokens.append(token)
+        if self.sampling.top_logprobs is not None:
             logp = torch.log_softmax(logits, dim=-1)
-            top = logp.topk(sampling.top_logprobs) if sampling.top_logprobs else None
-            pending.append(TokenLogprob(tokenizer.decode([token]), float(logp[token]),
-                                        [] if top is None else [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]))
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        hit = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+            top = logp.topk(self.sampling.top_logprobs) if self.sampling.top_logprobs else None
+            self.pending.append(TokenLogprob(self.tokenizer.decode([token]), float(logp[token]),
+                                             [] if top is None else [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hit = min((text.find(s) for s in self.sampling.stop if s in text), default=-1)
         if hit >= 0:
-            yield Piece(text[sent:hit], pending, "stop", len(tokens))
-            return
-        ready = len(text) - _held_back(text, sampling.stop)
+            return self._piece(text[self.sent : hit], "stop")
+        if len(self.tokens) >= self.sampling.max_tokens:
+            return self._piece(text[self.sent :], "length")
+        ready = len(text) - _held_back(text, self.sampling.stop)
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             ready = min(ready, len(text) - 1)
-        if ready > sent:
-            yield Piece(text[sent:ready], pending, None, len(tokens))
-            sent, pending = ready, []
-        step_input = torch.tensor([[token]], device=input_ids.device)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    yield Piece(text[sent:], pending, finish, len(tokens))
+        if ready <= self.sent:
+            return None
+        piece, self.sent = self._piece(text[self.sent : ready], None), ready
+        return piece
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+
+@torch.no_grad()
+def decode_batch(model: torch.nn.Module, tokenizer, prompts: list[torch.Tensor], samplings: list[Sampling]) -> Iterator[tuple[int, Piece]]:
+    """Decode several prompts (each ``[1, T_i]``) together: ``(row, piece)`` as text is released,
+    each row's last piece saying why it ended.
+
+    Decoding a small model on a CPU is memory-bound (every token reads all the weights), so one
+    forward for the whole batch costs about what one row costs alone. Prompts are left-padded
+    with an attention mask and explicit positions, so each row computes what it would alone;
+    a finished row idles (its slot keeps a padding token) until the batch ends.
+    """
+    end_ids = _end_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids, default=0)
+    device = prompts[0].device
+    longest = max(p.shape[1] for p in prompts)
+    step_input = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(step_input)
+    for i, prompt in enumerate(prompts):
+        step_input[i, longest - prompt.shape[1] :] = prompt[0]
+        mask[i, longest - prompt.shape[1] :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = [_Row(tokenizer, sampling, end_ids) for sampling in samplings]
+    cache, cache_arg = None, "cache"
+    while not all(row.done for row in rows):
+        kwargs = {cache_arg: cache} if cache is not None else {}
+        out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        cache, cache_arg = kv_cache_of(model, out)
+        logits = out.logits[:, -1].float()
+        for i, row in enumerate(rows):
+            if not row.done and (piece := row.advance(logits[i])) is not None:
+                yield i, piece
+        step_input = torch.tensor([[pad if row.done else row.last_token] for row in rows], device=device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+def decode(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor, sampling: Sampling) -> Iterator[Piece]:
+    """Pieces of the continuation of ``input_ids`` ``[1, T]``; the last one says why it ended."""
+    for _, piece in decode_batch(model, tokenizer, [input_ids], [sampling]):
+        yield piece

@@ -7,8 +7,8 @@ and point at their run directory.
 A fine-tuned model whose run saved only a PEFT adapter (LoRA, IA3, ...) is not loaded whole: its
 adapter is added by name to the one in-memory copy of its base model, so ten fine-tuned models of
 SmolLM2 cost one SmolLM2 plus ten adapters of a few MB each. A request switches the active
-adapter (or disables adapters, for the base model itself) under the base's lock, so requests for
-one base run one at a time, in arrival order. Runs that saved more than an adapter (a bottleneck
+adapter (or disables adapters, for the base model itself) under the base's lock; requests waiting
+for the same adapter are decoded together as one batch (``tunelab.serve.batching``). Runs that saved more than an adapter (a bottleneck
 method, a new head, merged or pruned weights) and checkpoints are loaded whole. At most
 ``capacity`` bases and whole models stay in memory, the least recently used leaving first.
 """
@@ -26,6 +26,7 @@ from typing import Any
 from tunelab import rundir
 from tunelab.models.registry import PACKAGED
 from tunelab.models.tiny import TINY_MODELS
+from tunelab.serve.batching import Batcher
 from tunelab.serve.errors import APIError
 from tunelab.serve.store import Store, now
 
@@ -35,11 +36,14 @@ KIND = "model"
 @dataclass
 class LoadedModel:
     """What a request generates with: the model, its tokenizer, the lock to hold while using it,
-    and the context that puts the model in the requested state (its adapter active)."""
+    the context that puts the model in the requested state (its adapter active), and the batcher
+    that decodes the requests waiting for it; requests with the same ``key`` (adapter) batch."""
 
     model: Any
     tokenizer: Any
     lock: threading.Lock
+    batcher: Batcher
+    key: str | None = None
     activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
@@ -48,6 +52,7 @@ class SharedBase:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer, self.lock = model, tokenizer, threading.Lock()
+        self.batcher = Batcher(self.lock)
         self.peft: Any = None  # the PeftModel around ``model`` once an adapter is loaded
         self.adapters: set[str] = set()
 
@@ -76,8 +81,8 @@ class SharedBase:
         """The base with ``adapter`` active (None: the base model itself, adapters disabled)."""
         if adapter is None:
             if self.peft is None:
-                return LoadedModel(self.model, tokenizer, self.lock)
-            return LoadedModel(self.peft, tokenizer, self.lock, self.peft.disable_adapter)
+                return LoadedModel(self.model, tokenizer, self.lock, self.batcher)
+            return LoadedModel(self.peft, tokenizer, self.lock, self.batcher, None, self.peft.disable_adapter)
         peft = self.peft
 
         @contextlib.contextmanager
@@ -85,7 +90,7 @@ class SharedBase:
             peft.set_adapter(adapter)
             yield
 
-        return LoadedModel(peft, tokenizer, self.lock, active)
+        return LoadedModel(peft, tokenizer, self.lock, self.batcher, adapter, active)
 
 
 def adapter_only(run_dir: Path) -> Path | None:
@@ -203,7 +208,8 @@ class ModelPool:
         step = record.get("_checkpoint_step")
         if step is not None:
             _apply_checkpoint(loaded.model, Path(record["_run_dir"]), step)
-        return LoadedModel(loaded.model.eval(), loaded.tokenizer, threading.Lock())
+        lock = threading.Lock()
+        return LoadedModel(loaded.model.eval(), loaded.tokenizer, lock, Batcher(lock))
 
 
 def _adapter_name(record: dict[str, Any]) -> str:

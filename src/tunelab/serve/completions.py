@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Literal, Union
 
 import anyio
@@ -99,21 +101,19 @@ def _chat_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> torch.Tens
     return encode_prompt(loaded.tokenizer, turns)
 
 
-def _logprobs_content(pieces: list[Piece]) -> list[dict[str, Any]]:
+def _logprobs_content(parts: list[Piece]) -> list[dict[str, Any]]:
     return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
              "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top]}
-            for piece in pieces for lp in piece.logprobs]
+            for piece in parts for lp in piece.logprobs]
 
 
-def _collect(out: Any) -> list[Piece]:
+def _collect(out: queue.Queue) -> list[Piece]:
     """Every piece of a submitted request (blocking: run it in a worker thread)."""
     return list(pieces(out))
 
 
 def _seeded(sampling: Sampling, choice: int) -> Sampling:
     """Choice i of ``n`` draws with seed + i (each reproducible, and different from the others)."""
-    from dataclasses import replace
-
     return sampling if sampling.seed is None or choice == 0 else replace(sampling, seed=sampling.seed + choice)
 
 
@@ -211,10 +211,10 @@ async def complete(request: Request, body: CompletionRequest, owner: str | None 
     sampling = body.sampling(body.max_tokens, body.logprobs)
     base = {"id": new_id("cmpl-"), "created": int(time.time()), "model": body.model, "object": "text_completion"}
 
-    def legacy_logprobs(pieces: list[Piece]) -> dict[str, Any] | None:
+    def legacy_logprobs(parts: list[Piece]) -> dict[str, Any] | None:
         if body.logprobs is None:
             return None
-        items = [lp for p in pieces for lp in p.logprobs]
+        items = [lp for p in parts for lp in p.logprobs]
         offsets, position = [], 0
         for lp in items:
             offsets.append(position)

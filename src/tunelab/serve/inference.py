@@ -114,6 +114,7 @@ class ModelPool:
             path = Path(entry).expanduser().resolve()
             self.bases[path.name if path.exists() else entry] = str(path) if path.exists() else entry
         self._loaded: OrderedDict[str, SharedBase | LoadedModel] = OrderedDict()  # by base source, or by model id
+        self._tokenizers: dict[str, Any] = {}  # fine-tuned model id -> its run's tokenizer
         self._lock = threading.Lock()
 
     def base_source(self, name: str) -> str | None:
@@ -146,6 +147,7 @@ class ModelPool:
         self.store.delete(KIND, name)
         with self._lock:
             self._loaded.pop(name, None)
+            self._tokenizers.pop(name, None)
             shared = self._loaded.get(self.bases.get(record.get("_base", ""), record.get("_base", "")))
         if isinstance(shared, SharedBase):
             shared.remove(_adapter_name(record))
@@ -192,13 +194,14 @@ class ModelPool:
                 self._loaded.popitem(last=False)
             return entry
 
-    @staticmethod
-    def _tokenizer(record: dict[str, Any], shared: SharedBase) -> Any:
-        """The run's own tokenizer (its chat template), when it has one."""
+    def _tokenizer(self, record: dict[str, Any], shared: SharedBase) -> Any:
+        """The run's own tokenizer (its chat template), when it has one; read once per model."""
         from transformers import AutoTokenizer
 
-        final = rundir.final_dir(Path(record["_run_dir"]))
-        return AutoTokenizer.from_pretrained(str(final)) if (final / "tokenizer_config.json").exists() else shared.tokenizer
+        if record["id"] not in self._tokenizers:
+            final = rundir.final_dir(Path(record["_run_dir"]))
+            self._tokenizers[record["id"]] = AutoTokenizer.from_pretrained(str(final)) if (final / "tokenizer_config.json").exists() else shared.tokenizer
+        return self._tokenizers[record["id"]]
 
     @staticmethod
     def _load_whole(record: dict[str, Any]) -> LoadedModel:

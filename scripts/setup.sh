@@ -13,12 +13,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.tunelab-setup-$( (cat pyproject.toml; echo "test=$want_test") | sha256sum | cut -c1-16)
+# The older openai client the service is also tested with (tests/test_serve_openai_1x.py), kept out
+# of the venv's own packages: it needs older pydantic/httpx than the pinned client.
+OLD_OPENAI="openai==1.109.1"
+stamp=.venv/.tunelab-setup-$( (cat pyproject.toml scripts/setup.sh; echo "test=$want_test") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   # torch first and pinned: its CPU wheel is 2.13.0; an unpinned torch pulls a multi-GB CUDA build.
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
   if [ "$want_test" = 1 ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+    rm -rf .venv/openai-1x
+    .venv/bin/pip install --quiet --disable-pip-version-check --target .venv/openai-1x "$OLD_OPENAI"
   else
     .venv/bin/pip install --quiet --disable-pip-version-check -e .
   fi

@@ -7,7 +7,12 @@ prompt/few-shot helpers that evaluation shares.
 
 from tunelab.data.build import build_datasets
 from tunelab.data.bundle import IGNORE_INDEX, DataBundle, DataReport, Example
-from tunelab.data.collate import batch_tokens, collate_packed, collate_padded
+from tunelab.data.collate import (
+    batch_tokens,
+    collate_packed,
+    collate_padded,
+    preference_sequences,
+)
 from tunelab.data.config import DataConfig
 
 __all__ = [
@@ -20,4 +25,5 @@ __all__ = [
     "build_datasets",
     "collate_packed",
     "collate_padded",
+    "preference_sequences",
 ]

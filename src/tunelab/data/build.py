@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.bad_rows import BadRows
 from tunelab.data.bundle import DataBundle, DataReport, Example
+from tunelab.data.collate import preference_sequences
 from tunelab.data.config import DataConfig
 from tunelab.data.encode import Encoder, learned_tokens
 from tunelab.data.example_fields import read_example_fields
@@ -51,7 +52,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     report.truncated, report.dropped, report.clipped = encoder.truncated, encoder.dropped, encoder.clipped
     report.train_examples, report.validation_examples = len(train_examples), len(val_examples)
     report.tokens = sum(_tokens(e) for e in train_examples)
-    report.supervised_tokens = sum(learned_tokens(e) for e in train_examples)
+    report.supervised_tokens = sum(learned_tokens(e) for e in _sequences(train_examples))
     if not train_examples:
         raise _nothing_left(cfg, report, encoder)
     if cfg.validation and not val_examples:
@@ -150,7 +151,7 @@ def _encoder(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shape: Shape, train: Sequence[Record], report: DataReport
 ) -> Encoder:
     """The encoder for ``shape``, after the template (sft) or label map (classification) is fixed."""
-    if shape == "sft":
+    if shape in ("sft", "preference"):
         template, report.template = resolve_chat_template(tokenizer, cfg.template)
         return Encoder(tokenizer, cfg, shape, chat_template=template)
     if shape in LABELLED_TASKS:
@@ -184,6 +185,11 @@ def _encode_all(
             example.weight, example.difficulty, example.language = record.weight, record.difficulty, record.language
             examples.append(example)
     return examples
+
+
+def _sequences(examples: Sequence[Example]) -> list[Example]:
+    """Each sequence the model reads (both answers of a preference pair)."""
+    return [s for e in examples for s in (preference_sequences([e]) if e.group_labels else [e])]
 
 
 def _tokens(example: Example) -> int:

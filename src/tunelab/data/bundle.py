@@ -16,7 +16,8 @@ class Example:
     classification it is empty and ``label`` holds the class id. ``targets`` holds float targets
     (a regression value, or a multi-hot label vector). ``group`` holds several sequences that form
     one example (anchor, positive, negative — None where a row has no negative; or one sequence
-    per answer choice, with ``label`` the correct one); ``input_ids`` is then the first of them.
+    per answer choice, with ``label`` the correct one; or a preference pair, chosen then rejected,
+    whose token labels are in ``group_labels``); ``input_ids`` is then the first of them.
     ``word_ids`` maps tokens to words (-1 for special tokens), for whole-word masking.
     ``weight``, ``difficulty`` and ``language`` come from the row's columns on every data path
     (``data.weight_column`` etc.); ``task`` is the index of a multi-task run's task.
@@ -28,6 +29,7 @@ class Example:
     weight: float = 1.0
     targets: list[float] | None = None
     group: list[list[int] | None] | None = None
+    group_labels: list[list[int]] | None = None
     word_ids: list[int] | None = None
     difficulty: float | None = None
     language: str | None = None

@@ -126,3 +126,16 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
         weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
         batch["weights"] = weights if all(classification) else weights[:, None].expand(-1, longest).contiguous()
     return batch
+
+
+def preference_sequences(examples: Sequence[Example]) -> list[Example]:
+    """Preference pairs as the sequences the model reads: chosen 0, rejected 0, chosen 1, ...
+    (sequence ``2i`` is pair ``i``'s chosen answer, ``2i + 1`` its rejected one)."""
+    sequences = []
+    for example in examples:
+        if example.group is None or example.group_labels is None or len(example.group_labels) != 2:
+            raise ValueError("preference batches need examples with a chosen and a rejected sequence")
+        for ids, labels in zip(example.group, example.group_labels, strict=True):
+            assert ids is not None
+            sequences.append(Example(ids, labels, weight=example.weight))
+    return sequences

@@ -9,7 +9,8 @@ from pydantic import Field
 from tunelab.config_base import Section
 
 DataFormat = Literal[
-    "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "tagged", "choices"
+    "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "tagged", "choices",
+    "preference", "openai_preference",
 ]
 TemplateName = Literal["auto", "model", "chatml", "llama3", "alpaca", "plain"]
 

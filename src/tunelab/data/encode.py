@@ -15,7 +15,7 @@ from tunelab.data.formats import Record, Shape
 from tunelab.data.head_encode import encode_head_example
 from tunelab.data.head_rows import HEAD_SHAPES
 from tunelab.data.labels import label_id
-from tunelab.data.prompting import build_messages
+from tunelab.data.prompting import Message, build_messages
 from tunelab.data.tokenize import tokenize_for_classification, tokenize_text, truncate
 
 
@@ -64,15 +64,25 @@ class Encoder:
             )
             self.truncated += cut
             return Example(ids, [], label=label_id(record, self.label_index, self._declared_labels))
+        if self.shape == "preference":
+            return self._encode_preference(record, clipped)
         if self.shape == "text":
             ids = tokenize_text(self.tokenizer, record.text or "")
             labels = list(ids)
         else:
-            assert self.chat_template is not None and record.messages is not None, "sft needs a template and messages"
+            assert record.messages is not None, "sft needs messages"
             messages = build_messages(cfg.system_prompt, [s.messages or [] for s in shots], record.messages)
-            ids, labels = tokenize_chat(
-                self.tokenizer, messages, self.chat_template, train_on_prompt=cfg.train_on_prompt, where=record.where
-            )
+            ids, labels = self._tokenize_chat(messages, record.where, cfg.train_on_prompt)
+        return self._fit(ids, labels, clipped)
+
+    def _tokenize_chat(self, messages: list[Message], where: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+        assert self.chat_template is not None, "chat examples need a template"
+        return tokenize_chat(self.tokenizer, messages, self.chat_template, train_on_prompt=train_on_prompt, where=where)
+
+    def _fit(self, ids: list[int], labels: list[int], clipped: bool) -> Example | None:
+        """``ids``/``labels`` cut to ``max_length``, or None (counted as dropped) when nothing
+        learned is left."""
+        cfg = self.cfg
         full_labels = labels
         ids, labels, cut = truncate(ids, labels, cfg.max_length, cfg.truncation_side)
         example = Example(ids, labels)
@@ -84,6 +94,21 @@ class Encoder:
             return None
         self.truncated += cut
         return example
+
+    def _encode_preference(self, record: Record, clipped: bool) -> Example | None:
+        """The prompt followed by each answer, each cut to ``max_length`` on its own; only the
+        answers are supervised. The example is the chosen sequence, with both in ``group``."""
+        assert record.messages is not None and record.chosen is not None and record.rejected is not None
+        prompt = build_messages(self.cfg.system_prompt, [], record.messages)
+        pair = []
+        for answer in (record.chosen, record.rejected):
+            ids, labels = self._tokenize_chat([*prompt, *answer], record.where, False)
+            example = self._fit(ids, labels, clipped)
+            if example is None:
+                return None
+            pair.append(example)
+        chosen, rejected = pair
+        return Example(chosen.input_ids, chosen.labels, group=[chosen.input_ids, rejected.input_ids], group_labels=[chosen.labels, rejected.labels])
 
     def template_overhead(self) -> int:
         """Tokens the chat template adds around one empty user turn and answer (0 outside sft)."""

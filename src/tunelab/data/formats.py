@@ -11,6 +11,8 @@ Formats (by the fields present, after ``data.columns`` renaming):
 - ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
 - ``classification``: ``text``, ``label``
 - ``text``: ``text`` (continued pretraining)
+- ``preference``: ``chosen`` + ``rejected`` (+ ``prompt``); ``openai_preference``: ``input`` +
+  ``preferred_output`` + ``non_preferred_output`` (DPO data, see ``preference_rows``)
 - ``multi_label``, ``pairs``, ``tagged``, ``choices``: the rows of the shapes in ``head_rows``
 - ``fields``: any fields, turned into prompts/answers/texts by ``data.prompt_template`` and
   ``data.completion_template``
@@ -24,6 +26,7 @@ from typing import Any, Literal
 
 from tunelab.data.config import DataConfig
 from tunelab.data.head_rows import HEAD_SHAPES, head_record
+from tunelab.data.preference_rows import PREFERENCE_FORMATS, preference_record
 from tunelab.data.prompting import Message, qa_messages, render
 from tunelab.data.records import Record, missing_field, string_field
 from tunelab.errors import UserError
@@ -31,10 +34,12 @@ from tunelab.errors import UserError
 #: What one example holds, which decides how its rows are read and encoded ("task" names other things:
 #: the eval task, a multi-task run's entries, the model class is its "model_task").
 Shape = Literal[
-    "sft", "classification", "text", "multi_label", "regression", "token_classification", "pairs", "sentences", "multiple_choice"
+    "sft", "classification", "text", "multi_label", "regression", "token_classification", "pairs", "sentences", "multiple_choice",
+    "preference",
 ]
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first match wins
+    **PREFERENCE_FORMATS,
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
@@ -47,7 +52,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first matc
 }
 ROLES = ("system", "user", "assistant")
 FORMATS_HINT = (
-    "expected messages | prompt+completion | instruction+output | text+label | text | text+labels | "
+    "expected prompt+chosen+rejected | messages | prompt+completion | instruction+output | text+label | text | text+labels | "
     "anchor+positive | tokens+tags | question+choices"
 )
 
@@ -91,6 +96,23 @@ def resolve_format(cfg: DataConfig, rows: Iterable[tuple[Mapping[str, Any], str]
 
 def check_settings(cfg: DataConfig, fmt: str, shape: Shape) -> None:
     """Reject settings that this format/shape combination would silently ignore."""
+    if (fmt in PREFERENCE_FORMATS) != (shape == "preference"):
+        if shape == "preference":
+            raise UserError(
+                f"objective dpo trains on preference rows, but the rows are {fmt}",
+                hint="give each row prompt + chosen + rejected (or OpenAI's input + preferred_output + non_preferred_output)",
+            )
+        raise UserError(
+            f"the rows are preference pairs ({fmt}), which only a preference objective trains on",
+            hint="set objective: {name: dpo}, or give SFT rows (messages, or prompt + completion)",
+        )
+    if shape == "preference":
+        if cfg.completion_template or cfg.few_shot or cfg.train_on_prompt:
+            raise UserError(
+                "data.completion_template, data.few_shot and data.train_on_prompt do not apply to preference rows",
+                hint="remove them: the answers come from chosen and rejected, and only they are scored",
+            )
+        return
     if fmt == "chat" and (cfg.prompt_template or cfg.completion_template):
         raise UserError(
             "data.prompt_template/completion_template build turns from row fields, but chat rows already hold their messages",
@@ -121,6 +143,8 @@ def check_settings(cfg: DataConfig, fmt: str, shape: Shape) -> None:
 
 def to_record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig, where: str) -> Record:
     """Validate one row and reduce it to a Record for ``shape``."""
+    if shape == "preference":
+        return preference_record(fields, fmt, cfg, where)
     if shape == "sft":
         if fmt == "chat":
             return Record(where, messages=chat_messages(fields.get("messages"), where))

@@ -19,7 +19,8 @@ from tunelab.errors import UserError
 @dataclass
 class Record:
     """One row, validated: a conversation (sft), a text, a text and its label(s) or target, word
-    tags, or a group of texts (anchor/positive/negative, or the answer choices of a question)."""
+    tags, a group of texts (anchor/positive/negative, or the answer choices of a question), or a
+    prompt with a preferred and a rejected answer."""
 
     where: str
     messages: list[Message] | None = None
@@ -28,13 +29,16 @@ class Record:
     words: list[str] | None = None
     tags: list[str] | None = None
     texts: list[str | None] | None = None
+    #: Preference rows: the preferred and the rejected answer to ``messages`` (assistant turns).
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
     weight: float = 1.0
     difficulty: float | None = None
     language: str | None = None
 
     def key(self) -> str:
         """Identity for exact-duplicate removal: two rows the model would see identically."""
-        return json.dumps([self.messages, self.text, self.label, self.words, self.tags, self.texts], sort_keys=True, ensure_ascii=False)
+        return json.dumps([self.messages, self.text, self.label, self.words, self.tags, self.texts, self.chosen, self.rejected], sort_keys=True, ensure_ascii=False)
 
     def label_values(self) -> list[str | int]:
         """The class names this record uses (for building the label map)."""

@@ -2,7 +2,10 @@
 
 Rows come from ``tunelab.data.readers`` (JSONL, JSON, CSV, Parquet...), so every complaint names
 ``file:line``. A reference may be a string, a number or a list of them (several correct answers);
-a multiple-choice item's correct option is its text or its index among the options.
+a multiple-choice item's correct option is its text or its index among the options. A preference
+row (``prompt``, ``chosen``, ``rejected`` strings: DPO data) is a two-option item whose correct option
+is the chosen answer, so the choice task's accuracy on held-out pairs is the model's win rate: how
+often it finds the preferred answer more likely than the rejected one.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def options(row: Row, shared: Sequence[str] | None, name: str) -> list[str]:
     """The item's options: the shared list, else its own ``name`` field (a list of strings)."""
     if shared:
         return list(shared)
+    if name not in row.fields and _preference(row):
+        return [row.fields["chosen"], row.fields["rejected"]]
     value = field(row, name)
     if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) for v in value):
         raise UserError(f"field '{name}' must list at least two options as strings", where=row.where, hint="or set eval.choices")
@@ -51,7 +56,10 @@ def options(row: Row, shared: Sequence[str] | None, name: str) -> list[str]:
 
 
 def correct_option(row: Row, opts: Sequence[str], name: str) -> int:
-    """Index of the correct option: the answer field holds its text or its index."""
+    """Index of the correct option: the answer field holds its text or its index (a preference
+    row's is its chosen answer)."""
+    if name not in row.fields and _preference(row) and list(opts[:2]) == [row.fields["chosen"], row.fields["rejected"]]:
+        return 0
     value = field(row, name)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(opts):
         return value
@@ -61,3 +69,7 @@ def correct_option(row: Row, opts: Sequence[str], name: str) -> int:
         f"answer {value!r} is neither one of the options {list(opts)} nor an index into them",
         where=row.where,
     )
+
+
+def _preference(row: Row) -> bool:
+    return all(isinstance(row.fields.get(key), str) for key in ("chosen", "rejected"))

@@ -74,10 +74,15 @@ def _method_and_hyperparameters(request: JobRequest) -> tuple[str, Hyperparamete
         hyper = request.hyperparameters or Hyperparameters()
         return "supervised", hyper
     kind = request.method.type
-    if kind != "supervised":
-        raise bad_request(f"method '{kind}' is not available on this server yet; use 'supervised'.", param="method.type")
-    section = request.method.supervised
-    return kind, (section.hyperparameters if section else request.hyperparameters or Hyperparameters())
+    if kind == "reinforcement":
+        raise bad_request("method 'reinforcement' is not available on this server; use 'supervised' or 'dpo'.", param="method.type")
+    section = request.method.supervised if kind == "supervised" else request.method.dpo
+    hyper = section.hyperparameters if section else request.hyperparameters or Hyperparameters()
+    if kind == "supervised" and hyper.beta is not None:
+        raise bad_request("beta is a DPO hyperparameter.", param="method.supervised.hyperparameters.beta")
+    if kind == "dpo" and hyper.beta is None:
+        hyper = hyper.model_copy(update={"beta": "auto"})
+    return kind, hyper
 
 
 @router.post("/fine_tuning/jobs")
@@ -93,13 +98,14 @@ def create(request: Request, body: JobRequest, owner: str | None = Depends(calle
         raise bad_request("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters.", param="metadata")
     kind, hyper = _method_and_hyperparameters(body)
     hyper.check(f"method.{kind}.hyperparameters" if body.method else "hyperparameters")
-    numbers = hyper.model_dump(exclude={"beta"})
+    numbers = hyper.model_dump(exclude={"beta"})  # the deprecated top-level field has no beta
+    method = hyper.model_dump(exclude={"beta"} if kind == "supervised" else set())
     job = {
         "id": new_id("ftjob-"), "object": "fine_tuning.job", "created_at": now(), "error": None, "fine_tuned_model": None,
         "finished_at": None, "hyperparameters": numbers, "model": body.model, "organization_id": ORGANIZATION,
         "result_files": [], "seed": body.seed if body.seed is not None else 42, "status": "validating_files",
         "trained_tokens": None, "training_file": body.training_file, "validation_file": body.validation_file,
-        "metadata": body.metadata, "method": {"type": kind, kind: {"hyperparameters": numbers}},
+        "metadata": body.metadata, "method": {"type": kind, kind: {"hyperparameters": method}},
         "integrations": body.integrations or [], "user_provided_suffix": body.suffix, "estimated_finish": None,
     }
     st.store.insert(KIND, job, owner=owner)

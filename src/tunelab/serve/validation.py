@@ -1,10 +1,13 @@
 """What a fine-tuning file must contain, checked when a job starts (OpenAI fails the job then,
 not the upload): at least ``MIN_EXAMPLES`` rows, each an OpenAI chat example (``messages`` with
-known roles and an assistant turn) or a legacy ``prompt``/``completion`` pair, nothing else."""
+known roles and an assistant turn) or a legacy ``prompt``/``completion`` pair for supervised
+jobs, or OpenAI's preference example (``input.messages``, ``preferred_output``,
+``non_preferred_output``) for DPO jobs; nothing else."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,24 +29,53 @@ class FileProblem(Exception):
         return {"code": self.code, "message": self.message, "param": self.param}
 
 
-def _check_row(row: dict, number: int, param: str) -> None:
+PREFERENCE_KEYS = {"input", "preferred_output", "non_preferred_output"}
+
+
+def _check_messages(messages: object, invalid: Callable[[str], FileProblem], name: str = "messages") -> None:
+    if not isinstance(messages, list) or not messages:
+        raise invalid(f"'{name}' must be a non-empty list.")
+    for index, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or "role" not in message:
+            raise invalid(f"message {index} Discriminator 'role' is missing in value")
+        if message["role"] not in ROLES:
+            raise invalid(f"message {index} has an unknown role '{message['role']}'.")
+        if set(message) - MESSAGE_KEYS:
+            raise invalid(f"message {index} contains an extra \"{sorted(set(message) - MESSAGE_KEYS)[0]}\".")
+
+
+def _check_preference_row(row: dict, invalid: Callable[[str], FileProblem]) -> None:
+    missing = PREFERENCE_KEYS - set(row)
+    if missing:
+        raise invalid(f"is missing \"{sorted(missing)[0]}\" (DPO examples hold input, preferred_output and non_preferred_output).")
+    if set(row) - PREFERENCE_KEYS:
+        raise invalid(f"contains an extra \"{sorted(set(row) - PREFERENCE_KEYS)[0]}\".")
+    if not isinstance(row["input"], dict) or set(row["input"]) - CHAT_KEYS:
+        raise invalid("'input' must be an object with 'messages' (and optionally 'tools', 'parallel_tool_calls').")
+    _check_messages(row["input"].get("messages"), invalid, "input.messages")
+    for name in ("preferred_output", "non_preferred_output"):
+        _check_messages(row[name], invalid, name)
+        if any(m["role"] != "assistant" for m in row[name]):
+            raise invalid(f"'{name}' must hold assistant messages only.")
+    if row["preferred_output"] == row["non_preferred_output"]:
+        raise invalid("'preferred_output' and 'non_preferred_output' are identical.")
+
+
+def _check_row(row: dict, number: int, param: str, method: str) -> None:
     def invalid(detail: str) -> FileProblem:
         return FileProblem("invalid_training_file", f"The job failed due to an invalid training file. Invalid file format. Example {number}, {detail}", param)
 
+    if not isinstance(row, dict):
+        raise invalid("is not a JSON object.")
+    if method == "dpo":
+        _check_preference_row(row, invalid)
+        return
     if "messages" in row:
         extra = set(row) - CHAT_KEYS
         if extra:
             raise invalid(f"contains an extra \"{sorted(extra)[0]}\".")
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise invalid("'messages' must be a non-empty list.")
-        for index, message in enumerate(messages, start=1):
-            if not isinstance(message, dict) or "role" not in message:
-                raise invalid(f"message {index} Discriminator 'role' is missing in value")
-            if message["role"] not in ROLES:
-                raise invalid(f"message {index} has an unknown role '{message['role']}'.")
-            if set(message) - MESSAGE_KEYS:
-                raise invalid(f"message {index} contains an extra \"{sorted(set(message) - MESSAGE_KEYS)[0]}\".")
+        _check_messages(messages, invalid)
         if not any(m["role"] == "assistant" for m in messages):
             raise invalid("has no assistant message to train on.")
     elif "prompt" in row and "completion" in row:
@@ -55,11 +87,12 @@ def _check_row(row: dict, number: int, param: str) -> None:
         raise invalid("has neither 'messages' nor 'prompt' and 'completion'.")
 
 
-def check_training_file(path: Path, param: str = "training_file", minimum: int = MIN_EXAMPLES) -> int:
-    """The number of examples in ``path``; raises ``FileProblem`` for what OpenAI would reject."""
+def check_training_file(path: Path, param: str = "training_file", minimum: int = MIN_EXAMPLES, method: str = "supervised") -> int:
+    """The number of examples in ``path`` for a ``method`` (supervised | dpo) job; raises
+    ``FileProblem`` for what OpenAI would reject."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for number, row in enumerate(rows, start=1):
-        _check_row(row, number, param)
+        _check_row(row, number, param, method)
     if len(rows) < minimum:
         raise FileProblem("invalid_n_examples", f"Training file has {len(rows)} example(s), but must have at least {minimum} examples", param)
     return len(rows)

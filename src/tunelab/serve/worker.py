@@ -120,9 +120,10 @@ class JobWorker:
         if job is None or job["status"] in (*FINISHED, "paused"):
             return  # cancelled or paused while it waited
         try:
-            check_training_file(self._path(job["training_file"]))
+            method = job["method"]["type"]
+            check_training_file(self._path(job["training_file"]), method=method)
             if job["validation_file"]:
-                check_training_file(self._path(job["validation_file"]), "validation_file", minimum=1)
+                check_training_file(self._path(job["validation_file"]), "validation_file", minimum=1, method=method)
         except FileProblem as problem:
             self._fail(job_id, problem.as_error())
             return
@@ -166,9 +167,11 @@ class JobWorker:
         return file_path(self.settings.data_dir, record)
 
     def _recipe(self, job: dict[str, Any]) -> Any:
-        """The recipe a job trains: LoRA on the job's base model and files, its hyperparameters."""
+        """The recipe a job trains: LoRA on the job's base model and files, its hyperparameters;
+        a DPO job trains the ``dpo`` objective (its ``beta``, 0.1 when auto) on OpenAI's
+        preference rows."""
         from tunelab.recipe import recipe_from_dict
-        from tunelab.train.auto_settings import LEARNING_RATES, what_trains
+        from tunelab.train.auto_settings import auto_lr
 
         data_dir = self.settings.data_dir
         hyper = job["hyperparameters"]
@@ -188,9 +191,14 @@ class JobWorker:
             "seed": job["seed"],
             "output_dir": str(run_dir_of(data_dir, job["id"])),
         }
+        objective = None
+        if job["method"]["type"] == "dpo":
+            beta = job["method"]["dpo"]["hyperparameters"]["beta"]
+            objective = "dpo"
+            raw["objective"] = {"name": "dpo", **({} if beta == "auto" else {"beta": beta})}
         recipe = recipe_from_dict(raw, name=job["id"])
         if hyper["learning_rate_multiplier"] != "auto":
-            lr = hyper["learning_rate_multiplier"] * LEARNING_RATES[what_trains(recipe.method)]
+            lr = hyper["learning_rate_multiplier"] * auto_lr(recipe.method, objective)[0]
             recipe = recipe_from_dict({**raw, "train": {**train, "lr": lr}}, name=job["id"])
         return recipe
 
@@ -221,17 +229,26 @@ class JobWorker:
                 "fine_tuned_model_checkpoint": checkpoint_name, "fine_tuning_job_id": job_id, "step_number": step, "metrics": metrics,
             }, parent=job_id, owner=owner)
             add_event(self.store, job_id, f"Checkpoint created at step {step}")
-        hyper = {**job["hyperparameters"], "n_epochs": summary.get("epochs") or job["hyperparameters"]["n_epochs"]}
-        if hyper["batch_size"] == "auto":
-            hyper["batch_size"] = self._recipe(job).train.batch_size
-        if hyper["learning_rate_multiplier"] == "auto":
-            hyper["learning_rate_multiplier"] = 1.0
         self.store.update(KIND, job_id, {
             "status": "succeeded", "fine_tuned_model": name, "finished_at": now(), "trained_tokens": summary.get("tokens_seen"),
-            "result_files": [result["id"]], "hyperparameters": hyper,
-            "method": {"type": job["method"]["type"], job["method"]["type"]: {"hyperparameters": hyper}},
+            "result_files": [result["id"]], **self._chosen_hyperparameters(job, summary),
         })
         add_event(self.store, job_id, "Fine-tuning job successfully completed")
+
+    def _chosen_hyperparameters(self, job: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+        """The job's ``hyperparameters`` and ``method`` with every ``"auto"`` replaced by what the
+        run used (the epochs the run resolved; batch size and beta from the job's recipe)."""
+        recipe = self._recipe(job)
+        kind = job["method"]["type"]
+        hyper = {**job["method"][kind]["hyperparameters"], "n_epochs": summary.get("epochs") or job["hyperparameters"]["n_epochs"]}
+        if hyper["batch_size"] == "auto":
+            hyper["batch_size"] = recipe.train.batch_size
+        if hyper["learning_rate_multiplier"] == "auto":
+            hyper["learning_rate_multiplier"] = 1.0
+        if hyper.get("beta") == "auto":
+            hyper["beta"] = recipe.objective.beta
+        legacy = {key: value for key, value in hyper.items() if key != "beta"}  # the deprecated field has no beta
+        return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": hyper}}}
 
     @staticmethod
     def _metrics_by_step(run_dir: Path) -> dict[int, dict[str, Any]]:

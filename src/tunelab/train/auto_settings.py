@@ -13,6 +13,9 @@ The rule (docs/choosing_a_method.md has the measurements behind it):
   batch 8, cosine); a frozen body with only a new head 1e-3; IA3 3e-3, prefix tuning 1e-2 and
   prompt tuning 3e-2 (peft's published examples, not measured here); full fine-tuning 2e-5 (the
   usual range for full fine-tuning of BERT- and Llama-style models; not measured here).
+  Preference objectives (DPO) take ``PREFERENCE_LR_SCALE`` times that: the loss pushes the
+  log-likelihood ratio of every answer with no floor, and at the SFT rate measured on SmolLM2
+  LoRA (docs/preference.md) it overshoots.
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ LEARNING_RATES = {
 }
 
 
+#: Preference objectives learn at this fraction of the SFT learning rate (see the module docstring).
+PREFERENCE_LR_SCALE = 0.1
+PREFERENCE_OBJECTIVES = ("dpo",)
+
+
+def auto_lr(method: MethodConfig, objective: str | None = None) -> tuple[float, str]:
+    """The learning rate for ``method`` trained with ``objective`` (None: the default), and why."""
+    kind = what_trains(method)
+    lr, why = LEARNING_RATES[kind], kind.replace("_", " ")
+    if objective in PREFERENCE_OBJECTIVES:
+        lr, why = lr * PREFERENCE_LR_SCALE, f"{why}, {objective}: x{PREFERENCE_LR_SCALE:g}"
+    return lr, why
+
+
 def auto_epochs(train_examples: int) -> int:
     """Passes over a training split of ``train_examples`` examples."""
     return max(1, min(MAX_EPOCHS, math.ceil(EXAMPLES_SEEN / max(1, train_examples))))
@@ -55,7 +72,7 @@ def what_trains(method: MethodConfig) -> str:
     return "full"
 
 
-def resolve(train: TrainConfig, method: MethodConfig, train_examples: int) -> tuple[TrainConfig, list[str]]:
+def resolve(train: TrainConfig, method: MethodConfig, train_examples: int, objective: str | None = None) -> tuple[TrainConfig, list[str]]:
     """``train`` with ``auto`` values replaced by numbers, and one line per replacement saying why."""
     changes, notes = {}, []
     if train.epochs == "auto" and train.max_steps is None:
@@ -64,7 +81,6 @@ def resolve(train: TrainConfig, method: MethodConfig, train_examples: int) -> tu
     elif train.epochs == "auto":
         changes["epochs"] = 1.0  # max_steps decides the length; epochs only names the default
     if train.lr == "auto":
-        kind = what_trains(method)
-        changes["lr"] = LEARNING_RATES[kind]
-        notes.append(f"lr auto -> {changes['lr']:g} ({kind.replace('_', ' ')})")
+        changes["lr"], why = auto_lr(method, objective)
+        notes.append(f"lr auto -> {changes['lr']:g} ({why})")
     return train.model_copy(update=changes), notes

@@ -8,6 +8,7 @@ no head (causal LM: SFT, or continued pretraining on ``text`` rows), one head
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import torch
 
 from tunelab.data import (
     DataBundle,
+    Example,
     build_datasets,
     collate_packed,
     collate_padded,
+    preference_sequences,
 )
 from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
@@ -66,7 +69,8 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
     if recipe.sampler is not None and not recipe.method.tasks:
         plugin = SAMPLERS.get(recipe.sampler.name)
         prepared.sampler = plugin.build(recipe.sampler, SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed))
-    prepared.train_cfg, prepared.notes = auto_settings.resolve(recipe.train, recipe.method, len(prepared.data.train))
+    objective = recipe.objective.name if recipe.objective is not None else None
+    prepared.train_cfg, prepared.notes = auto_settings.resolve(recipe.train, recipe.method, len(prepared.data.train), objective)
     return prepared
 
 
@@ -74,6 +78,29 @@ def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective
     """The recipe's ``objective:`` choice, else the one the model's head implies."""
     chosen = recipe.objective
     return build_objective(chosen.name if chosen is not None else default, chosen, ctx)
+
+
+def _example_shape(recipe: Recipe, data_section: DataConfig) -> str:
+    """What a causal-LM run's examples are: the chosen objective's own shape (preference pairs),
+    raw text, or conversations."""
+    plugin = OBJECTIVES.get(recipe.objective.name) if recipe.objective is not None else None
+    if plugin is not None and plugin.shape is not None:
+        return plugin.shape
+    return "text" if data_section.format == "text" else "sft"
+
+
+def _causal_lm_collate(objective: Objective, recipe: Recipe, pad_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    """Packed rows (with the shared prefix held once when the objective reads that layout) or
+    right-padded ones; preference pairs become their two sequences first."""
+    packed = objective.collation == "packed" and recipe.data.packing
+    share_prefix = bool(getattr(objective, "shared_prefix", False))
+
+    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+        if examples and examples[0].group_labels is not None:
+            examples = preference_sequences(examples)
+        return collate_packed(examples, share_prefix) if packed else collate_padded(examples, pad_id)
+
+    return collate
 
 
 def _objective_data(recipe: Recipe, ctx: ObjectiveContext) -> DataConfig:
@@ -88,15 +115,12 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     tokenizer = loaded.tokenizer
     ctx = ObjectiveContext(loaded.model, tokenizer, device=device, seed=recipe.seed, model_name=recipe.model.name)
     data_section = _objective_data(recipe, ctx)
-    data = build_datasets(data_section, tokenizer, shape="text" if data_section.format == "text" else "sft", seed=recipe.seed)
+    data = build_datasets(data_section, tokenizer, shape=_example_shape(recipe, data_section), seed=recipe.seed)  # type: ignore[arg-type]
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"), tokenizer=loaded.tokenizer)
     ctx.model, ctx.label_names, ctx.train = model, data.label_names, data.train
     objective = _objective(recipe, "causal_lm", ctx)
     attach_objective_modules(model, objective)
-    pad_id = pad_token_id(tokenizer)
-    packed = objective.collation == "packed" and recipe.data.packing
-    share_prefix = bool(getattr(objective, "shared_prefix", False))
-    collate = (lambda examples: collate_packed(examples, share_prefix)) if packed else (lambda examples: collate_padded(examples, pad_id))
+    collate = _causal_lm_collate(objective, recipe, pad_token_id(tokenizer))
 
     def save(run_dir: Path) -> Path:
         detach_objective_modules(model)

@@ -11,6 +11,7 @@ from tunelab.train.objectives import (
     masked_lm,
     multi_label,
     multiple_choice,
+    preference,
     regression,
     token_classification,
 )

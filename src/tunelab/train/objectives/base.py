@@ -99,6 +99,8 @@ class ObjectivePlugin:
     #: ``data(cfg, ctx, data_section) -> data_section``: where the training data comes from when the
     #: objective makes its own (a teacher's answers); called before the data is read.
     data: Callable[[Any, ObjectiveContext, Any], Any] | None = None
+    #: The example shape it trains on when not the head's own (``preference``: DPO pairs).
+    shape: str | None = None
 
 
 OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
@@ -109,14 +111,15 @@ Builder = Callable[[Any, ObjectiveContext], Objective]
 
 def register_objective(
     name: str, Config: type[Section] = NoSettings, *, heads: tuple[str | None, ...] | None = None,
-    data: Callable[[Any, ObjectiveContext, Any], Any] | None = None,
+    data: Callable[[Any, ObjectiveContext, Any], Any] | None = None, shape: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with
     ``objective: {name: ..., <Config's keys>}``. ``heads`` limits it to those head types; ``data``
-    rewrites the data section first (see ``ObjectivePlugin.data``)."""
+    rewrites the data section first (see ``ObjectivePlugin.data``); ``shape`` names the examples
+    it reads when they are not the head's (see ``ObjectivePlugin.shape``)."""
 
     def wrap(build: Builder) -> Builder:
-        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads, data))
+        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads, data, shape))
         return build
 
     return wrap

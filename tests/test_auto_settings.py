@@ -9,6 +9,8 @@ from tests.train_helpers import train, write_chat_data
 from tunelab.methods.config import MethodConfig
 from tunelab.train.auto_settings import (
     LEARNING_RATES,
+    PREFERENCE_LR_SCALE,
+    auto_batch_size,
     auto_epochs,
     resolve,
     what_trains,
@@ -19,6 +21,18 @@ from tunelab.train.config import TrainConfig
 @pytest.mark.parametrize(("examples", "epochs"), [(5000, 1), (300, 1), (299, 2), (100, 3), (40, 8), (10, 10), (0, 10)])
 def test_small_splits_get_more_passes_up_to_a_cap(examples, epochs):
     assert auto_epochs(examples) == epochs
+
+
+@pytest.mark.parametrize(("examples", "batch"), [(5000, 8), (128, 8), (127, 7), (40, 2), (10, 1)])
+def test_the_service_batch_is_eight_but_leaves_small_files_sixteen_steps(examples, batch):
+    assert auto_batch_size(examples) == batch
+
+
+def test_preference_objectives_learn_at_a_fraction_of_the_sft_rate():
+    lora = MethodConfig(lora={"r": 4})
+    sft, _ = resolve(TrainConfig(), lora, 300)
+    dpo, notes = resolve(TrainConfig(), lora, 300, objective="dpo")
+    assert dpo.lr == pytest.approx(sft.lr * PREFERENCE_LR_SCALE) and "dpo" in notes[-1]
 
 
 @pytest.mark.parametrize(

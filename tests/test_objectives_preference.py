@@ -185,7 +185,7 @@ def test_a_shared_prefix_and_the_sft_term_keep_the_loss_exact(tmp_path):
                 p.normal_(0, 0.5)
     examples = prepared.data.train[:3]
     batch = prepared.collate(examples)
-    assert int(batch["shared_prefix"]) > 8  # the system prompt is held once
+    assert batch["segment_prefix"].tolist() == [-1, 0, 0, -1, 3, 3, -1, 6, 6]  # each pair's prompt is held once
     sequences = preference_sequences(examples)
     policy = [_sequence_logp(model, s.input_ids, s.labels) for s in sequences]
     with model.disable_adapter():
@@ -194,8 +194,8 @@ def test_a_shared_prefix_and_the_sft_term_keep_the_loss_exact(tmp_path):
     expected = _hand_loss("sigmoid", 0.3, policy, reference, lengths) + sum(0.5 * -float(policy[i]) / lengths[i] for i in range(0, 6, 2))
     loss, _ = prepared.objective(model, batch)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
-    unshared, _ = prepared.objective(model, collate_packed(sequences))
-    assert unshared.item() == pytest.approx(expected, rel=1e-4)
+    for layout in (collate_packed(sequences), collate_packed(sequences, share_prefix=True)):  # unshared; shared batch-wide
+        assert prepared.objective(model, layout)[0].item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_full_fine_tuning_loads_the_reference_once_and_starts_at_log_two(tmp_path):

@@ -53,13 +53,37 @@ def test_shared_layout_holds_the_prefix_once():
     plain, shared = collate_packed(examples), collate_packed(examples, share_prefix=True)
     p = len(PREFIX)
     assert shared["input_ids"].shape[1] == plain["input_ids"].shape[1] - 2 * p
-    assert int(shared["shared_prefix"]) == p
+    assert shared["segment_prefix"].tolist() == [-1, 0, 0, 0]
     assert batch_tokens(shared) == batch_tokens(plain) == sum(len(e.input_ids) for e in examples)
     # the same supervised targets in the same order
     assert shared["labels"][shared["labels"] != -100].tolist() == plain["labels"][plain["labels"] != -100].tolist()
     # suffix positions continue from the prefix; segments are the prefix and each suffix
-    assert segment_bounds(shared["position_ids"], p).tolist() == [0, p, p + 9, p + 23, p + 33]
-    assert "shared_prefix" not in collate_packed(chat_like([9]), share_prefix=True)
+    assert shared["segment_bounds"].tolist() == [0, p, p + 9, p + 23, p + 33]
+    assert "segment_bounds" not in collate_packed(chat_like([9]), share_prefix=True)
+    assert segment_bounds(plain["position_ids"]).tolist() == [0, p + 9, 2 * p + 23, 3 * p + 33]
+
+
+def test_prefix_groups_share_each_groups_own_prefix():
+    first, second = chat_like([9, 14], seed=0), [Example([7] * len(PREFIX) + e.input_ids[len(PREFIX):], e.labels) for e in chat_like([10, 12], seed=1)]
+    grouped = collate_packed([*first, *second], share_prefix=True, group_size=2)
+    p = len(PREFIX)
+    assert grouped["segment_prefix"].tolist() == [-1, 0, 0, -1, 3, 3]
+    assert grouped["segment_bounds"].tolist() == [0, p, p + 9, p + 23, 2 * p + 23, 2 * p + 33, 2 * p + 45]
+    assert "segment_bounds" not in collate_packed([*first, *second], share_prefix=True)  # nothing common to all four
+    from tunelab.data.collate import example_index
+
+    assert example_index(grouped)[0, [0, p, p + 9, p + 23, 2 * p + 23, 2 * p + 33]].tolist() == [-1, 0, 1, -1, 2, 3]
+
+
+def test_prefix_groups_equal_full_examples_in_loss_and_gradients():
+    model = lora_model()
+    objective = CausalLMObjective(model, shared_prefix=True)
+    first, second = chat_like([9, 14], seed=0), [Example([7] * len(PREFIX) + e.input_ids[len(PREFIX):], e.labels) for e in chat_like([10, 12], seed=1)]
+    examples = [*first, *second]
+    loss, _, grads = loss_and_grads(objective, model, collate_packed(examples))
+    grouped_loss, _, grouped_grads = loss_and_grads(objective, model, collate_packed(examples, share_prefix=True, group_size=2))
+    assert grouped_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert all(torch.allclose(grouped_grads[n], g, atol=1e-5) for n, g in grads.items())
 
 
 @pytest.mark.parametrize("fused_loss", [True, False])
@@ -107,10 +131,10 @@ def test_training_shares_the_prefix_and_counts_every_examples_tokens(tmp_path, m
     recipe = (f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{lora: {{r: 4, dropout: 0.0}}}}\n"
               "train: {epochs: 1, batch_size: 8, precision: fp32}\n")
     prepared = prepare(recipe_for(tmp_path, recipe))
-    assert "shared_prefix" in prepared.collate(prepared.data.train[:8])
+    assert "segment_bounds" in prepared.collate(prepared.data.train[:8])
     shared = train(tmp_path, recipe)
     monkeypatch.setattr("tunelab.data.collate.shared_prefix_length", lambda examples: 0)
-    assert "shared_prefix" not in prepared.collate(prepared.data.train[:8])
+    assert "segment_bounds" not in prepared.collate(prepared.data.train[:8])
     unshared = train(tmp_path, recipe, f"output_dir={tmp_path / 'unshared'}")
     assert shared.tokens_seen == unshared.tokens_seen > 0
     assert shared.final_train_loss == pytest.approx(unshared.final_train_loss, rel=1e-4)

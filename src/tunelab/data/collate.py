@@ -10,12 +10,13 @@ Call the model with ``use_cache=False`` on packed batches: transformers only loo
 sequences when there is no KV cache, and models create one by default (``config.use_cache``),
 even in training mode. With a cache, examples silently attend to each other.
 
-A packed row can also hold the batch's **shared prefix** once (``share_prefix=True``): chat rows
-usually start with the same system prompt and instruction, and computing those tokens once per
-batch instead of once per example is work avoided, not approximated. The row is then
+A packed row can also hold a **shared prefix** once (``share_prefix=True``): chat rows usually
+start with the same system prompt and instruction, and the two answers of a preference pair with
+the same prompt; computing those tokens once instead of once per example is work avoided, not
+approximated. A group of examples (the batch, or each pair) is then laid out as
 ``prefix + suffix_1 + suffix_2 + ...``; each suffix's ``position_ids`` continue from the prefix
-length, and ``shared_prefix`` in the batch tells the per-example attention
-(``tunelab.train.varlen_attention``) to let every suffix attend to the prefix and to itself. Only
+length, and ``segment_bounds``/``segment_prefix`` in the batch tell the per-example attention
+(``tunelab.train.varlen_attention``) to let every suffix attend to its prefix and to itself. Only
 unsupervised tokens are shared, so every loss term is the one the example would get alone.
 """
 
@@ -53,29 +54,53 @@ def shared_prefix_length(examples: Sequence[Example]) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def collate_packed(examples: Sequence[Example], share_prefix: bool = False) -> dict[str, torch.Tensor]:
+def prefix_groups(examples: Sequence[Example], group_size: int | None) -> list[Sequence[Example]]:
+    """The groups whose common prefix a packed row may hold once: the whole batch, or consecutive
+    runs of ``group_size`` examples (a preference pair's chosen and rejected answers share their
+    prompt, which the whole batch does not)."""
+    if group_size is None:
+        return [examples]
+    return [examples[i : i + group_size] for i in range(0, len(examples), group_size)]
+
+
+def collate_packed(examples: Sequence[Example], share_prefix: bool = False, group_size: int | None = None) -> dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``position_ids``, each ``[1, total_tokens]``; no attention mask.
 
     Each example's first label is ``IGNORE_INDEX``: models shift labels left by one inside, so the
     last token of one example would otherwise be trained to predict the first of the next. With
-    ``share_prefix`` and a common prefix of at least ``MIN_SHARED_PREFIX`` tokens, the row holds
-    that prefix once and the batch gains ``shared_prefix`` (its length, ``[1]``) and
-    ``example_tokens`` (the examples' own token count, ``[1]``, for throughput figures).
+    ``share_prefix``, each group (``prefix_groups``) whose common prefix is at least
+    ``MIN_SHARED_PREFIX`` tokens is laid out as that prefix once, then each example's suffix, and
+    the batch gains ``segment_bounds`` (``[S + 1]`` token offsets of the row's segments),
+    ``segment_prefix`` (``[S]``: for a suffix, the index of the prefix segment it continues; -1
+    for a prefix or a whole example) and ``example_tokens`` (the examples' own token count, ``[1]``,
+    for throughput figures).
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
     if not all(e.labels for e in examples):
         raise ValueError("collate_packed is for causal-LM examples (classification examples have no token labels)")
-    prefix = shared_prefix_length(examples) if share_prefix else 0
-    input_ids: list[int] = list(examples[0].input_ids[:prefix])
-    labels: list[int] = [IGNORE_INDEX] * prefix
-    positions: list[int] = list(range(prefix))
-    weights: list[float] = [1.0] * prefix  # never read: no prefix token is supervised
-    for example in examples:
-        input_ids += example.input_ids[prefix:]
-        labels += [IGNORE_INDEX, *example.labels[prefix + 1 :]]
-        positions += range(prefix, len(example.input_ids))
-        weights += [example.weight] * (len(example.input_ids) - prefix)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    weights: list[float] = []
+    bounds, prefix_of = [0], []
+    for group in prefix_groups(examples, group_size):
+        prefix = shared_prefix_length(group) if share_prefix else 0
+        if prefix:
+            input_ids += group[0].input_ids[:prefix]
+            labels += [IGNORE_INDEX] * prefix
+            positions += range(prefix)
+            weights += [1.0] * prefix  # never read: no prefix token is supervised
+            bounds.append(len(input_ids))
+            prefix_of.append(-1)
+        prefix_index = len(prefix_of) - 1 if prefix else -1
+        for example in group:
+            input_ids += example.input_ids[prefix:]
+            labels += [IGNORE_INDEX, *example.labels[prefix + 1 :]]
+            positions += range(prefix, len(example.input_ids))
+            weights += [example.weight] * (len(example.input_ids) - prefix)
+            bounds.append(len(input_ids))
+            prefix_of.append(prefix_index)
     batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
@@ -83,10 +108,31 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False) -> d
     }
     if any(e.weight != 1.0 for e in examples):
         batch["weights"] = torch.tensor([weights], dtype=torch.float32)
-    if prefix:
-        batch["shared_prefix"] = torch.tensor([prefix])
+    if any(p >= 0 for p in prefix_of):
+        batch["segment_bounds"] = torch.tensor(bounds, dtype=torch.int32)
+        batch["segment_prefix"] = torch.tensor(prefix_of, dtype=torch.long)
         batch["example_tokens"] = torch.tensor([sum(len(e.input_ids) for e in examples)])
     return batch
+
+
+def example_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """For every token of a batch, the index of the example it belongs to (``[B, T]``; -1 for a
+    shared prefix). Padded batches hold one example per row; packed rows start an example where
+    the positions restart, or at each non-prefix segment of a shared-prefix layout."""
+    ids = batch["input_ids"]
+    if "attention_mask" in batch:
+        return torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+    if "segment_bounds" not in batch:
+        return (batch["position_ids"] == 0).long().cumsum(-1) - 1
+    bounds, prefix_of = batch["segment_bounds"].tolist(), batch["segment_prefix"].tolist()
+    prefixes = {j for j in prefix_of if j >= 0}
+    index = torch.full_like(ids, -1)
+    count = 0
+    for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if segment not in prefixes:
+            index[:, start:end] = count
+            count += 1
+    return index
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:

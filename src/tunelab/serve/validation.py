@@ -87,6 +87,12 @@ def _check_row(row: dict, number: int, param: str, method: str) -> None:
         raise invalid("has neither 'messages' nor 'prompt' and 'completion'.")
 
 
+def count_examples(path: Path) -> int:
+    """The non-empty lines of a JSONL file: its examples."""
+    with path.open(encoding="utf-8") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
 def check_training_file(path: Path, param: str = "training_file", minimum: int = MIN_EXAMPLES, method: str = "supervised") -> int:
     """The number of examples in ``path`` for a ``method`` (supervised | dpo) job; raises
     ``FileProblem`` for what OpenAI would reject."""

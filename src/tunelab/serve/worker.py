@@ -30,7 +30,7 @@ from tunelab.serve.context import ORGANIZATION, ServeSettings
 from tunelab.serve.files import file_path, save_file
 from tunelab.serve.jobs import CHECKPOINT, FINISHED, KIND, add_event
 from tunelab.serve.store import Store, new_id, now
-from tunelab.serve.validation import FileProblem, check_training_file
+from tunelab.serve.validation import FileProblem, check_training_file, count_examples
 
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 
@@ -171,16 +171,19 @@ class JobWorker:
         a DPO job trains the ``dpo`` objective (its ``beta``, 0.1 when auto) on OpenAI's
         preference rows."""
         from tunelab.recipe import recipe_from_dict
-        from tunelab.train.auto_settings import auto_lr
+        from tunelab.train.auto_settings import auto_batch_size, auto_lr
 
         data_dir = self.settings.data_dir
         hyper = job["hyperparameters"]
         defaults = self.settings.job_defaults
         train: dict[str, Any] = {"epochs": hyper["n_epochs"], "lr": "auto", "save_every": None, **defaults.get("train", {})}
+        training_file = self._path(job["training_file"])
         if hyper["batch_size"] != "auto":
             train["batch_size"] = hyper["batch_size"]
+        else:
+            train.setdefault("batch_size", auto_batch_size(count_examples(training_file)))
         train.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, self.settings.workers)))
-        data = {"train": str(self._path(job["training_file"])), **defaults.get("data", {})}
+        data = {"train": str(training_file), **defaults.get("data", {})}
         if job["validation_file"]:
             data["validation"] = str(self._path(job["validation_file"]))
         raw = {

@@ -94,11 +94,12 @@ def _causal_lm_collate(objective: Objective, recipe: Recipe, pad_id: int) -> Cal
     right-padded ones; preference pairs become their two sequences first."""
     packed = objective.collation == "packed" and recipe.data.packing
     share_prefix = bool(getattr(objective, "shared_prefix", False))
+    group_size = getattr(objective, "prefix_group", None)
 
     def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         if examples and examples[0].group_labels is not None:
             examples = preference_sequences(examples)
-        return collate_packed(examples, share_prefix) if packed else collate_padded(examples, pad_id)
+        return collate_packed(examples, share_prefix, group_size) if packed else collate_padded(examples, pad_id)
 
     return collate
 

@@ -19,11 +19,12 @@ cost per call, most of it in backward. Measured in one process, alternating, one
 the math kernel; on tiny-llama-20m byte-level examples of 150-190 tokens flash was 10% faster.
 ``MATH_BELOW`` sits between the two.
 
-A row laid out with a shared prefix (``collate_packed(share_prefix=True)``) arrives with the
-``shared_prefix`` keyword (the prefix length P): the first segment is the prefix, attended causally
-once, and every later segment is one example's suffix, whose queries attend to the prefix's keys
-and causally to their own (a bottom-right-aligned causal mask over ``P + len`` keys). Each token
-thus sees exactly the tokens it would see in its example alone, at the same positions.
+A row laid out with shared prefixes (``collate_packed(share_prefix=True)``) arrives with the
+``segment_prefix`` keyword: for each segment, the index of the prefix segment it continues, or -1.
+A prefix (or a whole example) is attended causally on its own; a suffix's queries attend to its
+prefix's P keys and causally to their own (a bottom-right-aligned causal mask over ``P + len``
+keys). Each token thus sees exactly the tokens it would see in its example alone, at the same
+positions.
 """
 
 from __future__ import annotations
@@ -55,15 +56,17 @@ def varlen_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa per segment of a ``[1, heads, T, dim]`` packed row; returns ``[1, T, heads, dim]``."""
     bounds = kwargs["cu_seq_lens_q"].tolist()  # type: ignore[union-attr]
-    prefix = int(kwargs.get("shared_prefix") or 0)  # type: ignore[call-overload]
+    segment_prefix = kwargs.get("segment_prefix")
+    prefix_of = segment_prefix.tolist() if segment_prefix is not None else [-1] * (len(bounds) - 1)  # type: ignore[union-attr]
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     parts = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if prefix and s > 0:  # a suffix: its own keys after the shared prefix's
-            keys = torch.cat([key[:, :, :prefix], key[:, :, s:e]], dim=2)
-            values = torch.cat([value[:, :, :prefix], value[:, :, s:e]], dim=2)
-            sees = torch.ones(e - s, prefix + e - s, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
+    for segment, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if prefix_of[segment] >= 0:  # a suffix: its own keys after its prefix's
+            ps, pe = bounds[prefix_of[segment]], bounds[prefix_of[segment] + 1]
+            keys = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)
+            values = torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2)
+            sees = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool, device=query.device).tril(diagonal=pe - ps)
             parts.append(F.scaled_dot_product_attention(
                 query[:, :, s:e], keys, values, attn_mask=sees, dropout_p=p, scale=scaling, enable_gqa=gqa,
             ))
@@ -94,14 +97,10 @@ def supports_varlen(model: torch.nn.Module) -> bool:
     return bool(getattr(inner, "_supports_attention_backend", False)) and inner.config._attn_implementation == "sdpa"
 
 
-def segment_bounds(position_ids: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
-    """Cumulative example boundaries ``[0, len0, len0+len1, ..., T]`` of a ``[1, T]`` packed row.
-
-    With a shared prefix of P tokens, the segments are the prefix and then each suffix (whose
-    positions start at P)."""
+def segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative example boundaries ``[0, len0, len0+len1, ..., T]`` of a ``[1, T]`` packed row
+    whose positions restart at 0 for each example (a shared-prefix layout carries its own)."""
     restarts = position_ids[0] == 0
-    if shared_prefix:
-        restarts |= position_ids[0] == shared_prefix
     starts = torch.nonzero(restarts).flatten()
     total = torch.tensor([position_ids.shape[1]], dtype=starts.dtype)
     return torch.cat([starts, total]).to(torch.int32)

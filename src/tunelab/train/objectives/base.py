@@ -43,9 +43,11 @@ class Objective(Protocol):
     # trainer holds it over forward *and* backward, because activation checkpointing re-runs the
     # forward inside backward and must attend the same way.
     #
-    # Optional: ``shared_prefix: bool``. True asks the trainer for packed rows that hold a batch's
-    # common unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective
-    # whose attention scope understands that layout may say so.
+    # Optional: ``shared_prefix: bool``. True asks the trainer for packed rows that hold a common
+    # unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective whose
+    # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes
+    # within each run of that many examples instead of across the batch (a preference pair's two
+    # answers).
 
 
 @dataclass

@@ -128,13 +128,14 @@ class CausalLMObjective:
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        prefix = int(batch["shared_prefix"]) if "shared_prefix" in batch else 0
-        if prefix and not self._packed_attention(batch):
+        shared = "segment_bounds" in batch
+        if shared and not self._packed_attention(batch):
             raise ValueError("a batch with a shared prefix needs per-example attention, which this model does not run")
-        if self._packed_attention(batch):
-            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"], prefix)
-        if prefix:
-            inputs["shared_prefix"] = prefix
+        if shared:
+            inputs["cu_seq_lens_q"] = batch["segment_bounds"]
+            inputs["segment_prefix"] = batch["segment_prefix"]
+        elif self._packed_attention(batch):
+            inputs["cu_seq_lens_q"] = segment_bounds(batch["position_ids"])
         return inputs
 
     def forward_supervised(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden_states: bool = False) -> SupervisedForward:

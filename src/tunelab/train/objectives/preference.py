@@ -19,9 +19,9 @@ are peft adapters that is the same model with its adapters switched off, so no s
 loaded; otherwise (full fine-tuning, layer freezing, tunelab's own adapters) ``model.name`` is
 loaded once, frozen. ``reference`` names another model (it must share the tokenizer).
 
-Both answers of every pair go through the policy in one packed row (the pair's shared prompt
-held once when the batch allows, ``collate_packed(share_prefix=True)``), so each step is one
-forward and backward over the pairs and one gradient-free forward of the reference.
+Both answers of every pair go through the policy in one packed row, each pair's prompt held once
+(``collate_packed(share_prefix=True, group_size=2)``), so each step is one forward and backward
+over the pairs and one gradient-free forward of the reference, neither of which repeats a prompt.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.config_base import Section
+from tunelab.data.collate import example_index
 from tunelab.errors import UserError
 from tunelab.methods.peft_adapters import unwrap_peft
 from tunelab.train.distributed import unwrap as unwrap_ddp
@@ -63,21 +64,9 @@ class SequenceLogProbs:
     tokens: torch.Tensor
 
 
-def sequence_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """For every token of the batch, the index of the sequence it belongs to (``[B, T]``; -1 for a
-    shared prefix). Padded batches hold one sequence per row; packed rows start a sequence where
-    the positions restart (at 0, or at the shared prefix's length)."""
-    ids = batch["input_ids"]
-    if "attention_mask" in batch:
-        return torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
-    prefix = int(batch["shared_prefix"]) if "shared_prefix" in batch else 0
-    starts = batch["position_ids"] == prefix
-    return starts.long().cumsum(-1) - 1
-
-
 def preference_pairs(batch: dict[str, torch.Tensor]) -> int:
     """How many (chosen, rejected) pairs the batch holds."""
-    return int(sequence_index(batch).max()) // 2 + 1
+    return int(example_index(batch).max()) // 2 + 1
 
 
 class DPOObjective:
@@ -98,6 +87,8 @@ class DPOObjective:
             )
         self.collation = self.policy_view.collation
         self.shared_prefix = self.policy_view.shared_prefix
+        #: Prefixes are shared within each pair: its two answers follow the same prompt.
+        self.prefix_group = 2
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return preference_pairs(batch)
@@ -109,7 +100,7 @@ class DPOObjective:
         """Each sequence's answer log-probability under ``model`` (``view`` knows how it reads batches)."""
         out = view.forward_supervised(model, batch)
         token_logps = -F.cross_entropy(out.logits.float(), out.targets, reduction="none")
-        owner = sequence_index(batch)[:, 1:][out.picked]  # the sequence of each supervised target token
+        owner = example_index(batch)[:, 1:][out.picked]  # the sequence of each supervised target token
         sequences = 2 * preference_pairs(batch)
         summed = torch.zeros(sequences, dtype=token_logps.dtype).index_add(0, owner, token_logps)
         tokens = torch.zeros(sequences, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
@@ -156,7 +147,7 @@ class DPOObjective:
         if weights is None:
             return torch.ones(pairs)
         per_sequence = torch.ones(2 * pairs)
-        owner = sequence_index(batch)
+        owner = example_index(batch)
         inside = owner >= 0
         per_sequence[owner[inside]] = weights[inside].float()
         return per_sequence[0::2]

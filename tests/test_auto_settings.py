@@ -9,7 +9,7 @@ from tests.train_helpers import train, write_chat_data
 from tunelab.methods.config import MethodConfig
 from tunelab.train.auto_settings import (
     LEARNING_RATES,
-    PREFERENCE_LR_SCALE,
+    PREFERENCE_LEARNING_RATES,
     auto_batch_size,
     auto_epochs,
     resolve,
@@ -28,11 +28,11 @@ def test_the_service_batch_is_eight_but_leaves_small_files_sixteen_steps(example
     assert auto_batch_size(examples) == batch
 
 
-def test_preference_objectives_learn_at_a_fraction_of_the_sft_rate():
+def test_dpo_keeps_the_adapter_rate_and_full_fine_tuning_gets_the_published_one():
     lora = MethodConfig(lora={"r": 4})
-    sft, _ = resolve(TrainConfig(), lora, 300)
-    dpo, notes = resolve(TrainConfig(), lora, 300, objective="dpo")
-    assert dpo.lr == pytest.approx(sft.lr * PREFERENCE_LR_SCALE) and "dpo" in notes[-1]
+    assert resolve(TrainConfig(), lora, 300, objective="dpo")[0].lr == resolve(TrainConfig(), lora, 300)[0].lr
+    full, notes = resolve(TrainConfig(), MethodConfig(), 300, objective="dpo")
+    assert full.lr == PREFERENCE_LEARNING_RATES["full"] and "dpo" in notes[-1]
 
 
 @pytest.mark.parametrize(

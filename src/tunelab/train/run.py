@@ -85,6 +85,8 @@ class RunSummary(TrainResult):
     epochs: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     saved: str = ""
+    #: What ``supervised_units`` counts: the objective's loss units (tokens, examples, preference pairs).
+    unit_name: str = "supervised"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, without the per-step history (that is metrics.jsonl)."""
@@ -181,9 +183,10 @@ def _run(
         raise UserError(exc.message, where=recipe.data.train, hint=f"{exc.hint} ({losses_summary(data.report)})") from None
     result = trainer.fit(resume_from)
     saved = ""
+    unit = getattr(prepared.objective, "unit_name", "supervised")
     if result.stop_reason == "cancelled":
         say(f"\ncancelled at step {result.steps}; continue with: tunelab train --resume {run_dir}")
-        return _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
+        return _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit)
     if result.stop_reason == "interrupted":
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
@@ -191,7 +194,7 @@ def _run(
         with reporting_disk_full(run_dir, "the final model"):
             saved = str(_save_final(prepared, run_dir, trainer.averaged_weights()))
     world.barrier()
-    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved)
+    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit)
     if world.is_main:
         atomic.write_json(run_dir / "summary.json", summary.as_dict())
         from tunelab.report.plots import plot_training
@@ -311,7 +314,8 @@ def _data_line(report: dict[str, Any]) -> str:
     )
 
 
-def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str) -> RunSummary:
+def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str,
+             unit: str) -> RunSummary:
     steady = max(1e-9, result.seconds - result.first_step_seconds)
     steady_tokens = result.tokens_seen * (1 - 1 / max(1, result.steps)) if result.steps > 1 else result.tokens_seen
     trained = {f.name: getattr(result, f.name) for f in fields(TrainResult)}
@@ -320,7 +324,7 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
         tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), cpu=cpu_model_name(),
-        lr=float(recipe.train.lr), epochs=float(recipe.train.epochs), data=data.report.as_dict(), saved=saved,
+        lr=float(recipe.train.lr), epochs=float(recipe.train.epochs), data=data.report.as_dict(), saved=saved, unit_name=unit,
     )
 
 
@@ -331,7 +335,7 @@ def format_summary(s: RunSummary) -> str:
         f"run: {s.run_dir}  ({s.stop_reason})",
         f"  trainable params   {s.trainable_params:,} of {s.total_params:,} ({100 * s.trainable_params / max(1, s.total_params):.2f}%)",
         f"  steps / time       {s.steps} steps in {s.seconds:.1f}s (first step {s.first_step_seconds:.1f}s), {s.tokens_per_s:,.0f} tokens/s",
-        f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} supervised)",
+        f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} {s.unit_name})",
         f"  peak memory        {s.peak_rss_bytes / 2**20:,.0f} MiB (process RSS, model load included)",
         f"  optimizer state    {s.optimizer_state_bytes / 2**20:,.1f} MiB ({s.optimizer_state_bytes / max(1, s.trainable_params):.2f} bytes per trainable parameter)",
         f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",

@@ -43,6 +43,9 @@ class Objective(Protocol):
     # trainer holds it over forward *and* backward, because activation checkpointing re-runs the
     # forward inside backward and must attend the same way.
     #
+    # Optional: ``unit_name: str``, what ``units`` counts in the run summary ("preference pairs");
+    # by default the units are called "supervised" (tokens, or examples for a head).
+    #
     # Optional: ``shared_prefix: bool``. True asks the trainer for packed rows that hold a common
     # unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective whose
     # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes

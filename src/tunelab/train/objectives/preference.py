@@ -73,6 +73,7 @@ class DPOObjective:
     """The DPO family of pairwise losses, summed over pairs; implicit rewards as statistics."""
 
     name = "dpo"
+    unit_name = "preference pairs"
 
     def __init__(self, cfg: DPOConfig, model: torch.nn.Module, reference: torch.nn.Module | None):
         """``reference`` None: the policy with its peft adapters switched off is the reference."""

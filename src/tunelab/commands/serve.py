@@ -45,8 +45,10 @@ def serve(host: str, port: int, data_dir: Path, api_key: str | None, api_keys_fi
     """Serve OpenAI's files, fine-tuning jobs, models, chat/completions and embeddings API over
     local training: point the `openai` client's base_url at http://HOST:PORT/v1.
 
-    Jobs train LoRA adapters through the same pipeline as `tunelab train`; each job's run directory
-    is DATA_DIR/runs/<job id>, and `tunelab eval --run` works on it. The fine-tuned model is
+    Jobs train LoRA adapters through the same pipeline as `tunelab train`: method supervised (chat
+    or prompt/completion rows) or dpo (OpenAI's preference rows; beta), "auto" hyperparameters by
+    tunelab's rule (docs/serve.md). Each job's run directory is DATA_DIR/runs/<job id>, and
+    `tunelab eval --run` works on it. The fine-tuned model is
     servable as soon as the job succeeds, under the name the job reports (ft:BASE:tunelab:SUFFIX:ID).
     """
     import uvicorn

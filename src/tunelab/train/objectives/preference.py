@@ -116,8 +116,8 @@ class DPOObjective:
                 return self.sequence_log_probs(self.policy_view, policy, batch)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        reference = self.reference_log_probs(model, batch)  # first: its temporaries are freed before the policy's activations exist
         policy = self.sequence_log_probs(self.policy_view, model, batch)
-        reference = self.reference_log_probs(model, batch)
         cfg = self.cfg
         tokens = policy.tokens.clamp(min=1)
         chosen_ratio = policy.summed[0::2] - reference.summed[0::2]

@@ -228,3 +228,13 @@ def test_held_out_pairs_are_a_two_option_choice_whose_answer_is_the_chosen_one()
     assert opts == ["Yes.", "No."] and correct_option(row, opts, "answer") == 0
     with pytest.raises(UserError, match="no field 'answer'"):  # shared options are not the pair's
         correct_option(row, ["no", "yes"], "answer")
+
+
+def test_held_out_pairs_never_share_a_prompt_with_training_pairs(tmp_path):
+    rows = [{"prompt": f"question {q}", "chosen": f"good {k}", "rejected": f"bad {k}"} for q in range(20) for k in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_datasets(DataConfig(train=str(path), val_fraction=0.2), load_model("tiny-llama").tokenizer, shape="preference", seed=1)
+    prompt = lambda example: tuple(example.group[0][: next(i for i, t in enumerate(example.group_labels[0]) if t != IGNORE_INDEX)])  # noqa: E731
+    train_prompts, val_prompts = {prompt(e) for e in data.train}, {prompt(e) for e in data.validation}
+    assert len(data.validation) == 12 and len(val_prompts) == 4 and not train_prompts & val_prompts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Sequence
 
@@ -33,12 +34,32 @@ def shuffled(records: Sequence[Record], seed: int) -> list[Record]:
 
 
 def hold_out(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Shuffle, then split off ``fraction`` (at least one row when fraction > 0) for validation."""
-    order = shuffled(records, seed)
-    n_val = max(1, round(len(order) * fraction)) if fraction > 0 else 0
-    if n_val and n_val >= len(order):
-        raise UserError(
-            f"only {len(order)} usable rows: too few to hold out data.val_fraction = {fraction} for validation",
-            hint="add rows, give a data.validation file, or set data.val_fraction: 0",
-        )
-    return order[n_val:], order[:n_val]
+    """Shuffle, then split off ``fraction`` (at least one row when fraction > 0) for validation.
+
+    Preference pairs on the same prompt stay on one side, whole prompts being held out: preference
+    files often hold several pairs per prompt, and a validation pair whose prompt was trained on
+    measures memorisation more than preference learning.
+    """
+    n_val = max(1, round(len(records) * fraction)) if fraction > 0 else 0
+    if n_val and n_val >= len(records):
+        raise _too_few(len(records), fraction)
+    if not any(r.chosen is not None for r in records):
+        order = shuffled(records, seed)
+        return order[n_val:], order[:n_val]
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(json.dumps(record.messages, sort_keys=True), []).append(record)
+    order = shuffled(list(groups.values()), seed)  # type: ignore[arg-type]
+    validation: list[Record] = []
+    while order and len(validation) < n_val:
+        validation += order.pop(0)
+    if not order:
+        raise _too_few(len(groups), fraction, "prompts")
+    return [r for group in order for r in group], validation
+
+
+def _too_few(count: int, fraction: float, what: str = "rows") -> UserError:
+    return UserError(
+        f"only {count} usable {what}: too few to hold out data.val_fraction = {fraction} for validation",
+        hint="add rows, give a data.validation file, or set data.val_fraction: 0",
+    )

@@ -97,27 +97,30 @@ class DPOObjective:
     def attention_scope(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
         return self.policy_view.attention_scope(model, batch)
 
-    def sequence_log_probs(self, view: CausalLMObjective, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogProbs:
-        """Each sequence's answer log-probability under ``model`` (``view`` knows how it reads batches)."""
+    def sequence_log_probs(self, view: CausalLMObjective, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                           index: torch.Tensor) -> SequenceLogProbs:
+        """Each sequence's answer log-probability under ``model`` (``view`` knows how it reads
+        batches; ``index`` is ``example_index(batch)``, computed once per batch)."""
         out = view.forward_supervised(model, batch)
         token_logps = -F.cross_entropy(out.logits.float(), out.targets, reduction="none")
-        owner = example_index(batch)[:, 1:][out.picked]  # the sequence of each supervised target token
-        sequences = 2 * preference_pairs(batch)
+        owner = index[:, 1:][out.picked]  # the sequence of each supervised target token
+        sequences = int(index.max()) + 1
         summed = torch.zeros(sequences, dtype=token_logps.dtype).index_add(0, owner, token_logps)
         tokens = torch.zeros(sequences, dtype=token_logps.dtype).index_add(0, owner, torch.ones_like(token_logps))
         return SequenceLogProbs(summed, tokens)
 
-    def reference_log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogProbs:
+    def reference_log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], index: torch.Tensor) -> SequenceLogProbs:
         with torch.no_grad():
             if self.reference is not None:
-                return self.sequence_log_probs(self.reference_view, self.reference, batch)
+                return self.sequence_log_probs(self.reference_view, self.reference, batch, index)
             policy = unwrap_ddp(model)
             with policy.disable_adapter():
-                return self.sequence_log_probs(self.policy_view, policy, batch)
+                return self.sequence_log_probs(self.policy_view, policy, batch, index)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        reference = self.reference_log_probs(model, batch)  # first: its temporaries are freed before the policy's activations exist
-        policy = self.sequence_log_probs(self.policy_view, model, batch)
+        index = example_index(batch)
+        reference = self.reference_log_probs(model, batch, index)  # first: its temporaries are freed before the policy's activations exist
+        policy = self.sequence_log_probs(self.policy_view, model, batch, index)
         cfg = self.cfg
         tokens = policy.tokens.clamp(min=1)
         chosen_ratio = policy.summed[0::2] - reference.summed[0::2]
@@ -132,7 +135,7 @@ class DPOObjective:
             per_pair = F.relu(1 - cfg.beta * margin)
         if cfg.sft_weight:
             per_pair = per_pair + cfg.sft_weight * (-policy.summed[0::2] / tokens[0::2])
-        loss = (per_pair * self._pair_weights(batch, len(per_pair))).sum()
+        loss = (per_pair * self._pair_weights(batch, index, len(per_pair))).sum()
         chosen_reward, rejected_reward = (cfg.beta * chosen_ratio).detach(), (cfg.beta * rejected_ratio).detach()
         return loss, {
             "loss_sum": float(loss.detach()), "pairs": len(per_pair),
@@ -142,13 +145,12 @@ class DPOObjective:
         }
 
     @staticmethod
-    def _pair_weights(batch: dict[str, torch.Tensor], pairs: int) -> torch.Tensor:
+    def _pair_weights(batch: dict[str, torch.Tensor], owner: torch.Tensor, pairs: int) -> torch.Tensor:
         """Each pair's ``data.weight_column`` weight (both its sequences carry it)."""
         weights = batch.get("weights")
         if weights is None:
             return torch.ones(pairs)
         per_sequence = torch.ones(2 * pairs)
-        owner = example_index(batch)
         inside = owner >= 0
         per_sequence[owner[inside]] = weights[inside].float()
         return per_sequence[0::2]

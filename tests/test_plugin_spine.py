@@ -285,8 +285,11 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
         {"compress": {"gradual": {"sparsity": 0.5, "every": 2, "targets": ["mlp"]}}},
         {"compress": {"lottery": {"rounds": 2, "rate": 0.3, "targets": ["mlp"]}}},
         {"train": {"eval_every": 2, "early_stopping": {"patience": 10}}},
+        {"sampler": {"name": "curriculum", "difficulty": "loss", "pacing": "root"}},
+        {"sampler": {"name": "self_paced", "refresh_every": 2}},
+        {"sampler": {"name": "importance", "refresh_every": 2}},
     ],
-    ids=["plain", "qat", "gradual_pruning", "lottery_ticket", "early_stopping"],
+    ids=["plain", "qat", "gradual_pruning", "lottery_ticket", "early_stopping", "curriculum", "self_paced", "importance"],
 )
 def test_cancel_then_resume_is_bit_exact(tmp_path, sections):
     straight = run_training(_recipe(tmp_path, "straight", **sections), show_progress=False)

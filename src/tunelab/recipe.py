@@ -26,7 +26,12 @@ from tunelab.evaluate.config import EvalConfig
 from tunelab.methods import METHODS
 from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train import task_mix, weight_average  # noqa: F401  (register the multi-task sampler, SWA and EMA)
+from tunelab.train import (  # noqa: F401  (register the samplers, SWA and EMA)
+    curriculum,
+    importance,
+    task_mix,
+    weight_average,
+)
 from tunelab.train.callbacks import CALLBACKS
 from tunelab.train.config import TrainConfig
 from tunelab.train.objectives import OBJECTIVES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
 
@@ -54,3 +54,10 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="error: stop at a bad row; skip: count and go on."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _order_is_the_samplers(cls, data: object) -> object:
+        if isinstance(data, dict) and "curriculum" in data:
+            raise ValueError("the order examples come in is the sampler's: write sampler: {name: curriculum, ...} (or self_paced, importance) at the top level")
+        return data

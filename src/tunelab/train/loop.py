@@ -9,6 +9,7 @@ checkpoints, progress and metrics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -28,6 +29,7 @@ from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
+from tunelab.train.example_scores import example_losses, timed_losses
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from tunelab.train.samplers import (
@@ -62,6 +64,21 @@ def _duration(seconds: float) -> str:
 
 class TooFewExamples(UserError):
     """Not enough examples for one optimizer step (the caller knows the data and says why)."""
+
+
+class SamplerState(Callback):
+    """Carries a sampler's state (its example scores) through checkpoints like a callback's."""
+
+    name = "sampler"
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 @dataclass
@@ -133,6 +150,10 @@ class Trainer:
                 hint="lower train.batch_size / train.grad_accum or add data",
             )
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
+        if hasattr(self.sampler, "bind"):
+            self.sampler.bind(self.total_steps, self.cfg.grad_accum * self.world.size)
+        if hasattr(self.sampler, "state_dict"):
+            self.callbacks = [*self.callbacks, SamplerState(self.sampler)]
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg, [cb.lr_multiplier for cb in self.callbacks])
         averaging = [cb.name for cb in self.callbacks if type(cb).averaged_weights is not Callback.averaged_weights]
@@ -158,6 +179,32 @@ class Trainer:
             self._epoch_batches = {epoch: self.sampler.batches(epoch)}  # type: ignore[union-attr]
         return self._epoch_batches[epoch]
 
+    def _example(self, index: int) -> Example:
+        """Training example ``index``, its weight scaled when the sampler weighs its draws."""
+        example = self.train[index]
+        weight_of = getattr(self.sampler, "weight_of", None)
+        return example if weight_of is None else dataclasses.replace(example, weight=example.weight * weight_of(index))
+
+    def _refresh_scores(self, step: int) -> None:
+        """Score every training example with the current model when the sampler asks (curricula
+        by loss, self-paced, importance); the draw of this step's batches then uses the scores."""
+        due = getattr(self.sampler, "scores_due", None)
+        if due is None or not due(step):
+            return
+        model = unwrap(self.wrapped)
+        record = timed_losses(step, lambda: example_losses(model, self.objective, self.collate, self.train, autocast=self._autocast, world=self.world, device=self.device))
+        self.sampler.set_scores(step, record.scores)  # type: ignore[union-attr]
+        self._epoch_batches = {}
+        if self.world.is_main:
+            atomic.append_jsonl(self.run_dir / "example_scores.jsonl", {"step": step, "seconds": record.seconds, "scores": record.scores})
+        self._log({"type": "scores", "step": step, **record.summary()})
+
+    def _log_static_scores(self) -> None:
+        """A sampler ranked before training (by length, a column, a teacher) logs its scores once."""
+        scores = getattr(self.sampler, "scores", None)
+        if scores is not None and self.world.is_main:
+            atomic.append_jsonl(self.run_dir / "example_scores.jsonl", {"step": 0, "seconds": 0.0, "scores": scores})
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -170,6 +217,10 @@ class Trainer:
     def _each(self, event: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(*args)
+
+    def _describe_sampler(self, step: int) -> dict[str, float]:
+        describe = getattr(self.sampler, "describe", None)
+        return describe(step) if describe is not None else {}
 
     def averaged_weights(self) -> dict[str, torch.Tensor] | None:
         """The weights a callback averages (SWA, EMA), once it has any; None otherwise."""
@@ -229,6 +280,8 @@ class Trainer:
             info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.callbacks)
             eval_before = info.get("eval_before")
         start_step = state.step = info.get("step", 0)
+        if resume_from is None:
+            self._log_static_scores()
         best_value: float | None = info.get("best_value")
         best_path: str | None = info.get("best_checkpoint")
 
@@ -263,8 +316,9 @@ class Trainer:
                 state.epoch = epoch
                 if in_epoch == 0:
                     self._each("on_epoch_start", state)
+                self._refresh_scores(step)
                 micro = [
-                    self._to_device(self.collate([self.train[i] for i in idx]))
+                    self._to_device(self.collate([self._example(i) for i in idx]))
                     for idx in step_batches(self._batches(epoch), in_epoch, self.cfg.grad_accum, self.world.rank, self.world.size)
                 ]
                 self._each("on_step_start", state, micro)
@@ -314,7 +368,7 @@ class Trainer:
                         "type": "train", "step": state.step, "total_steps": self.total_steps, "epoch": round(step / self.steps_per_epoch, 4),
                         "loss": last_loss, **_step_accuracy(self.objective, step_stats),
                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
-                        "elapsed_s": time.perf_counter() - started,
+                        "elapsed_s": time.perf_counter() - started, **self._describe_sampler(step),
                     }
                     self._log(record)
                     state.history.append(record)

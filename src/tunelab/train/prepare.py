@@ -38,6 +38,7 @@ from tunelab.models.load import peek_config
 from tunelab.recipe import Recipe
 from tunelab.train import auto_settings
 from tunelab.train.embedding_artifacts import save_embedding_final
+from tunelab.train.example_scores import example_losses
 from tunelab.train.multitask import prepare_multitask
 from tunelab.train.objectives import (
     OBJECTIVES,
@@ -68,10 +69,25 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
         prepared = _prepare_head(recipe, recipe.method.head, device)
     if recipe.sampler is not None and not recipe.method.tasks:
         plugin = SAMPLERS.get(recipe.sampler.name)
-        prepared.sampler = plugin.build(recipe.sampler, SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed))
+        context = SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed, _losses_under(recipe, prepared, device))
+        prepared.sampler = plugin.build(recipe.sampler, context)
     objective = recipe.objective.name if recipe.objective is not None else None
     prepared.train_cfg, prepared.notes = auto_settings.resolve(recipe.train, recipe.method, len(prepared.data.train), objective)
     return prepared
+
+
+def _losses_under(recipe: Recipe, prepared: Prepared, device: torch.device) -> Callable[[str], list[float]]:
+    """Each training example's loss under model ``name`` (a curriculum's teacher), loaded as the
+    run's model class, through the run's own objective rebuilt around it and the run's collation."""
+
+    def score(name: str) -> list[float]:
+        teacher = load_model(name, prepared.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed).model  # type: ignore[arg-type]
+        teacher.eval().to(device).requires_grad_(False)
+        ctx = ObjectiveContext(teacher, prepared.tokenizer, prepared.data.label_names, prepared.data.train, recipe.method.head, device, recipe.seed, model_name=name)
+        objective = build_objective(prepared.objective.name, recipe.objective, ctx)
+        return example_losses(teacher, objective, prepared.collate, prepared.data.train, device=device)
+
+    return score
 
 
 def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective:
@@ -144,7 +160,8 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
             return save_embedding_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method)
         return save_final(run_dir, model, tokenizer, base=recipe.model.name, model_task=plan.model_task, section=recipe.method, label_names=label_names)
 
-    return Prepared(model, tokenizer, loaded.source, data, objective, head_collate(head, masking(recipe.objective), tokenizer, recipe.seed), save, recipe.train)
+    collate = head_collate(head, masking(recipe.objective), tokenizer, recipe.seed)
+    return Prepared(model, tokenizer, loaded.source, data, objective, collate, save, recipe.train, model_task=plan.model_task)
 
 
 def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded: Any) -> tuple[torch.nn.Module, list[str] | None]:

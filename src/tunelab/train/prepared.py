@@ -39,6 +39,8 @@ class Prepared:
     #: False when a step may leave some trainable parameters without a gradient (multi-task heads):
     #: DDP must then look for unused parameters.
     uses_all_parameters: bool = True
+    #: The model class family the run trains (``load_model``'s task): what a scoring teacher loads as.
+    model_task: str = "causal-lm"
     #: One line per setting chosen for the user (``auto`` values), to print at the start of the run.
     notes: list[str] = field(default_factory=list)
 

@@ -7,6 +7,19 @@ resuming at any step needs no replay and every process of a data-parallel run kn
 without communication; one process with batch ``2B`` and two with ``B`` see the same examples.
 Curriculum, importance and multi-task mixing are samplers; register one with ``register_sampler``
 and choose it with ``sampler: {name: ...}``.
+
+Optional hooks, for samplers whose order depends on training progress or on the model:
+
+- ``bind(total_steps, batches_per_step)``: called once the run's length is known (a pacing
+  function needs to know how far through training micro-batch ``k`` of epoch ``e`` falls).
+- ``scores_due(step) -> bool`` and ``set_scores(step, scores)``: before drawing step ``step``'s
+  batches the trainer asks whether the sampler wants every training example's current loss; if
+  so it scores them (``tunelab.train.example_scores``) and hands the list over. Batches are then
+  a pure function of (seed, epoch, micro-batch, scores), and ``state_dict``/``load_state_dict``
+  carry the scores through checkpoints, so a resumed run draws exactly what it would have.
+- ``weight_of(index) -> float``: a factor on that example's loss (importance sampling's
+  unbiasing weight), read when its batch is collated.
+- ``describe(step) -> dict``: numbers to log with the step (the curriculum's pool size).
 """
 
 from __future__ import annotations
@@ -39,6 +52,9 @@ class SamplerContext:
     examples: Sequence[Example]
     batch_size: int
     seed: int
+    #: Each example's loss under another model (a teacher, by name), scored through the run's
+    #: objective and collation; None where the run cannot load one.
+    losses_under: Callable[[str], list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,12 @@ def register_sampler(name: str, Config: type[Section]) -> Callable[[Callable[[An
         return build
 
     return wrap
+
+
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The random stream of one micro-batch: samplers that draw each batch on its own (from a pool
+    or a distribution that changes during the epoch) stay pure functions of (seed, epoch, batch)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + batch) % 2**63)
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> list[int]:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+)
 
 from tunelab import plugins
 from tunelab.compress.config import CompressConfig
@@ -26,9 +33,10 @@ from tunelab.evaluate.config import EvalConfig
 from tunelab.methods import METHODS
 from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train import (  # noqa: F401  (register the samplers, SWA and EMA)
+from tunelab.train import (  # noqa: F401  (register the samplers, NEFTune, SWA and EMA)
     curriculum,
     importance,
+    neftune,
     task_mix,
     weight_average,
 )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.augment import augment_records, mask_token
 from tunelab.data.bad_rows import BadRows
 from tunelab.data.bundle import DataBundle, DataReport, Example
 from tunelab.data.collate import preference_sequences
@@ -43,6 +44,9 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     """
     bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
     train, validation, report = split_records(cfg, shape=shape, seed=seed, bad_rows=bad_rows)
+    if cfg.augment is not None:  # after the split: validation rows are never augmented
+        train, augmented = augment_records(train, cfg.augment, seed, mask_token(tokenizer))
+        report.augmented = augmented.as_dict()
     encoder = _encoder(cfg, tokenizer, shape, train, report)
     train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
     val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)

@@ -55,6 +55,7 @@ class DataReport:
     supervised_tokens: int = 0
     label_names: list[str] | None = None
     tasks: dict[str, dict[str, Any]] | None = None  # multi-task runs: each task's own report
+    augmented: dict[str, Any] | None = None  # data.augment: rows added per operation, samples
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for the run directory's report)."""

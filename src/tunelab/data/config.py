@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
+from tunelab.data.augment import AugmentConfig
 
 DataFormat = Literal[
     "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "tagged", "choices",
@@ -54,6 +55,8 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="error: stop at a bad row; skip: count and go on."
     )
+
+    augment: AugmentConfig | None = Field(None, description="Augmented copies of the training rows (EDA, masking); validation and test rows are never touched.")
 
     @model_validator(mode="before")
     @classmethod

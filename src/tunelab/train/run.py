@@ -307,8 +307,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _data_line(report: dict[str, Any]) -> str:
+    augmented = report.get("augmented")
+    added = f" (+{sum(augmented['added'].values())} augmented)" if augmented else ""
     return (
-        f"data: {report['format']} | train {report['train_examples']} | validation {report['validation_examples']} | "
+        f"data: {report['format']} | train {report['train_examples']}{added} | validation {report['validation_examples']} | "
         f"supervised tokens {report['supervised_tokens']:,} of {report['tokens']:,} | truncated {report['truncated']} | "
         f"dropped {report['dropped']} | duplicates {report['duplicates_removed']} | bad rows skipped {report['bad_rows_skipped']}"
     )

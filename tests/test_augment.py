@@ -1,0 +1,102 @@
+"""Augmentation: each operation changes the stated share of words, labels and answers are kept,
+validation rows are never touched, and the same seed makes the same rows."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.train_helpers import write_chat_data, write_label_data
+from tunelab.data import build_datasets
+from tunelab.data.augment import (
+    AugmentConfig,
+    augment_records,
+    random_deletion,
+    random_insertion,
+    random_swap,
+    synonym_replacement,
+    wordnet_synonyms,
+)
+from tunelab.data.config import DataConfig
+from tunelab.data.records import Record
+from tunelab.errors import UserError
+from tunelab.models import load_model
+
+
+def every_word_has_one(word: str) -> list[str]:
+    return [f"SYN{word}"]
+
+
+WORDS = [f"word{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(40)]  # alphabetic, no stop words, none alike
+
+
+@pytest.mark.parametrize(("rate", "changed"), [(0.1, 4), (0.25, 10), (0.01, 1)])
+def test_synonym_replacement_changes_the_stated_share_of_words(rate, changed):
+    out = synonym_replacement(list(WORDS), rate, random.Random(0), every_word_has_one)
+    assert len(out) == len(WORDS)
+    assert sum(a != b for a, b in zip(out, WORDS)) == changed
+    assert all(b == f"SYN{a}" for a, b in zip(WORDS, out) if a != b)
+
+
+def test_insertion_swap_and_deletion():
+    inserted = random_insertion(list(WORDS), 0.1, random.Random(1), every_word_has_one)
+    assert len(inserted) == 44 and sorted(w for w in inserted if w.startswith("SYN"))[0].startswith("SYN")
+    swapped = random_swap(list(WORDS), 0.1, random.Random(2), every_word_has_one)
+    assert sorted(swapped) == sorted(WORDS) and swapped != WORDS
+    many = [str(i) for i in range(4000)]
+    kept = random_deletion(many, 0.3, random.Random(3), every_word_has_one)
+    assert len(kept) / len(many) == pytest.approx(0.7, abs=0.03) and all(w in set(many) for w in kept)
+    assert len(random_deletion(["only"], 1.0, random.Random(0), every_word_has_one)) == 1  # never empty
+
+
+def test_stop_words_are_not_replaced_and_wordnet_gives_real_synonyms():
+    synonyms = wordnet_synonyms()
+    assert "film" in synonyms("movie") and "movie" not in synonyms("movie")
+    out = synonym_replacement(["the", "movie", "is", "a", "joy"], 1.0, random.Random(0), synonyms)
+    assert out[0] == "the" and out[2] == "is" and out[3] == "a" and out[1] != "movie"
+
+
+def test_labels_and_answers_are_kept_and_copies_are_seeded():
+    cfg = AugmentConfig(synonym=0.2, swap=0.2, delete=0.2, mask=0.2, copies=4)
+    records = [Record("f:1", text=" ".join(WORDS[:10]), label="pos"), Record("f:2", text=" ".join(WORDS[10:20]), label="neg")]
+    out, report = augment_records(records, cfg, seed=7, mask_token="[MASK]", synonyms=every_word_has_one)
+    assert out[:2] == records and len(out) == 2 + 8
+    assert [r.label for r in out[2:6]] == ["pos"] * 4 and [r.label for r in out[6:]] == ["neg"] * 4
+    assert report.added == {"synonym": 2, "swap": 2, "delete": 2, "mask": 2}
+    assert "[MASK]" in out[5].text
+    again, _ = augment_records(records, cfg, seed=7, mask_token="[MASK]", synonyms=every_word_has_one)
+    other, _ = augment_records(records, cfg, seed=8, mask_token="[MASK]", synonyms=every_word_has_one)
+    assert again == out and other != out
+
+    chat = Record("f:3", messages=[{"role": "system", "content": "be brief please"}, {"role": "user", "content": " ".join(WORDS[:10])}, {"role": "assistant", "content": "alpha beta gamma delta"}])
+    copies, _ = augment_records([chat], AugmentConfig(swap=0.3, copies=2), seed=0, mask_token="_", synonyms=every_word_has_one)
+    for copy in copies[1:]:
+        assert copy.messages[0] == chat.messages[0] and copy.messages[2] == chat.messages[2]
+        assert copy.messages[1]["content"] != chat.messages[1]["content"]
+
+
+def test_augmentation_never_touches_validation_rows(tmp_path):
+    data = write_label_data(tmp_path / "d.jsonl", n=80)
+    tokenizer = load_model("tiny-bert").tokenizer
+    plain = build_datasets(DataConfig(train=str(data), val_fraction=0.25), tokenizer, shape="classification", seed=0)
+    augmented = build_datasets(
+        DataConfig(train=str(data), val_fraction=0.25, augment={"swap": 0.2, "delete": 0.1, "copies": 2}), tokenizer, shape="classification", seed=0
+    )
+    assert augmented.validation == plain.validation
+    added = sum(augmented.report.augmented["added"].values())
+    assert added + augmented.report.augmented["unchanged"] == 2 * len(plain.train) and added > len(plain.train)
+    assert len(augmented.train) == len(plain.train) + added
+    assert augmented.train[: len(plain.train)] == plain.train
+    assert augmented.report.augmented["samples"] and augmented.report.train_examples == len(augmented.train)
+
+
+def test_rows_that_cannot_be_augmented_are_refused(tmp_path):
+    pairs = Record("f:9", messages=[{"role": "user", "content": "q"}], chosen=[{"role": "assistant", "content": "a"}], rejected=[{"role": "assistant", "content": "b"}])
+    with pytest.raises(UserError, match="f:9.*preference pair"):
+        augment_records([pairs], AugmentConfig(swap=0.1), seed=0, mask_token="_")
+    with pytest.raises(ValueError, match="no augmentation is enabled"):
+        AugmentConfig(copies=2)
+    data = write_chat_data(tmp_path / "c.jsonl", n=16)
+    chat = build_datasets(DataConfig(train=str(data), val_fraction=0.0, augment={"swap": 0.5, "copies": 1}), load_model("tiny-llama").tokenizer, shape="sft", seed=0)
+    assert len(chat.train) > 16

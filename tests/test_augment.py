@@ -100,3 +100,35 @@ def test_rows_that_cannot_be_augmented_are_refused(tmp_path):
     data = write_chat_data(tmp_path / "c.jsonl", n=16)
     chat = build_datasets(DataConfig(train=str(data), val_fraction=0.0, augment={"swap": 0.5, "copies": 1}), load_model("tiny-llama").tokenizer, shape="sft", seed=0)
     assert len(chat.train) > 16
+
+
+def test_model_rewrites_are_cached_resumed_and_keep_the_label(tmp_path, monkeypatch):
+    import tunelab.rewrite as rewrite_module
+    from tunelab.data.rewrite import RewriteConfig
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    cfg = AugmentConfig(rewrite=RewriteConfig(model="tiny-llama", prompts=["To French: {text}", "To English: {text}"], max_new_tokens=6, batch_size=2))
+    records = [Record(f"f:{i}", text=f"text number {i}", label=str(i % 2)) for i in range(3)]
+    out, report = augment_records(records, cfg, seed=0, mask_token="_")
+    path = rewrite_module.Rewriter(cfg.rewrite, 0).path
+    rows = [line for line in path.read_text().splitlines() if line]
+    assert len(rows) == 3 and report.added.get("rewrite", 0) + report.unchanged == 3
+    assert [r.label for r in out[3:]] == [r.label for r in records if any(o.where == r.where for o in out[3:])]
+
+    path.write_text("\n".join(rows[:2]) + "\n")  # a run killed after two rewrites
+    calls = []
+    real = rewrite_module.Rewriter._chain
+    monkeypatch.setattr(rewrite_module.Rewriter, "_chain", lambda self, texts, copy: calls.append(list(texts)) or real(self, texts, copy))
+    again, _ = augment_records(records, cfg, seed=0, mask_token="_")
+    assert calls == [["text number 2"]] and again == out  # only the missing one is generated, greedily the same
+    augment_records(records, cfg, seed=0, mask_token="_")
+    assert calls == [["text number 2"]]  # complete: nothing generated
+
+
+def test_more_rewrites_than_one_need_sampling():
+    from tunelab.data.rewrite import RewriteConfig
+
+    with pytest.raises(ValueError, match="temperature above 0"):
+        RewriteConfig(copies=2)
+    with pytest.raises(ValueError, match="must contain {text}"):
+        RewriteConfig(prompts=["Paraphrase this"])

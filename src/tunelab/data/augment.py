@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
 from tunelab.data.records import Record
+from tunelab.data.rewrite import RewriteConfig, rewrite_texts
 from tunelab.errors import UserError
 
 OPERATIONS = ("synonym", "insert", "swap", "delete", "mask")
@@ -53,11 +54,12 @@ class AugmentConfig(Section):
     swap: float = Field(0.0, ge=0, le=1, description="Share of the words' count of random swaps of two words (alpha_rs).")
     delete: float = Field(0.0, ge=0, le=1, description="Probability of deleting each word (EDA's p_rd; word dropout).")
     mask: float = Field(0.0, ge=0, le=1, description="Probability of replacing each word by the tokenizer's mask (or unknown) token.")
+    rewrite: RewriteConfig | None = Field(None, description="Copies written by a model: a paraphrase, or back-translation through a chain of prompts.")
 
     @model_validator(mode="after")
     def _something_enabled(self) -> AugmentConfig:
-        if not self.operations():
-            raise ValueError("no augmentation is enabled: set a rate above 0 for one of " + ", ".join(OPERATIONS))
+        if not self.operations() and self.rewrite is None:
+            raise ValueError("no augmentation is enabled: set a rate above 0 for one of " + ", ".join(OPERATIONS) + ", or a rewrite model")
         return self
 
     def operations(self) -> list[tuple[str, float]]:
@@ -175,27 +177,44 @@ class AugmentReport:
 
 
 def augment_records(
-    records: Sequence[Record], cfg: AugmentConfig, seed: int, mask_token: str, synonyms: Synonyms | None = None, samples: int = 5
+    records: Sequence[Record], cfg: AugmentConfig, seed: int, mask_token: str, synonyms: Synonyms | None = None, samples: int = 3
 ) -> tuple[list[Record], AugmentReport]:
-    """``records`` followed by their augmented copies (identical copies left out)."""
+    """``records`` followed by their augmented copies (identical copies left out); up to
+    ``samples`` examples of each operation for the report."""
     operations = cfg.operations()
     if synonyms is None:
         synonyms = wordnet_synonyms() if any(name in ("synonym", "insert") for name, _ in operations) else (lambda word: [])
     added: Counter[str] = Counter()
     unchanged, shown, out = 0, [], list(records)
+
+    def keep(record: Record, augmented: Record, name: str) -> None:
+        nonlocal unchanged
+        if augmented.key() == record.key():
+            unchanged += 1
+            return
+        out.append(augmented)
+        added[name] += 1
+        if sum(1 for s in shown if s["operation"] == name) < samples:
+            shown.append({"operation": name, "original": _shown(record), "augmented": _shown(augmented)})
+
     for row, record in enumerate(records):
-        for copy in range(cfg.copies):
+        for copy in range(cfg.copies if operations else 0):
             name, rate = operations[copy % len(operations)]
             rng = random.Random(f"{seed}:{row}:{copy}")
-            augmented = _augment_record(record, lambda text: augment_text(text, name, rate, rng, synonyms, mask_token))
-            if augmented.key() == record.key():
-                unchanged += 1
-                continue
-            out.append(augmented)
-            added[name] += 1
-            if len(shown) < samples:
-                shown.append({"operation": name, "original": _shown(record), "augmented": _shown(augmented)})
+            keep(record, _augment_record(record, lambda text: augment_text(text, name, rate, rng, synonyms, mask_token)), name)
+    if cfg.rewrite is not None:
+        rewrites = rewrite_texts(cfg.rewrite, seed, [t for r in records for t in input_texts(r)])
+        for record in records:
+            for copy in range(cfg.rewrite.copies):
+                keep(record, _augment_record(record, lambda text: rewrites[text][copy] or text), "rewrite")
     return out, AugmentReport(dict(added), unchanged, shown)
+
+
+def input_texts(record: Record) -> list[str]:
+    """The texts augmentation may change: a record's text, or its user turns."""
+    texts: list[str] = []
+    _augment_record(record, lambda text: texts.append(text) or text)
+    return texts
 
 
 def mask_token(tokenizer: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tunelab import rewrite  # noqa: F401  (installs model-written augmentation for the data stage)
 from tunelab.data import (
     DataBundle,
     Example,

@@ -1,0 +1,85 @@
+"""Model-written augmentation: a generative model rewrites training inputs, cached on disk.
+
+Each input goes through the prompt chain of ``RewriteConfig`` (``tunelab.data.rewrite``), asked
+through the model's own chat template. Generation is batched and appended to a file in the
+tunelab cache as it goes, keyed by the model's identity, the prompts and the decoding settings, so
+a killed run continues where it stopped and every later run on the same texts reuses it. The
+first line of each answer is kept (small models like to add commentary after it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from tunelab import atomic
+from tunelab.data.rewrite import RewriteConfig, set_rewriter
+from tunelab.data.templates import render_chat, resolve_chat_template
+from tunelab.evaluate.generation import generate_batch
+from tunelab.generate import GenerationSettings
+from tunelab.methods.peft_adapters import merge_adapters
+from tunelab.models import load_model
+from tunelab.models.cache import cache_root, model_fingerprint
+
+
+def first_line(answer: str) -> str:
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    return lines[0].strip('"') if lines else ""
+
+
+class Rewriter:
+    """Rewrites texts through the prompt chain; results cached per (model, prompts, settings, seed)."""
+
+    def __init__(self, cfg: RewriteConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        settings = json.dumps([model_fingerprint(cfg.model, seed), cfg.prompts, cfg.temperature, cfg.max_new_tokens, seed])
+        self.path = cache_root() / "rewrites" / f"{hashlib.sha256(settings.encode()).hexdigest()[:20]}.jsonl"
+        self._model: tuple[Any, Any] | None = None
+
+    def rewrite(self, texts: Sequence[str]) -> dict[str, list[str]]:
+        """Each distinct text's ``copies`` rewrites (generated for what the cache lacks)."""
+        cached = self._read()
+        missing = [t for t in dict.fromkeys(texts) if len(cached.get(t, [])) < self.cfg.copies]
+        for copy in range(self.cfg.copies):
+            todo = [t for t in missing if len(cached.get(t, [])) <= copy]
+            for start in range(0, len(todo), self.cfg.batch_size):
+                chunk = todo[start : start + self.cfg.batch_size]
+                for text, written in zip(chunk, self._chain(chunk, copy)):
+                    cached.setdefault(text, []).append(written)
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic.append_jsonl(self.path, {"text": text, "copy": copy, "rewrite": written})
+                print(f"tunelab: rewriting with {self.cfg.model}: {min(start + len(chunk), len(todo))}/{len(todo)} (copy {copy + 1})", flush=True)
+        return {t: cached[t][: self.cfg.copies] for t in dict.fromkeys(texts)}
+
+    def _chain(self, texts: list[str], copy: int) -> list[str]:
+        model, tokenizer = self._load()
+        template, _ = resolve_chat_template(tokenizer, "auto")
+        settings = GenerationSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, seed=self.seed * 1000 + copy)
+        current = list(texts)
+        for prompt in self.cfg.prompts:
+            rendered = [render_chat(tokenizer, [{"role": "user", "content": prompt.replace("{text}", t)}], template, add_generation_prompt=True) for t in current]
+            answers = generate_batch(model, tokenizer, rendered, settings, add_special_tokens=False, batch_size=self.cfg.batch_size)
+            current = [first_line(a) for a in answers]
+        return current
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._model is None:
+            loaded = load_model(self.cfg.model, seed=self.seed)
+            self._model = (merge_adapters(loaded.model).eval(), loaded.tokenizer)
+        return self._model
+
+    def _read(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        if self.path.exists():
+            for row in sorted(atomic.read_jsonl(self.path), key=lambda r: r["copy"]):
+                out.setdefault(row["text"], []).append(row["rewrite"])
+        return out
+
+
+def rewrite(cfg: RewriteConfig, seed: int, texts: Sequence[str]) -> dict[str, list[str]]:
+    return Rewriter(cfg, seed).rewrite(texts)
+
+
+set_rewriter(rewrite)

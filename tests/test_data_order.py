@@ -193,3 +193,19 @@ def test_a_column_curriculum_without_the_column_is_refused(tmp_path):
     })
     with pytest.raises(UserError, match="data.difficulty_column"):
         run_training(recipe, show_progress=False)
+
+
+def test_validation_metrics_per_language(tmp_path):
+    rows = [{"text": f"{'great' if i % 2 else 'awful'} film {i}", "label": "pos" if i % 2 else "neg", "lang": ["en", "de", "ja"][i % 3]} for i in range(60)]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**r, "lang": "en", "text": r["text"] + " train"}) + "\n" for r in rows[:32]))
+    recipe = recipe_from_dict({
+        "model": {"name": "tiny-bert"}, "method": {"head": {"type": "classification"}},
+        "data": {"train": str(data), "validation": str(tmp_path / "v.jsonl"), "language_column": "lang"},
+        "train": {"max_steps": 2, "batch_size": 8, "threads": 1, "precision": "fp32"}, "output_dir": str(tmp_path / "run"),
+    })
+    after = run_training(recipe, show_progress=False).eval_after
+    per_language = {lang: after[f"eval_{lang}_accuracy"] for lang in ("en", "de", "ja")}
+    assert sum(per_language.values()) / 3 == pytest.approx(after["eval_accuracy"])  # equal-sized languages
+    assert "eval_en_recall_pos" not in after and "eval_recall_pos" in after

@@ -246,13 +246,22 @@ class Trainer:
         was_training = model.training
         model.eval()
         stats: dict[str, Any] = {}
+        by_language: dict[str, dict[str, Any]] = {}
         for indices in evaluation_batches(self.validation, self.cfg.batch_size):
             batch = self._to_device(self.collate([self.validation[i] for i in indices]))
             with self._autocast():
                 _, batch_stats = self.objective(model, batch)
             accumulate(stats, batch_stats)
+            language = self.validation[indices[0]].language
+            if language is not None:
+                accumulate(by_language.setdefault(language, {}), batch_stats)
         model.train(was_training)
-        return {f"{prefix}{k}": v for k, v in self.objective.summarize(stats).items()}
+        metrics = {f"{prefix}{k}": v for k, v in self.objective.summarize(stats).items()}
+        if len(by_language) > 1:  # data.language_column: each language's metrics (not per class) beside the overall ones
+            for language, language_stats in by_language.items():
+                summary = self.objective.summarize(language_stats)
+                metrics.update({f"{prefix}{language}_{k}": v for k, v in summary.items() if not k.startswith("recall_")})
+        return metrics
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -138,14 +138,12 @@ def _sequential(cfg: SequentialConfig, ctx: SamplerContext) -> Sampler:
 
 
 def evaluation_batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
-    """Consecutive evaluation batches of at most ``batch_size``, never mixing two tasks' examples."""
-    out: list[list[int]] = []
+    """Evaluation batches of at most ``batch_size``, each of one task and one language (so metrics
+    can be reported per language), in the order each (task, language) first appears."""
+    groups: dict[tuple[int | None, str | None], list[int]] = {}
     for i, example in enumerate(examples):
-        if out and len(out[-1]) < batch_size and examples[out[-1][0]].task == example.task:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
+        groups.setdefault((example.task, example.language), []).append(i)
+    return [chunk_ for members in groups.values() for chunk_ in (members[j : j + batch_size] for j in range(0, len(members), batch_size))]
 
 
 def step_batches(all_batches: Sequence[list[int]], step_in_epoch: int, grad_accum: int, rank: int, world_size: int) -> list[list[int]]:

@@ -132,3 +132,36 @@ def test_more_rewrites_than_one_need_sampling():
         RewriteConfig(copies=2)
     with pytest.raises(ValueError, match="must contain {text}"):
         RewriteConfig(prompts=["Paraphrase this"])
+
+
+def test_the_label_filter_drops_copies_the_classifier_relabels(monkeypatch):
+    import tunelab.data.augment as augment_module
+
+    seen: list[str] = []
+
+    def by_keyword(model: str, seed: int, texts):  # a stand-in classifier: "great" means pos
+        seen.extend(texts)
+        return ["pos" if "great" in t.split() else "neg" for t in texts]
+
+    monkeypatch.setattr(augment_module, "predict_labels", by_keyword)
+    records = [Record(f"f:{i}", text=f"great film number{'abcdefgh'[i]} great", label="pos") for i in range(8)]
+    out, report = augment_records(records, AugmentConfig(mask=0.5, copies=4, keep_if_label="clf"), seed=0, mask_token="[MASK]")
+    dropped = report.filtered["mask"]
+    assert dropped > 0 and report.added["mask"] + dropped + report.unchanged == 32
+    assert all("great" in r.text.split() for r in out[8:]) and len(seen) == 32 - report.unchanged
+
+
+def test_the_real_label_filter_reads_a_trained_heads_label_names(tmp_path):
+    import tunelab.rewrite  # noqa: F401  (installs the predictor)
+    from tunelab.data.rewrite import predict_labels
+    from tunelab.recipe import recipe_from_dict
+    from tunelab.train.run import run_training
+
+    data = write_label_data(tmp_path / "d.jsonl", n=96)
+    run_training(recipe_from_dict({
+        "model": {"name": "tiny-bert"}, "method": {"head": {"type": "classification"}, "freeze": {"base": False}},
+        "data": {"train": str(data), "val_fraction": 0.0}, "output_dir": str(tmp_path / "clf"),
+        "train": {"max_steps": 80, "batch_size": 16, "lr": 3e-3, "threads": 1, "precision": "fp32", "eval_before": False},
+    }), show_progress=False)
+    labels = predict_labels(str(tmp_path / "clf"), 0, ["great 1 the film great", "awful 2 a plot awful"])
+    assert labels == ["pos", "neg"]  # label names from the run, and the head learned them

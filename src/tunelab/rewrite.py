@@ -1,10 +1,13 @@
-"""Model-written augmentation: a generative model rewrites training inputs, cached on disk.
+"""Model-backed augmentation: a generative model rewrites training inputs (cached on disk), and a
+classifier filters augmented copies.
 
 Each input goes through the prompt chain of ``RewriteConfig`` (``tunelab.data.rewrite``), asked
 through the model's own chat template. Generation is batched and appended to a file in the
 tunelab cache as it goes, keyed by the model's identity, the prompts and the decoding settings, so
 a killed run continues where it stopped and every later run on the same texts reuses it. The
-first line of each answer is kept (small models like to add commentary after it).
+first line of each answer is kept (small models like to add commentary after it). The filter
+loads a classifier (a run directory with a classification head knows its label names) and
+predicts each copy's label.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from tunelab import atomic
-from tunelab.data.rewrite import RewriteConfig, set_rewriter
+from tunelab.data.rewrite import RewriteConfig, set_label_predictor, set_rewriter
 from tunelab.data.templates import render_chat, resolve_chat_template
 from tunelab.evaluate.generation import generate_batch
 from tunelab.generate import GenerationSettings
@@ -83,3 +88,20 @@ def rewrite(cfg: RewriteConfig, seed: int, texts: Sequence[str]) -> dict[str, li
 
 
 set_rewriter(rewrite)
+
+
+@torch.no_grad()
+def predict_labels(model_name: str, seed: int, texts: Sequence[str], batch_size: int = 32) -> list[str]:
+    """The label name ``model_name``'s classification head gives each text."""
+    loaded = load_model(model_name, "sequence-classification", seed=seed)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    id2label = getattr(model.config, "id2label", None) or {}
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    labels: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        labels += [str(id2label.get(int(i), int(i))) for i in model(**batch).logits.argmax(-1)]
+    return labels
+
+
+set_label_predictor(predict_labels)

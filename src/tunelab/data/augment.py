@@ -11,8 +11,10 @@ in turn, as in the paper. Rates are fractions of the row's words: replace, inser
 Only the input side changes: a labelled text's text, a conversation's user turns. The label, the
 assistant's answers and the validation/test rows are never touched (augmentation runs on the
 training records after the split), so it is label-preserving by construction. Everything is
-seeded by (run seed, row, copy); a copy identical to its row is not added. The data report
-counts the rows each operation added and shows a few samples.
+seeded by (run seed, row, copy); a copy identical to its row is not added, and with
+``keep_if_label`` neither is one a classifier no longer gives its row's label (a filter for
+operations that can flip meaning: a synonym of the wrong sense, a deleted "not"). The data report
+counts the rows each operation added (and the filter dropped) and shows a few samples.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
 from tunelab.data.records import Record
-from tunelab.data.rewrite import RewriteConfig, rewrite_texts
+from tunelab.data.rewrite import RewriteConfig, predict_labels, rewrite_texts
 from tunelab.errors import UserError
 
 OPERATIONS = ("synonym", "insert", "swap", "delete", "mask")
@@ -55,6 +57,9 @@ class AugmentConfig(Section):
     delete: float = Field(0.0, ge=0, le=1, description="Probability of deleting each word (EDA's p_rd; word dropout).")
     mask: float = Field(0.0, ge=0, le=1, description="Probability of replacing each word by the tokenizer's mask (or unknown) token.")
     rewrite: RewriteConfig | None = Field(None, description="Copies written by a model: a paraphrase, or back-translation through a chain of prompts.")
+    keep_if_label: str | None = Field(
+        None, description="A classifier (a run directory with a classification head) that must still give a copy its row's label for the copy to be kept."
+    )
 
     @model_validator(mode="after")
     def _something_enabled(self) -> AugmentConfig:
@@ -171,6 +176,8 @@ class AugmentReport:
     added: dict[str, int]
     unchanged: int
     samples: list[dict[str, Any]]
+    #: Copies dropped by ``keep_if_label``, per operation.
+    filtered: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,35 +186,50 @@ class AugmentReport:
 def augment_records(
     records: Sequence[Record], cfg: AugmentConfig, seed: int, mask_token: str, synonyms: Synonyms | None = None, samples: int = 3
 ) -> tuple[list[Record], AugmentReport]:
-    """``records`` followed by their augmented copies (identical copies left out); up to
-    ``samples`` examples of each operation for the report."""
+    """``records`` followed by their augmented copies (identical copies left out, and with
+    ``keep_if_label`` those the classifier no longer labels like their row); up to ``samples``
+    examples of each operation for the report."""
     operations = cfg.operations()
     if synonyms is None:
         synonyms = wordnet_synonyms() if any(name in ("synonym", "insert") for name, _ in operations) else (lambda word: [])
-    added: Counter[str] = Counter()
-    unchanged, shown, out = 0, [], list(records)
+    candidates: list[tuple[Record, Record, str]] = []
+    unchanged = 0
 
-    def keep(record: Record, augmented: Record, name: str) -> None:
+    def offer(record: Record, augmented: Record, name: str) -> None:
         nonlocal unchanged
         if augmented.key() == record.key():
             unchanged += 1
-            return
-        out.append(augmented)
-        added[name] += 1
-        if sum(1 for s in shown if s["operation"] == name) < samples:
-            shown.append({"operation": name, "original": _shown(record), "augmented": _shown(augmented)})
+        else:
+            candidates.append((record, augmented, name))
 
     for row, record in enumerate(records):
         for copy in range(cfg.copies if operations else 0):
             name, rate = operations[copy % len(operations)]
             rng = random.Random(f"{seed}:{row}:{copy}")
-            keep(record, _augment_record(record, lambda text: augment_text(text, name, rate, rng, synonyms, mask_token)), name)
+            offer(record, _augment_record(record, lambda text: augment_text(text, name, rate, rng, synonyms, mask_token)), name)
     if cfg.rewrite is not None:
         rewrites = rewrite_texts(cfg.rewrite, seed, [t for r in records for t in input_texts(r)])
         for record in records:
             for copy in range(cfg.rewrite.copies):
-                keep(record, _augment_record(record, lambda text: rewrites[text][copy] or text), "rewrite")
-    return out, AugmentReport(dict(added), unchanged, shown)
+                offer(record, _augment_record(record, lambda text: rewrites[text][copy] or text), "rewrite")
+    filtered: Counter[str] = Counter()
+    if cfg.keep_if_label is not None and candidates:
+        labels = predict_labels(cfg.keep_if_label, seed, [_labelled_text(augmented) for _, augmented, _ in candidates])
+        kept = [c for c, label in zip(candidates, labels) if label == str(c[1].label)]
+        filtered.update(c[2] for c, label in zip(candidates, labels) if label != str(c[1].label))
+        candidates = kept
+    added: Counter[str] = Counter(name for _, _, name in candidates)
+    shown: list[dict[str, Any]] = []
+    for record, augmented, name in candidates:
+        if sum(1 for s in shown if s["operation"] == name) < samples:
+            shown.append({"operation": name, "original": _shown(record), "augmented": _shown(augmented)})
+    return [*records, *(augmented for _, augmented, _ in candidates)], AugmentReport(dict(added), unchanged, shown, dict(filtered))
+
+
+def _labelled_text(record: Record) -> str:
+    if record.text is None or not isinstance(record.label, (str, int)):
+        raise UserError("data.augment.keep_if_label checks a text's single label; this row has none", where=record.where, hint="remove keep_if_label")
+    return record.text
 
 
 def input_texts(record: Record) -> list[str]:

@@ -1,9 +1,10 @@
-"""Model-written augmentation's settings, and the hook the data stage calls it through.
+"""Model-backed augmentation's settings, and the hooks the data stage calls models through.
 
 A generative model rewrites each training input through ``prompts`` in turn (one prompt: a
 paraphrase; "translate to French", then "translate to English": back-translation, Sennrich et al.
 2016). The data package cannot load models (the model packages import it), so the generation
-lives in ``tunelab.rewrite``, which registers itself here with ``set_rewriter`` when imported.
+lives in ``tunelab.rewrite``, which installs itself here with ``set_rewriter`` and
+``set_label_predictor`` when imported (as does the classifier that filters augmented copies).
 """
 
 from __future__ import annotations
@@ -57,3 +58,18 @@ def rewrite_texts(cfg: RewriteConfig, seed: int, texts: Sequence[str]) -> dict[s
     if not _rewriter:
         raise RuntimeError("model-written augmentation needs tunelab.rewrite imported (tunelab.train.prepare does)")
     return _rewriter[0](cfg, seed, texts)
+
+
+PredictLabels = Callable[[str, int, Sequence[str]], list[str]]
+_predictor: list[PredictLabels] = []
+
+
+def set_label_predictor(predict: PredictLabels) -> None:
+    """Install ``predict(model, seed, texts) -> [label name]`` (``tunelab.rewrite`` does)."""
+    _predictor[:] = [predict]
+
+
+def predict_labels(model: str, seed: int, texts: Sequence[str]) -> list[str]:
+    if not _predictor:
+        raise RuntimeError("filtering augmented rows needs tunelab.rewrite imported (tunelab.train.prepare does)")
+    return _predictor[0](model, seed, texts)

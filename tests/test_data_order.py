@@ -65,11 +65,11 @@ def test_every_batch_comes_from_exactly_the_pool_the_pacing_admits(pacing):
         batches = sampler.batches(epoch)
         for k, batch in enumerate(batches):
             step = epoch * steps_per_epoch + k // 2
-            pool = max(4, math.ceil(pace(cfg, step / 20) * n - 1e-9))
+            pool = max(8, math.ceil(pace(cfg, step / 20) * n - 1e-9))  # never less than a step's 2 x 4
             assert sampler.pool_size(step) == pool and sampler.describe(step)["pool"] == pool
             assert len(set(batch)) == 4 and all(scores[i] < pool for i in batch), (step, pool, batch)
             seen_pools.add(pool)
-    assert min(seen_pools) == max(4, math.ceil(pace(cfg, 0) * n - 1e-9)) and len(seen_pools) > 2  # it starts small and grows
+    assert min(seen_pools) == max(8, math.ceil(pace(cfg, 0) * n - 1e-9)) and len(seen_pools) > 2  # it starts small and grows
 
 
 def test_the_draw_is_a_pure_function_of_seed_epoch_and_batch():
@@ -82,6 +82,21 @@ def test_the_draw_is_a_pure_function_of_seed_epoch_and_batch():
     # every rank of a data-parallel run takes its share of the same list
     ranks = [step_batches(a.batches(0), 1, grad_accum=1, rank=r, world_size=2) for r in range(2)]
     assert ranks[0][0] == a.batches(0)[2] and ranks[1][0] == a.batches(0)[3]
+
+
+def test_one_process_with_batch_2b_draws_what_two_with_b_draw():
+    scores = [float(i % 13) for i in range(40)]
+    one = CurriculumSampler(40, 8, seed=5, pacing=PacingConfig(), scores=scores)
+    two = CurriculumSampler(40, 4, seed=5, pacing=PacingConfig(), scores=scores)
+    one.bind(10, 1)
+    two.bind(10, 2)
+    big, small = one.batches(1), two.batches(1)
+    assert len(big) == 5 and all(big[s] == small[2 * s] + small[2 * s + 1] for s in range(5))
+    wide, narrow = ImportanceSampler(40, 8, 5, ImportanceConfig()), ImportanceSampler(40, 4, 5, ImportanceConfig())
+    narrow.bind(10, 2)
+    for sampler in (wide, narrow):
+        sampler.set_scores(0, [float(i) for i in range(40)])
+    assert all(wide.batches(0)[s] == narrow.batches(0)[2 * s] + narrow.batches(0)[2 * s + 1] for s in range(5))
 
 
 def test_anti_curriculum_starts_from_the_hardest_and_ties_are_shuffled():

@@ -137,11 +137,13 @@ def test_metrics_jsonl_and_loss_curve(tmp_path):
     assert saved["peak_rss_bytes"] > 50 * 2**20  # torch alone holds more; a zero would mean it went unmeasured
 
 
-def test_ddp_two_processes_equal_one_process_on_doubled_batch(tmp_path):
+@pytest.mark.parametrize("sampler", ["", "sampler: {{name: importance, refresh_every: 2}}\n"], ids=["shuffle", "importance"])
+def test_ddp_two_processes_equal_one_process_on_doubled_batch(tmp_path, sampler):
+    """Importance sampling too: each process scores half the examples, the draws and weights agree."""
     data = write_chat_data(tmp_path / "d.jsonl")
     recipe = (
         "model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.1}}\nmethod: {{lora: {{r: 4, dropout: 0.0}}}}\n"
-        "train: {{lr: 0.01, max_steps: 4, batch_size: {bs}, precision: fp32, eval_before: false}}\noutput_dir: {out}\n"
+        "train: {{lr: 0.01, max_steps: 4, batch_size: {bs}, precision: fp32, eval_before: false}}\noutput_dir: {out}\n" + sampler
     )
     single = tmp_path / "single.yaml"
     single.write_text(recipe.format(data=data, bs=8, out=tmp_path / "one"))

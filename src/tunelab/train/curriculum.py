@@ -1,8 +1,7 @@
 """Curriculum learning as samplers: easy examples first, the admitted pool growing with a pacing function.
 
-Examples are ranked by a difficulty score; at optimizer step ``s`` of ``T`` each micro-batch is
-drawn uniformly (without repetition inside the batch) from the easiest ``ceil(c(s) * n)``
-examples, where the pacing function ``c`` grows from ``start_fraction`` to 1 at
+Examples are ranked by a difficulty score; at optimizer step ``s`` of ``T`` the step's examples
+are drawn uniformly (without repetition inside the step) from the easiest ``ceil(c(s) * n)``, where the pacing function ``c`` grows from ``start_fraction`` to 1 at
 ``full_at * T`` (Bengio et al. 2009; the pool-and-pacing form of Hacohen & Weinshall 2019 and
 Platanios et al. 2019). Difficulty comes from the example's length in tokens, a data column
 (``data.difficulty_column``), label rarity, or a model's loss on it: the model being trained,
@@ -25,7 +24,12 @@ from pydantic import Field, model_validator
 from tunelab.config_base import Section
 from tunelab.data import Example
 from tunelab.errors import UserError
-from tunelab.train.samplers import SamplerContext, batch_generator, register_sampler
+from tunelab.train.samplers import (
+    SamplerContext,
+    batch_generator,
+    chunk,
+    register_sampler,
+)
 
 Pacing = Literal["linear", "root", "geometric", "baby_steps"]
 
@@ -92,19 +96,21 @@ class CurriculumSampler:
         return self.num_examples // self.batch_size
 
     def pool_size(self, step: int) -> int:
-        """How many of the easiest examples step ``step`` draws from."""
+        """How many of the easiest examples step ``step`` draws from (at least one step's batch)."""
         share = pace(self.pacing, step / self.total_steps)
-        return max(self.batch_size, min(self.num_examples, math.ceil(share * self.num_examples - 1e-9)))
+        smallest = min(self.num_examples, self.batch_size * self.batches_per_step)
+        return max(smallest, min(self.num_examples, math.ceil(share * self.num_examples - 1e-9)))
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """Each optimizer step's examples, drawn together from its pool and cut into its
+        micro-batches: one process with batch 2B and two with B draw the same examples."""
         if self.scores is None:
             raise RuntimeError("the curriculum has no difficulty scores yet (the trainer scores before the first step)")
-        steps_per_epoch = max(1, self.num_batches() // self.batches_per_step)
         out = []
-        for k in range(self.num_batches()):
-            pool = self.pool_size(epoch * steps_per_epoch + k // self.batches_per_step)
-            picks = torch.randperm(pool, generator=batch_generator(self.seed, epoch, k))[: self.batch_size]
-            out.append([self.order[i] for i in picks.tolist()])
+        for step in range(self.num_batches() // self.batches_per_step):
+            pool = self.pool_size(epoch * (self.num_batches() // self.batches_per_step) + step)
+            picks = torch.randperm(pool, generator=batch_generator(self.seed, epoch, step))[: self.batch_size * self.batches_per_step]
+            out += chunk([self.order[i] for i in picks.tolist()], self.batch_size)
         return out
 
     def scores_due(self, step: int) -> bool:

@@ -4,8 +4,8 @@ Every ``refresh_every`` steps the trainer scores each training example with the 
 example ``i`` is then drawn with probability ``p_i = (1 - m) * loss_i / sum(loss) + m / n`` and its
 loss multiplied by ``1 / (n * p_i)``, so the expected step is still the plain mean over the data
 (the loss-proportional sampler of Katharopoulos & Fleuret 2018, with a uniform share ``m`` that
-bounds every weight by ``1 / m``). Micro-batches are drawn with replacement, each from its own
-seeded stream; before the first scores, and whenever every loss is equal, it is uniform sampling
+bounds every weight by ``1 / m``). Each optimizer step's examples are drawn with replacement from
+its own seeded stream; before the first scores, and whenever every loss is equal, it is uniform sampling
 with weight 1.
 """
 
@@ -18,7 +18,12 @@ import torch
 from pydantic import Field
 
 from tunelab.config_base import Section
-from tunelab.train.samplers import SamplerContext, batch_generator, register_sampler
+from tunelab.train.samplers import (
+    SamplerContext,
+    batch_generator,
+    chunk,
+    register_sampler,
+)
 
 
 class ImportanceConfig(Section):
@@ -44,15 +49,23 @@ class ImportanceSampler:
         self.num_examples, self.batch_size, self.seed, self.cfg = num_examples, batch_size, seed, cfg
         self.probabilities = torch.full((num_examples,), 1.0 / num_examples, dtype=torch.float64)
         self.scored_step: int | None = None
+        self.batches_per_step = 1
 
     def num_batches(self) -> int:
         return self.num_examples // self.batch_size
 
+    def bind(self, total_steps: int, batches_per_step: int) -> None:
+        self.batches_per_step = batches_per_step
+
     def batches(self, epoch: int) -> list[list[int]]:
-        return [
-            torch.multinomial(self.probabilities, self.batch_size, replacement=True, generator=batch_generator(self.seed, epoch, k)).tolist()
-            for k in range(self.num_batches())
-        ]
+        """Each optimizer step's draw, cut into its micro-batches (the same examples however the
+        step is split over processes and accumulation)."""
+        per_step = self.batch_size * self.batches_per_step
+        out: list[list[int]] = []
+        for step in range(self.num_batches() // self.batches_per_step):
+            draw = torch.multinomial(self.probabilities, per_step, replacement=True, generator=batch_generator(self.seed, epoch, step))
+            out += chunk(draw.tolist(), self.batch_size)
+        return out
 
     def weight_of(self, index: int) -> float:
         return float(1.0 / (self.num_examples * self.probabilities[index]))

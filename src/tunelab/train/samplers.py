@@ -78,8 +78,9 @@ def register_sampler(name: str, Config: type[Section]) -> Callable[[Callable[[An
 
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
-    """The random stream of one micro-batch: samplers that draw each batch on its own (from a pool
-    or a distribution that changes during the epoch) stay pure functions of (seed, epoch, batch)."""
+    """The random stream of one draw (an optimizer step's examples): samplers that draw each step
+    on its own (from a pool or a distribution that changes during the epoch) stay pure functions
+    of (seed, epoch, step)."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + batch) % 2**63)
 
 

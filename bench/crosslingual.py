@@ -24,6 +24,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tunelab.bench.tables import mean_std
+
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "crosslingual"
 LANGUAGES = ("en", "de", "it", "ru", "ja", "zh")
 TARGET_SHARE = 0.1
@@ -63,9 +65,6 @@ def run_one(model: str, runs: Path, seed: int, lang: str | None, k: int) -> dict
     return {"seed": seed, "target": lang, "k": k, "seconds": summary.seconds,
             "accuracy": {code: scores[f"eval_{code}_accuracy"] for code in LANGUAGES}}
 
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def table(rows: list[dict[str, Any]], ks: list[int]) -> str:

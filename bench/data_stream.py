@@ -23,6 +23,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tunelab.bench.tables import mean_std
+
 STEPS = 124
 #: name -> recipe sections that differ from the plain run.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -67,9 +69,6 @@ def run_one(data: Path, runs: Path, name: str, seed: int) -> dict[str, Any]:
         "steps": summary.steps, "seconds": summary.seconds, "scoring_s": scoring, "train_rows": report["train_examples"],
     }
 
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

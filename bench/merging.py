@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tunelab.bench.tables import mean_std as ms
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-results"
@@ -199,10 +200,6 @@ def bench_soup(seed: int, data: dict[str, Any]) -> None:
     data["rows"].append(row)
     save(data)
     print(row, flush=True)
-
-
-def ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def tables(data: dict[str, Any]) -> str:

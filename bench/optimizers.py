@@ -26,6 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tunelab.bench.tables import mean_std
+
 #: name -> (train overrides, callbacks). Sign methods take 5x AdamW's lr (Lion paper: 3-10x
 #: smaller); Adafactor's lr is relative to each weight's RMS (~0.04 here), so 1e-3 moves weights
 #: about as far per step as AdamW's 5e-5.
@@ -125,9 +127,6 @@ def interleaved_step_times(data: Path, rounds: int) -> dict[str, float]:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def table(rows: list[dict[str, Any]], timing: dict[str, float] | None = None) -> str:

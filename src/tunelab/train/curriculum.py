@@ -66,7 +66,7 @@ def difficulty_order(scores: Sequence[float], seed: int, hardest_first: bool = F
 
 
 class CurriculumSampler:
-    """Micro-batches drawn from the easiest examples, the pool growing with ``pacing``.
+    """Each step's examples drawn from the easiest ones, the pool growing with ``pacing``.
 
     With ``refresh_every`` the ranking is the model's current loss, re-scored that often (self-paced);
     with ``scores`` None and no refresh, it is scored once before the first step.

@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tunelab.bench.tables import mean_std
+from tunelab.bench.tables import mean_std, run_missing
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "crosslingual"
 LANGUAGES = ("en", "de", "it", "ru", "ja", "zh")
@@ -45,7 +45,7 @@ def recipe(model: str, train: Path, out: Path, seed: int) -> dict[str, Any]:
 def few_shot_train(runs: Path, lang: str, k: int, seed: int) -> Path:
     """English rows plus k target rows (seeded draw), repeated to about TARGET_SHARE of the rows."""
     english = (DATA / "train_en.jsonl").read_text(encoding="utf-8").splitlines()
-    pool = (DATA / f"pool_{lang}.jsonl").read_text(encoding="utf-8").splitlines()
+    pool = [line for line in (DATA / "pool.jsonl").read_text(encoding="utf-8").splitlines() if json.loads(line)["language"] == lang]
     shots = random.Random(f"{seed}:{lang}:{k}").sample(pool, k)
     repeats = max(1, round(TARGET_SHARE * len(english) / k))
     path = runs / "data" / f"train_en+{lang}{k}-seed{seed}.jsonl"
@@ -76,7 +76,7 @@ def table(rows: list[dict[str, Any]], ks: list[int]) -> str:
         accuracy = [r["accuracy"][code] for r in zero]
         if not accuracy:
             continue
-        gap = "-" if code == "en" else f"{statistics.mean(english) - statistics.mean(accuracy):+.3f}"
+        gap = "-" if code == "en" else f"{statistics.mean(accuracy) - statistics.mean(english):+.3f}"
         cells = []
         for k in ks:
             few = [r["accuracy"][code] for r in rows if r["target"] == code and r["k"] == k]
@@ -96,18 +96,12 @@ def main() -> None:
 
     from tunelab.hardware import cpu_model_name
 
-    results_path = args.out / "crosslingual.json"
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
-    rows: list[dict[str, Any]] = saved.get("rows", [])
-    done = {(r["seed"], r["target"], r["k"]) for r in rows}
     plan = [(seed, None, 0) for seed in args.seeds] + [(seed, lang, k) for seed in args.seeds for lang in args.few_shot for k in args.k]
-    for seed, lang, k in plan:
-        if (seed, lang, k) in done:
-            continue
-        rows.append(run_one(args.model, args.out / "crosslingual-runs", seed, lang, k))
-        args.out.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps({"cpu": cpu_model_name(), "model": args.model, "threads": 1, "rows": rows}, indent=2) + "\n")
-        print(f"seed {seed} {lang or 'zero-shot'} k={k}: " + ", ".join(f"{c} {a:.3f}" for c, a in rows[-1]["accuracy"].items()), flush=True)
+    _, rows = run_missing(
+        args.out / "crosslingual.json", plan, lambda r: (r["seed"], r["target"], r["k"]),
+        lambda item: run_one(args.model, args.out / "crosslingual-runs", *item), {"cpu": cpu_model_name(), "model": args.model, "threads": 1},
+        lambda r: f"seed {r['seed']} {r['target'] or 'zero-shot'} k={r['k']}: " + ", ".join(f"{c} {a:.3f}" for c, a in r["accuracy"].items()),
+    )
     print(f"CPU: {cpu_model_name()}, 1 thread, fp32, model {args.model}")
     print(table(rows, args.k))
 

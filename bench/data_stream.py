@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tunelab.bench.tables import mean_std
+from tunelab.bench.tables import mean_std, run_missing
 
 STEPS = 124
 #: name -> recipe sections that differ from the plain run.
@@ -101,18 +101,11 @@ def main() -> None:
         rows = [row for name in args.merge for row in json.loads((args.out / name).read_text())["rows"]]
         print(table(rows))
         return
-    results_path = args.out / args.results
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
-    rows: list[dict[str, Any]] = saved.get("rows", [])
-    done = {(r["config"], r["seed"]) for r in rows}
-    for seed in args.seeds:
-        for name in args.configs:
-            if (name, seed) in done:
-                continue
-            rows.append(run_one(args.data, args.out / "data-stream-runs", name, seed))
-            args.out.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps({"cpu": cpu_model_name(), "threads": 1, "rows": rows}, indent=2) + "\n")
-            print(f"{name} seed {seed}: accuracy {rows[-1]['accuracy']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    _, rows = run_missing(
+        args.out / args.results, [(name, seed) for seed in args.seeds for name in args.configs], lambda r: (r["config"], r["seed"]),
+        lambda item: run_one(args.data, args.out / "data-stream-runs", *item), {"cpu": cpu_model_name(), "threads": 1},
+        lambda r: f"{r['config']} seed {r['seed']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",
+    )
     print(f"CPU: {cpu_model_name()}, 1 thread, fp32")
     print(table(rows))
 

@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tunelab.bench.tables import mean_std
+from tunelab.bench.tables import mean_std, run_missing
 
 #: name -> (train overrides, callbacks). Sign methods take 5x AdamW's lr (Lion paper: 3-10x
 #: smaller); Adafactor's lr is relative to each weight's RMS (~0.04 here), so 1e-3 moves weights
@@ -161,17 +161,12 @@ def main() -> None:
     from tunelab.hardware import cpu_model_name
 
     results_path = args.out / "optimizers.json"
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
-    rows: list[dict[str, Any]] = saved.get("rows", [])
-    done = {(r["config"], r["seed"]) for r in rows}
-    for seed in args.seeds:  # seed-major: every config of a seed runs close together in time
-        for name in args.configs:
-            if (name, seed) in done:
-                continue
-            rows.append(run_one(args.data, args.out / "optimizer-runs", name, seed))
-            args.out.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps({**saved, "cpu": cpu_model_name(), "rows": rows}, indent=2) + "\n")
-            print(f"{name} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
+    # seed-major: every config of a seed runs close together in time
+    saved, rows = run_missing(
+        results_path, [(name, seed) for seed in args.seeds for name in args.configs], lambda r: (r["config"], r["seed"]),
+        lambda item: run_one(args.data, args.out / "optimizer-runs", *item), {"cpu": cpu_model_name()},
+        lambda r: f"{r['config']} seed {r['seed']}: accuracy {r['accuracy']:.3f}",
+    )
     timing = saved.get("interleaved_step_s")
     if args.timing_rounds:
         timing = interleaved_step_times(args.data, args.timing_rounds)

@@ -74,3 +74,20 @@ def test_speedup_does_not_count_without_loss_parity():
     far = summary({**base, "final_train_loss": 2.1}, base)
     assert not far["loss_parity"]
     assert result_line(close) == "speedup=3.00 mem_ratio=0.40 loss_delta=0.005 mfu=0.10"
+
+
+def test_a_rerun_benchmark_runs_only_what_its_results_file_lacks(tmp_path):
+    from tunelab.bench.tables import mean_std, run_missing
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"interleaved": 1.5, "rows": [{"config": "a", "seed": 0}]}))
+    ran: list[tuple[str, int]] = []
+
+    def run(item):
+        ran.append(item)
+        return {"config": item[0], "seed": item[1]}
+
+    saved, rows = run_missing(path, [("a", 0), ("b", 0), ("a", 1)], lambda r: (r["config"], r["seed"]), run, {"cpu": "x"}, str)
+    assert ran == [("b", 0), ("a", 1)] and len(rows) == 3 and saved["interleaved"] == 1.5
+    assert json.loads(path.read_text()) == {"interleaved": 1.5, "cpu": "x", "rows": rows}
+    assert mean_std([0.5]) == "0.500" and mean_std([0.5, 0.7]) == "0.600 ± 0.141"

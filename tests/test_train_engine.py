@@ -77,7 +77,7 @@ def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path):
 def test_peft_loads_our_adapter_and_merged_export_matches(tmp_path):
     from peft import PeftModel
 
-    from tunelab.export import export_merged
+    from tunelab.export.merged import export_merged
     from tunelab.models import load_model, load_run
 
     data = write_chat_data(tmp_path / "d.jsonl")

@@ -50,13 +50,29 @@ def _stop_gracefully_on_sigterm() -> None:
 
 
 @click.command("export")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--merge", "out", required=True, type=click.Path(file_okay=False), help="Write a plain HF model with adapters merged here.")
-def export_command(run_dir: str, out: str) -> None:
-    """Export a run's model as a plain Hugging Face model directory."""
-    from tunelab.export import export_merged
+@click.argument("model")
+@click.option("--merge", "merge_out", type=click.Path(file_okay=False), help="Write a plain HF model with adapters merged here.")
+@click.option("--gguf", "gguf_out", type=click.Path(dir_okay=False), help="Write one GGUF file (Llama family) that llama.cpp runs.")
+@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0", "q4_1", "q4_0"]), default="f16", show_default=True,
+              help="GGUF tensor type for the matrices (norms stay f32; layers already int4 with groups of 32 stay Q4_1).")
+def export_command(model: str, merge_out: str | None, gguf_out: str | None, quant: str) -> None:
+    """Export MODEL (a run directory, compressed variant, HF directory or alias) with its adapters merged."""
+    from tunelab.errors import UserError
 
-    click.echo(f"merged model written to {export_merged(Path(run_dir), Path(out))}")
+    if not merge_out and not gguf_out:
+        raise UserError("say what to export", hint="add --merge OUT_DIR (Hugging Face) or --gguf OUT.gguf (llama.cpp)")
+    if merge_out:
+        from tunelab.export.merged import export_merged
+
+        click.echo(f"merged model written to {export_merged(Path(model), Path(merge_out))}")
+    if gguf_out:
+        from tunelab.export.gguf_file import export_gguf
+
+        report = export_gguf(model, Path(gguf_out), quant)
+        types = ", ".join(f"{name} x{count}" for name, count in sorted(report["tensor_types"].items()))
+        click.echo(f"GGUF written to {report['path']} ({report['bytes'] / 2**20:,.1f} MiB; tensors {types}) in {report['seconds']}s")
+        click.echo(f"pre-tokenizer: {report['pre_tokenizer']}")
+        click.echo(f"run it: llama-cli -m {report['path']}   or   tunelab generate --model {report['path']}")
 
 
 commands = [train_command, export_command]

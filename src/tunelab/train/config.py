@@ -60,6 +60,10 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     best_metric: str = Field("eval_loss", description="Metric that picks the best checkpoint.")
     best_mode: Literal["min", "max"] = "min"
+    report_to: list[Literal["tensorboard", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Mirror metrics.jsonl, the recipe and the final figures to these trackers (local; "
+        "pip install 'tunelab[trackers]'); see tunelab.report.trackers for where each writes.",
+    )
 
     @field_validator("optimizer")
     @classmethod

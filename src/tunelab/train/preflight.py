@@ -9,13 +9,16 @@ from pathlib import Path
 from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
 from tunelab.recipe import Recipe
+from tunelab.report.trackers import check_trackers_installed
 from tunelab.rundir import check_writable
 
 
 def check_trainable(recipe: Recipe) -> None:
-    """Where outputs go can be written, and every data section names training data that exists."""
+    """Where outputs go can be written, every tracker named is installed, and every data section
+    names training data that exists."""
     if recipe.output_dir is not None:
         check_writable(Path(recipe.output_dir))
+    check_trackers_installed(recipe.train.report_to)
     tasks = recipe.method.tasks or {}
     if not tasks:
         _check_data(recipe.data, "data")

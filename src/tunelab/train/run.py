@@ -39,6 +39,7 @@ from tunelab.hardware import (
 from tunelab.methods import trainable_summary
 from tunelab.methods.artifacts import merge_methods
 from tunelab.recipe import Recipe, copy_recipe, dump_recipe, load_recipe
+from tunelab.report.trackers import Trackers, final_scalars, open_trackers
 from tunelab.rundir import (
     RAW_FINAL,
     checkpoint_step,
@@ -172,12 +173,16 @@ def _run(
         for note in prepared.notes:
             say(f"train: {note}")
 
+    trackers = Trackers([])
+    if world.is_main and recipe.train.report_to:
+        trackers = open_trackers(recipe.train.report_to, run_dir, recipe.name, written.model_dump(mode="json"), dump_recipe(written))
+        say(f"report_to: {trackers.describe()}")
     try:
         trainer = Trainer(
             model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
             collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
             callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile,
-            sampler=prepared.sampler, events=events, cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
+            sampler=prepared.sampler, events=trackers.chain(events), cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
         )
     except TooFewExamples as exc:
         raise UserError(exc.message, where=recipe.data.train, hint=f"{exc.hint} ({losses_summary(data.report)})") from None
@@ -213,6 +218,7 @@ def _run(
             run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed,
                             evaluation=task_evaluation(recipe), trained_run=run_dir, echo=say)
             say((run_dir / "compress" / "compress.md").read_text())
+        trackers.finish(final_scalars(summary.as_dict(), run_dir))
     return summary
 
 

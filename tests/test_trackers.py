@@ -60,6 +60,10 @@ def test_mlflow_run_holds_metrics_params_and_resumes_the_same_run(tmp_path, monk
     history = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert history == pytest.approx(train_losses(tmp_path / "run"))
     assert client.get_experiment(run.info.experiment_id).name == "recipe"
+    (tmp_path / "got").mkdir()
+    logged_recipe = client.download_artifacts(run_id, "recipe.yaml", str(tmp_path / "got"))
+    assert "lora" in open(logged_recipe).read()
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the store, never ./mlruns in the working directory
 
     from tests.train_helpers import recipe_for
     from tunelab.train.run import run_training

@@ -8,8 +8,9 @@ end. Every backend writes locally and is an optional extra (``pip install 'tunel
 - ``tensorboard``: event files in ``RUN_DIR/tensorboard`` (``tensorboard --logdir RUN_DIR``).
 - ``mlflow``: a run in ``$MLFLOW_TRACKING_URI``, else in the SQLite store ``mlflow.db`` next to the
   run directory (MLflow 3 refuses new file stores; ``mlflow ui --backend-store-uri
-  sqlite:///runs/mlflow.db``), experiment = the recipe's name; the run id is kept in the run
-  directory so ``--resume`` continues the same MLflow run.
+  sqlite:///runs/mlflow.db``) with artifacts (the recipe) in ``mlartifacts/`` beside it;
+  experiment = the recipe's name; the run id is kept in the run directory so ``--resume``
+  continues the same MLflow run.
 - ``trackio``: project = the recipe's name, run = the run directory's name, in ``$TRACKIO_DIR``
   (``trackio show``); resumed runs continue the same trackio run.
 
@@ -162,7 +163,11 @@ class _MLflow:
     def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
+        store = run_dir.resolve().parent
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
+        # MLflow's default artifact root is ./mlruns in the working directory: keep the default
+        # store's artifacts beside it instead (a tracking server manages its own)
+        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (store / "mlartifacts").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         self.location = f"mlflow ui --backend-store-uri {uri}"
         id_file = run_dir / self.RUN_ID_FILE
@@ -171,7 +176,7 @@ class _MLflow:
             self.client.update_run(self.run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(project)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project, artifact_location=artifacts)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         id_file.write_text(self.run_id)
         from mlflow.entities import Param

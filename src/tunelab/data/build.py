@@ -25,6 +25,7 @@ from tunelab.data.formats import (
     resolve_format,
     to_record,
 )
+from tunelab.data.head_rows import rerank_pairs
 from tunelab.data.labels import label_names
 from tunelab.data.prompting import few_shot_pool_sample
 from tunelab.data.readers import Row, read_rows
@@ -142,10 +143,12 @@ def _records(rows: Sequence[Row], fmt: str, shape: Shape, cfg: DataConfig, bad_r
     records = []
     for row in rows:
         try:
-            record = to_record(row.fields, fmt, shape, cfg, row.where)
-            extra = read_example_fields(row.fields, cfg, row.where)
-            record.weight, record.difficulty, record.language = extra.weight, extra.difficulty, extra.language
-            records.append(record)
+            expanded = rerank_pairs(row.fields, row.where) if fmt == "rerank" else [row.fields]
+            for fields in expanded:
+                record = to_record(fields, "pairs" if fmt == "rerank" else fmt, shape, cfg, row.where)
+                extra = read_example_fields(fields, cfg, row.where)
+                record.weight, record.difficulty, record.language = extra.weight, extra.difficulty, extra.language
+                records.append(record)
         except UserError as exc:
             bad_rows.handle(exc)
     return records

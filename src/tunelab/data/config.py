@@ -10,7 +10,7 @@ from tunelab.config_base import Section
 from tunelab.data.augment import AugmentConfig
 
 DataFormat = Literal[
-    "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "tagged", "choices",
+    "auto", "chat", "prompt_completion", "instruction", "text", "classification", "multi_label", "pairs", "rerank", "tagged", "choices",
     "preference", "openai_preference",
 ]
 TemplateName = Literal["auto", "model", "chatml", "llama3", "alpaca", "plain"]

@@ -6,14 +6,17 @@ here and raises a ``UserError`` that names the row's ``file:line`` and the fix.
 
 Formats (by the fields present, after ``data.columns`` renaming):
 
-- ``chat``: ``messages`` = [{role: system|user|assistant, content, weight?: 0|1}, ...]
+- ``chat``: ``messages`` = [{role: system|user|assistant, content, weight?: 0|1}, ...]; Cohere's
+  chat fine-tuning roles (``System``/``User``/``Chatbot``, any case) read as system/user/assistant
 - ``prompt_completion``: ``prompt``, ``completion``
 - ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
 - ``classification``: ``text``, ``label``
 - ``text``: ``text`` (continued pretraining)
 - ``preference``: ``chosen`` + ``rejected`` (+ ``prompt``); ``openai_preference``: ``input`` +
   ``preferred_output`` + ``non_preferred_output`` (DPO data, see ``preference_rows``)
-- ``multi_label``, ``pairs``, ``tagged``, ``choices``: the rows of the shapes in ``head_rows``
+- ``multi_label`` (``text`` + ``labels``, or Cohere's ``label`` as a list), ``pairs``, ``tagged``,
+  ``choices``: the rows of the shapes in ``head_rows``
+- ``rerank`` (Cohere): ``query`` + ``relevant_passages`` (+ ``hard_negatives``), read as pairs
 - ``fields``: any fields, turned into prompts/answers/texts by ``data.prompt_template`` and
   ``data.completion_template``
 """
@@ -44,6 +47,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first matc
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
     "pairs": ("anchor", "positive"),
+    "rerank": ("query", "relevant_passages"),
     "tagged": ("tokens", "tags"),
     "choices": ("question", "choices"),
     "multi_label": ("text", "labels"),
@@ -51,9 +55,11 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {  # detection order: the first matc
     "text": ("text",),
 }
 ROLES = ("system", "user", "assistant")
+#: Role names other formats use for ours (lower-cased first): Cohere's chat fine-tuning data says Chatbot.
+ROLE_ALIASES = {"chatbot": "assistant"}
 FORMATS_HINT = (
     "expected prompt+chosen+rejected | messages | prompt+completion | instruction+output | text+label | text | text+labels | "
-    "anchor+positive | tokens+tags | question+choices"
+    "anchor+positive | query+relevant_passages | tokens+tags | question+choices"
 )
 
 
@@ -66,7 +72,7 @@ def detect_format(fields: Mapping[str, Any]) -> str | None:
     """The first format whose required fields are all present, or None."""
     for name, required in FORMAT_FIELDS.items():
         if all(fields.get(f) is not None for f in required):
-            return name
+            return "multi_label" if name == "classification" and isinstance(fields["label"], list) else name
     return None
 
 
@@ -105,6 +111,11 @@ def check_settings(cfg: DataConfig, fmt: str, shape: Shape) -> None:
         raise UserError(
             f"the rows are preference pairs ({fmt}), which only a preference objective trains on",
             hint="set objective: {name: dpo}, or give SFT rows (messages, or prompt + completion)",
+        )
+    if fmt == "rerank" and shape != "pairs":
+        raise UserError(
+            f"the rows are Cohere rerank rows (query + relevant_passages), which train an embedding model, but this run builds '{shape}' examples",
+            hint="set method.head: {type: embedding} (contrastive InfoNCE with the hard negatives), e.g. on minilm-l6",
         )
     if shape == "preference":
         if cfg.completion_template or cfg.few_shot or cfg.train_on_prompt:
@@ -165,6 +176,8 @@ def to_record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig
     label = fields.get("label")
     if label is None:
         raise missing_field("label", fields, where)
+    if isinstance(label, list):
+        raise UserError("'label' is a list: that is multi-label data", where=where, hint="set method.head: {type: multi_label}")
     if not isinstance(label, (str, int)):
         raise UserError(f"'label' must be a string or an integer, got {type(label).__name__}", where=where)
     return Record(where, text=text, label=label)
@@ -183,6 +196,8 @@ def chat_messages(value: Any, where: str) -> list[Message]:
         if not isinstance(message, dict):
             raise UserError(f"message {n} is not an object", where=where, hint='write {"role": ..., "content": ...}')
         role, content, weight = message.get("role"), message.get("content"), message.get("weight", 1)
+        if isinstance(role, str):
+            role = ROLE_ALIASES.get(role.lower(), role.lower())
         if role not in ROLES:
             raise UserError(f"message {n} has role {role!r}", where=where, hint=f"roles are {', '.join(ROLES)}")
         if not isinstance(content, str):

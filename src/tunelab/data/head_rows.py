@@ -1,9 +1,12 @@
 """Row checks for the shapes beyond chat SFT and single-label classification.
 
-- ``multi_label``: ``text`` + ``labels`` (a list of label names, possibly empty)
+- ``multi_label``: ``text`` + ``labels`` (a list of label names, possibly empty; Cohere's
+  multi-label files call the list ``label``)
 - ``regression``: ``text`` + ``label`` (a number)
 - ``token_classification``: ``tokens`` (words) + ``tags`` (one per word)
-- ``pairs``: ``anchor`` + ``positive`` (+ optional ``negative``), for contrastive embeddings
+- ``pairs``: ``anchor`` + ``positive`` (+ optional ``negative``), for contrastive embeddings;
+  Cohere's rerank rows (``query``, ``relevant_passages``, ``hard_negatives``) become several pairs
+  (``rerank_pairs``)
 - ``sentences``: ``text`` alone, encoded with the tokenizer's special tokens (SimCSE, masked LM)
 - ``multiple_choice``: ``question`` + ``choices`` (list) + ``label`` (the answer's index or text)
 
@@ -61,12 +64,26 @@ def head_record(fields: Mapping[str, Any], shape: str, cfg: DataConfig, where: s
         return Record(where, text=question, texts=list(choices), label=_answer_index(fields, choices, where))
     text = _text(fields, "text", cfg, where)
     if shape == "multi_label":
-        return Record(where, text=text, label=string_list(fields, "labels", where))
+        return Record(where, text=text, label=string_list(fields, "labels" if fields.get("labels") is not None else "label", where))
     if shape == "regression":
         return Record(where, text=text, label=number_field(fields, "label", where, what="regression target"))
     if shape == "sentences":
         return Record(where, text=text)
     raise ValueError(f"not an extra shape: {shape}")
+
+
+def rerank_pairs(fields: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """One Cohere rerank row as pair rows: every relevant passage and every hard negative used once,
+    ``(query, passage j mod P, negative j)`` for j < max(P, H), the row's other fields kept."""
+    query = string_field(fields, "query", where)
+    passages = string_list(fields, "relevant_passages", where)
+    negatives = string_list(fields, "hard_negatives", where) if fields.get("hard_negatives") is not None else []
+    if not passages:
+        raise UserError("'relevant_passages' is empty", where=where, hint="give every query at least one passage that answers it")
+    rest = {k: v for k, v in fields.items() if k not in ("query", "relevant_passages", "hard_negatives")}
+    count = max(len(passages), len(negatives))
+    return [{**rest, "anchor": query, "positive": passages[j % len(passages)], "negative": negatives[j] if j < len(negatives) else None}
+            for j in range(count)]
 
 
 def _text(fields: Mapping[str, Any], name: str, cfg: DataConfig, where: str) -> str:

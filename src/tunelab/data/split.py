@@ -36,19 +36,21 @@ def shuffled(records: Sequence[Record], seed: int) -> list[Record]:
 def hold_out(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Shuffle, then split off ``fraction`` (at least one row when fraction > 0) for validation.
 
-    Preference pairs on the same prompt stay on one side, whole prompts being held out: preference
-    files often hold several pairs per prompt, and a validation pair whose prompt was trained on
-    measures memorisation more than preference learning.
+    Records that share a prompt stay on one side, whole prompts being held out: preference pairs
+    on the same prompt, and contrastive pairs on the same anchor (a Cohere rerank row is several
+    pairs of one query). A validation example whose prompt was trained on measures memorisation
+    more than what was learnt.
     """
     n_val = max(1, round(len(records) * fraction)) if fraction > 0 else 0
     if n_val and n_val >= len(records):
         raise _too_few(len(records), fraction)
-    if not any(r.chosen is not None for r in records):
+    keys = [_prompt_key(r) for r in records]
+    if len(set(keys)) == len(keys):
         order = shuffled(records, seed)
         return order[n_val:], order[:n_val]
     groups: dict[str, list[Record]] = {}
-    for record in records:
-        groups.setdefault(json.dumps(record.messages, sort_keys=True), []).append(record)
+    for key, record in zip(keys, records):
+        groups.setdefault(key, []).append(record)
     order = shuffled(list(groups.values()), seed)  # type: ignore[arg-type]
     validation: list[Record] = []
     while order and len(validation) < n_val:
@@ -56,6 +58,16 @@ def hold_out(records: Sequence[Record], fraction: float, seed: int) -> tuple[lis
     if not order:
         raise _too_few(len(groups), fraction, "prompts")
     return [r for group in order for r in group], validation
+
+
+def _prompt_key(record: Record) -> str:
+    """What records that must stay together share: a preference pair's prompt, a contrastive
+    pair's anchor; otherwise the record itself (its position keeps it unique)."""
+    if record.chosen is not None:
+        return json.dumps(record.messages, sort_keys=True)
+    if record.texts and record.text is None and record.label is None:
+        return "anchor:" + str(record.texts[0])
+    return f"row:{id(record)}"
 
 
 def _too_few(count: int, fraction: float, what: str = "rows") -> UserError:

@@ -1,5 +1,5 @@
-"""The FastAPI application: routes under ``/v1``, OpenAI's error envelope, API keys, request ids
-and access logs."""
+"""The FastAPI application: OpenAI's routes under ``/v1`` (and its error envelope), Cohere's
+inference routes (``tunelab.serve.cohere``), API keys, request ids and access logs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunelab.serve import completions, files, jobs
+from tunelab.serve import cohere, completions, files, jobs
 from tunelab.serve.context import ServeSettings, ServeState
 from tunelab.serve.errors import (
     APIError,
@@ -25,6 +25,7 @@ from tunelab.serve.errors import (
 )
 from tunelab.serve.inference import ModelPool
 from tunelab.serve.store import Store
+from tunelab.serve.task_models import TaskModels
 from tunelab.serve.worker import JobWorker
 
 access_log = logging.getLogger("tunelab.serve.access")
@@ -47,13 +48,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
             store.close()
 
     app = FastAPI(title="tunelab", summary="OpenAI-compatible fine-tuning and inference over local models", lifespan=lifespan)
-    app.state.tunelab = ServeState(settings, store, worker, models)
+    app.state.tunelab = ServeState(settings, store, worker, models, TaskModels(models))
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     for router in (files.router, jobs.router, completions.router):
         app.include_router(router, prefix="/v1")
+    app.include_router(cohere.router)
 
     @app.get("/health")
     def health() -> dict[str, object]:

@@ -89,7 +89,7 @@ def _text_of(content: Any) -> str:
     raise bad_request("message content must be a string or a list of content parts.", param="messages")
 
 
-def _chat_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> torch.Tensor:
+def chat_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> torch.Tensor:
     from tunelab.generate import encode_prompt
 
     turns = []
@@ -107,7 +107,7 @@ def _logprobs_content(parts: list[Piece]) -> list[dict[str, Any]]:
             for piece in parts for lp in piece.logprobs]
 
 
-def _collect(out: queue.Queue) -> list[Piece]:
+def collect(out: queue.Queue) -> list[Piece]:
     """Every piece of a submitted request (blocking: run it in a worker thread)."""
     return list(pieces(out))
 
@@ -153,7 +153,7 @@ def delete_model(request: Request, model_id: str, owner: str | None = Depends(ca
 @router.post("/chat/completions", response_model=None)
 async def chat(request: Request, body: ChatRequest, owner: str | None = Depends(caller)) -> Any:
     loaded = await anyio.to_thread.run_sync(state(request).models.load, body.model, owner)
-    ids = _chat_ids(loaded, body.messages)
+    ids = chat_ids(loaded, body.messages)
     sampling = body.sampling(body.max_completion_tokens or body.max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     ident, created = new_id("chatcmpl-"), int(time.time())
     base = {"id": ident, "created": created, "model": body.model, "system_fingerprint": "tunelab"}
@@ -181,7 +181,7 @@ async def chat(request: Request, body: ChatRequest, owner: str | None = Depends(
     runs = [loaded.batcher.submit(loaded, ids, _seeded(sampling, choice)) for choice in range(body.n)]  # all queued: they batch
     choices, completion = [], 0
     for choice, run in enumerate(runs):
-        parts = await anyio.to_thread.run_sync(_collect, run)
+        parts = await anyio.to_thread.run_sync(collect, run)
         completion += parts[-1].completion_tokens
         choices.append({"index": choice, "message": {"role": "assistant", "content": "".join(p.text for p in parts), "refusal": None},
                         "logprobs": {"content": _logprobs_content(parts), "refusal": None} if body.logprobs else None,
@@ -241,7 +241,7 @@ async def complete(request: Request, body: CompletionRequest, owner: str | None 
     runs = [(ids, loaded.batcher.submit(loaded, ids, _seeded(sampling, choice))) for ids in prompts for choice in range(body.n)]
     choices, completion = [], 0
     for ids, run in runs:
-        parts = await anyio.to_thread.run_sync(_collect, run)
+        parts = await anyio.to_thread.run_sync(collect, run)
         completion += parts[-1].completion_tokens
         text = "".join(p.text for p in parts)
         if body.echo:
@@ -250,7 +250,7 @@ async def complete(request: Request, body: CompletionRequest, owner: str | None 
     return {**base, "choices": choices, "usage": _usage(sum(p.shape[1] for p in prompts), completion)}
 
 
-def _embed(loaded: LoadedModel, batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+def embed_ids(loaded: LoadedModel, batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """Mean-pooled last hidden states, unit length (OpenAI's embeddings are normalised)."""
     vectors, tokens = [], 0
     with loaded.lock, loaded.activate(), torch.no_grad():
@@ -266,7 +266,7 @@ def _embed(loaded: LoadedModel, batch: list[torch.Tensor]) -> tuple[list[torch.T
 async def embeddings(request: Request, body: EmbeddingRequest, owner: str | None = Depends(caller)) -> dict[str, Any]:
     loaded = await anyio.to_thread.run_sync(state(request).models.load, body.model, owner)
     batch = _prompts(body.input, loaded.tokenizer)
-    vectors, tokens = await anyio.to_thread.run_sync(_embed, loaded, batch)
+    vectors, tokens = await anyio.to_thread.run_sync(embed_ids, loaded, batch)
     data = []
     for index, vector in enumerate(vectors):
         if body.dimensions is not None:

@@ -56,6 +56,8 @@ class ServeState:
     store: Store
     worker: Jobs
     models: Models
+    #: Embedders and classifiers for Cohere's embed, rerank and classify (``serve.task_models``).
+    heads: Any = None
 
 
 def state(request: Request) -> ServeState:

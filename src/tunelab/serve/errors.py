@@ -40,12 +40,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+#: Routes answering in Cohere's shape (``tunelab.serve.cohere``): their errors are ``{"message": ...}``.
+COHERE_PATHS = frozenset({"/v2/chat", "/v2/embed", "/v1/embed", "/v2/rerank", "/v1/rerank", "/v1/classify"})
+
+
+def _response(request: Request, body: dict[str, Any], status: int) -> JSONResponse:
+    """OpenAI's envelope, or Cohere's ``{"message": ...}`` on Cohere's routes."""
+    if request.url.path in COHERE_PATHS:
+        body = {"message": body["error"]["message"]}
+    return JSONResponse(body, status_code=status)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return _response(request, exc.body(), exc.status)
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 becomes 400 with the envelope; ``param`` names the first offending field."""
     assert isinstance(exc, RequestValidationError)
     errors = jsonable_encoder(exc.errors())
@@ -53,7 +64,7 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "form")]
     param = ".".join(location) or None
     message = f"Invalid value for '{param}': {first.get('msg', 'invalid request')}" if param else str(first.get("msg", "invalid request"))
-    return JSONResponse(envelope(message, param=param), status_code=400)
+    return _response(request, envelope(message, param=param), 400)
 
 
 async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
@@ -63,7 +74,7 @@ async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(envelope(str(exc.detail)), status_code=status)
 
 
-async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A bug is still answered in the envelope (500, ``server_error``), so the client can read it."""
-    return JSONResponse(envelope(f"The server had an error while processing your request: {type(exc).__name__}: {exc}", type="server_error"),
-                        status_code=500)
+    return _response(request, envelope(f"The server had an error while processing your request: {type(exc).__name__}: {exc}",
+                                       type="server_error"), 500)

@@ -188,3 +188,21 @@ def test_settings_name_library_versions():
     assert described["bleu"].startswith(f"sacrebleu {sacrebleu.__version__}")
     assert "use_stemmer=True" in described["rouge"]
     assert "SQuAD" in described["exact_match"]
+
+
+def test_python_parses_counts_what_ast_accepts_reading_fenced_blocks():
+    import ast
+
+    from tunelab.evaluate.metrics import python_parses
+
+    predictions = ["def f(x):\n    return x", "def f(:", "Here it is:\n```python\nx = [1, 2]\n```\nDone.", "```python\ndef g(:\n```",
+                   "```\nprint('no language tag')\n```", "x = ("]
+
+    def accepted(text: str) -> bool:
+        try:
+            ast.parse(text)
+            return True
+        except SyntaxError:
+            return False
+    bodies = ["def f(x):\n    return x", "def f(:", "x = [1, 2]\n", "def g(:\n", "print('no language tag')\n", "x = ("]
+    assert python_parses(predictions, [[""]] * len(predictions))["python_parses"] == sum(map(accepted, bodies)) / len(bodies) == 0.5

@@ -195,6 +195,29 @@ def meteor(predictions: Predictions, references: References) -> Scores:
 
 
 # ---------------------------------------------------------------------------------------------
+# Code
+
+FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def python_parses(predictions: Predictions, references: References) -> Scores:
+    """Share of predictions that are syntactically valid Python (``ast.parse``), reading the first
+    fenced code block when there is one (models often answer in markdown). Reference-free: it
+    says the code is well-formed, not that it is right (that takes the function's tests)."""
+    import ast
+
+    def parses(text: str) -> bool:
+        fenced = FENCED.search(text)
+        try:
+            ast.parse(fenced.group(1) if fenced else text)
+        except (SyntaxError, ValueError):
+            return False
+        return True
+
+    return {"python_parses": sum(map(parses, predictions)) / len(predictions)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Perplexity from log-likelihoods
 
 
@@ -224,6 +247,7 @@ METRICS: dict[str, Metric] = {
         Metric("chrf++", _chrf(2, "chrf++"), "sacrebleu", "chrF++ char_order 6, word_order 2, beta 2"),
         Metric("rouge", rouge, "rouge-score", "F-measure, use_stemmer=True, best reference, mean over items"),
         Metric("meteor", meteor, "nltk", "meteor_score, WordNet 3.0, NLTKWordTokenizer, best reference, mean over items"),
+        Metric("python_parses", python_parses, None, "ast.parse of the first fenced code block, else the whole prediction"),
     )
 }
 

@@ -121,10 +121,10 @@ def check_trackers_installed(names: list[str]) -> None:
             )
 
 
-def open_trackers(names: list[str], run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str) -> Trackers:
-    """Start every tracker in ``names`` for ``run_dir``."""
+def open_trackers(names: list[str], run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str, start_step: int = 0) -> Trackers:
+    """Start every tracker in ``names`` for ``run_dir``; a resumed run starts at ``start_step``."""
     check_trackers_installed(names)
-    return Trackers([_OPENERS[name](run_dir, project, recipe, recipe_text) for name in names])
+    return Trackers([_OPENERS[name](run_dir, project, recipe, recipe_text, start_step) for name in names])
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -139,10 +139,11 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class _TensorBoard:
-    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str) -> None:
+    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        # a resumed run rewinds to its checkpoint: TensorBoard drops what the interrupted run logged after it
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
         self.location = f"tensorboard --logdir {run_dir / 'tensorboard'}"
         self.writer.add_text("recipe", f"```yaml\n{recipe_text}\n```", 0)
 
@@ -160,7 +161,7 @@ class _TensorBoard:
 class _MLflow:
     RUN_ID_FILE = "mlflow_run_id"
 
-    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str) -> None:
+    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str, start_step: int) -> None:
         from mlflow.tracking import MlflowClient
 
         store = run_dir.resolve().parent
@@ -205,7 +206,7 @@ def _mlflow_key(key: str) -> str:
 
 
 class _Trackio:
-    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str) -> None:
+    def __init__(self, run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str, start_step: int) -> None:
         import trackio
 
         self.location = f"trackio show --project {project}"
@@ -220,6 +221,6 @@ class _Trackio:
         self.run.finish()
 
 
-_OPENERS: dict[str, Callable[[Path, str, dict[str, Any], str], Tracker]] = {
+_OPENERS: dict[str, Callable[[Path, str, dict[str, Any], str, int], Tracker]] = {
     "tensorboard": _TensorBoard, "mlflow": _MLflow, "trackio": _Trackio,
 }

@@ -184,15 +184,7 @@ class ModelPool:
         return self._entry(source, build)  # type: ignore[return-value]
 
     def _entry(self, key: str, build: Callable[[], SharedBase | LoadedModel]) -> SharedBase | LoadedModel:
-        with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            entry = build()
-            self._loaded[key] = entry
-            while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
-            return entry
+        return least_recently_used(self._loaded, self._lock, key, build, self.capacity)
 
     def _tokenizer(self, record: dict[str, Any], shared: SharedBase) -> Any:
         """The run's own tokenizer (its chat template), when it has one; read once per model."""
@@ -213,6 +205,20 @@ class ModelPool:
             _apply_checkpoint(loaded.model, Path(record["_run_dir"]), step)
         lock = threading.Lock()
         return LoadedModel(loaded.model.eval(), loaded.tokenizer, lock, Batcher(lock))
+
+
+def least_recently_used(cache: OrderedDict[str, Any], lock: threading.Lock, key: str, build: Callable[[], Any], capacity: int) -> Any:
+    """``cache[key]``, built under ``lock`` when missing; beyond ``capacity`` entries the least
+    recently used leaves (its memory is freed once no request holds it)."""
+    with lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        entry = build()
+        cache[key] = entry
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+        return entry
 
 
 def _adapter_name(record: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from tunelab.models.registry import PACKAGED
 from tunelab.models.tiny import TINY_MODELS
 from tunelab.serve.context import Models
 from tunelab.serve.errors import APIError
+from tunelab.serve.inference import least_recently_used
 
 
 @dataclass
@@ -98,15 +99,7 @@ class TaskModels:
         return self._cached(f"classify:{path}", lambda: _classifier(path, manifest))  # type: ignore[return-value]
 
     def _cached(self, key: str, build: Callable[[], Embedder | Classifier]) -> Embedder | Classifier:
-        with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            entry = build()
-            self._loaded[key] = entry
-            while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
-            return entry
+        return least_recently_used(self._loaded, self._lock, key, build, self.capacity)  # type: ignore[no-any-return]
 
 
 def sentence_transformers_dir(source: str) -> Path | None:

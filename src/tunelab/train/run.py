@@ -175,7 +175,8 @@ def _run(
 
     trackers = Trackers([])
     if world.is_main and recipe.train.report_to:
-        trackers = open_trackers(recipe.train.report_to, run_dir, recipe.name, written.model_dump(mode="json"), dump_recipe(written))
+        trackers = open_trackers(recipe.train.report_to, run_dir, recipe.name, written.model_dump(mode="json"), dump_recipe(written),
+                                 start_step=checkpoint_step(resume_from) if resume_from else 0)
         say(f"report_to: {trackers.describe()}")
     try:
         trainer = Trainer(

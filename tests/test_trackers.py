@@ -110,3 +110,17 @@ def test_an_unknown_tracker_is_refused_at_validation(tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl")
     with pytest.raises(UserError, match="report_to"):
         train(tmp_path, RUN.format(data=data, steps=2, tracker="wandb"))
+
+
+def test_final_figures_name_the_run_and_each_base_row(tmp_path):
+    from tunelab.report.trackers import final_scalars
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    systems = [{"system": "smollm2-135m 0-shot", "shots": 0, "scores": {"accuracy": 0.56}},
+               {"system": "smollm2-135m 3-shot", "shots": 3, "scores": {"accuracy": 0.6}},
+               {"system": str(run), "shots": 0, "scores": {"accuracy": 0.85, "f1_macro": 0.8}}]
+    (run / "eval" / "eval.json").write_text(json.dumps({"systems": systems}))
+    final = final_scalars({"steps": 56, "final_train_loss": 0.19, "eval_after": {"eval_loss": 0.15}, "stop_reason": "completed"}, run)
+    assert final == {"final/steps": 56.0, "final/final_train_loss": 0.19, "final/eval_after/loss": 0.15, "task_base_0shot/accuracy": 0.56,
+                     "task_base_3shot/accuracy": 0.6, "task/accuracy": 0.85, "task/f1_macro": 0.8}

@@ -32,7 +32,7 @@ from tunelab.errors import UserError
 
 TRACKERS = ("tensorboard", "mlflow", "trackio")
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny sqlalchemy alembic", "trackio": "trackio"}
-_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio"}
+_MODULES = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow", "sqlalchemy", "alembic"), "trackio": ("trackio",)}
 
 
 class Tracker(Protocol):
@@ -59,8 +59,8 @@ def scalars_of(record: dict[str, Any]) -> tuple[dict[str, float], int]:
 
 def final_scalars(summary: dict[str, Any], run_dir: Path) -> dict[str, float]:
     """What a finished run reports once: the summary's numbers (``final/...``, ``final/eval_after/...``)
-    and the task scores of ``eval/eval.json`` (``task/<metric>`` for the run, ``task_base/<metric>``
-    for the base model it was compared with)."""
+    and the task scores of ``eval/eval.json`` (``task/<metric>`` for the run,
+    ``task_base_<k>shot/<metric>`` for the base model it was compared with, per shot count)."""
     out: dict[str, float] = {}
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -70,7 +70,8 @@ def final_scalars(summary: dict[str, Any], run_dir: Path) -> dict[str, float]:
     report = run_dir / "eval" / "eval.json"
     if report.is_file():
         for system in json.loads(report.read_text()).get("systems", []):
-            prefix = "task" if Path(str(system.get("system", ""))).resolve() == run_dir.resolve() else "task_base"
+            is_run = Path(str(system.get("system", ""))).resolve() == run_dir.resolve()
+            prefix = "task" if is_run else f"task_base_{system.get('shots', 0)}shot"
             out.update({f"{prefix}/{k}": float(v) for k, v in system.get("scores", {}).items() if isinstance(v, (int, float))})
     return out
 
@@ -110,15 +111,18 @@ class Trackers:
 def check_trackers_installed(names: list[str]) -> None:
     """A clear error, before any model loads, when a tracker in ``names`` is not installed."""
     for name in names:
-        try:
-            found = importlib.util.find_spec(_MODULES[name]) is not None
-        except (ImportError, ValueError):  # a parent package missing, or a module set to None
-            found = False
-        if not found:
+        if not all(map(_importable, _MODULES[name])):
             raise UserError(
                 f"train.report_to names {name}, but its package is not installed", where="train.report_to",
                 hint=f"pip install {_PACKAGES[name]} (or tunelab[trackers]), or remove {name} from report_to",
             )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None
+        return False
 
 
 def open_trackers(names: list[str], run_dir: Path, project: str, recipe: dict[str, Any], recipe_text: str, start_step: int = 0) -> Trackers:

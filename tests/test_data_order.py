@@ -224,3 +224,17 @@ def test_validation_metrics_per_language(tmp_path):
     per_language = {lang: after[f"eval_{lang}_accuracy"] for lang in ("en", "de", "ja")}
     assert sum(per_language.values()) / 3 == pytest.approx(after["eval_accuracy"])  # equal-sized languages
     assert "eval_en_recall_pos" not in after and "eval_recall_pos" in after
+
+
+def test_a_column_curriculum_without_the_column_is_refused_by_validate(tmp_path):
+    from click.testing import CliRunner
+
+    from tunelab.cli import cli
+
+    data = write_label_data(tmp_path / "d.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nsampler: {{name: curriculum, difficulty: column}}\n")
+    result = CliRunner().invoke(cli, ["recipe", "validate", str(recipe)])
+    assert result.exit_code == 2 and "difficulty: column needs data.difficulty_column" in result.output
+    recipe.write_text(recipe.read_text().replace("data: {", "data: {difficulty_column: grade, "))
+    assert CliRunner().invoke(cli, ["recipe", "validate", str(recipe)]).exit_code == 0

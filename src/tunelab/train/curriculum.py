@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tunelab.config_base import Section
-from tunelab.data import Example
+from tunelab.data import DataConfig, Example
 from tunelab.errors import UserError
 from tunelab.train.samplers import (
     SamplerContext,
@@ -155,6 +155,12 @@ class CurriculumConfig(PacingConfig):
         if self.model is not None and self.difficulty != "loss":
             raise ValueError(f"model scores examples only for difficulty: loss (difficulty is {self.difficulty})")
         return self
+
+    def check_data(self, data: DataConfig) -> None:
+        """Before the model loads: a difficulty read from a column needs that column named."""
+        if self.difficulty == "column" and not data.difficulty_column:
+            raise UserError("sampler difficulty: column needs data.difficulty_column", where="sampler.difficulty",
+                            hint="name the numeric column that holds each row's difficulty, e.g. data.difficulty_column: grade")
 
 
 class SelfPacedConfig(PacingConfig):

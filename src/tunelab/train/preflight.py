@@ -14,11 +14,14 @@ from tunelab.rundir import check_writable
 
 
 def check_trainable(recipe: Recipe) -> None:
-    """Where outputs go can be written, every tracker named is installed, and every data section
-    names training data that exists."""
+    """Where outputs go can be written, every tracker named is installed, the sampler's settings
+    fit the data section, and every data section names training data that exists."""
     if recipe.output_dir is not None:
         check_writable(Path(recipe.output_dir))
     check_trackers_installed(recipe.train.report_to)
+    check_sampler = getattr(recipe.sampler, "check_data", None)
+    if check_sampler is not None:
+        check_sampler(recipe.data)
     tasks = recipe.method.tasks or {}
     if not tasks:
         _check_data(recipe.data, "data")

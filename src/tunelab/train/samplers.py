@@ -20,6 +20,10 @@ Optional hooks, for samplers whose order depends on training progress or on the 
 - ``weight_of(index) -> float``: a factor on that example's loss (importance sampling's
   unbiasing weight), read when its batch is collated.
 - ``describe(step) -> dict``: numbers to log with the step (the curriculum's pool size).
+
+A sampler's config may define ``check_data(data)``: ``tunelab train`` (before the model loads)
+and ``tunelab recipe validate`` call it with the recipe's ``data:`` section, for settings that
+need data columns (a curriculum by ``column`` needs ``data.difficulty_column``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ rows enlarge the pool the same 124 steps draw from (they do not add steps). The 
 self-paced and importance sampling (one forward per training example) are extra compute, reported
 as their share of the run's time. Writes bench-results/data_stream.json after every run (a rerun
 skips finished runs) and prints a markdown table.
+
+``--curve`` measures importance sampling the way its claim is made, accuracy reached per training
+step: plain and importance-sampled runs evaluated every 12 steps (same seeds, same 124 steps), the
+mean ± std accuracy at each evaluation, written to bench-results/data_stream_curve.json and
+bench/results/data_stream_curve.png.
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe(data: Path, out: Path, seed: int, sections: dict[str, Any]) -> dict[str, Any]:
+CURVE_CONFIGS = ("plain (shuffle)", "importance sampling (every 25 steps)")
+CURVE_EVERY = 12
+
+
+def recipe(data: Path, out: Path, seed: int, sections: dict[str, Any], eval_every: int | None = None) -> dict[str, Any]:
     data_section = {"train": str(data / "rt_cls_train.jsonl"), "validation": str(data / "rt_cls_test.jsonl"), "max_length": 64}
     if "augment" in sections:
         data_section["augment"] = sections["augment"]
@@ -50,23 +59,25 @@ def recipe(data: Path, out: Path, seed: int, sections: dict[str, Any]) -> dict[s
         "sampler": sections.get("sampler"),
         "callbacks": sections.get("callbacks", []),
         "train": {"max_steps": STEPS, "batch_size": 16, "lr": 5e-5, "schedule": "linear", "warmup_ratio": 0.1, "precision": "fp32",
-                  "threads": 1, "eval_before": False},
+                  "threads": 1, "eval_before": eval_every is not None, "eval_every": eval_every},
         "seed": seed, "output_dir": str(out),
     }
 
 
-def run_one(data: Path, runs: Path, name: str, seed: int) -> dict[str, Any]:
+def run_one(data: Path, runs: Path, name: str, seed: int, eval_every: int | None = None) -> dict[str, Any]:
     from tunelab.recipe import recipe_from_dict
     from tunelab.train.run import run_training
 
     out = runs / f"{name.split(' (')[0].replace(': ', '-').replace(', ', '-').replace(' ', '_')}-seed{seed}"
-    summary = run_training(recipe_from_dict(recipe(data, out, seed, CONFIGS[name])), show_progress=False)
+    summary = run_training(recipe_from_dict(recipe(data, out, seed, CONFIGS[name], eval_every)), show_progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["step"], r["eval_accuracy"]] for r in records if r["type"] == "eval"]
     scoring = sum(r.get("scoring_s", 0.0) for r in records if r["type"] == "scores")
     report = json.loads((out / "data_report.json").read_text())
     return {
         "config": name, "seed": seed, "accuracy": summary.eval_after["eval_accuracy"], "f1_macro": summary.eval_after.get("eval_f1_macro"),
         "steps": summary.steps, "seconds": summary.seconds, "scoring_s": scoring, "train_rows": report["train_examples"],
+        "curve": curve,
     }
 
 
@@ -85,6 +96,36 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy at each evaluation step, mean ± std over seeds, one column per data stream."""
+    steps = sorted({step for r in rows for step, _ in r["curve"]})
+    lines = ["| step | " + " | ".join(CURVE_CONFIGS) + " |", "|---|" + "---|" * len(CURVE_CONFIGS)]
+    for step in steps:
+        cells = [mean_std([acc for r in rows if r["config"] == name for s, acc in r["curve"] if s == step]) for name in CURVE_CONFIGS]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curve(rows: list[dict[str, Any]], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tunelab.report.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in CURVE_CONFIGS:
+        steps = sorted({step for r in rows if r["config"] == name for step, _ in r["curve"]})
+        means = [statistics.mean(acc for r in rows if r["config"] == name for s, acc in r["curve"] if s == step) for step in steps]
+        ax.plot(steps, means, marker="o", label=name)
+    ax.set_xlabel("optimizer step (16 examples each)")
+    ax.set_ylabel("accuracy on 500 held-out snippets (mean of seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, out_png)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("bench-results/rt1k"))
@@ -93,13 +134,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--results", default="data_stream.json", help="File under --out the rows go to (one per parallel worker; --merge joins them).")
     parser.add_argument("--merge", nargs="*", default=None, help="Only print the table of these result files (under --out) together.")
+    parser.add_argument("--curve", action="store_true", help="Accuracy per step: plain vs importance sampling, evaluated every 12 steps.")
     args = parser.parse_args()
 
     from tunelab.hardware import cpu_model_name
 
     if args.merge is not None:
         rows = [row for name in args.merge for row in json.loads((args.out / name).read_text())["rows"]]
-        print(table(rows))
+        if args.curve:
+            plot_curve(rows, Path(__file__).resolve().parent / "results" / "data_stream_curve.png")
+        print(curve_table(rows) if args.curve else table(rows))
+        return
+    if args.curve:
+        configs = [name for name in args.configs if name in CURVE_CONFIGS]
+        _, rows = run_missing(
+            args.out / args.results.replace("data_stream", "data_stream_curve"), [(name, seed) for seed in args.seeds for name in configs],
+            lambda r: (r["config"], r["seed"]),
+            lambda item: run_one(args.data, args.out / "data-stream-curve-runs", *item, eval_every=CURVE_EVERY), {"cpu": cpu_model_name(), "threads": 1},
+            lambda r: f"{r['config']} seed {r['seed']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",
+        )
+        plot_curve(rows, Path(__file__).resolve().parent / "results" / "data_stream_curve.png")
+        print(f"CPU: {cpu_model_name()}, 1 thread, fp32")
+        print(curve_table(rows))
         return
     _, rows = run_missing(
         args.out / args.results, [(name, seed) for seed in args.seeds for name in args.configs], lambda r: (r["config"], r["seed"]),

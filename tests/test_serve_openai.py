@@ -217,3 +217,9 @@ def test_legacy_hyperparameters_legacy_completions_and_the_request_id(server):
 
     raw = c.with_raw_response.models.list()
     assert raw.headers["x-request-id"].startswith("req_") and raw.parse().data
+
+
+def test_image_content_parts_are_refused_not_silently_dropped(server):
+    parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError, match="image content parts are not served"):
+        client(server).chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": parts}], max_tokens=2)

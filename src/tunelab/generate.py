@@ -7,11 +7,16 @@ Used by ``tunelab generate`` / ``tunelab chat`` and by evaluation. Precision and
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+
+from tunelab.data.images import load_image
+from tunelab.errors import UserError
+from tunelab.models.vision import image_inputs
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,23 @@ def generate(
     *,
     use_chat_template: bool = True,
     on_text: Callable[[str], None] | None = None,
+    images: Sequence[str] = (),
 ) -> str:
-    """Generate a reply to ``messages``; ``on_text`` receives text pieces as they are decoded."""
+    """Generate a reply to ``messages``; ``on_text`` receives text pieces as they are decoded.
+    ``images`` (paths or data URLs) go before the last user turn's text, for a vision-language model."""
+    extra: dict[str, torch.Tensor] = {}
+    if images:
+        vision = image_inputs(model, tokenizer)
+        if vision is None:
+            raise UserError("--image needs a vision-language model; this one reads text only", hint="use a LLaVA-style model or a run trained with method.vision")
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [*messages[:last], {**messages[last], "content": "".join(f"{vision.placeholder}\n" for _ in images) + messages[last]["content"]}, *messages[last + 1 :]]
+        extra["pixel_values"] = vision.pixel_values([load_image(ref, ref) for ref in images]).to(model.device)
     input_ids = encode_prompt(tokenizer, messages, use_chat_template=use_chat_template).to(model.device)
+    if images:
+        input_ids = torch.tensor([vision.expand(input_ids[0].tolist(), input_ids[0].tolist(), -100)[0]], device=model.device)
     torch.manual_seed(settings.seed)
-    kwargs = settings.generate_kwargs(tokenizer)
+    kwargs = {**settings.generate_kwargs(tokenizer), **extra}
     model.eval()
     if on_text is None:
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

@@ -40,15 +40,18 @@ def _load(model_name: str):  # type: ignore[no-untyped-def]
 @click.option("--prompt", "-p", required=True, help="The user message.")
 @_with_decoding
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as they are generated.")
-def generate_command(model_name: str, prompt: str, stream: bool, system: str | None, no_chat_template: bool, **decoding: float) -> None:
-    """Generate a reply to one prompt."""
+@click.option("--image", "images", multiple=True, help="An image (path or data URL) the prompt is about; repeat for several. Needs a vision-language model.")
+def generate_command(model_name: str, prompt: str, stream: bool, system: str | None, no_chat_template: bool, images: tuple[str, ...], **decoding: float) -> None:
+    """Generate a reply to one prompt (about one or more images, for a vision-language model)."""
+    from tunelab.data.images import resolve_reference
     from tunelab.generate import GenerationSettings, generate
 
+    refs = [resolve_reference(ref, "--image") for ref in images]  # before the slow model load
     loaded = _load(model_name)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     settings = GenerationSettings(**decoding)  # type: ignore[arg-type]
     on_text = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
-    text = generate(loaded.model, loaded.tokenizer, messages, settings, use_chat_template=not no_chat_template, on_text=on_text)
+    text = generate(loaded.model, loaded.tokenizer, messages, settings, use_chat_template=not no_chat_template, on_text=on_text, images=refs)
     click.echo("" if stream else text)
 
 

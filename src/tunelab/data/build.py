@@ -32,11 +32,12 @@ from tunelab.data.readers import Row, read_rows
 from tunelab.data.split import hold_out, remove_duplicates, shuffled
 from tunelab.data.templates import resolve_chat_template
 from tunelab.errors import UserError
+from tunelab.models.vision import ImageInputs
 
 LABELLED_TASKS = ("classification", "multi_label", "token_classification")  # shapes with a label map
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape: Shape, seed: int) -> DataBundle:
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape: Shape, seed: int, images: ImageInputs | None = None) -> DataBundle:
     """Read, validate, split, template and tokenize the recipe's data for ``shape``.
 
     ``shape``: ``sft`` (chat / prompt-completion / instruction, loss on answers), ``text`` (raw
@@ -46,9 +47,11 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, shape
     bad_rows = BadRows(cfg.on_bad_row, setting="data.on_bad_row")
     train, validation, report = split_records(cfg, shape=shape, seed=seed, bad_rows=bad_rows)
     if cfg.augment is not None:  # after the split: validation rows are never augmented
+        if any(r.images for r in train):
+            raise UserError("data.augment edits words, and these rows hold images whose markers it would move", where="data.augment", hint="remove data.augment for image rows")
         train, augmented = augment_records(train, cfg.augment, seed, mask_token(tokenizer))
         report.augmented = augmented.as_dict()
-    encoder = _encoder(cfg, tokenizer, shape, train, report)
+    encoder = _encoder(cfg, tokenizer, shape, train, report, images)
     train_examples = _encode_all(encoder, train, train, seed, "train", bad_rows, exclude_self=True)
     val_examples = _encode_all(encoder, validation, train, seed, "validation", bad_rows, exclude_self=False)
 
@@ -155,16 +158,17 @@ def _records(rows: Sequence[Row], fmt: str, shape: Shape, cfg: DataConfig, bad_r
 
 
 def _encoder(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shape: Shape, train: Sequence[Record], report: DataReport
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shape: Shape, train: Sequence[Record], report: DataReport,
+    images: ImageInputs | None = None,
 ) -> Encoder:
     """The encoder for ``shape``, after the template (sft) or label map (classification) is fixed."""
     if shape in ("sft", "preference"):
         template, report.template = resolve_chat_template(tokenizer, cfg.template)
-        return Encoder(tokenizer, cfg, shape, chat_template=template)
+        return Encoder(tokenizer, cfg, shape, chat_template=template, images=images)
     if shape in LABELLED_TASKS:
         report.label_names = label_names(cfg.labels, train)
         return Encoder(tokenizer, cfg, shape, label_index={name: i for i, name in enumerate(report.label_names)})
-    return Encoder(tokenizer, cfg, shape)
+    return Encoder(tokenizer, cfg, shape, images=images)
 
 
 def _encode_all(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and Hugging Face models) skip
 
@@ -21,6 +24,8 @@ class Example:
     ``word_ids`` maps tokens to words (-1 for special tokens), for whole-word masking.
     ``weight``, ``difficulty`` and ``language`` come from the row's columns on every data path
     (``data.weight_column`` etc.); ``task`` is the index of a multi-task run's task.
+    ``pixel_values`` (``[n_images, 3, H, W]``) holds the images of a vision-language example, in
+    the order of their placeholder tokens in ``input_ids``.
     """
 
     input_ids: list[int]
@@ -34,6 +39,7 @@ class Example:
     difficulty: float | None = None
     language: str | None = None
     task: int | None = None
+    pixel_values: torch.Tensor | None = None
 
 
 @dataclass

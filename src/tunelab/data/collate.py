@@ -85,7 +85,8 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     weights: list[float] = []
     bounds, prefix_of = [0], []
     for group in prefix_groups(examples, group_size):
-        prefix = shared_prefix_length(group) if share_prefix else 0
+        # An image's placeholder tokens are the same ids whatever the image: never shared.
+        prefix = shared_prefix_length(group) if share_prefix and not any(e.pixel_values is not None for e in group) else 0
         if prefix:
             input_ids += group[0].input_ids[:prefix]
             labels += [IGNORE_INDEX] * prefix
@@ -108,6 +109,7 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     }
     if any(e.weight != 1.0 for e in examples):
         batch["weights"] = torch.tensor([weights], dtype=torch.float32)
+    _add_pixels(batch, examples)
     if any(p >= 0 for p in prefix_of):
         batch["segment_bounds"] = torch.tensor(bounds, dtype=torch.int32)
         batch["segment_prefix"] = torch.tensor(prefix_of, dtype=torch.long)
@@ -171,7 +173,16 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
     if any(e.weight != 1.0 for e in examples):
         weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
         batch["weights"] = weights if all(classification) else weights[:, None].expand(-1, longest).contiguous()
+    _add_pixels(batch, examples)
     return batch
+
+
+def _add_pixels(batch: dict[str, torch.Tensor], examples: Sequence[Example]) -> None:
+    """``pixel_values`` of every image in the batch, in the order their placeholder tokens come
+    (row by row, left to right), which is the order the model fills them in."""
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
 
 
 def preference_sequences(examples: Sequence[Example]) -> list[Example]:

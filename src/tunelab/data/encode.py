@@ -14,9 +14,12 @@ from tunelab.data.config import DataConfig
 from tunelab.data.formats import Record, Shape
 from tunelab.data.head_encode import encode_head_example
 from tunelab.data.head_rows import HEAD_SHAPES
+from tunelab.data.images import IMAGE_MARKER, load_image
 from tunelab.data.labels import label_id
 from tunelab.data.prompting import Message, build_messages
 from tunelab.data.tokenize import tokenize_for_classification, tokenize_text, truncate
+from tunelab.errors import UserError
+from tunelab.models.vision import ImageInputs
 
 
 def learned_tokens(example: Example) -> int:
@@ -34,6 +37,8 @@ class Encoder:
     shape: Shape
     chat_template: str | None = None
     label_index: dict[str, int] | None = None
+    #: A vision-language model's image inputs (None: the model reads text only).
+    images: ImageInputs | None = None
     truncated: int = 0
     dropped: int = 0
     #: Texts cut by characters before tokenizing (``tunelab.data.clip``); each is also truncated.
@@ -67,13 +72,46 @@ class Encoder:
         if self.shape == "preference":
             return self._encode_preference(record, clipped)
         if self.shape == "text":
-            ids = tokenize_text(self.tokenizer, record.text or "")
+            ids = tokenize_text(self.tokenizer, self._placeholders(record.text or ""))
             labels = list(ids)
         else:
             assert record.messages is not None, "sft needs messages"
             messages = build_messages(cfg.system_prompt, [s.messages or [] for s in shots], record.messages)
+            messages = [{**m, "content": self._placeholders(m["content"])} for m in messages]
             ids, labels = self._tokenize_chat(messages, record.where, cfg.train_on_prompt)
-        return self._fit(ids, labels, clipped)
+        if self.images is None:
+            if record.images:
+                raise UserError("the row has images, but the model reads text only", where=record.where, hint="train a vision-language model (a LLaVA-style folder, or one from `tunelab vlm assemble`)")
+            return self._fit(ids, labels, clipped)
+        return self._fit_with_images(record, ids, labels, clipped)
+
+    def _placeholders(self, text: str) -> str:
+        """``text`` with each image marker replaced by the model's own image placeholder token."""
+        return text.replace(IMAGE_MARKER, self.images.placeholder) if self.images is not None else text
+
+    def _fit_with_images(self, record: Record, ids: list[int], labels: list[int], clipped: bool) -> Example | None:
+        """``_fit`` after each placeholder is expanded to the image's feature count; the image
+        pixels are read here, once, and ride with the example."""
+        assert self.images is not None
+        images = record.images or []
+        found = ids.count(self.images.token_id)
+        if found != len(images):
+            raise UserError(
+                f"the row has {len(images)} image(s) but its text holds {found} image placeholder(s) {self.images.placeholder!r}",
+                where=record.where, hint="give each image one content part (or one image field); do not write the placeholder in text",
+            )
+        ids, labels = self.images.expand(ids, labels, IGNORE_INDEX)
+        example = self._fit(ids, labels, clipped)
+        if example is None or not images:
+            return example
+        needed = len(images) * self.images.tokens_per_image
+        if example.input_ids.count(self.images.token_id) != needed:
+            raise UserError(
+                f"data.max_length = {self.cfg.max_length} cuts into the row's image tokens ({self.images.tokens_per_image} per image)",
+                where=record.where, hint=f"raise data.max_length to at least {len(ids)}",
+            )
+        example.pixel_values = self.images.pixel_values([load_image(ref, record.where) for ref in images])
+        return example
 
     def _tokenize_chat(self, messages: list[Message], where: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
         assert self.chat_template is not None, "chat examples need a template"

@@ -7,7 +7,9 @@ here and raises a ``UserError`` that names the row's ``file:line`` and the fix.
 Formats (by the fields present, after ``data.columns`` renaming):
 
 - ``chat``: ``messages`` = [{role: system|user|assistant, content, weight?: 0|1}, ...]; Cohere's
-  chat fine-tuning roles (``System``/``User``/``Chatbot``, any case) read as system/user/assistant
+  chat fine-tuning roles (``System``/``User``/``Chatbot``, any case) read as system/user/assistant;
+  a user turn's content may be OpenAI's list of text and ``image_url`` parts (``data.images``)
+- any sft or text row may name ``image``/``images`` (``data.images``): vision-language training
 - ``prompt_completion``: ``prompt``, ``completion``
 - ``instruction`` (Alpaca): ``instruction``, ``input`` (optional), ``output``
 - ``classification``: ``text``, ``label``
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from tunelab.data.config import DataConfig
 from tunelab.data.head_rows import HEAD_SHAPES, head_record
+from tunelab.data.images import content_text, shorthand_images, with_leading_images
 from tunelab.data.preference_rows import PREFERENCE_FORMATS, preference_record
 from tunelab.data.prompting import Message, qa_messages, render
 from tunelab.data.records import Record, missing_field, string_field
@@ -153,12 +156,29 @@ def check_settings(cfg: DataConfig, fmt: str, shape: Shape) -> None:
 
 
 def to_record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig, where: str) -> Record:
-    """Validate one row and reduce it to a Record for ``shape``."""
+    """Validate one row and reduce it to a Record for ``shape`` (with its images, ``data.images``)."""
+    record = _record(fields, fmt, shape, cfg, where)
+    leading = shorthand_images(fields, where)
+    if not leading and not record.images:
+        return record
+    if shape not in ("sft", "text"):
+        raise UserError(f"the row has images, which only sft and text examples read (this run builds '{shape}' examples)", where=where, hint="remove the images, or train a vision-language model on chat or text rows")
+    if leading and record.messages is not None:
+        first_user = next(i for i, m in enumerate(record.messages) if m["role"] == "user")
+        record.messages[first_user] = {**record.messages[first_user], "content": with_leading_images(record.messages[first_user]["content"], len(leading))}
+    elif leading:
+        record.text = with_leading_images(record.text or "", len(leading))
+    record.images = leading + (record.images or [])
+    return record
+
+
+def _record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig, where: str) -> Record:
     if shape == "preference":
         return preference_record(fields, fmt, cfg, where)
     if shape == "sft":
         if fmt == "chat":
-            return Record(where, messages=chat_messages(fields.get("messages"), where))
+            messages, images = chat_messages(fields.get("messages"), where)
+            return Record(where, messages=messages, images=images or None)
         prompt = (
             render(cfg.prompt_template, fields, where) if cfg.prompt_template else _prompt_field(fields, fmt, where)
         )
@@ -183,8 +203,9 @@ def to_record(fields: Mapping[str, Any], fmt: str, shape: Shape, cfg: DataConfig
     return Record(where, text=text, label=label)
 
 
-def chat_messages(value: Any, where: str) -> list[Message]:
-    """Validated messages with an explicit weight (1 unless the row says 0)."""
+def chat_messages(value: Any, where: str) -> tuple[list[Message], list[str]]:
+    """Validated messages with an explicit weight (1 unless the row says 0), and the images their
+    content parts hold (``data.images``)."""
     if not isinstance(value, list) or not value:
         raise UserError(
             "'messages' must be a non-empty list of {role, content} objects",
@@ -192,6 +213,7 @@ def chat_messages(value: Any, where: str) -> list[Message]:
             hint='e.g. [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
         )
     messages = []
+    images: list[str] = []
     for n, message in enumerate(value, 1):
         if not isinstance(message, dict):
             raise UserError(f"message {n} is not an object", where=where, hint='write {"role": ..., "content": ...}')
@@ -200,8 +222,10 @@ def chat_messages(value: Any, where: str) -> list[Message]:
             role = ROLE_ALIASES.get(role.lower(), role.lower())
         if role not in ROLES:
             raise UserError(f"message {n} has role {role!r}", where=where, hint=f"roles are {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise UserError(f"message {n} needs a string 'content'", where=where)
+        content, parts_images = content_text(content, where, n)
+        if parts_images and role != "user":
+            raise UserError(f"message {n} ({role}) holds an image; only user turns may", where=where, hint="move the image into the user turn before it")
+        images += parts_images
         if weight not in (0, 1):
             raise UserError(
                 f"message {n} has weight {weight!r}",
@@ -218,7 +242,7 @@ def chat_messages(value: Any, where: str) -> list[Message]:
         )
     if turns[0] != "user":
         raise UserError("a chat must start with a user turn (after an optional system message)", where=where)
-    return messages
+    return messages, images
 
 
 def _prompt_field(fields: Mapping[str, Any], fmt: str, where: str) -> str:

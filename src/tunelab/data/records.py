@@ -35,10 +35,12 @@ class Record:
     weight: float = 1.0
     difficulty: float | None = None
     language: str | None = None
+    #: Resolved image references, in the order their markers (``data.images.IMAGE_MARKER``) appear.
+    images: list[str] | None = None
 
     def key(self) -> str:
         """Identity for exact-duplicate removal: two rows the model would see identically."""
-        return json.dumps([self.messages, self.text, self.label, self.words, self.tags, self.texts, self.chosen, self.rejected], sort_keys=True, ensure_ascii=False)
+        return json.dumps([self.messages, self.text, self.label, self.words, self.tags, self.texts, self.chosen, self.rejected, self.images], sort_keys=True, ensure_ascii=False)
 
     def label_values(self) -> list[str | int]:
         """The class names this record uses (for building the label map)."""

@@ -16,7 +16,10 @@ import torch
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tunelab.data.images import IMAGE_MARKER, load_image
+from tunelab.errors import UserError
 from tunelab.generate import GenerationSettings
+from tunelab.models.vision import image_inputs
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -47,9 +50,21 @@ def generate_batch(
     add_special_tokens: bool,
     batch_size: int,
     progress: str | None = None,
+    images: Sequence[Sequence[str]] | None = None,
 ) -> list[str]:
-    """The continuation generated for each prompt (special tokens dropped, cut at ``stop``)."""
+    """The continuation generated for each prompt (special tokens dropped, cut at ``stop``).
+
+    ``images``: each prompt's image references, in the order of the image markers in its text
+    (a vision-language model reads them; ``tunelab.data.images``).
+    """
+    vision = image_inputs(model, tokenizer) if images and any(images) else None
+    if images and any(images) and vision is None:
+        raise UserError("the rows have images, but the model reads text only", hint="evaluate a vision-language model, or rows without images")
+    if vision is not None:
+        prompts = [p.replace(IMAGE_MARKER, vision.placeholder) for p in prompts]
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    if vision is not None:
+        encoded = [vision.expand(ids, ids, -100)[0] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     kwargs = settings.generate_kwargs(tokenizer)
     pad = kwargs["pad_token_id"]
@@ -65,7 +80,10 @@ def generate_batch(
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in index])
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index])
             criteria = StoppingCriteriaList([StopOnText(tokenizer, stop, width)] if stop else [])
-            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **kwargs)
+            extra = {}
+            if vision is not None and images is not None and any(images[i] for i in index):
+                extra["pixel_values"] = vision.pixel_values([load_image(ref, ref) for i in index for ref in images[i]])
+            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **kwargs, **extra)
             for row, i in enumerate(index):
                 outputs[i] = cut_at_stop(tokenizer.decode(out[row, width:], skip_special_tokens=True), stop)
     finally:

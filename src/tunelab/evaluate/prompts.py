@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.data.images import shorthand_images, with_leading_images
 from tunelab.data.prompting import (
     build_messages,
     few_shot_pool_sample,
@@ -41,7 +42,8 @@ class PromptBuilder:
         return self.format == "plain"
 
     def prompt(self, row: Row) -> str:
-        return render(self.template, row.fields, row.where)
+        """The item's prompt text, after an image marker per image the row names (``image``/``images``)."""
+        return with_leading_images(render(self.template, row.fields, row.where), len(shorthand_images(row.fields, row.where)))
 
     def context(self, row: Row, shots: Sequence[tuple[Row, str]] = ()) -> str:
         """The full text before the answer: system, demonstrations (row, answer), then the item."""

@@ -6,7 +6,8 @@ minutes of a run's wall time. A result is stored under ``<tunelab cache>/eval_sc
 keyed by everything that can change it:
 
 - the model's files (``model_fingerprint``: names, sizes, modification times) or tiny config;
-- the evaluation file's bytes, and the pool's when demonstrations are drawn from it;
+- the evaluation file's bytes, and the pool's when demonstrations are drawn from it, and the
+  bytes of the image files their rows name (``data.images``);
 - the evaluation settings (the ``eval:`` section, shots, chat template), except those that
   cannot change a score (``batch_size``, ``after_training``, ``ensemble``);
 - the scoring code itself (the bytes of the ``tunelab.evaluate`` sources) and the versions of
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import atomic
+from tunelab.data.bad_rows import BadRows
+from tunelab.data.images import shorthand_images
+from tunelab.data.readers import read_rows
 from tunelab.models.cache import cache_root, model_fingerprint
 
 #: What a reused result's source ends with.
@@ -49,6 +53,19 @@ def _file_digest(path: str | None) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else "-"
 
 
+def _images_digest(path: str | None) -> str:
+    """The bytes of the image files the rows reference: an image replaced in place changes the
+    score though the data file does not change (data URLs are in the file's own bytes)."""
+    if not path:
+        return "-"
+    digest = hashlib.sha256()
+    for row in read_rows(path, BadRows("error")):
+        for ref in shorthand_images(row.fields, row.where):
+            if not ref.startswith("data:"):
+                digest.update(ref.encode() + Path(ref).read_bytes())
+    return digest.hexdigest()
+
+
 def score_key(model: str, seed: int, setup: Any, shots: int) -> str:
     """The cache key of ``model``'s scores at ``shots`` demonstrations under ``setup`` (an EvalSetup)."""
     settings = {k: v for k, v in setup.cfg.model_dump(mode="json").items() if k not in IGNORED_SETTINGS}
@@ -56,6 +73,7 @@ def score_key(model: str, seed: int, setup: Any, shots: int) -> str:
         "model": model_fingerprint(model, seed),
         "data": _file_digest(setup.data),
         "pool": _file_digest(setup.pool) if shots else "-",
+        "images": _images_digest(setup.data) + (_images_digest(setup.pool) if shots else ""),
         "settings": settings,
         "chat_template": setup.chat_template,
         "shots": shots,

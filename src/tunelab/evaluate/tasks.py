@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tunelab.data.images import shorthand_images
 from tunelab.data.readers import Row
 from tunelab.errors import UserError
 from tunelab.evaluate import items as item_fields
@@ -66,6 +67,9 @@ def _choice_answer(cfg: EvalConfig) -> Callable[[Row], str]:
 
 def run_choice(model: torch.nn.Module, tokenizer: Any, inputs: TaskInputs, progress: str | None = None) -> TaskOutput:
     cfg, builder = inputs.cfg, inputs.builder
+    with_images = next((row for row in inputs.items if shorthand_images(row.fields, row.where)), None)
+    if with_images is not None:
+        raise UserError("rows with images are scored by generation, not by option likelihood", where=with_images.where, hint="set eval.task: generation (with eval.metrics: [exact_match])")
     answer = _choice_answer(cfg)
     contexts, options, gold = [], [], []
     for i, row in enumerate(inputs.items):
@@ -104,12 +108,16 @@ def run_generation(model: torch.nn.Module, tokenizer: Any, inputs: TaskInputs, p
         return item_fields.references(row, cfg.answer_field)[0]
 
     refs = [item_fields.references(row, cfg.answer_field) for row in inputs.items]
-    prompts = [builder.context(row, _demonstrations(inputs, i, first_reference)) for i, row in enumerate(inputs.items)]
+    prompts, images = [], []
+    for i, row in enumerate(inputs.items):
+        shots = _demonstrations(inputs, i, first_reference)
+        prompts.append(builder.context(row, shots))
+        images.append([ref for r in [*(shot for shot, _ in shots), row] for ref in shorthand_images(r.fields, r.where)])
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     start = time.perf_counter()
     outputs = generate_batch(
         model, tokenizer, prompts, settings, stop=cfg.stop, add_special_tokens=builder.add_special_tokens,
-        batch_size=cfg.batch_size, progress=progress,
+        batch_size=cfg.batch_size, progress=progress, images=images,
     )
     seconds = time.perf_counter() - start
     answers = [extract_answer(text, cfg.extract, cfg.extract_pattern) for text in outputs]

@@ -1,7 +1,8 @@
 """Methods: what is trained. Each is a registered plug-in (``tunelab.methods.base``); they compose.
 
 ``apply_methods`` runs the methods a recipe's ``method:`` section switches on, in their declared
-order (built-ins: dropout, freeze, a peft adapter family, bottleneck adapters, a task head).
+order (built-ins: dropout, freeze, a peft adapter family, bottleneck adapters, a task head, the
+trained parts of a vision-language model).
 Importing this package registers the built-in methods.
 """
 
@@ -12,7 +13,15 @@ from typing import Any
 
 import torch
 
-from tunelab.methods import bottleneck, dropout, freeze, heads, peft_adapters, student  # noqa: F401  (registration)
+from tunelab.methods import (  # noqa: F401  (registration)
+    bottleneck,
+    dropout,
+    freeze,
+    heads,
+    peft_adapters,
+    student,
+    vision,
+)
 from tunelab.methods.base import (
     METHODS,
     Method,

@@ -16,6 +16,7 @@ import torch
 
 from tunelab import rundir
 from tunelab.methods.base import METHODS, Method, active_methods, owned_parameter_ids
+from tunelab.models.vision import save_image_processor
 
 MODEL_DIR = "model"
 
@@ -48,6 +49,7 @@ def save_final(run_dir: Path, model: torch.nn.Module, tokenizer: Any, *, base: s
                 plain = method.merge(plain) if method.mergeable else plain
             plain.save_pretrained(tmp / MODEL_DIR)
             tokenizer.save_pretrained(tmp / MODEL_DIR)
+            save_image_processor(plain, tmp / MODEL_DIR)
             files.append(f"{MODEL_DIR}/")
             for method, cfg in chosen:
                 files.extend(method.save(plain, cfg, tmp) if not method.mergeable else [])

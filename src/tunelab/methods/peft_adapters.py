@@ -20,7 +20,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
-from tunelab.methods.config import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from tunelab.methods.config import (
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+from tunelab.models.vision import is_vision_language, vlm_parts
 
 ADAPTER_DIR = "adapter"
 
@@ -62,6 +68,21 @@ def _targets(value: str | list[str]) -> Any:
     return None if value == "auto" else value
 
 
+def _language_model_only(config: peft.PeftConfig, model: torch.nn.Module, key: str) -> peft.PeftConfig:
+    """On a vision-language model, default targets (``auto``, ``all-linear``) mean the language
+    model's linear layers: peft's defaults would also adapt the vision tower's attention and the
+    projector, which ``method.vision`` trains (or freezes) on purpose."""
+    targets = getattr(config, "target_modules", None)
+    if targets not in (None, "all-linear"):
+        return config
+    if not isinstance(config, peft.LoraConfig):
+        raise UserError(f"method.{key} on a vision-language model needs explicit target_modules", where=f"method.{key}.target_modules", hint="e.g. [q_proj, v_proj] (they match the vision tower's too), or use method.lora")
+    language_model = vlm_parts(model)["language_model"]
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in language_model.named_modules() if isinstance(module, torch.nn.Linear)})
+    config.target_modules = rf"^(?:.*\.)?language_model\.(?:.*\.)?(?:{'|'.join(names)})$"
+    return config
+
+
 class PeftMethod(Method, ABC):
     """One peft adapter family; subclasses say how a recipe section becomes a peft config."""
 
@@ -74,6 +95,8 @@ class PeftMethod(Method, ABC):
     def apply(self, model: torch.nn.Module, cfg: Any, ctx: MethodContext) -> torch.nn.Module:
         """Wrap ``model`` in a ``PeftModel``; peft freezes everything but the adapters (and heads)."""
         config = self.peft_config(cfg, PEFT_TASK_TYPES.get(ctx.model_task), ctx)
+        if is_vision_language(getattr(model, "config", None)):
+            config = _language_model_only(config, model, self.key)
         try:
             return peft.get_peft_model(model, config)
         except ValueError as exc:

@@ -25,23 +25,29 @@ from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
-
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tunelab import atomic  # noqa: E402
 from tunelab.compress.store import MANIFEST as COMPRESSION_MANIFEST  # noqa: E402
 from tunelab.errors import UserError  # noqa: E402
-from tunelab.models.cache import conversion_lock, converted_dir, is_complete, remove_stale_temporaries  # noqa: E402
+from tunelab.models.cache import (  # noqa: E402
+    conversion_lock,
+    converted_dir,
+    is_complete,
+    remove_stale_temporaries,
+)
 from tunelab.models.kinds import model_kind  # noqa: E402,F401  (re-exported)
 from tunelab.models.registry import PACKAGED, all_aliases  # noqa: E402
-from tunelab.rundir import is_run_dir  # noqa: E402
 from tunelab.models.tiny import TINY_MODELS, build_tiny  # noqa: E402
+from tunelab.models.vision import attach_image_processor, is_vision_language  # noqa: E402
+from tunelab.rundir import is_run_dir  # noqa: E402
 
 # Loading bars for sub-second loads and advice aimed at Hub users are noise in a CLI tool.
 hf_logging.disable_progress_bar()
@@ -112,7 +118,12 @@ def load_model(
         return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"manifest": manifest})
     directory, source = resolve_directory(name)
     tok = _load_tokenizer(Path(tokenizer) if tokenizer else directory)
+    vision_language = model_task == "causal-lm" and is_vision_language(AutoConfig.from_pretrained(str(directory)))
+    if vision_language:  # LLaVA-style: the causal LM that also reads images
+        cls = AutoModelForImageTextToText
     model = _from_pretrained(cls, directory, dtype=dtype, attn_implementation=attn_implementation, **model_kwargs)
+    if vision_language:
+        attach_image_processor(model, directory)
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model, tok, name, source, time.perf_counter() - start, {"directory": str(directory)})

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.data.images import IMAGE_PART_TYPES
 from tunelab.serve.batching import pieces
 from tunelab.serve.context import caller, state
 from tunelab.serve.decoding import Piece, Sampling
@@ -85,6 +86,8 @@ def _text_of(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
+        if any(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES for part in content):  # never answer as if unseen
+            raise bad_request("image content parts are not served yet; ask a vision-language run with `tunelab generate --image`.", param="messages")
         return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
     raise bad_request("message content must be a string or a list of content parts.", param="messages")
 

@@ -36,6 +36,7 @@ from tunelab.methods.heads import (
 )
 from tunelab.models import load_model
 from tunelab.models.load import peek_config
+from tunelab.models.vision import image_inputs
 from tunelab.recipe import Recipe
 from tunelab.train import auto_settings
 from tunelab.train.embedding_artifacts import save_embedding_final
@@ -133,7 +134,8 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     tokenizer = loaded.tokenizer
     ctx = ObjectiveContext(loaded.model, tokenizer, device=device, seed=recipe.seed, model_name=recipe.model.name)
     data_section = _objective_data(recipe, ctx)
-    data = build_datasets(data_section, tokenizer, shape=_example_shape(recipe, data_section), seed=recipe.seed)  # type: ignore[arg-type]
+    images = image_inputs(loaded.model, tokenizer)
+    data = build_datasets(data_section, tokenizer, shape=_example_shape(recipe, data_section), seed=recipe.seed, images=images)  # type: ignore[arg-type]
     model = apply_methods(loaded.model, recipe.method, model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"), tokenizer=loaded.tokenizer)
     ctx.model, ctx.label_names, ctx.train = model, data.label_names, data.train
     objective = _objective(recipe, "causal_lm", ctx)

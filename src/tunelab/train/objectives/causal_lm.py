@@ -127,7 +127,7 @@ class CausalLMObjective:
         return out.logits, out.targets, out.picked
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "pixel_values")}
         shared = "segment_bounds" in batch
         if shared and not self._packed_attention(batch):
             raise ValueError("a batch with a shared prefix needs per-example attention, which this model does not run")

@@ -78,7 +78,7 @@ def generate(
         extra["pixel_values"] = vision.pixel_values([load_image(ref, ref) for ref in images]).to(model.device)
     input_ids = encode_prompt(tokenizer, messages, use_chat_template=use_chat_template).to(model.device)
     if images:
-        input_ids = torch.tensor([vision.expand(input_ids[0].tolist(), input_ids[0].tolist(), -100)[0]], device=model.device)
+        input_ids = torch.tensor([vision.expand_ids(input_ids[0].tolist())], device=model.device)
     torch.manual_seed(settings.seed)
     kwargs = {**settings.generate_kwargs(tokenizer), **extra}
     model.eval()

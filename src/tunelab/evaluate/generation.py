@@ -64,7 +64,7 @@ def generate_batch(
         prompts = [p.replace(IMAGE_MARKER, vision.placeholder) for p in prompts]
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if vision is not None:
-        encoded = [vision.expand(ids, ids, -100)[0] for ids in encoded]
+        encoded = [vision.expand_ids(ids) for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     kwargs = settings.generate_kwargs(tokenizer)
     pad = kwargs["pad_token_id"]

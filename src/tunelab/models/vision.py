@@ -92,6 +92,10 @@ class ImageInputs:
         """``[n_images, 3, H, W]`` float32, as the model's image processor prepares them."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"].float()
 
+    def expand_ids(self, ids: list[int]) -> list[int]:
+        """A prompt's ids with each placeholder repeated ``tokens_per_image`` times."""
+        return [t for token in ids for t in ([token] * self.tokens_per_image if token == self.token_id else [token])]
+
     def expand(self, ids: list[int], labels: list[int], ignore: int) -> tuple[list[int], list[int]]:
         """Each placeholder token repeated ``tokens_per_image`` times; none of them is a target
         (an image feature has no token to predict)."""

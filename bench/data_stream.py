@@ -99,9 +99,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def curve_table(rows: list[dict[str, Any]]) -> str:
     """Accuracy at each evaluation step, mean ± std over seeds, one column per data stream."""
     steps = sorted({step for r in rows for step, _ in r["curve"]})
-    lines = ["| step | " + " | ".join(CURVE_CONFIGS) + " |", "|---|" + "---|" * len(CURVE_CONFIGS)]
+    names = [name for name in CURVE_CONFIGS if any(r["config"] == name for r in rows)]  # a worker may run one of them
+    lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for step in steps:
-        cells = [mean_std([acc for r in rows if r["config"] == name for s, acc in r["curve"] if s == step]) for name in CURVE_CONFIGS]
+        cells = [mean_std([acc for r in rows if r["config"] == name for s, acc in r["curve"] if s == step]) for name in names]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

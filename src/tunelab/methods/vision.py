@@ -42,12 +42,6 @@ class VisionConfig(Section):
     )
 
 
-def _trained_parts(model: torch.nn.Module, cfg: VisionConfig) -> list[torch.nn.Module]:
-    """The modules this method trains and saves itself (the language model is saved as base weights)."""
-    parts = vlm_parts(model)
-    return [parts[name] for name in ("projector", "vision_tower") if name in cfg.train]
-
-
 @register_method
 class VisionMethod(Method):
     key = "vision"

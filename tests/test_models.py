@@ -111,7 +111,8 @@ def test_gguf_conversion_is_cached_and_cache_hit_is_faster(tmp_path, monkeypatch
     (stale / "model.safetensors").write_bytes(b"\0" * 2**20)
 
     def timed_load() -> float:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, f"load_model failed (exit {out.returncode}): {out.stderr[-3000:]}"
         return float(out.stdout.strip().splitlines()[-1])
 
     first, second = timed_load(), timed_load()

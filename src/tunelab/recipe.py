@@ -47,6 +47,22 @@ from tunelab.train.samplers import SAMPLERS
 from tunelab.userfiles import read_user_text
 
 
+class StageConfig(Section):
+    """One stage of a multi-stage recipe: the sections it sets, merged over the recipe's top level
+    (mappings key by key, anything else replaced; ``method: {lora: null}`` drops an inherited
+    adapter). The stage trains from the previous stage's model (its adapters merged in)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The stage's name: its folder is stages/NN-<name>.")
+    data: dict[str, Any] | None = None
+    method: dict[str, Any] | None = None
+    objective: dict[str, Any] | None = None
+    sampler: dict[str, Any] | None = None
+    callbacks: list[Any] | None = None
+    train: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    compress: dict[str, Any] | None = None
+
+
 class Recipe(Section):
     """Everything one run can say: model, data, method, objective, data order, callbacks, training,
     evaluation, compression. ``recipe_class()`` extends it with every registered plug-in's section."""
@@ -64,12 +80,22 @@ class Recipe(Section):
         None, description="Run directory ({name} is the recipe's name); default: a new runs/<name>-<time>-<random> per run."
     )
     seed: int = 0
+    stages: list[StageConfig] | None = Field(
+        None, description="An ordered list of stages, each trained from the previous one's model, in one run directory (stages/NN-<name>/)."
+    )
     #: The recipe file's stem ("run" for a recipe built from a dict): names the default run directory.
     _name: str = PrivateAttr("run")
+    #: With ``stages``: each stage's complete recipe (the top level with the stage merged over it).
+    _stage_recipes: list[Recipe] = PrivateAttr(default_factory=list)
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def stage_recipes(self) -> list[Recipe]:
+        """Each stage's own recipe, validated when the recipe was loaded (empty without ``stages``)."""
+        return self._stage_recipes
 
 
 _built: tuple[int, type[Recipe]] | None = None
@@ -164,7 +190,66 @@ def _validated(
         recipe.output_dir = recipe.output_dir.replace("{name}", name)
     if base is not None:
         _resolve_relative_paths(recipe, base)
+    if recipe.stages:
+        recipe._stage_recipes = _stage_recipes(raw, lines, source, cls, base=base, name=name)
     return recipe
+
+
+def _stage_recipes(raw: dict[str, Any], lines: dict[tuple[str, ...], int], source: str, cls: type[Recipe], *, base: Path | None, name: str) -> list[Recipe]:
+    """Each stage merged over the top level and validated as a whole recipe; an error names the
+    stage's own key (``stages.1.train.lr``) when the stage set it."""
+    top = {key: value for key, value in raw.items() if key != "stages"}
+    seen: dict[str, int] = {}
+    recipes = []
+    for i, stage in enumerate(raw["stages"]):
+        if stage["name"] in seen:
+            raise UserError(
+                f"stage name '{stage['name']}' is used twice (stages {seen[stage['name']]} and {i})",
+                where=_where(source, lines, ("stages", str(i), "name")), hint="give every stage its own name",
+            )
+        seen[stage["name"]] = i
+        sections = {key: value for key, value in stage.items() if key != "name" and value is not None}
+        merged = _deep_merged(top, sections)
+        try:
+            recipe = cls.model_validate(merged)
+        except ValidationError as exc:
+            loc = tuple(str(p) for p in exc.errors()[0]["loc"])
+            prefix = ("stages", str(i)) if _sets(sections, loc) else ()
+            raise _user_error(exc, source, lines, cls, prefix=prefix) from None
+        recipe._name = f"{name}-{stage['name']}"
+        if base is not None:
+            _resolve_relative_paths(recipe, base)
+        recipes.append(recipe)
+    return recipes
+
+
+def _deep_merged(top: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``top`` with ``over`` laid on it: mappings merge key by key, anything else is replaced."""
+    merged = dict(top)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _sets(sections: dict[str, Any], loc: tuple[str, ...]) -> bool:
+    """True when ``sections`` holds the first key of ``loc`` and, through mappings, as much of
+    the rest of it as exists: the stage, not the top level, wrote the offending value."""
+    node: Any = sections
+    for part in loc:
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return node is not sections
+        node = node[part]
+    return True
+
+
+def _where(source: str, lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> str:
+    line = _nearest_line(loc, lines)
+    return source if line is None else ("command line" if line == 0 else f"{source}:{line}")
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
@@ -248,18 +333,20 @@ def _set_dotted(raw: dict[str, Any], parts: list[str], value: Any, original: str
 # Error messages
 
 
-def _user_error(exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], schema: type[BaseModel]) -> UserError:
-    """Turn pydantic's first error into one line: where, which key, what value, what to do."""
+def _user_error(
+    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], schema: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> UserError:
+    """Turn pydantic's first error into one line: where, which key, what value, what to do.
+    ``prefix`` is where the validated mapping sits in the file (a stage: ``("stages", "1")``)."""
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
-    dotted = ".".join(loc) or "(top level)"
-    line = _nearest_line(loc, lines)
-    where = source if line is None else ("command line" if line == 0 else f"{source}:{line}")
+    dotted = ".".join((*prefix, *loc)) or "(top level)"
+    where = _where(source, lines, (*prefix, *loc))
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         parent_fields = _fields_at(schema, loc[:-1])
         guess = difflib.get_close_matches(loc[-1], parent_fields, n=1, cutoff=0.5)
-        hint = f"did you mean '{'.'.join((*loc[:-1], guess[0]))}'?" if guess else None
+        hint = f"did you mean '{'.'.join((*prefix, *loc[:-1], guess[0]))}'?" if guess else None
         if not hint and parent_fields:
             hint = "known keys: " + ", ".join(parent_fields)
         return UserError(f"unknown key '{dotted}'{more}", where=where, hint=hint)

@@ -106,7 +106,7 @@ def load_model(
     if run.is_dir() and not (run / "config.json").exists():
         if is_run_dir(run):
             model, tok, manifest = load_run(run, dtype=dtype, attn_implementation=attn_implementation)
-            return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest})
+            return LoadedModel(model, tok, name, f"run {run} (base {manifest['base']})", time.perf_counter() - start, {"manifest": manifest, "run_dir": str(run)})
     if run.is_dir() and (run / COMPRESSION_MANIFEST).exists():
         from tunelab.compress.store import load_compressed
 

@@ -14,7 +14,7 @@ import torch
 from tunelab import rundir
 from tunelab.errors import UserError
 from tunelab.methods import METHODS, MethodContext
-from tunelab.methods.artifacts import MODEL_DIR
+from tunelab.methods.artifacts import MODEL_DIR, merge_methods
 
 LABELLED = ("sequence-classification", "token-classification")
 
@@ -42,6 +42,8 @@ def load_run(
     source = str(final / MODEL_DIR) if (final / MODEL_DIR).exists() else manifest["base"]
     loaded = load_base(source, model_task, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     model = loaded.model
+    if "run_dir" in loaded.details:  # trained on top of another run (a stage): it trained that run's merged model
+        model = merge_methods(model)
     labels = manifest.get("label_names")
     if model_task in LABELLED and labels and source == manifest["base"]:
         # A head trained as an adapter run: the base's config has placeholder names (LABEL_0 ...).

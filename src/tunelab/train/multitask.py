@@ -47,6 +47,7 @@ from tunelab.train.objectives import Objective, ObjectiveContext, build_objectiv
 from tunelab.train.objectives.base import Stats
 from tunelab.train.prepared import Prepared, head_collate, masking
 from tunelab.train.samplers import SAMPLERS, SamplerContext
+from tunelab.train.starting_point import load_starting_point
 from tunelab.train.task_mix import TaskMixConfig
 
 
@@ -119,7 +120,7 @@ def prepare_multitask(recipe: Recipe) -> Any:
     """The ``Prepared`` run for ``method.tasks`` (see the module docstring)."""
     tasks = recipe.method.tasks or {}
     names = list(tasks)
-    body_loaded = load_model(recipe.model.name, "base", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
+    body_loaded = load_starting_point(recipe, "base")
     tokenizer, is_encoder = body_loaded.tokenizer, model_kind(body_loaded.model.config) == "encoder"
     bundles = {}
     for name, task in tasks.items():
@@ -172,7 +173,7 @@ def _task_model(recipe: Recipe, head: HeadConfig, bundle: DataBundle, body: torc
     names = head_label_names(head, bundle.label_names)
     if head.type == "embedding":
         return attach_embedding_head(body, head, is_encoder), names
-    model = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **model_kwargs(head, names)).model
+    model = load_starting_point(recipe, plan.model_task, **model_kwargs(head, names)).model
     setattr(model, model.base_model_prefix, body)
     return model, names
 

@@ -15,7 +15,12 @@ from tunelab.rundir import check_writable
 
 def check_trainable(recipe: Recipe) -> None:
     """Where outputs go can be written, every tracker named is installed, the sampler's settings
-    fit the data section, and every data section names training data that exists."""
+    fit the data section, and every data section names training data that exists (in every
+    stage of a staged recipe, before the first one starts)."""
+    if recipe.stages:
+        for stage in recipe.stage_recipes:
+            check_trainable(stage.model_copy(update={"output_dir": recipe.output_dir}))
+        return
     if recipe.output_dir is not None:
         check_writable(Path(recipe.output_dir))
     check_trackers_installed(recipe.train.report_to)

@@ -54,6 +54,7 @@ from tunelab.train.objectives.base import (
 )
 from tunelab.train.prepared import Prepared, head_collate, masking, pad_token_id
 from tunelab.train.samplers import SAMPLERS, SamplerContext
+from tunelab.train.starting_point import load_starting_point
 
 
 def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
@@ -130,7 +131,7 @@ def _objective_data(recipe: Recipe, ctx: ObjectiveContext) -> DataConfig:
 
 
 def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
-    loaded = load_model(recipe.model.name, "causal-lm", tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
+    loaded = load_starting_point(recipe, "causal-lm")
     tokenizer = loaded.tokenizer
     ctx = ObjectiveContext(loaded.model, tokenizer, device=device, seed=recipe.seed, model_name=recipe.model.name)
     data_section = _objective_data(recipe, ctx)
@@ -152,7 +153,7 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
 def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Prepared:
     plan = plan_for(head, recipe.objective.name if recipe.objective is not None else None)
     check_model_fits(head, peek_config(recipe.model.name))
-    loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation)
+    loaded = load_starting_point(recipe, plan.model_task)
     data = build_datasets(recipe.data, loaded.tokenizer, shape=plan.example_shape, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     tokenizer = loaded.tokenizer
@@ -173,7 +174,7 @@ def build_head_model(recipe: Recipe, head: HeadConfig, data: DataBundle, loaded:
     label_names = head_label_names(head, data.label_names)
     kwargs = model_kwargs(head, label_names)
     if kwargs:  # the head's size is known only now that the data is read
-        loaded = load_model(recipe.model.name, plan.model_task, tokenizer=recipe.model.tokenizer, seed=recipe.seed, attn_implementation=recipe.model.attn_implementation, **kwargs)
+        loaded = load_starting_point(recipe, plan.model_task, **kwargs)
     model = apply_methods(loaded.model, recipe.method, model_task=plan.model_task, tokenizer_dir=loaded.details.get("directory"), tokenizer=loaded.tokenizer)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(

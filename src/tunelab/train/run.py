@@ -14,7 +14,6 @@ process are independent; to run several at once, use ``tunelab.jobs.run_in_subpr
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -49,7 +48,6 @@ from tunelab.rundir import (
     rewind,
     unique_run_dir,
 )
-from tunelab.train import auto_settings
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, shutdown
 from tunelab.train.loop import (
@@ -62,6 +60,8 @@ from tunelab.train.loop import (
 from tunelab.train.preflight import check_trainable
 from tunelab.train.prepare import prepare
 from tunelab.train.prepared import Prepared
+from tunelab.train.resume_rules import extends_schedule, resume_changes
+from tunelab.train.stages import run_stages
 from tunelab.train.weight_average import load_into
 
 
@@ -95,6 +95,12 @@ class RunSummary(TrainResult):
         record.pop("history")
         return record
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunSummary:
+        """A summary read back from ``summary.json`` (no per-step history)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in names})
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -113,8 +119,12 @@ def run_training(
     """Train as ``recipe`` says; with ``resume``, continue from the run directory's last checkpoint.
 
     Without ``output_dir`` the run gets a new unique directory under ``runs/`` (the summary's ``run_dir``).
+    A recipe with ``stages`` trains them in order in one run directory (``tunelab.train.stages``).
     """
     check_trainable(recipe)  # before the model loads: minutes on a real model
+    if recipe.stages:
+        return run_stages(recipe, run_training, RunSummary.from_record, resume=resume, show_progress=show_progress,
+                          callbacks=callbacks, events=events, cancel=cancel)
     device = best_device()
     world = init_world(device)
     if recipe.output_dir is None:
@@ -258,59 +268,6 @@ def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | N
     if resume_from is None and world.is_main:
         print(f"tunelab: {run_dir} has no complete checkpoint yet; starting the run again from step 0", flush=True)
     return resume_from, changes
-
-
-#: Settings a resumed run may change without changing what its finished steps meant: speed,
-#: bookkeeping, a longer schedule, and what happens after training.
-SAFE_ON_RESUME = (
-    "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
-    "train.eval_every", "train.compile", "eval.", "compress.", "output_dir",
-)
-
-
-def resume_changes(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
-    """``{key: [then, now]}`` for every setting that differs from the recipe the run started
-    with; a one-line error listing them when any is not safe to change on resume."""
-    started = load_recipe(run_dir / "recipe.yaml")
-    then, now = _flat(started.model_dump(mode="json")), _flat(recipe.model_dump(mode="json"))
-    changed = {k: [then.get(k), now.get(k)] for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)}
-    unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
-    if unsafe:
-        shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in unsafe[:4]) + (" ..." if len(unsafe) > 4 else "")
-        raise UserError(
-            f"resuming would change what the finished steps trained: {shown}", where=str(run_dir),
-            hint="resume with the run's own recipe, or start a new run; safe to change: " + ", ".join(s.rstrip(".") for s in SAFE_ON_RESUME),
-        )
-    return {k: v for k, v in changed.items() if k != "output_dir"}
-
-
-def extends_schedule(recipe: Recipe, changes: dict[str, list[Any]], run_dir: Path) -> bool:
-    """True when a resume asks for more training than the run was set to do, counted the same
-    way (a larger ``train.max_steps``, or a larger ``train.epochs`` when no step limit is set;
-    ``auto`` counts as the passes it gave the run's training split)."""
-    if "train.max_steps" in changes:
-        then, now = changes["train.max_steps"]
-        return then is not None and now is not None and now > then
-    if recipe.train.max_steps is None and "train.epochs" in changes:
-        then, now = (_epoch_count(value, run_dir) for value in changes["train.epochs"])
-        return now > then
-    return False
-
-
-def _epoch_count(epochs: float | str, run_dir: Path) -> float:
-    if epochs != "auto":
-        return float(epochs)
-    report = json.loads((run_dir / "data_report.json").read_text())
-    return float(auto_settings.auto_epochs(report["train_examples"]))
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
 
 
 def _data_line(report: dict[str, Any]) -> str:

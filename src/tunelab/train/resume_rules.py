@@ -1,0 +1,68 @@
+"""What a resumed run may change: the rules ``--resume`` applies to a run directory's recipe.
+
+A resumed run continues the steps it already took, so a setting that changes what those steps
+meant (data, method, learning rate) is refused; speed, bookkeeping, a longer schedule and what
+happens after training may change, and each change is logged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import UserError
+from tunelab.recipe import Recipe, load_recipe
+from tunelab.train import auto_settings
+
+#: Settings a resumed run may change without changing what its finished steps meant: speed,
+#: bookkeeping, a longer schedule, and what happens after training.
+SAFE_ON_RESUME = (
+    "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
+    "train.eval_every", "train.compile", "eval.", "compress.", "output_dir",
+)
+
+
+def resume_changes(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
+    """``{key: [then, now]}`` for every setting that differs from the recipe the run started
+    with; a one-line error listing them when any is not safe to change on resume."""
+    started = load_recipe(run_dir / "recipe.yaml")
+    then, now = _flat(started.model_dump(mode="json")), _flat(recipe.model_dump(mode="json"))
+    changed = {k: [then.get(k), now.get(k)] for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)}
+    unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
+    if unsafe:
+        shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in unsafe[:4]) + (" ..." if len(unsafe) > 4 else "")
+        raise UserError(
+            f"resuming would change what the finished steps trained: {shown}", where=str(run_dir),
+            hint="resume with the run's own recipe, or start a new run; safe to change: " + ", ".join(s.rstrip(".") for s in SAFE_ON_RESUME),
+        )
+    return {k: v for k, v in changed.items() if k != "output_dir"}
+
+
+def extends_schedule(recipe: Recipe, changes: dict[str, list[Any]], run_dir: Path) -> bool:
+    """True when a resume asks for more training than the run was set to do, counted the same
+    way (a larger ``train.max_steps``, or a larger ``train.epochs`` when no step limit is set;
+    ``auto`` counts as the passes it gave the run's training split)."""
+    if "train.max_steps" in changes:
+        then, now = changes["train.max_steps"]
+        return then is not None and now is not None and now > then
+    if recipe.train.max_steps is None and "train.epochs" in changes:
+        then, now = (_epoch_count(value, run_dir) for value in changes["train.epochs"])
+        return now > then
+    return False
+
+
+def _epoch_count(epochs: float | str, run_dir: Path) -> float:
+    if epochs != "auto":
+        return float(epochs)
+    report = json.loads((run_dir / "data_report.json").read_text())
+    return float(auto_settings.auto_epochs(report["train_examples"]))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out

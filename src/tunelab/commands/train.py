@@ -1,4 +1,4 @@
-"""``tunelab train`` and ``tunelab export``."""
+"""``tunelab train``, ``tunelab adapt`` and ``tunelab export``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def train_command(recipe: str | None, overrides: tuple[str, ...], resume_dir: st
         raise SystemExit(130) from None  # the shell's code for Ctrl-C; the run said how to resume
 
 
+@click.command("adapt")
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="The new task's few rows (every row is in every step).")
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="SGD steps to take (k).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Step size; default: the meta-learned run's objective.inner_lr.")
+@click.option("--out", "output_dir", type=click.Path(file_okay=False), help="Run directory of the adapted model (default: a new one under runs/).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def adapt_command(source: str, overrides: tuple[str, ...], data: str, steps: int, lr: float | None, output_dir: str | None, no_progress: bool) -> None:
+    """Adapt SOURCE (a run directory, e.g. a meta-learned one, or any model) to a new task in k plain
+    SGD steps on --data, and evaluate it as SOURCE's recipe says (KEY.PATH=VALUE overrides allowed)."""
+    from tunelab.train.adapt import adaptation_recipe
+    from tunelab.train.run import run_training
+
+    _stop_gracefully_on_sigterm()
+    try:
+        run_training(adaptation_recipe(source, data, steps, lr=lr, output_dir=output_dir, overrides=overrides), show_progress=not no_progress)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
 def _stop_gracefully_on_sigterm() -> None:
     """SIGTERM (a scheduler's preemption, ``kill``) stops like Ctrl-C: the last completed step is
     checkpointed so ``--resume`` continues exactly."""
@@ -75,4 +96,4 @@ def export_command(model: str, merge_out: str | None, gguf_out: str | None, quan
         click.echo(f"run it: llama-cli -m {report['path']}   or   tunelab generate --model {report['path']}")
 
 
-commands = [train_command, export_command]
+commands = [train_command, adapt_command, export_command]

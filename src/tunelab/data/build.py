@@ -150,7 +150,7 @@ def _records(rows: Sequence[Row], fmt: str, shape: Shape, cfg: DataConfig, bad_r
             for fields in expanded:
                 record = to_record(fields, "pairs" if fmt == "rerank" else fmt, shape, cfg, row.where)
                 extra = read_example_fields(fields, cfg, row.where)
-                record.weight, record.difficulty, record.language = extra.weight, extra.difficulty, extra.language
+                record.weight, record.difficulty, record.language, record.task_name = extra.weight, extra.difficulty, extra.language, extra.task_name
                 records.append(record)
         except UserError as exc:
             bad_rows.handle(exc)
@@ -193,7 +193,7 @@ def _encode_all(
             bad_rows.handle(exc)
             continue
         if example is not None:
-            example.weight, example.difficulty, example.language = record.weight, record.difficulty, record.language
+            example.weight, example.difficulty, example.language, example.task_name = record.weight, record.difficulty, record.language, record.task_name
             examples.append(example)
     return examples
 

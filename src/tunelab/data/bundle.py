@@ -22,8 +22,8 @@ class Example:
     per answer choice, with ``label`` the correct one; or a preference pair, chosen then rejected,
     whose token labels are in ``group_labels``); ``input_ids`` is then the first of them.
     ``word_ids`` maps tokens to words (-1 for special tokens), for whole-word masking.
-    ``weight``, ``difficulty`` and ``language`` come from the row's columns on every data path
-    (``data.weight_column`` etc.); ``task`` is the index of a multi-task run's task.
+    ``weight``, ``difficulty``, ``language`` and ``task_name`` come from the row's columns on every
+    data path (``data.weight_column`` etc.); ``task`` is the index of a multi-task run's task.
     ``pixel_values`` (``[n_images, 3, H, W]``) holds the images of a vision-language example, in
     the order of their placeholder tokens in ``input_ids``.
     """
@@ -38,6 +38,7 @@ class Example:
     word_ids: list[int] | None = None
     difficulty: float | None = None
     language: str | None = None
+    task_name: str | None = None
     task: int | None = None
     pixel_values: torch.Tensor | None = None
 

@@ -45,6 +45,7 @@ class DataConfig(Section):
     )
     difficulty_column: str | None = Field(None, description="A numeric column carried on each example as its difficulty (curriculum samplers).")
     language_column: str | None = Field(None, description="A string column carried on each example as its language (samplers, reports).")
+    task_column: str | None = Field(None, description="A string column naming each example's task (meta-learning draws its episodes from one task each).")
     max_length: int = Field(
         512, gt=0, description="Longer examples are truncated; dropped if no supervised token is left."
     )

@@ -35,6 +35,7 @@ class Record:
     weight: float = 1.0
     difficulty: float | None = None
     language: str | None = None
+    task_name: str | None = None
     #: Resolved image references, in the order their markers (``data.images.IMAGE_MARKER``) appear.
     images: list[str] | None = None
 

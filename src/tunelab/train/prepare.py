@@ -70,7 +70,12 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
         prepared = _prepare_causal_lm(recipe, device)
     else:
         prepared = _prepare_head(recipe, recipe.method.head, device)
-    if recipe.sampler is not None and not recipe.method.tasks:
+    objective_sampler = OBJECTIVES.get(recipe.objective.name).sampler if recipe.objective is not None else None
+    if objective_sampler is not None:
+        if recipe.sampler is not None:
+            raise UserError(f"objective {recipe.objective.name} draws its own batches; sampler {recipe.sampler.name} would replace them", where="sampler", hint="remove the sampler section")
+        prepared.sampler = objective_sampler(recipe.objective, SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed))
+    elif recipe.sampler is not None and not recipe.method.tasks:
         plugin = SAMPLERS.get(recipe.sampler.name)
         context = SamplerContext(prepared.data.train, recipe.train.batch_size, recipe.seed, _losses_under(recipe, prepared, device))
         prepared.sampler = plugin.build(recipe.sampler, context)
@@ -96,6 +101,7 @@ def _losses_under(recipe: Recipe, prepared: Prepared, device: torch.device) -> C
 def _objective(recipe: Recipe, default: str, ctx: ObjectiveContext) -> Objective:
     """The recipe's ``objective:`` choice, else the one the model's head implies."""
     chosen = recipe.objective
+    ctx.default_objective = default
     return build_objective(chosen.name if chosen is not None else default, chosen, ctx)
 
 
@@ -157,7 +163,7 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
     data = build_datasets(recipe.data, loaded.tokenizer, shape=plan.example_shape, seed=recipe.seed)  # type: ignore[arg-type]
     model, label_names = build_head_model(recipe, head, data, loaded)
     tokenizer = loaded.tokenizer
-    objective = _objective(recipe, plan.objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed, model_name=recipe.model.name))
+    objective = _objective(recipe, plan_for(head).objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed, model_name=recipe.model.name))
 
     def save(run_dir: Path) -> Path:
         if head.type == "embedding":

@@ -9,6 +9,7 @@ from tunelab.train.objectives import (
     distill_embedding,
     distill_on_policy,
     masked_lm,
+    meta,
     multi_label,
     multiple_choice,
     preference,

@@ -67,6 +67,8 @@ class ObjectiveContext:
     seed: int = 0
     #: The recipe's ``model.name`` (what the trained model was loaded from: a distilled student's teacher).
     model_name: str | None = None
+    #: The objective the model's head implies (what a wrapping objective, e.g. meta-learning, wraps).
+    default_objective: str = "causal_lm"
     _auxiliary: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     def auxiliary_model(self, name: str, model_task: str = "causal-lm") -> torch.nn.Module:
@@ -106,6 +108,9 @@ class ObjectivePlugin:
     data: Callable[[Any, ObjectiveContext, Any], Any] | None = None
     #: The example shape it trains on when not the head's own (``preference``: DPO pairs).
     shape: str | None = None
+    #: ``sampler(cfg, sampler_context) -> Sampler``: the data order it needs (meta-learning's
+    #: one-task episodes); a recipe that names another ``sampler:`` is refused.
+    sampler: Callable[[Any, Any], Any] | None = None
 
 
 OBJECTIVES: Registry[ObjectivePlugin] = Registry("objective", "objective.name")
@@ -117,14 +122,16 @@ Builder = Callable[[Any, ObjectiveContext], Objective]
 def register_objective(
     name: str, Config: type[Section] = NoSettings, *, heads: tuple[str | None, ...] | None = None,
     data: Callable[[Any, ObjectiveContext, Any], Any] | None = None, shape: str | None = None,
+    sampler: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Register ``build(cfg, ctx) -> Objective`` under ``name``; recipes choose it with
     ``objective: {name: ..., <Config's keys>}``. ``heads`` limits it to those head types; ``data``
     rewrites the data section first (see ``ObjectivePlugin.data``); ``shape`` names the examples
-    it reads when they are not the head's (see ``ObjectivePlugin.shape``)."""
+    it reads when they are not the head's (see ``ObjectivePlugin.shape``); ``sampler`` is the data
+    order it needs (see ``ObjectivePlugin.sampler``)."""
 
     def wrap(build: Builder) -> Builder:
-        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads, data, shape))
+        OBJECTIVES.register(name, ObjectivePlugin(Config, build, heads, data, shape, sampler))
         return build
 
     return wrap

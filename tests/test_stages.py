@@ -148,3 +148,18 @@ def test_stage_errors_name_the_stage_key_and_line(tmp_path):
     with pytest.raises(UserError, match="data file not found"):
         run_training(load_recipe(path, [f"output_dir={tmp_path / 'run'}"]), show_progress=False)
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_the_recorded_recipe_finds_a_stages_relative_data_from_the_run_directory(tmp_path):
+    """Resume reads RUN_DIR/recipe.yaml: a stage's data path written relative to the recipe file
+    must still name the same file from there."""
+    from tunelab.recipe import dump_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    write_chat_data(folder / "chat.jsonl")
+    (folder / "r.yaml").write_text("model: {name: tiny-llama}\nstages:\n  - name: a\n    data: {train: chat.jsonl}\n")
+    recorded = tmp_path / "run" / "recipe.yaml"
+    recorded.parent.mkdir()
+    recorded.write_text(dump_recipe(load_recipe(folder / "r.yaml")))
+    assert Path(load_recipe(recorded).stage_recipes[0].data.train).resolve() == (folder / "chat.jsonl").resolve()

@@ -191,24 +191,26 @@ def _validated(
     if base is not None:
         _resolve_relative_paths(recipe, base)
     if recipe.stages:
-        recipe._stage_recipes = _stage_recipes(raw, lines, source, cls, base=base, name=name)
+        recipe._stage_recipes = _stage_recipes(raw, recipe.stages, lines, source, cls, base=base, name=name)
     return recipe
 
 
-def _stage_recipes(raw: dict[str, Any], lines: dict[tuple[str, ...], int], source: str, cls: type[Recipe], *, base: Path | None, name: str) -> list[Recipe]:
+def _stage_recipes(
+    raw: dict[str, Any], specs: list[StageConfig], lines: dict[tuple[str, ...], int], source: str, cls: type[Recipe], *, base: Path | None, name: str
+) -> list[Recipe]:
     """Each stage merged over the top level and validated as a whole recipe; an error names the
     stage's own key (``stages.1.train.lr``) when the stage set it."""
     top = {key: value for key, value in raw.items() if key != "stages"}
     seen: dict[str, int] = {}
     recipes = []
-    for i, stage in enumerate(raw["stages"]):
-        if stage["name"] in seen:
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
             raise UserError(
-                f"stage name '{stage['name']}' is used twice (stages {seen[stage['name']]} and {i})",
+                f"stage name '{spec.name}' is used twice (stages {seen[spec.name]} and {i})",
                 where=_where(source, lines, ("stages", str(i), "name")), hint="give every stage its own name",
             )
-        seen[stage["name"]] = i
-        sections = {key: value for key, value in stage.items() if key != "name" and value is not None}
+        seen[spec.name] = i
+        sections = {key: getattr(spec, key) for key in StageConfig.model_fields if key != "name" and getattr(spec, key) is not None}
         merged = _deep_merged(top, sections)
         try:
             recipe = cls.model_validate(merged)
@@ -216,9 +218,9 @@ def _stage_recipes(raw: dict[str, Any], lines: dict[tuple[str, ...], int], sourc
             loc = tuple(str(p) for p in exc.errors()[0]["loc"])
             prefix = ("stages", str(i)) if _sets(sections, loc) else ()
             raise _user_error(exc, source, lines, cls, prefix=prefix) from None
-        recipe._name = f"{name}-{stage['name']}"
+        recipe._name = f"{name}-{spec.name}"
         if base is not None:
-            _resolve_relative_paths(recipe, base)
+            _write_back(sections, _resolve_relative_paths(recipe, base))
         recipes.append(recipe)
     return recipes
 
@@ -285,17 +287,32 @@ def _index_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: dict[tupl
             _index_lines(item, key, out)
 
 
-def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
-    """Data paths in a recipe are relative to the recipe file unless they exist from the CWD."""
-    data_sections = [recipe.data, *(task.data for task in (recipe.method.tasks or {}).values())]
-    fields = [(section, name) for section in data_sections for name in ("train", "validation")]
-    fields += [(recipe.compress, "heldout"), (recipe.compress, "calibration"), (recipe.eval, "data"), (recipe.eval, "pool")]
+def _resolve_relative_paths(recipe: Recipe, base: Path) -> dict[tuple[str, ...], str]:
+    """Data paths in a recipe are relative to the recipe file unless they exist from the CWD;
+    returns the key paths it changed, with their new values."""
+    data_sections = [(("data",), recipe.data), *((("method", "tasks", name, "data"), task.data) for name, task in (recipe.method.tasks or {}).items())]
+    fields = [(at, section, name) for at, section in data_sections for name in ("train", "validation")]
+    fields += [(("compress",), recipe.compress, "heldout"), (("compress",), recipe.compress, "calibration"), (("eval",), recipe.eval, "data"), (("eval",), recipe.eval, "pool")]
     if recipe.method.student is not None:
-        fields.append((recipe.method.student, "calibration"))
-    for section, name in fields:
+        fields.append((("method", "student"), recipe.method.student, "calibration"))
+    changed = {}
+    for at, section, name in fields:
         value = getattr(section, name)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
             setattr(section, name, str(base / value))
+            changed[(*at, name)] = str(base / value)
+    return changed
+
+
+def _write_back(sections: dict[str, Any], changed: dict[tuple[str, ...], str]) -> None:
+    """Put the resolved paths into a stage's own sections where the stage set them, so the
+    recipe written into the run directory reads the same files from there."""
+    for path, value in changed.items():
+        node: Any = sections
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -411,8 +411,12 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (defaults included), as written into each run directory."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The fully resolved recipe as YAML (defaults included), as written into each run directory;
+    stages keep only the sections they set (the rest comes from the top level)."""
+    data = recipe.model_dump(mode="json")
+    if data.get("stages"):
+        data["stages"] = [{key: value for key, value in stage.items() if value is not None} for stage in data["stages"]]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def copy_recipe(recipe: Recipe, **changes: Any) -> Recipe:

@@ -37,7 +37,8 @@ def validate(file: str, overrides: tuple[str, ...], print_resolved: bool, purpos
     if print_resolved:
         click.echo(dump_recipe(recipe), nl=False)
     else:
-        click.echo(f"{file}: ok (output_dir: {recipe.output_dir or f'runs/{recipe.name}-<time>-<random>, new per run'})")
+        stages = f"; {len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)}" if recipe.stages else ""
+        click.echo(f"{file}: ok (output_dir: {recipe.output_dir or f'runs/{recipe.name}-<time>-<random>, new per run'}{stages})")
 
 
 @recipe_group.command("schema")

@@ -1,7 +1,7 @@
 """Meta-learning on real few-shot tasks: is a meta-learned starting point better after k steps?
 
 Tasks: CLINC150 5-way intent tasks (examples/data/clinc/tasks, see make_clinc_tasks.py); the
-held-out tasks' 25 intents... 50 intents never appear in meta-training. For each seed, three
+held-out tasks' 50 intents never appear in meta-training. For each seed, three
 starting points, all SmolLM2-135M with a LoRA adapter (r 16, all linear layers):
 
 - ``base``: a fresh adapter (B = 0: the base model itself);
@@ -49,10 +49,9 @@ def eval_overrides(task: str) -> tuple[str, ...]:
             "eval.answer_field=label", "eval.metrics=[accuracy]", "eval.batch_size=8")
 
 
-def passes_per_step(meta: Any) -> int:
-    """Example forward+backward passes one meta-learning optimizer step takes."""
-    per_episode = meta.inner_steps * meta.support + (meta.query if meta.algorithm == "fomaml" else 0)
-    return per_episode
+def passes_per_episode(meta: Any) -> int:
+    """Example forward+backward passes one meta-learning episode takes (an optimizer step takes grad_accum episodes)."""
+    return meta.inner_steps * meta.support + (meta.query if meta.algorithm == "fomaml" else 0)
 
 
 def train_start(kind: str, seed: int, work: Path) -> tuple[str, float]:
@@ -64,7 +63,7 @@ def train_start(kind: str, seed: int, work: Path) -> tuple[str, float]:
         meta = load_recipe(META_RECIPE)
         overrides = [f"seed={seed}", f"output_dir={out}"]
         if kind == "multitask":  # the same rows, plain SFT, as many example passes as the meta run
-            passes = meta.train.max_steps * meta.train.grad_accum * passes_per_step(meta.objective)
+            passes = meta.train.max_steps * meta.train.grad_accum * passes_per_episode(meta.objective)
             overrides += ["objective=null", "data.task_column=null", f"train.max_steps={math.ceil(passes / BATCH)}",
                           f"train.batch_size={BATCH}", "train.grad_accum=1"]
         else:

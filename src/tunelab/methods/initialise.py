@@ -52,9 +52,8 @@ class InitConfig(Section):
 
 
 def _redraw(param: torch.Tensor, strategy: str, std: float) -> None:
-    if strategy == "zeros":
-        torch.nn.init.zeros_(param)
-    elif strategy == "normal":
+    """Draw a randomly initialised matrix again (``zeros`` is handled by the caller: it also clears vectors)."""
+    if strategy == "normal":
         torch.nn.init.normal_(param, 0.0, std)
     elif strategy == "xavier":
         torch.nn.init.xavier_uniform_(param)

@@ -69,6 +69,7 @@ def _shots(value: str | None) -> list[int] | None:
 @click.option("--prompt-template", default=None, help="E.g. '{passage}\nQuestion: {question}?'.")
 @click.option("--answer-field", default=None, help="Field with the reference answer(s) or correct option.")
 @click.option("--text-field", default=None, help="Field with the text (classification, perplexity).")
+@click.option("--task-field", default=None, help="Field naming each item's task (a hierarchical-adapter run answers with its family's adapters).")
 @click.option("--choice", "choices", multiple=True, help="An option shared by all items (repeat: --choice no --choice yes).")
 @click.option("--format", "prompt_format", type=click.Choice(["chat", "plain"]), default=None)
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
@@ -101,7 +102,7 @@ def eval_command(
         "metrics": _metric_names(str(options["metric_list"])) if options["metric_list"] else None,
         "shots": _shots(options["shots"]),  # type: ignore[arg-type]
         "prompt_template": options["prompt_template"], "answer_field": options["answer_field"],
-        "text_field": options["text_field"], "choices": list(options["choices"]) or None,  # type: ignore[call-overload]
+        "text_field": options["text_field"], "task_field": options["task_field"], "choices": list(options["choices"]) or None,  # type: ignore[call-overload]
         "format": options["prompt_format"], "system_prompt": options["system_prompt"],
         "max_examples": options["max_examples"], "batch_size": options["batch_size"],
         "max_new_tokens": options["max_new_tokens"], "temperature": options["temperature"],

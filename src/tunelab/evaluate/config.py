@@ -39,6 +39,9 @@ class EvalConfig(Section):
     choices: list[str] | None = Field(None, description="Options shared by every item (choice task), e.g. ['no', 'yes'].")
     choices_field: str = Field("choices", description="Row field with the item's own options when `choices` is not set.")
     format: Literal["chat", "plain"] = Field("chat", description="chat: through the tokenizer's chat template (data.template); plain: prompt and answer joined by a space.")
+    task_field: str | None = Field(
+        None, description="Row field naming each item's task: a hierarchical-adapter run answers it with that task's family stack (items without it go to the run's router)."
+    )
     system_prompt: str | None = Field(None, description="System message; default: data.system_prompt.")
     max_examples: int | None = Field(None, gt=0, description="Score only the first N items.")
     batch_size: int = Field(8, gt=0)

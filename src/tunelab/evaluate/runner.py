@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluate.by_family import evaluate_by_family
 from tunelab.evaluate.config import EvalConfig
 from tunelab.evaluate.items import read_items
 from tunelab.evaluate.metrics import get_metrics
@@ -26,6 +27,7 @@ from tunelab.evaluate.tasks import (
     TaskOutput,
     check_shots,
 )
+from tunelab.methods.hierarchy_stacks import hierarchy_of
 
 DEFAULT_TEMPLATE = "{prompt}"
 
@@ -113,6 +115,9 @@ def evaluate_loaded(
 ) -> TaskOutput:
     """Score a model already in memory (``evaluate`` loads them; a greedy soup builds them)."""
     inputs = TaskInputs(items, setup.cfg, prompt_builder(setup, tokenizer), list(pool), same_file, shots)
+    hierarchy = hierarchy_of(model)
+    if hierarchy is not None:  # a hierarchical-adapter run: each item under its family's stack
+        return evaluate_by_family(model, tokenizer, inputs, hierarchy, progress=progress)
     return TASKS[setup.cfg.task](model, tokenizer, inputs, progress=progress)
 
 

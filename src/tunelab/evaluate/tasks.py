@@ -170,6 +170,16 @@ def run_perplexity(model: torch.nn.Module, tokenizer: Any, inputs: TaskInputs, p
     return TaskOutput({k: float(v) for k, v in result.items()}, [{"where": row.where} for row in inputs.items], seconds)
 
 
+def scores_from_records(cfg: EvalConfig, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The corpus scores of records made by ``run_choice``, ``run_generation`` or ``run_classification``
+    (a set scored in parts, as a hierarchical run's families are), computed as those runners do."""
+    refs = [[r["answer"]] if "answer" in r else r["references"] for r in records]
+    scores = score(cfg.metric_names(), [r["prediction"] for r in records], refs)
+    if cfg.task == "choice":
+        scores["accuracy_norm"] = score(["accuracy"], [r["prediction_norm"] for r in records], refs)["accuracy"]
+    return scores
+
+
 TASKS: dict[str, Callable[..., TaskOutput]] = {
     "generation": run_generation,
     "choice": run_choice,

@@ -2,7 +2,7 @@
 
 ``apply_methods`` runs the methods a recipe's ``method:`` section switches on, in their declared
 order (built-ins: dropout, freeze, a peft adapter family, bottleneck adapters, a task head, the
-trained parts of a vision-language model, then how the added parameters start).
+trained parts of a vision-language model, hierarchical family adapters, then how the added parameters start).
 Importing this package registers the built-in methods.
 """
 
@@ -18,6 +18,7 @@ from tunelab.methods import (  # noqa: F401  (registration)
     dropout,
     freeze,
     heads,
+    hierarchy,
     initialise,
     peft_adapters,
     student,

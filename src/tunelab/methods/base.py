@@ -39,7 +39,7 @@ class Method:
     key: ClassVar[str]
     #: The section's schema (a ``tunelab.config_base.Section``).
     Config: ClassVar[type[Section]]
-    #: Application order: lower first. Built-ins: student 5, dropout 10, freeze 20, peft 50, bottleneck 55, head 60, vision 65, init 95.
+    #: Application order: lower first. Built-ins: student 5, dropout 10, freeze 20, peft 50, hierarchy 52, bottleneck 55, head 60, vision 65, init 95.
     order: ClassVar[int] = 50
     #: False when the added modules cannot be folded into the base weights (export refuses then).
     mergeable: ClassVar[bool] = True
@@ -67,6 +67,11 @@ class Method:
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold the added modules into the base weights (a plain model); identity when nothing was added."""
         return model
+
+    def wire(self, cfg: Any, prepared: Any, recipe: Any) -> None:
+        """Adjust the wired-up run (``tunelab.train.prepared.Prepared``: its sampler, collate,
+        objective, save) once its objective is built, for a method that decides per batch how the
+        model runs (hierarchical adapters run each batch with its task family's adapters)."""
 
 
 METHODS: Registry[Method] = Registry("method", "method")

@@ -8,12 +8,10 @@ one more row in ``PLANS``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import UserError

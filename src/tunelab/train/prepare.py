@@ -25,7 +25,7 @@ from tunelab.data import (
 )
 from tunelab.data.config import DataConfig
 from tunelab.errors import UserError
-from tunelab.methods import apply_methods
+from tunelab.methods import active_methods, apply_methods
 from tunelab.methods.artifacts import save_final
 from tunelab.methods.config import HeadConfig
 from tunelab.methods.heads import (
@@ -70,6 +70,8 @@ def prepare(recipe: Recipe, device: torch.device | None = None) -> Prepared:
         prepared = _prepare_causal_lm(recipe, device)
     else:
         prepared = _prepare_head(recipe, recipe.method.head, device)
+    for method, method_cfg in active_methods(recipe.method):
+        method.wire(method_cfg, prepared, recipe)
     objective_sampler = OBJECTIVES.get(recipe.objective.name).sampler if recipe.objective is not None else None
     if objective_sampler is not None:
         if recipe.sampler is not None:

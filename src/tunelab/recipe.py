@@ -292,6 +292,7 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> dict[tuple[str, ...],
     returns the key paths it changed, with their new values."""
     data_sections = [(("data",), recipe.data), *((("method", "tasks", name, "data"), task.data) for name, task in (recipe.method.tasks or {}).items())]
     fields = [(at, section, name) for at, section in data_sections for name in ("train", "validation")]
+    fields += [((*at, "mixture", str(i)), source, "train") for at, section in data_sections for i, source in enumerate(section.mixture or [])]
     fields += [(("compress",), recipe.compress, "heldout"), (("compress",), recipe.compress, "calibration"), (("eval",), recipe.eval, "data"), (("eval",), recipe.eval, "pool")]
     if recipe.method.student is not None:
         fields.append((("method", "student"), recipe.method.student, "calibration"))
@@ -310,7 +311,10 @@ def _write_back(sections: dict[str, Any], changed: dict[tuple[str, ...], str]) -
     for path, value in changed.items():
         node: Any = sections
         for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and path[-1] in node:
             node[path[-1]] = value
 

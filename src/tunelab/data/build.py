@@ -6,6 +6,7 @@ read rows -> rename columns -> detect format -> validate rows into records -> dr
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -76,19 +77,32 @@ def split_records(cfg: DataConfig, *, shape: Shape, seed: int, bad_rows: BadRows
     """The validated, de-duplicated training and validation records (seeded split), before any
     tokenization: what data transforms (a teacher's answers, augmentation) rewrite."""
     bad_rows = bad_rows or BadRows(cfg.on_bad_row, setting="data.on_bad_row")
-    if not cfg.train:
+    if not cfg.train and not cfg.mixture:
         raise UserError("data.train is not set", hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them")
-    train_rows = _renamed(read_rows(cfg.train, bad_rows, "data.train"), cfg.columns)
+    sources = _mixture_sources(cfg, seed, bad_rows) if cfg.mixture else [(None, cfg, _renamed(read_rows(cfg.train, bad_rows, "data.train"), cfg.columns))]  # type: ignore[arg-type]
     val_rows = _renamed(read_rows(cfg.validation, bad_rows, "data.validation"), cfg.columns) if cfg.validation else []
-    report = DataReport(format="", rows_read=len(train_rows) + len(val_rows) + bad_rows.count)
-    if not train_rows:
+    report = DataReport(format="", rows_read=sum(len(rows) for _, _, rows in sources) + len(val_rows) + bad_rows.count)
+    if not any(rows for _, _, rows in sources):
         report.bad_rows_skipped = bad_rows.count
         raise _nothing_left(cfg, report)
 
-    report.format = resolve_format(cfg, ((r.fields, r.where) for r in train_rows), shape)
-    check_settings(cfg, report.format, shape)
-    train = _records(train_rows, report.format, shape, cfg, bad_rows)
-    validation = _records(val_rows, report.format, shape, cfg, bad_rows)
+    train: list[Record] = []
+    parts, tasks = [], {}
+    for task, own, rows in sources:
+        fmt = resolve_format(own, ((r.fields, r.where) for r in rows), shape)
+        check_settings(own, fmt, shape)
+        records = _records(rows, fmt, shape, own, bad_rows)
+        if task is not None:  # a mixture source: its rows are its task's unless they name their own
+            for record in records:
+                record.task_name = record.task_name or task
+            parts.append(f"{task} ({fmt})")
+            tasks[task] = {"format": fmt, "rows": len(rows), "records": len(records)}
+        train += records
+        report.format = fmt
+    if cfg.mixture:
+        report.format, report.tasks = "mixture: " + ", ".join(parts), tasks
+    val_format = resolve_format(cfg, ((r.fields, r.where) for r in val_rows), shape) if cfg.mixture and val_rows else report.format
+    validation = _records(val_rows, val_format, shape, cfg, bad_rows)
 
     if cfg.dedup:
         validation, repeats = remove_duplicates(validation)
@@ -105,6 +119,21 @@ def split_records(cfg: DataConfig, *, shape: Shape, seed: int, bad_rows: BadRows
             raise UserError(f"{exc.message}{removed}", where=cfg.train, hint=f"{exc.hint}{dedup}") from None
 
     return train, validation, report
+
+
+def _mixture_sources(cfg: DataConfig, seed: int, bad_rows: BadRows) -> list[tuple[str | None, DataConfig, list[Row]]]:
+    """Each ``data.mixture`` source as (task name, its settings -- the top-level ``data:`` ones
+    where it sets none -- and its rows, a seeded sample of ``max_rows`` kept in file order)."""
+    out: list[tuple[str | None, DataConfig, list[Row]]] = []
+    for i, source in enumerate(cfg.mixture or []):
+        own_settings = source.model_dump(include={"format", "columns", "prompt_template", "completion_template"}, exclude_none=True)
+        own = cfg.model_copy(update={**own_settings, "train": source.train, "mixture": None})
+        rows = _renamed(read_rows(source.train, bad_rows, f"data.mixture.{i}.train"), own.columns)
+        task = source.task_name()
+        if source.max_rows is not None and len(rows) > source.max_rows:
+            rows = [rows[j] for j in sorted(random.Random(f"{seed}:{task}").sample(range(len(rows)), source.max_rows))]
+        out.append((task, own, rows))
+    return out
 
 
 def losses_summary(report: DataReport) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -16,10 +17,28 @@ DataFormat = Literal[
 TemplateName = Literal["auto", "model", "chatml", "llama3", "alpaca", "plain"]
 
 
+class MixtureSource(Section):
+    """One file of a training mixture, with the settings that turn its rows into examples."""
+
+    train: str = Field(..., description="A JSONL/JSON/CSV/Parquet file or a folder of shards.")
+    task: str | None = Field(None, description="The task its rows belong to (each example's task name); default: the file's name without extension.")
+    format: DataFormat | None = Field(None, description="Its row format; default: data.format.")
+    columns: dict[str, str] | None = Field(None, description="Rename its fields: {their_name: our_name}; default: data.columns.")
+    prompt_template: str | None = Field(None, description="Builds the user turn from its row fields; default: data.prompt_template.")
+    completion_template: str | None = Field(None, description="Builds the answer from its row fields; default: data.completion_template.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many of its rows (a seeded sample): caps a large source's share.")
+
+    def task_name(self) -> str:
+        return self.task or Path(self.train).name.split(".")[0]
+
+
 class DataConfig(Section):
     """Training/validation data, its format, templating, tokenization and packing."""
 
     train: str | None = Field(None, description="A JSONL/JSON/CSV/Parquet file or a folder of shards.")
+    mixture: list[MixtureSource] | None = Field(
+        None, description="Train on several files instead of data.train, each with its own format and templates; every example carries its source's task name."
+    )
     validation: str | None = Field(None, description="A separate validation file; else val_fraction is held out.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
     format: DataFormat = Field("auto", description="Row format; auto detects it from the fields of the first row.")
@@ -58,6 +77,19 @@ class DataConfig(Section):
     )
 
     augment: AugmentConfig | None = Field(None, description="Augmented copies of the training rows (EDA, masking); validation and test rows are never touched.")
+
+    @model_validator(mode="after")
+    def _one_training_source(self) -> DataConfig:
+        if self.mixture is not None:
+            if self.train:
+                raise ValueError("set data.train or data.mixture, not both")
+            if not self.mixture:
+                raise ValueError("data.mixture lists no file")
+            names = [source.task_name() for source in self.mixture]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"two mixture sources are task {repeated[0]!r}: name each with its own task")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -37,7 +37,10 @@ def check_trainable(recipe: Recipe) -> None:
 
 
 def _check_data(data: DataConfig, section: str) -> None:
-    if not data.train:
+    for i, source in enumerate(data.mixture or []):
+        if not Path(source.train).expanduser().exists():
+            raise UserError("data file not found", where=source.train, hint=f"check {section}.mixture.{i}.train")
+    if not data.train and not data.mixture:
         raise UserError(
             f"{section}.train is not set: this recipe cannot train",
             hint="point it at a JSONL/JSON/CSV/Parquet file or a folder of them (a recipe only for eval or compress: recipe validate --for eval)",

@@ -1,7 +1,8 @@
 """Multi-task mixing as a sampler: every micro-batch holds one task's examples, tasks drawn by share.
 
 A multi-task run's training examples are every task's examples end to end, each carrying its
-``task`` index. An epoch has as many micro-batches as the examples fill; each task's share of them
+``task`` index; in a single-model run the task is the name each example carries (its
+``data.task_column`` value, or its ``data.mixture`` source). An epoch has as many micro-batches as the examples fill; each task's share of them
 follows ``strategy``: by size (p ∝ n), uniform, or temperature (p ∝ n^(1/T)), split by largest
 remainder. A task whose share exceeds its data cycles through it in fresh seeded orders. The
 batches' order is shuffled per epoch, all as a pure function of (seed, epoch) like every sampler.
@@ -71,8 +72,15 @@ class TaskMixSampler:
 
 @register_sampler("task_mix", TaskMixConfig)
 def _task_mix(cfg: TaskMixConfig, ctx: SamplerContext) -> TaskMixSampler:
+    """Over a multi-task run's tasks, or else over the task names rows carry (``data.task_column``,
+    ``data.mixture``)."""
     tasks = [e.task for e in ctx.examples]
     if any(t is None for t in tasks):
-        raise UserError("sampler task_mix mixes the tasks of a multi-task run", where="sampler.name", hint="define method.tasks, or choose another sampler")
+        names = [e.task_name for e in ctx.examples]
+        if any(n is None for n in names):
+            raise UserError("sampler task_mix mixes tasks, and these examples name none", where="sampler.name",
+                            hint="define method.tasks, set data.task_column or train on a data.mixture, or choose another sampler")
+        order = {name: i for i, name in enumerate(sorted(set(names)))}  # type: ignore[type-var]
+        tasks = [order[n] for n in names]
     sizes = [tasks.count(t) for t in range(max(tasks) + 1)]  # type: ignore[type-var]
     return TaskMixSampler(tasks, task_shares(sizes, cfg), ctx.batch_size, ctx.seed)  # type: ignore[arg-type]

@@ -15,7 +15,9 @@ from tests.test_meta_learning import write_tasks
 from tests.train_helpers import recipe_for, train
 from tunelab.cli import cli
 from tunelab.errors import UserError
+from tunelab.generate import GenerationSettings, encode_prompt, generate
 from tunelab.methods import apply_methods
+from tunelab.methods.hierarchy_router import prompt_embeddings, route
 from tunelab.methods.hierarchy_stacks import (
     adapter_name,
     hierarchy_of,
@@ -164,3 +166,28 @@ def test_activation_checkpointing_recomputes_each_batch_under_its_own_family_sta
     assert any(v.abs().sum() > 0 for k, v in adapters[0].items() if "lora_B" in k), "the family adapter trained"
     for key, value in adapters[0].items():
         assert torch.allclose(value, adapters[1][key], atol=1e-6), key
+
+
+def test_the_router_picks_the_nearest_family_centroid_and_generation_runs_under_its_stack():
+    torch.manual_seed(0)
+    loaded = load_model("tiny-llama")
+    section = recipe_from_dict({"method": {"lora": {"r": 4, "target_modules": "all-linear"}, "hierarchy": {"families": FAMILIES}}}).method
+    model = apply_methods(loaded.model, section, model_task="causal-lm").eval()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = encode_prompt(loaded.tokenizer, messages)[0].tolist()
+    feature = prompt_embeddings(model, [prompt])[0]
+    state = hierarchy_of(model)
+    state.centroids = torch.stack([-feature, feature])  # "cool" (the second family) is the nearest
+    assert route(model, [prompt]) == ["cool"]
+    settings = GenerationSettings(max_new_tokens=6)
+    with use_stack(model, "cool"):
+        expected = generate(model, loaded.tokenizer, messages, settings)
+    assert generate(model, loaded.tokenizer, messages, settings) == expected, "generation routes the prompt to its family"
+    stacks = {}
+    for family in ("warm", "cool"):
+        with use_stack(model, family):
+            stacks[family] = logits(model, torch.tensor([prompt]))
+    assert not torch.allclose(stacks["warm"], stacks["cool"], atol=1e-4), "the two stacks compute different things"

@@ -9,13 +9,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
 
 from tunelab.data.images import load_image
 from tunelab.errors import UserError
+from tunelab.methods.hierarchy_router import routed
 from tunelab.models.vision import image_inputs
 
 
@@ -82,6 +83,11 @@ def generate(
     torch.manual_seed(settings.seed)
     kwargs = {**settings.generate_kwargs(tokenizer), **extra}
     model.eval()
+    with routed(model, input_ids[0].tolist()):  # hierarchical adapters: the stack the router picks
+        return _decode(model, tokenizer, input_ids, kwargs, on_text)
+
+
+def _decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, kwargs: dict[str, Any], on_text: Callable[[str], None] | None) -> str:
     if on_text is None:
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)

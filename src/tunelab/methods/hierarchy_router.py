@@ -8,6 +8,7 @@ per prompt, no extra parameters, nothing to train -- and its accuracy is measure
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -69,3 +70,11 @@ def route(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> list[str]
     with use_stack(model, None):
         scores = prompt_embeddings(model, prompts) @ state.centroids.T
     return [state.families[i] for i in scores.argmax(-1).tolist()]
+
+
+def routed(model: torch.nn.Module, prompt: Sequence[int]) -> contextlib.AbstractContextManager:
+    """For as long as the context lasts, ``model`` runs with the stack the router picks for
+    ``prompt`` when it has hierarchical adapters (generation, chat, serving); otherwise nothing changes."""
+    if hierarchy_of(model) is None:
+        return contextlib.nullcontext()
+    return use_stack(model, route(model, [prompt])[0])

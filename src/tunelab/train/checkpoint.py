@@ -22,6 +22,7 @@ from tunelab.rundir import checkpoint_path, list_checkpoints, reporting_disk_ful
 from tunelab.train.callbacks import Callback
 
 CALLBACK_STATE = "callbacks.pt"
+PROCESS_STATE = "process_state.pt"  # per data-parallel process: gradient-compression residuals
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,9 +55,12 @@ def save_checkpoint(
     info: dict[str, Any],
     callbacks: Sequence[Callback] = (),
     rng: dict[str, Any] | None = None,
+    per_process: list[Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically. ``rng`` is the random state the next step must start
-    from (default: the current one; an interrupted step passes the state from before it began)."""
+    from (default: the current one; an interrupted step passes the state from before it began);
+    ``per_process`` is state each data-parallel process keeps for itself, in rank order
+    (gradient-compression residuals), which ``process_state`` gives back to each."""
     target = checkpoint_path(run_dir, step)
     weights = trainable_state(model)
     optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -66,6 +70,8 @@ def save_checkpoint(
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(rng or rng_state(), tmp / "rng.pt")
         _torch_save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
+        if per_process is not None:
+            _torch_save(per_process, tmp / PROCESS_STATE)
         (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     return target
 
@@ -93,6 +99,15 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:
     for path in checkpoints[:-keep_last]:
         if best is None or path.resolve() != best.resolve():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def process_state(path: Path, rank: int) -> Any:
+    """Process ``rank``'s own state saved with checkpoint ``path`` (empty when it has none: a
+    checkpoint from before gradients were compressed, or from fewer processes)."""
+    if not (path / PROCESS_STATE).exists():
+        return {}
+    states = torch.load(path / PROCESS_STATE, weights_only=False)
+    return states[rank] if rank < len(states) else {}
 
 
 def load_checkpoint(

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunelab.config_base import PositiveOrAuto, Section
+from tunelab.train.grad_compression import DistributedConfig
 
 
 class EarlyStoppingConfig(Section):
@@ -51,6 +52,7 @@ class TrainConfig(Section):
     threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Data-parallel settings (under torchrun).")
 
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
     eval_before: bool = Field(True, description="Evaluate the untrained model first, so improvement is measured.")
@@ -77,7 +79,7 @@ class TrainConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs train.eval_every (how often to evaluate)")
         return self

@@ -50,6 +50,14 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (per-process state a checkpoint keeps)."""
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's decision (e.g. early stopping) for everyone."""
         if not self.distributed:

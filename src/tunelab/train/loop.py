@@ -30,6 +30,7 @@ from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.example_scores import example_losses, timed_losses
+from tunelab.train.grad_compression import register_compression
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from tunelab.train.samplers import (
@@ -161,6 +162,8 @@ class Trainer:
             raise UserError(f"two callbacks average weights ({', '.join(averaging)}); the run can save only one average", where="callbacks")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters)
+        compression = self.cfg.distributed.grad_compression
+        self.comm = register_compression(self.wrapped, compression) if self.world.distributed and compression is not None else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._epoch_batches: dict[int, list[list[int]]] = {}
 
@@ -287,6 +290,8 @@ class Trainer:
         info: dict[str, Any] = {}
         if resume_from is not None:
             info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.callbacks)
+            if self.comm is not None:
+                self.comm.load_state_dict(checkpoint.process_state(resume_from, self.world.rank))
             eval_before = info.get("eval_before")
         start_step = state.step = info.get("step", 0)
         if resume_from is None:
@@ -356,6 +361,7 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
 
+                comm = self._comm_bytes()
                 step_tokens = int(self.world.all_sum(sum(batch_tokens(b) for b in micro)))
                 tokens_seen += step_tokens
                 supervised += int(units)
@@ -377,7 +383,7 @@ class Trainer:
                         "type": "train", "step": state.step, "total_steps": self.total_steps, "epoch": round(step / self.steps_per_epoch, 4),
                         "loss": last_loss, **_step_accuracy(self.objective, step_stats),
                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
-                        "elapsed_s": time.perf_counter() - started, **self._describe_sampler(step),
+                        "elapsed_s": time.perf_counter() - started, **self._describe_sampler(step), **comm,
                     }
                     self._log(record)
                     state.history.append(record)
@@ -439,12 +445,21 @@ class Trainer:
                 self._each("on_eval", state, metrics)
         return metrics
 
+    def _comm_bytes(self) -> dict[str, int]:
+        """This process's bytes sent for gradients in the step just taken, and what the plain fp32
+        all-reduce would have sent (logged when gradients are compressed)."""
+        if self.comm is None:
+            return {}
+        sent, dense = self.comm.take_counts()
+        return {"comm_bytes": sent, "comm_dense_bytes": dense}
+
     def _checkpoint_path(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step-{step:07d}"
 
     def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None, rng: dict[str, Any] | None = None) -> None:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
+        per_process = self.world.all_gather_object(self.comm.state_dict()) if self.comm is not None else None
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks, rng)
+            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks, rng, per_process)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
         self.world.barrier()

@@ -33,6 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tunelab.bench.tables import mean_std, write_results  # noqa: E402
 from tunelab.evaluate.pipeline import run_eval  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 from tunelab.recipe import load_recipe  # noqa: E402
@@ -97,14 +98,10 @@ def main() -> None:
             if variant == "hierarchical":
                 rows.append({**rows[-1], "variant": "hierarchical, router picks the family", **routed(run)})
             print(json.dumps(rows[-1]), flush=True)
-    write_results(rows, args, time.time() - began)
+    report(rows, args, time.time() - began)
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-
-
-def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
     table = ["| adapters | accuracy | routing accuracy | trainable params | training s |", "|---|---|---|---|---|"]
     base = [r["base_accuracy"] for r in rows if "base_accuracy" in r]
     table.append(f"| none (base SmolLM2, zero-shot) | {statistics.mean(base):.3f} | — | 0 | — |")
@@ -114,12 +111,9 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, seconds:
         trainable = f"{mine[0]['trainable']:,}" if mine[0].get("trainable") else "—"
         table.append(f"| {variant} | {mean_std([r['accuracy'] for r in mine])} | {routing} | {trainable} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
     meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "bench_seconds": round(seconds)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hierarchical_adapters.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     note = (f"CLINC150, 10 domains as tasks, 300 held-out requests (2 per intent), accuracy by choice likelihood among the domain's 15 intents; "
             f"mean ± std over seeds {args.seeds}; 150 steps x 8 rows each. CPU: {meta['cpu']}.")
-    (args.out / "hierarchical_adapters.md").write_text(note + "\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_results(args.out, "hierarchical_adapters", meta, rows, note, table)
 
 
 if __name__ == "__main__":

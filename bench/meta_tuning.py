@@ -34,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tunelab.bench.tables import mean_std, write_results  # noqa: E402
 from tunelab.evaluate.pipeline import run_eval  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 from tunelab.recipe import load_recipe  # noqa: E402
@@ -96,29 +97,22 @@ def main() -> None:
             rows.append({"variant": variant, "seed": seed, "train_seconds": seconds,
                          **{name: accuracy(str(run), name, run / "heldout" / slug(name)) for name in EVALS}})
             print(json.dumps(rows[-1]), flush=True)
-    write_results(rows, args, time.time() - began)
+    report(rows, args, time.time() - began)
 
 
-def cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-
-
-def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
     names = list(EVALS)
     table = ["| tuned on | " + " | ".join(f"{n}{'' if EVALS[n][0] else ' ✓'}" for n in names) + " | held-out mean | training s |",
              "|---|" + "---|" * (len(names) + 2)]
     for variant in ["base", *VARIANTS]:
         mine = [r for r in rows if r["variant"] == variant]
         held = [statistics.mean(r[n] for n in names if EVALS[n][0]) for r in mine]
-        table.append(f"| {variant} | " + " | ".join(cell([r[n] for r in mine]) for n in names)
-                     + f" | {cell(held)} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
+        table.append(f"| {variant} | " + " | ".join(mean_std([r[n] for r in mine]) for n in names)
+                     + f" | {mean_std(held)} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
     meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "bench_seconds": round(seconds)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "meta_tuning.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     note = (f"Zero-shot accuracy by choice likelihood (raw log-likelihood); ✓ marks the task type that is in the mixture, the others are held out. "
             f"Mean ± std over seeds {args.seeds} (base: one deterministic row). 150 steps x 8 rows. CPU: {meta['cpu']}.")
-    (args.out / "meta_tuning.md").write_text(note + "\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_results(args.out, "meta_tuning", meta, rows, note, table)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,11 @@ def run_missing(
         path.write_text(json.dumps({**saved, **header, "rows": rows}, indent=2) + "\n")
         print(report(rows[-1]), flush=True)
     return saved, rows
+
+
+def write_results(out_dir: Path, name: str, meta: dict[str, Any], rows: list[dict[str, Any]], note: str, table: list[str]) -> None:
+    """``<out_dir>/<name>.json`` (``meta`` + every row) and ``<name>.md`` (the note, then the table); prints the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(note + "\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))

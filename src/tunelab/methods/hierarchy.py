@@ -20,7 +20,6 @@ its centroids saved in ``final/hierarchy.safetensors``). Nothing is merged until
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -34,14 +33,13 @@ from safetensors.torch import load_file, save_file
 from tunelab.config_base import Section
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
-from tunelab.methods.hierarchy_batches import route_batches_by_family
 from tunelab.methods.hierarchy_stacks import (
     SHARED,
     Hierarchy,
     adapter_name,
     hierarchy_of,
 )
-from tunelab.methods.peft_adapters import ADAPTER_DIR, is_peft_model
+from tunelab.methods.peft_adapters import ADAPTER_DIR, is_peft_model, lora_config_like
 
 STATE_FILE = "hierarchy.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -92,10 +90,7 @@ class HierarchyMethod(Method):
             raise UserError("hierarchical adapters train a causal LM's own answers, not a task head", where="method.hierarchy", hint="remove method.head")
         shared_config = model.peft_config[SHARED]
         for family in cfg.families:
-            config = copy.deepcopy(shared_config)
-            config.r = cfg.r or shared_config.r
-            config.lora_alpha = cfg.alpha or shared_config.lora_alpha
-            model.add_adapter(adapter_name(family), config)
+            model.add_adapter(adapter_name(family), lora_config_like(shared_config, cfg.r, cfg.alpha))
         model = _attach(model, cfg)
         family_parts = tuple(f".{adapter_name(f)}." for f in cfg.families)
         for name, param in model.named_parameters():
@@ -130,6 +125,10 @@ class HierarchyMethod(Method):
         return model
 
     def wire(self, cfg: HierarchyConfig, prepared: Any, recipe: Any) -> None:
+        from tunelab.methods.hierarchy_batches import (
+            route_batches_by_family,  # training code: loading a run never imports it
+        )
+
         route_batches_by_family(cfg, prepared, recipe)
 
 

@@ -14,6 +14,7 @@ import peft
 import torch
 
 from tunelab.errors import UserError
+from tunelab.methods.peft_adapters import merge_adapters
 
 SHARED = "default"  # peft's name for the adapter method.lora adds
 
@@ -92,4 +93,4 @@ def merge_stack(model: torch.nn.Module, family: str) -> torch.nn.Module:
         raise ValueError("merge_stack needs a model with method.hierarchy")
     if family not in state.families:
         raise UserError(f"no family {family!r} in this run", hint=f"its families: {', '.join(state.families)}")
-    return wrapper.merge_and_unload(adapter_names=state.stack(family))
+    return merge_adapters(wrapper, adapter_names=state.stack(family))

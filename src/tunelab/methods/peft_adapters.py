@@ -10,6 +10,7 @@ wrapper, its parameter naming and its merge call; everything else asks ``is_peft
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,13 +56,22 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
     return is_peft_model(model) and bool(getattr(model.active_peft_config, "is_prompt_learning", False))
 
 
-def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model with any peft adapter folded into its weights (the model itself when there is none)."""
+def merge_adapters(model: torch.nn.Module, adapter_names: list[str] | None = None) -> torch.nn.Module:
+    """The plain model with its peft adapters folded into its weights (the model itself when there
+    is none): the active ones, or those named (a hierarchical model's stack)."""
     if not is_peft_model(model):
         return model
     if is_prompt_learning(model):
         raise UserError("prompt/prefix tuning adds virtual tokens and cannot be merged into the weights", hint="load the run directory with tunelab instead")
-    return model.merge_and_unload()
+    return model.merge_and_unload(adapter_names=adapter_names)
+
+
+def lora_config_like(config: peft.LoraConfig, r: int | None, alpha: float | None) -> peft.LoraConfig:
+    """A copy of ``config`` (same layers, dropout, variant) with rank ``r`` and alpha ``alpha`` where given."""
+    copied = copy.deepcopy(config)
+    copied.r = r or config.r
+    copied.lora_alpha = alpha or config.lora_alpha
+    return copied
 
 
 def _targets(value: str | list[str]) -> Any:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from tests.train_helpers import write_chat_data
-from tunelab.train.grad_compression import GradCompressionConfig, register_compression
+from tunelab.train.config import GradCompressionConfig
+from tunelab.train.grad_compression import register_compression
 
 
 @pytest.fixture

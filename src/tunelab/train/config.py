@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tunelab.config_base import PositiveOrAuto, Section
-from tunelab.train.grad_compression import DistributedConfig
 
 
 class EarlyStoppingConfig(Section):
@@ -17,6 +16,23 @@ class EarlyStoppingConfig(Section):
     mode: Literal["min", "max"] = "min"
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class GradCompressionConfig(Section):
+    """What data-parallel processes send each other for the gradients."""
+
+    method: Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"] = Field(
+        "none", description="none (fp32 all-reduce, counted), fp16/bf16 (cast), powersgd (low rank), topk (largest entries, error feedback), sign (1 bit, majority vote)."
+    )
+    rank: int = Field(1, gt=0, description="powersgd: rank of the gradient factors.")
+    start_step: int = Field(10, ge=2, description="powersgd: plain all-reduce steps before compressing (error feedback needs at least 2).")
+    ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of each bucket's entries sent.")
+
+
+class DistributedConfig(Section):
+    """How data-parallel processes cooperate (used under torchrun; ignored in one process)."""
+
+    grad_compression: GradCompressionConfig | None = Field(None, description="Compress the gradients processes exchange (DDP communication hooks).")
 
 
 class TrainConfig(Section):

@@ -23,31 +23,13 @@ resumed top-k run continues exactly (PowerSGD rebuilds its error feedback: see `
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-from tunelab.config_base import Section
-
-
-class GradCompressionConfig(Section):
-    """What data-parallel processes send each other for the gradients."""
-
-    method: Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"] = Field(
-        "none", description="none (fp32 all-reduce, counted), fp16/bf16 (cast), powersgd (low rank), topk (largest entries, error feedback), sign (1 bit, majority vote)."
-    )
-    rank: int = Field(1, gt=0, description="powersgd: rank of the gradient factors.")
-    start_step: int = Field(10, ge=2, description="powersgd: plain all-reduce steps before compressing (error feedback needs at least 2).")
-    ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of each bucket's entries sent.")
-
-
-class DistributedConfig(Section):
-    """How data-parallel processes cooperate (used under torchrun; ignored in one process)."""
-
-    grad_compression: GradCompressionConfig | None = Field(None, description="Compress the gradients processes exchange (DDP communication hooks).")
+from tunelab.train.config import GradCompressionConfig
 
 
 @dataclass

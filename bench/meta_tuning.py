@@ -77,6 +77,17 @@ def accuracy(system: str, name: str, out: Path) -> float:
     return json.loads(report.read_text())["systems"][-1]["scores"]["accuracy"]
 
 
+def majority(name: str) -> float:
+    """What always giving the most common answer scores (shared options), or picking at random
+    (each item its own options): the floor a zero-shot row must clear to mean anything."""
+    settings = EVALS[name][1]
+    rows = [json.loads(line) for line in Path(settings["data"]).read_text().splitlines()][: settings.get("max_examples")]
+    if "choices" not in settings:
+        return statistics.mean(1 / len(r.get("choices", [0, 0])) for r in rows)
+    answers = [str(r[settings["answer_field"]]).lower() for r in rows]
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.split(" (")[0]).strip("_")
 
@@ -104,6 +115,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
     names = list(EVALS)
     table = ["| tuned on | " + " | ".join(f"{n}{'' if EVALS[n][0] else ' ✓'}" for n in names) + " | held-out mean | training s |",
              "|---|" + "---|" * (len(names) + 2)]
+    table.append("| (majority answer / chance) | " + " | ".join(f"{majority(n):.3f}" for n in names)
+                 + f" | {statistics.mean(majority(n) for n in names if EVALS[n][0]):.3f} | — |")
     for variant in ["base", *VARIANTS]:
         mine = [r for r in rows if r["variant"] == variant]
         held = [statistics.mean(r[n] for n in names if EVALS[n][0]) for r in mine]

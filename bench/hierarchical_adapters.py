@@ -87,12 +87,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=REPO / "bench-results" / "hierarchy")
+    parser.add_argument("--finished-only", action="store_true", help="Report the runs already finished under --work; train nothing.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     began = time.time()
     for seed in args.seeds:
         for variant in args.variants:
+            if args.finished_only and not (args.work / f"seed{seed}" / variant / "eval" / "eval.json").exists():
+                continue
             run = trained(variant, seed, args.work)
             rows.append(row_of(variant, seed, run))
             if variant == "hierarchical":
@@ -102,17 +105,18 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
-    table = ["| adapters | accuracy | routing accuracy | trainable params | training s |", "|---|---|---|---|---|"]
+    table = ["| adapters | accuracy | routing accuracy | seeds | trainable params | training s |", "|---|---|---|---|---|---|"]
     base = [r["base_accuracy"] for r in rows if "base_accuracy" in r]
-    table.append(f"| none (base SmolLM2, zero-shot) | {statistics.mean(base):.3f} | — | 0 | — |")
+    table.append(f"| none (base SmolLM2, zero-shot) | {statistics.mean(base):.3f} | — | — | 0 | — |")
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         routing = mean_std([r["routing_accuracy"] for r in mine]) if "routing_accuracy" in mine[0] else "—"
         trainable = f"{mine[0]['trainable']:,}" if mine[0].get("trainable") else "—"
-        table.append(f"| {variant} | {mean_std([r['accuracy'] for r in mine])} | {routing} | {trainable} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        table.append(f"| {variant} | {mean_std([r['accuracy'] for r in mine])} | {routing} | {seeds} | {trainable} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
     meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "bench_seconds": round(seconds)}
     note = (f"CLINC150, 10 domains as tasks, 300 held-out requests (2 per intent), accuracy by choice likelihood among the domain's 15 intents; "
-            f"mean ± std over seeds {args.seeds}; 150 steps x 8 rows each. CPU: {meta['cpu']}.")
+            f"mean ± std over the seeds listed per row; 150 steps x 8 rows each. CPU: {meta['cpu']}; training seconds were measured with other benchmarks sharing the 2 cores.")
     write_results(args.out, "hierarchical_adapters", meta, rows, note, table)
 
 

@@ -77,14 +77,15 @@ def init_world(device: torch.device) -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 
-def wrap_model(model: torch.nn.Module, world: World, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, world: World, *, find_unused_parameters: bool = False, bucket_cap_mb: float | None = None) -> torch.nn.Module:
     """DistributedDataParallel over the trainable parameters when running on several processes;
-    ``find_unused_parameters`` when a step may leave some of them without a gradient."""
+    ``find_unused_parameters`` when a step may leave some of them without a gradient;
+    ``bucket_cap_mb`` overrides DDP's gradient bucket size (its default when None)."""
     if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, bucket_cap_mb=bucket_cap_mb)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

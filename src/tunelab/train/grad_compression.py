@@ -177,6 +177,16 @@ def _counted(hook: Any) -> Any:
     return counted
 
 
+def bucket_cap_mb(model: torch.nn.Module, cfg: GradCompressionConfig | None) -> float | None:
+    """One gradient bucket for PowerSGD on gloo (CPU): its callbacks issue blocking all-reduces from
+    gloo's worker threads, and with several buckets two processes can issue them in different
+    orders and wait for each other forever (measured: a 20M-parameter run hung at its third
+    compressed step). Other hooks issue their collectives in bucket order and keep DDP's buckets."""
+    if cfg is None or cfg.method != "powersgd" or dist.get_backend() != "gloo":
+        return None
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20 + 1
+
+
 def register_compression(ddp: torch.nn.parallel.DistributedDataParallel, cfg: GradCompressionConfig) -> HookState:
     """Install ``cfg``'s hook on ``ddp``; returns the state that counts its bytes and keeps its residuals."""
     state = HookState(cfg, dist.get_world_size(), {id(p): name for name, p in ddp.module.named_parameters() if p.requires_grad})

@@ -30,7 +30,7 @@ from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.example_scores import example_losses, timed_losses
-from tunelab.train.grad_compression import register_compression
+from tunelab.train.grad_compression import bucket_cap_mb, register_compression
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from tunelab.train.samplers import (
@@ -161,9 +161,10 @@ class Trainer:
         if len(averaging) > 1:
             raise UserError(f"two callbacks average weights ({', '.join(averaging)}); the run can save only one average", where="callbacks")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
-        self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters)
-        compression = self.cfg.distributed.grad_compression
-        self.comm = register_compression(self.wrapped, compression) if self.world.distributed and compression is not None else None
+        compression = self.cfg.distributed.grad_compression if self.world.distributed else None
+        buckets = bucket_cap_mb(self.model, compression) if compression is not None else None
+        self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters, bucket_cap_mb=buckets)
+        self.comm = register_compression(self.wrapped, compression) if compression is not None else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._epoch_batches: dict[int, list[list[int]]] = {}
 

@@ -31,6 +31,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from tunelab.train.config import GradCompressionConfig
 
+#: PowerSGD's state that survives a resume: its step count, random state and compression counters.
+POWERSGD_KEPT = ("iter", "rng", "total_numel_before_compression", "total_numel_after_compression")
+
 
 @dataclass
 class HookState:
@@ -72,8 +75,8 @@ class HookState:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"residuals": {i: r.cpu() for i, r in self.residuals.items()}}
-        if self.powersgd is not None:
-            state["powersgd"] = {k: v for k, v in self.powersgd.__getstate__().items()}
+        if self.powersgd is not None:  # what load_state_dict restores (the rest is tied to DDP's bucket layout)
+            state["powersgd"] = {key: getattr(self.powersgd, key) for key in POWERSGD_KEPT}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -82,9 +85,8 @@ class HookState:
         step count and random state but rebuilds its error feedback and warm start."""
         self.residuals = dict(state.get("residuals", {}))
         if self.powersgd is not None and "powersgd" in state:
-            saved = state["powersgd"]
-            for key in ("iter", "rng", "total_numel_before_compression", "total_numel_after_compression"):
-                setattr(self.powersgd, key, saved[key])
+            for key in POWERSGD_KEPT:
+                setattr(self.powersgd, key, state["powersgd"][key])
 
 
 def _average(state: HookState, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:

@@ -15,7 +15,8 @@ meta run's inner_lr on the task's 10 support rows, k = 5 and 20 steps) and score
 
     .venv/bin/python bench/meta_learning.py --seeds 0 1 2           # results in bench/results/meta_learning.{json,md}
 
-Finished runs under --work are reused, so an interrupted bench continues where it stopped.
+Finished runs under --work are reused, so an interrupted bench continues where it stopped; rows already
+in bench/results/meta_learning.json (same tasks and lr) are kept, so seeds can be added one at a time.
 """
 
 from __future__ import annotations
@@ -97,42 +98,63 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--starts", nargs="+", default=["base", "multitask", "reptile", "fomaml"])
-    parser.add_argument("--tasks", type=int, default=6, help="Held-out tasks used (of 10).")
+    parser.add_argument("--tasks", type=int, default=4, help="Held-out tasks used (of 10).")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--work", type=Path, default=REPO / "bench-results" / "meta")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     lr = load_recipe(META_RECIPE).objective.inner_lr
     tasks = sorted(p.name.removesuffix("_support.jsonl") for p in TASKS.glob("*_support.jsonl"))[: args.tasks]
-    rows: list[dict[str, Any]] = []
+    rows = earlier_rows(args.out / "meta_learning.json", tasks, lr)
     began = time.time()
     for seed in args.seeds:
         for kind in args.starts:
+            if all(all(f"k{s}" in rows.get((seed, kind, task), {}) for s in args.steps) for task in tasks):
+                continue  # measured by an earlier invocation (its rows are kept in bench/results)
             start, train_seconds = train_start(kind, seed, args.work)
             for task in tasks:
-                row = {"seed": seed, "start": kind, "task": task, "train_seconds": train_seconds, "k0": accuracy_at_start(start, task, seed, args.work)}
+                row = {**rows.get((seed, kind, task), {}), "seed": seed, "start": kind, "task": task, "train_seconds": train_seconds,
+                       "k0": accuracy_at_start(start, task, seed, args.work)}
                 for steps in args.steps:
                     row[f"k{steps}"], row[f"k{steps}_seconds"] = adapted_accuracy(start, kind, task, steps, lr, seed, args.work)
-                rows.append(row)
+                rows[(seed, kind, task)] = row
                 print(json.dumps(row), flush=True)
-    write_results(rows, args, tasks, lr, time.time() - began)
+            write_results(list(rows.values()), args, tasks, lr, time.time() - began)
+
+
+def earlier_rows(path: Path, tasks: list[str], lr: float) -> dict[tuple[int, str, str], dict[str, Any]]:
+    """Rows an earlier invocation measured on the same held-out tasks at the same adaptation lr
+    (so seeds can be added one session at a time); a different protocol starts over."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("tasks") != tasks or saved.get("inner_lr") != lr:
+        return {}
+    return {(r["seed"], r["start"], r["task"]): r for r in saved["rows"]}
 
 
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, tasks: list[str], lr: float, seconds: float) -> None:
+    """The table over every seed measured so far: a cell's seeds are those with every task scored at that k."""
     ks = ["k0", *(f"k{s}" for s in args.steps)]
     table = ["| start | " + " | ".join(f"{k} ({k[1:]} steps)" for k in ks) + " | training s |", "|---|" + "---|" * (len(ks) + 1)]
     summary: dict[str, Any] = {}
-    for kind in args.starts:
+    for kind in (kind for kind in args.starts if any(r["start"] == kind for r in rows)):
         mine = [r for r in rows if r["start"] == kind]
-        per_seed = {k: [statistics.mean(r[k] for r in mine if r["seed"] == s) for s in args.seeds] for k in ks}
-        summary[kind] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0} for k, v in per_seed.items()}
-        cells = [f"{summary[kind][k]['mean']:.3f} ± {summary[kind][k]['std']:.3f}" for k in ks]
+        summary[kind] = {}
+        for k in ks:
+            scored = {s: [r[k] for r in mine if r["seed"] == s and k in r] for s in sorted({r["seed"] for r in mine})}
+            per_seed = [statistics.mean(v) for v in scored.values() if len(v) == len(tasks)]
+            if per_seed:
+                summary[kind][k] = {"mean": statistics.mean(per_seed), "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+                                    "seeds": [s for s, v in scored.items() if len(v) == len(tasks)]}
+        cells = [f"{c['mean']:.3f} ± {c['std']:.3f} ({len(c['seeds'])})" if (c := summary[kind].get(k)) else "–" for k in ks]
         table.append(f"| {kind} | " + " | ".join(cells) + f" | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
-    meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "tasks": tasks, "inner_lr": lr, "bench_seconds": round(seconds)}
+    meta = {"cpu": cpu_model_name(), "seeds": sorted({r["seed"] for r in rows}), "tasks": tasks, "inner_lr": lr, "bench_seconds": round(seconds)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "meta_learning.json").write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     note = (f"Held-out CLINC150 5-way tasks ({len(tasks)}: {', '.join(tasks)}; 20 test requests each), accuracy by choice likelihood; "
-            f"mean ± std over seeds {args.seeds} of the per-seed mean over tasks. Adaptation: SGD lr {lr} on 10 support rows. CPU: {meta['cpu']}.")
+            f"mean ± std over seeds (how many in brackets) of the per-seed mean over tasks. Adaptation: SGD lr {lr} on 10 support rows. "
+            f"CPU: {meta['cpu']}.")
     (args.out / "meta_learning.md").write_text(note + "\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -20,12 +20,14 @@ def test_tiny_recipe_writes_a_table_relative_to_the_original(tmp_path):
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "compress.json").read_text())
     rows = {row["variant"]: row for row in table["rows"]}
-    assert list(rows) == ["original", "wanda-2of4-int8", "heads-mlp", "int4-keep-sensitive"]
+    assert list(rows) == ["original", "wanda-2of4-int8", "heads-mlp", "int4-keep-sensitive", "teal-50-int8"]
     assert rows["original"]["relative"]["size_ratio"] == 1
     assert rows["heads-mlp"]["params"] < rows["original"]["params"]
     assert rows["heads-mlp"]["size_bytes"] < rows["original"]["size_bytes"]
     assert rows["int4-keep-sensitive"]["size_bytes"] < rows["original"]["size_bytes"]
     assert rows["wanda-2of4-int8"]["steps"][0]["sparsity"] == 0.5
+    assert abs(rows["teal-50-int8"]["steps"][0]["activation_sparsity"] - 0.5) < 0.01
+    assert rows["teal-50-int8"]["params"] == rows["original"]["params"]
     for row in rows.values():
         assert row["perplexity"] > 1 and row["tokens_scored"] == rows["original"]["tokens_scored"]
         assert row["peak_rss_bytes"] > 0 and row["decode_tokens_per_s"] > 0
@@ -41,7 +43,7 @@ def test_tiny_recipe_writes_a_table_relative_to_the_original(tmp_path):
         ("compress.variants=[{name: a, steps: [{prune: wanda, pattern: '4:2'}]}]", "0 < N < M"),
         ("compress.variants=[{name: a, steps: [{quantize: int4, group_size: 48}]}]", "does not divide"),
         ("compress.variants=[{name: a, steps: [{prune: magnitude, targets: [nope]}]}]", "matches no linear layer"),
-        ("compress.variants=[{name: a, steps: [{shrink: 2}]}]", "needs a 'prune:' or 'quantize:' key"),
+        ("compress.variants=[{name: a, steps: [{shrink: 2}]}]", "needs a 'prune:', 'quantize:' or 'sparsify:' key"),
         ("compress.heldout=missing.txt", "not found"),
     ],
 )

@@ -88,6 +88,39 @@ def _input_statistic(
     return totals
 
 
+def input_magnitude_quantiles(
+    model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch.Tensor, fraction: float, batch_size: int = 4, sample: int = 1 << 20
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per layer, the ``fraction`` quantile of its input magnitudes on the calibration tokens (the
+    TEAL threshold below which that fraction of inputs falls; 0 for ``fraction`` 0), and the
+    fraction of inputs at or below it (for 0: the inputs that are exactly zero).
+
+    Magnitudes are kept at a fixed stride, at most ``sample`` per layer, so memory stays bounded.
+    """
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    per_batch = max(1, sample // max(1, -(-len(chunks) // batch_size)))
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            values = args[0].detach().float().abs().flatten()
+            seen[name].append(values[:: max(1, -(-values.numel() // per_batch))])
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        _forward_all(model, chunks, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    thresholds, below = {}, {}
+    for name, parts in seen.items():
+        values = torch.cat(parts)
+        thresholds[name] = float(torch.kthvalue(values, max(1, round(fraction * values.numel()))).values) if fraction > 0 else 0.0
+        below[name] = float((values <= thresholds[name]).float().mean())
+    return thresholds, below
+
+
 def taylor_importance(
     model: nn.Module,
     layers: Mapping[str, nn.Module],

@@ -87,15 +87,33 @@ class QuantizeStep(Section):
         return self
 
 
+class SparsifyStep(Section):
+    """Skip the weights that meet (near-)zero activations when decoding one token at a time."""
+
+    sparsify: Literal["activations"] = Field(
+        description="activations: inputs of the target linears below a per-layer magnitude threshold count as zero (TEAL); "
+        "batch-1 decoding reads only the weight rows of the rest."
+    )
+    sparsity: float = Field(
+        0.5, ge=0, lt=1, description="Fraction of each layer's inputs (the smallest, on compress.calibration text) skipped; "
+        "0: exact zeros only (a ReLU-fied model's MLP, see method.activation), the same function."
+    )
+    weights: Literal["fp32", "int8"] = Field("fp32", description="int8: the weight rows in 8 bits (a scale and offset per input feature).")
+    targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
+
+
+_STEP_KEYS = {"prune": PruneStep, "quantize": QuantizeStep, "sparsify": SparsifyStep}
+
+
 def _step_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        return "prune" if "prune" in value else "quantize" if "quantize" in value else None
-    return "prune" if isinstance(value, PruneStep) else "quantize" if isinstance(value, QuantizeStep) else None
+        return next((key for key in _STEP_KEYS if key in value), None)
+    return next((key for key, cls in _STEP_KEYS.items() if isinstance(value, cls)), None)
 
 
 Step = Annotated[
-    Union[Annotated[PruneStep, Tag("prune")], Annotated[QuantizeStep, Tag("quantize")]],
-    Discriminator(_step_kind, custom_error_type="step", custom_error_message="a step needs a 'prune:' or 'quantize:' key"),
+    Union[Annotated[PruneStep, Tag("prune")], Annotated[QuantizeStep, Tag("quantize")], Annotated[SparsifyStep, Tag("sparsify")]],
+    Discriminator(_step_kind, custom_error_type="step", custom_error_message="a step needs a 'prune:', 'quantize:' or 'sparsify:' key"),
 ]
 
 
@@ -173,10 +191,15 @@ class CompressConfig(Section):
     keep_models: bool = Field(True, description="Keep each compressed model under <run>/compressed/<variant>/.")
 
     @model_validator(mode="after")
-    def _smoothing_needs_calibration(self) -> CompressConfig:
+    def _calibrated_steps_need_calibration(self) -> CompressConfig:
         if self.calibration is None:
             for variant in self.variants:
                 for step in variant.steps:
+                    if isinstance(step, SparsifyStep) and step.sparsity > 0:
+                        raise ValueError(
+                            f"variant {variant.name!r}: activation thresholds are calibrated on text; set compress.calibration "
+                            "(e.g. examples/data/heldout/calibration.txt) or sparsity: 0 (exact zeros only)"
+                        )
                     if isinstance(step, QuantizeStep) and step.quantize == "dynamic-int8" and step.activations == "per-token" and step.smooth:
                         raise ValueError(
                             f"variant {variant.name!r}: dynamic-int8 smoothing needs calibration text; set compress.calibration "

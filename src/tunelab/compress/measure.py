@@ -79,12 +79,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
     from tunelab.compress.int8_dynamic import DynamicInt8Linear
     from tunelab.compress.qlinear import QuantLinear
+    from tunelab.compress.sparse_linear import SparseInputLinear
 
     total = nonzero = 0
     handled: set[int] = set()
     for module in model.modules():
         weight = None
-        if isinstance(module, (QuantLinear, DynamicInt8Linear)):
+        if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear)):
             weight = module.dequantized_weight()
         elif isinstance(module, DynamicLinear):
             weight = module.weight().dequantize()

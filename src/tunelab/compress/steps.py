@@ -8,16 +8,17 @@ import torch
 from torch import nn
 
 from tunelab.compress import structured
-from tunelab.compress.config import PruneStep, QuantizeStep
+from tunelab.compress.config import PruneStep, QuantizeStep, SparsifyStep
 from tunelab.compress.masks import sparsity_of
 from tunelab.compress.prune import prune_weights
 from tunelab.compress.quantize import quantize
+from tunelab.compress.sparse_input import sparsify_activations
 
 STRUCTURED = {"mlp": structured.prune_mlp_channels, "heads": structured.prune_heads, "blocks": structured.prune_blocks}
 
 
 def apply_steps(
-    model: nn.Module, steps: list[PruneStep | QuantizeStep], chunks: torch.Tensor | None, seed: int = 0
+    model: nn.Module, steps: list[PruneStep | QuantizeStep | SparsifyStep], chunks: torch.Tensor | None, seed: int = 0
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run every step on ``model``; returns the compressed model and one report per step."""
     reports = []
@@ -25,6 +26,8 @@ def apply_steps(
         if isinstance(step, QuantizeStep):
             model, report = quantize(model, step.quantize, group_size=step.group_size, bits=step.bits, activations=step.activations,
                                      smooth=step.smooth, targets=step.targets, keep=step.keep, keep_sensitive=step.keep_sensitive, chunks=chunks)
+        elif isinstance(step, SparsifyStep):
+            report = sparsify_activations(model, step.sparsity, weights=step.weights, targets=step.targets, chunks=chunks)
         elif step.prune in STRUCTURED:
             report = STRUCTURED[step.prune](model, step.sparsity, chunks)
         else:

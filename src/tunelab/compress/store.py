@@ -1,8 +1,8 @@
 """Saving and reloading compressed models.
 
 Pruned (masked or physically shrunk) and NF4 models are ordinary Hugging Face directories: they
-reload with plain ``transformers`` (NF4 needs bitsandbytes installed). Packed weight-only and
-dynamic int8 layers have no ``transformers`` equivalent, so tunelab writes the config, the
+reload with plain ``transformers`` (NF4 needs bitsandbytes installed). Packed weight-only, dynamic
+int8 and sparse-input layers have no ``transformers`` equivalent, so tunelab writes the config, the
 tokenizer, the tensors and a manifest ``tunelab_compression.json`` naming each quantized layer;
 :func:`load_compressed` rebuilds the architecture without allocating float weights (so the
 reloaded model is as small in RAM as on disk) and loads the tensors into it. The manifest's
@@ -25,6 +25,7 @@ from tunelab import atomic
 from tunelab.compress.int8_dynamic import DynamicInt8Linear
 from tunelab.compress.modules import set_module
 from tunelab.compress.qlinear import QuantLinear, QuantSpec
+from tunelab.compress.sparse_linear import SparseInputLinear
 from tunelab.errors import UserError
 
 MANIFEST = "tunelab_compression.json"
@@ -41,7 +42,7 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     torch_ao = _torch_ao_dynamic_linear()
     found: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, DynamicInt8Linear)):
+        if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear)):
             found[name] = module.describe()
         elif isinstance(module, torch_ao):
             found[name] = {"format": "dynamic-int8", "activations": "per-tensor", "in_features": module.in_features,
@@ -117,6 +118,8 @@ def _model_class(config: Any) -> type:
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
     if layer["format"] == "dynamic-int8" and layer.get("activations", "per-tensor") == "per-tensor":  # torch.ao (older manifests say nothing)
         return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
+    if layer["format"] == "sparse-input":
+        return SparseInputLinear(layer["in_features"], layer["out_features"], bias=layer["bias"], weights=layer["weights"])
     if layer["format"] == "dynamic-int8":
         return DynamicInt8Linear(layer["in_features"], layer["out_features"], bias=layer["bias"], smoothed=layer["smoothed"])
     fields = {k: layer[k] for k in asdict(QuantSpec("int8")) if k in layer}

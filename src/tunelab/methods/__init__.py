@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tunelab.methods import (  # noqa: F401  (registration)
+    activation,
     bottleneck,
     dropout,
     freeze,

@@ -39,7 +39,7 @@ class Method:
     key: ClassVar[str]
     #: The section's schema (a ``tunelab.config_base.Section``).
     Config: ClassVar[type[Section]]
-    #: Application order: lower first. Built-ins: student 5, dropout 10, freeze 20, peft 50, hierarchy 52, bottleneck 55, head 60, vision 65, init 95.
+    #: Application order: lower first. Built-ins: student 5, activation 8, dropout 10, freeze 20, peft 50, hierarchy 52, bottleneck 55, head 60, vision 65, init 95.
     order: ClassVar[int] = 50
     #: False when the added modules cannot be folded into the base weights (export refuses then).
     mergeable: ClassVar[bool] = True

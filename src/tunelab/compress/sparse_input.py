@@ -1,0 +1,71 @@
+"""Activation sparsity at inference: skip the weights that meet (near-)zero inputs when decoding.
+
+Decoding one token is memory-bound: every weight is read once per token for one multiply-add. If
+a linear layer's input has a zero in feature ``j``, row ``j`` of ``Wᵀ`` contributes nothing, so
+reading it is wasted. Two ways to get such zeros:
+
+- TEAL (Liu et al. 2024, training-free): inputs whose magnitude is below a per-layer threshold are
+  treated as zero. The threshold is the ``sparsity`` quantile of the layer's input magnitudes on
+  calibration text (``calibration.input_magnitude_quantiles``), so about that fraction is skipped.
+- A ReLU-fied model (``method.activation``): the MLP's ``down_proj`` input ``relu(gate) · up`` is
+  exactly zero wherever the gate is negative; ``sparsity: 0`` (threshold 0) skips exactly those.
+
+The layer stores ``Wᵀ`` (``[in, out]``, one contiguous row per input feature). A one-row input
+(batch-1 decoding) multiplies only the rows of its non-zero features: PyTorch's ``embedding_bag``
+with per-sample weights is exactly ``Σⱼ xⱼ · Wᵀ[j]`` over the given rows, fbgemm's vectorised
+kernel, reading nothing else (``bench/activation_sparsity.py`` measures it against the dense
+product). Above ``DENSE_ABOVE`` of the features active, the dense product is faster and is used.
+Several rows (prefill, scoring) multiply densely after zeroing the skipped features, so perplexity
+and task scores measure exactly the function decoding computes.
+
+``weights: int8`` keeps ``Wᵀ`` as fbgemm's row-wise 8-bit format (a float scale and offset per
+input feature), read by ``embedding_bag_byte``: a quarter of the bytes per active row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.compress.calibration import input_magnitude_quantiles
+from tunelab.compress.modules import set_module
+from tunelab.compress.sparse_linear import SparseInputLinear, WeightFormat
+from tunelab.compress.targets import linear_layers
+from tunelab.errors import UserError
+
+
+def sparsify_activations(
+    model: nn.Module, sparsity: float, *, weights: WeightFormat = "fp32", targets: Iterable[str] = (), chunks: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Replace the target linears by :class:`SparseInputLinear` with thresholds for ``sparsity``.
+
+    ``sparsity`` 0 sets every threshold to 0: only exact zeros are skipped and the model computes
+    the same function. Otherwise the thresholds come from ``chunks`` (calibration text). The report
+    gives the fraction of inputs skipped on the calibration text (for ``sparsity`` 0 with chunks:
+    the exact zeros the model makes by itself).
+    """
+    layers = linear_layers(model, targets)
+    if sparsity > 0 and chunks is None:
+        raise UserError("activation thresholds are calibrated on text", where="compress.calibration",
+                        hint="set compress.calibration (e.g. examples/data/heldout/calibration.txt), or sparsity: 0 for exact zeros only")
+    thresholds, skipped = {name: 0.0 for name in layers}, {}
+    if chunks is not None:
+        thresholds, skipped = input_magnitude_quantiles(model, layers, chunks, sparsity)
+    for name, layer in layers.items():
+        set_module(model, name, SparseInputLinear.from_linear(layer, thresholds[name], weights))
+    report: dict[str, Any] = {"sparsified_layers": len(layers), "weights": weights}
+    if skipped:
+        report["activation_sparsity"] = sum(skipped.values()) / len(skipped)
+        report["activation_sparsity_by_kind"] = _by_kind(skipped)
+    return report
+
+
+def _by_kind(values: dict[str, float]) -> dict[str, float]:
+    """Mean over layers of each kind (the last name component: q_proj, down_proj, ...)."""
+    kinds: dict[str, list[float]] = {}
+    for name, value in values.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(value)
+    return {kind: round(sum(v) / len(v), 4) for kind, v in kinds.items()}

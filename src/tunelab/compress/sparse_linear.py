@@ -1,0 +1,88 @@
+"""The sparse-input linear layer (why and how: ``compress.sparse_input``).
+
+Kept apart from the code that calibrates and installs it, so the compressed-model loader can
+rebuild it without importing calibration or the method registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WeightFormat = Literal["fp32", "int8"]
+
+#: Fraction of active input features above which a one-row product runs densely: gathering rows
+#: costs more per byte than streaming the whole matrix, so the sparse kernel only wins below it
+#: (bench/activation_sparsity.py --kernels: equal speed near half the features active, 1 thread).
+DENSE_ABOVE = 0.5
+
+
+class SparseInputLinear(nn.Module):
+    """A Linear whose inputs at or below ``threshold`` in magnitude count as zero (see ``compress.sparse_input``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weights: WeightFormat = "fp32"):
+        super().__init__()
+        self.in_features, self.out_features, self.weights = in_features, out_features, weights
+        self.register_buffer("threshold", torch.zeros(()))
+        if weights == "int8":  # [in, out + 8]: out codes, then a float scale and offset per row
+            self.register_buffer("weight_rows", torch.zeros(in_features, out_features + 8, dtype=torch.uint8))
+        else:
+            self.register_buffer("weight_t", torch.zeros(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._offsets = torch.zeros(1, dtype=torch.long)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float, weights: WeightFormat = "fp32") -> SparseInputLinear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, weights=weights)
+        transposed = linear.weight.detach().float().t().contiguous()
+        if weights == "int8":
+            layer.weight_rows = torch.ops.quantized.embedding_bag_byte_prepack(transposed)
+        else:
+            layer.weight_t = transposed
+        layer.threshold = torch.tensor(float(threshold))
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().float().clone()
+        return layer
+
+    def transposed_weight(self) -> torch.Tensor:
+        """``Wᵀ`` as floats ``[in, out]`` (int8 rows dequantized)."""
+        if self.weights == "int8":
+            return torch.ops.quantized.embedding_bag_byte_unpack(self.weight_rows)
+        return self.weight_t
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight ``[out, in]`` this layer multiplies by."""
+        return self.transposed_weight().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        rows = torch.where(rows.abs() > self.threshold, rows, torch.zeros((), dtype=rows.dtype))
+        if rows.shape[0] == 1:
+            out = self._one_row(rows[0])
+        else:
+            out = rows @ self.transposed_weight()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _one_row(self, row: torch.Tensor) -> torch.Tensor:
+        active = row.nonzero().squeeze(1)
+        if self.weights == "fp32" and active.numel() > DENSE_ABOVE * self.in_features:
+            return (row @ self.weight_t)[None]
+        values = row.index_select(0, active)
+        if self.weights == "int8":
+            return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                self.weight_rows, active, self._offsets, False, 0, False, values, None, False
+            )
+        return F.embedding_bag(active, self.weight_t, self._offsets, mode="sum", per_sample_weights=values)
+
+    def describe(self) -> dict[str, Any]:
+        """What a loader needs to rebuild this layer before loading its tensors."""
+        return {"format": "sparse-input", "weights": self.weights, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weights}, threshold={float(self.threshold):.4g}"

@@ -1,0 +1,61 @@
+"""``method.activation``: ReLU-fication -- replace the MLP's smooth activation by ReLU, then train.
+
+A gated MLP computes ``down(act(gate(x)) · up(x))``. With SiLU almost no intermediate value is
+exactly zero; with ReLU every negative gate zeroes its channel, so ``down_proj`` meets mostly zero
+inputs and batch-1 decoding can skip their weight rows (``compress.sparse_input``, a
+``sparsify: activations`` step with ``sparsity: 0``). Swapping the function changes the model, so
+the run that applies it is the recovery fine-tune (Mirzadeh et al. 2023, "ReLU Strikes Back":
+stage 1, the MLP activation; their stage 2, ReLUs before the attention and MLP inputs, is not
+offered: it would leave a model plain ``transformers`` cannot rebuild from its config).
+
+The activation is written to the config (``hidden_act``), so the trained model saves, reloads and
+exports as an ordinary model of its architecture; an adapter run re-applies it to the base on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import nn
+from transformers.activations import ACT2FN
+
+from tunelab.config_base import Section
+from tunelab.errors import UserError
+from tunelab.methods.base import Method, MethodContext, register_method
+
+
+class ActivationConfig(Section):
+    """Replace the MLP activation (ReLU-fication); the run trains the model to recover."""
+
+    mlp: Literal["relu", "relu2"] = Field(
+        "relu", description="relu: max(0, x); relu2: its square (Primer). Both make exact zeros wherever the gate is negative."
+    )
+
+
+def replace_mlp_activation(model: nn.Module, name: str) -> nn.Module:
+    """Put ``ACT2FN[name]`` in every MLP that reads ``config.hidden_act`` (Llama-style gated MLPs)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mlps = [module for module in model.modules() if hasattr(module, "act_fn") and type(module).__name__.endswith("MLP")]
+    if not hasattr(config, "hidden_act") or not mlps:
+        kind = getattr(config, "model_type", "this")
+        raise UserError(f"{kind} models have no gated MLP activation to replace (supported: Llama-style models with config.hidden_act)",
+                        where="method.activation", hint="remove method.activation from the recipe")
+    config.hidden_act = name
+    for module in mlps:
+        module.act_fn = ACT2FN[name]
+    return model
+
+
+@register_method
+class ActivationMethod(Method):
+    key = "activation"
+    Config = ActivationConfig
+    order = 8  # before adapters wrap the model
+
+    def apply(self, model: nn.Module, cfg: ActivationConfig, ctx: MethodContext) -> nn.Module:
+        return replace_mlp_activation(model, cfg.mlp)
+
+    def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:
+        return replace_mlp_activation(model, cfg["mlp"] if isinstance(cfg, dict) else cfg.mlp)

@@ -38,6 +38,7 @@ def main() -> None:
     import torch
 
     from tunelab.compress.calibration import read_texts, token_chunks
+    from tunelab.compress.measure import interleaved_speed
     from tunelab.compress.quantize import quantize
     from tunelab.evaluate.perplexity import perplexity
     from tunelab.models import load_model
@@ -64,7 +65,7 @@ def main() -> None:
 
     default = "per-token + SmoothQuant α=0.8"
     timed = {name: models[name] for name in ("fp32", "torch.ao dynamic int8 (per-tensor activations)", default)}
-    runs, best = interleaved_speed(timed, tokenizer, token_chunks(tokenizer, texts, 128, 1), args.rounds)
+    runs, best = interleaved_speed(timed, tokenizer, token_chunks(tokenizer, texts, 128, 1), 32, args.rounds)
 
     fp32_ppl, fp32_speed = quality["fp32"], best["fp32"]
     lines = ["| activations | perplexity | prefill tok/s | decode tok/s |", "|---|---:|---:|---:|"]
@@ -90,23 +91,13 @@ def main() -> None:
     print(table)
 
 
-def interleaved_speed(models: dict, tokenizer, prompt, rounds: int) -> tuple[dict, dict]:
-    """Every model's speed runs for ``rounds`` rounds, taking turns; returns (all runs, best of each key)."""
-    from tunelab.compress.measure import measure_speed
-
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            runs[name].append(measure_speed(model, tokenizer, prompt, 32, 1))
-    return runs, {name: {key: max(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
-
-
 def compare_kernels(rounds: int) -> None:
     """fbgemm vs oneDNN under the same per-token layer (same codes, same scales, same outputs)."""
     import torch
 
     from tunelab.compress.calibration import read_texts, token_chunks
     from tunelab.compress.int8_dynamic import ACTIVATION_MAX, ZERO_POINT, DynamicInt8Linear
+    from tunelab.compress.measure import interleaved_speed
     from tunelab.compress.quantize import quantize
     from tunelab.models import load_model
 
@@ -144,7 +135,7 @@ def compare_kernels(rounds: int) -> None:
     with torch.no_grad():
         same = torch.allclose(fbgemm(input_ids=prompt).logits, onednn(input_ids=prompt).logits, atol=1e-3)
     runs, best = interleaved_speed({"fp32": base, "fbgemm (tunelab)": fbgemm, "oneDNN qlinear_pointwise": onednn},
-                                   tokenizer, prompt, rounds)
+                                   tokenizer, prompt, 32, rounds)
     fp32 = best["fp32"]
     lines = ["| kernel | prefill tok/s | decode tok/s |", "|---|---:|---:|"]
     for name, b in best.items():

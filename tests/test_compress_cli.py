@@ -57,7 +57,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
 
 
 def test_example_recipes_validate():
-    for name in ("compress_tiny.yaml", "compress_smollm2.yaml", "compress_quickstart.yaml"):
+    for name in ("compress_tiny.yaml", "compress_smollm2.yaml", "compress_quickstart.yaml", "compress_activation_sparsity.yaml", "compress_relufied.yaml"):
         assert load_recipe(EXAMPLES / name).compress.variants
 
 

@@ -145,6 +145,18 @@ def measure_speed(model: nn.Module, tokenizer: Any, prompt: torch.Tensor, decode
     return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode)}
 
 
+def interleaved_speed(
+    models: dict[str, nn.Module], tokenizer: Any, prompt: torch.Tensor, decode_tokens: int, rounds: int
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, float]]]:
+    """Every model's :func:`measure_speed` for ``rounds`` rounds, the models taking turns, so load
+    on a shared machine hits them alike; returns (all runs, the best of each figure per model)."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            runs[name].append(measure_speed(model, tokenizer, prompt, decode_tokens, 1))
+    return runs, {name: {key: max(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m tunelab.compress.measure DIR TEXTS``: print the measurements as one JSON line."""
     from tunelab.compress.calibration import read_texts

@@ -69,9 +69,13 @@ class SparseInputLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _one_row(self, row: torch.Tensor) -> torch.Tensor:
-        active = row.nonzero().squeeze(1)
-        if self.weights == "fp32" and active.numel() > DENSE_ABOVE * self.in_features:
+        if self.weights == "fp32" and int(row.count_nonzero()) > DENSE_ABOVE * self.in_features:
             return (row @ self.weight_t)[None]
+        return self.sparse_product(row)
+
+    def sparse_product(self, row: torch.Tensor) -> torch.Tensor:
+        """``row · W`` (``[1, out]``) reading only the weight rows of ``row``'s non-zero features."""
+        active = row.nonzero().squeeze(1)
         values = row.index_select(0, active)
         if self.weights == "int8":
             return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(

@@ -73,3 +73,27 @@ def test_a_finished_process_leaves_its_cores_to_the_next_run():
         loop.wait()
     hardware._last_busy[0] = -1e9
     assert configure_threads() == cores
+
+
+@pytest.mark.parametrize(("flags", "precision", "expected"), [
+    ({"avx2", "fma"}, "fp32", "fp32 on AVX2 FMA; int8 (dynamic-int8, sparse int8): AVX2 (7-bit activations, no VNNI)"),
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "bf16", "bf16 on AVX-512 BF16; int8 (dynamic-int8, sparse int8): AVX-512 VNNI"),
+    ({"avx512f", "amx_bf16", "amx_int8"}, "bf16", "bf16 on AMX tiles (oneDNN); int8 (dynamic-int8, sparse int8): AMX int8"),
+])
+def test_the_report_names_the_matrix_units_a_cpu_uses(monkeypatch, flags, precision, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert hardware.matmul_path(precision, torch.device("cpu")) == expected
+    assert hardware.environment_report().matmul == hardware.matmul_path(hardware.resolve_precision("auto").name)
+
+
+@pytest.mark.parametrize(("capability", "tf32", "expected"), [((8, 0), None, "tf32"), ((8, 0), False, "ieee"), ((7, 0), None, "ieee"), ((7, 0), True, "ieee")])
+def test_tf32_is_used_for_fp32_matmuls_on_gpus_that_have_it(monkeypatch, capability, tf32, expected):
+    before = torch.backends.cuda.matmul.fp32_precision
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    try:
+        hardware.configure_matmul(torch.device("cuda"), tf32)
+        assert torch.backends.cuda.matmul.fp32_precision == expected
+        hardware.configure_matmul(torch.device("cpu"), True)  # CPUs are never changed
+        assert torch.backends.cuda.matmul.fp32_precision == expected
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

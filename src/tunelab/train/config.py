@@ -65,6 +65,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool | None = Field(
+        None, description="fp32 matmuls on TF32 tensor cores (Ampere+ GPUs); default: on where supported. false: IEEE fp32. CPUs ignore it."
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")

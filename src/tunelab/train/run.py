@@ -30,6 +30,7 @@ from tunelab.data.build import losses_summary
 from tunelab.errors import UserError
 from tunelab.hardware import (
     best_device,
+    configure_matmul,
     configure_threads,
     cpu_model_name,
     peak_rss_bytes,
@@ -150,6 +151,7 @@ def _run(
 ) -> RunSummary:
     threads = configure_threads(recipe.train.threads)
     precision = resolve_precision(recipe.train.precision, device)
+    configure_matmul(device, recipe.train.tf32)
     seed_everything(recipe.seed)
     resume_from, changes = None, {}
     if resume:

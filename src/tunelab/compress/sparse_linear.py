@@ -59,24 +59,25 @@ class SparseInputLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        rows = torch.where(rows.abs() > self.threshold, rows, torch.zeros((), dtype=rows.dtype))
-        if rows.shape[0] == 1:
-            out = self._one_row(rows[0])
+        kept = rows.abs() > self.threshold
+        if rows.shape[0] == 1:  # decoding: as few operations as possible, this runs per layer per token
+            active = kept[0].nonzero().squeeze(1)
+            if self.weights == "fp32" and active.numel() > DENSE_ABOVE * self.in_features:
+                out = (rows * kept) @ self.weight_t
+            else:
+                out = self._gather_product(active, rows[0].index_select(0, active))
         else:
-            out = rows @ self.transposed_weight()
+            out = (rows * kept) @ self.transposed_weight()
         if self.bias is not None:
-            out = out + self.bias
+            out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _one_row(self, row: torch.Tensor) -> torch.Tensor:
-        if self.weights == "fp32" and int(row.count_nonzero()) > DENSE_ABOVE * self.in_features:
-            return (row @ self.weight_t)[None]
-        return self.sparse_product(row)
 
     def sparse_product(self, row: torch.Tensor) -> torch.Tensor:
         """``row · W`` (``[1, out]``) reading only the weight rows of ``row``'s non-zero features."""
         active = row.nonzero().squeeze(1)
-        values = row.index_select(0, active)
+        return self._gather_product(active, row.index_select(0, active))
+
+    def _gather_product(self, active: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         if self.weights == "int8":
             return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
                 self.weight_rows, active, self._offsets, False, 0, False, values, None, False

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tunelab.compress.calibration import read_texts, token_chunks  # noqa: E402
 from tunelab.compress.int8_dynamic import DynamicInt8Linear  # noqa: E402
 from tunelab.compress.measure import interleaved_speed  # noqa: E402
-from tunelab.compress.sparse_linear import SparseInputLinear  # noqa: E402
+from tunelab.compress.sparse_layers import SparseInputLinear  # noqa: E402
 from tunelab.compress.store import load_compressed  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 

@@ -10,10 +10,15 @@ from tests.compress_helpers import calibration_chunks
 from tests.train_helpers import train, write_chat_data
 from tunelab.compress.config import CompressConfig
 from tunelab.compress.measure import count_parameters
-from tunelab.compress.sparse_input import sparsify_activations
-from tunelab.compress.sparse_linear import DENSE_ABOVE, SparseInputLinear
+from tunelab.compress.sparse_input import sparsify_activations, sparsify_gated_mlps
+from tunelab.compress.sparse_layers import (
+    DENSE_ABOVE,
+    SparseGatedMLP,
+    SparseInputLinear,
+)
 from tunelab.compress.store import load_compressed, save_compressed
 from tunelab.errors import UserError
+from tunelab.methods.activation import replace_mlp_activation
 from tunelab.models import load_model
 
 IDS = torch.randint(7, 200, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -148,3 +153,31 @@ def test_an_architecture_without_a_gated_mlp_activation_is_refused(tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl")
     with pytest.raises(UserError, match="no gated MLP activation"):
         train(tmp_path, f"model: {{name: tiny-bloom}}\ndata: {{train: {data}}}\nmethod: {{activation: {{mlp: relu}}}}\ntrain: {{max_steps: 1}}\n")
+
+
+@pytest.mark.parametrize("act", ["relu", "relu2"])
+def test_a_relufied_mlp_computing_only_open_channels_is_the_same_model(tmp_path, act):
+    loaded = load_model("tiny-llama", seed=0)
+    model = replace_mlp_activation(loaded.model, act).eval()
+    total = count_parameters(model)[0]
+    with torch.no_grad():
+        reference = model(input_ids=IDS).logits
+        tokens = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
+    report = sparsify_gated_mlps(model, calibration_chunks(32, 2, loaded.tokenizer))
+    assert report["sparsified_mlps"] == 2 and 0.3 < report["activation_sparsity"] < 0.7
+    assert sum(isinstance(m, SparseGatedMLP) for m in model.modules()) == 2 and count_parameters(model)[0] == total
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False), tokens)  # one token at a time: the gather path
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    reloaded, _, manifest = load_compressed(tmp_path / "m")
+    assert {d["format"] for d in manifest["layers"].values()} == {"sparse-gated-mlp"}
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_gated_mlp_sparsity_needs_a_relufied_model():
+    with pytest.raises(UserError, match="MLP activation is silu"):
+        sparsify_gated_mlps(load_model("tiny-llama", seed=0).model)
+    with pytest.raises(ValueError, match="do not apply to sparsify: gated-mlp"):
+        CompressConfig(heldout="h.txt", variants=[{"name": "a", "steps": [{"sparsify": "gated-mlp", "sparsity": 0.5}]}])

@@ -90,9 +90,10 @@ class QuantizeStep(Section):
 class SparsifyStep(Section):
     """Skip the weights that meet (near-)zero activations when decoding one token at a time."""
 
-    sparsify: Literal["activations"] = Field(
+    sparsify: Literal["activations", "gated-mlp"] = Field(
         description="activations: inputs of the target linears below a per-layer magnitude threshold count as zero (TEAL); "
-        "batch-1 decoding reads only the weight rows of the rest."
+        "batch-1 decoding reads only the weight rows of the rest. gated-mlp: a ReLU-fied model's MLPs compute only the "
+        "channels their gate opens (exact; no other option applies)."
     )
     sparsity: float = Field(
         0.5, ge=0, lt=1, description="Fraction of each layer's inputs (the smallest, on compress.calibration text) skipped; "
@@ -100,6 +101,14 @@ class SparsifyStep(Section):
     )
     weights: Literal["fp32", "int8"] = Field("fp32", description="int8: the weight rows in 8 bits (a scale and offset per input feature).")
     targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
+
+
+    @model_validator(mode="after")
+    def _gated_mlp_takes_no_options(self) -> SparsifyStep:
+        used = [name for name in ("sparsity", "weights", "targets") if name in self.model_fields_set]
+        if self.sparsify == "gated-mlp" and used:
+            raise ValueError(f"option(s) {', '.join(used)} do not apply to sparsify: gated-mlp (it skips exactly the channels a ReLU gate closes)")
+        return self
 
 
 _STEP_KEYS = {"prune": PruneStep, "quantize": QuantizeStep, "sparsify": SparsifyStep}
@@ -195,7 +204,7 @@ class CompressConfig(Section):
         if self.calibration is None:
             for variant in self.variants:
                 for step in variant.steps:
-                    if isinstance(step, SparsifyStep) and step.sparsity > 0:
+                    if isinstance(step, SparsifyStep) and step.sparsify == "activations" and step.sparsity > 0:
                         raise ValueError(
                             f"variant {variant.name!r}: activation thresholds are calibrated on text; set compress.calibration "
                             "(e.g. examples/data/heldout/calibration.txt) or sparsity: 0 (exact zeros only)"

@@ -79,22 +79,24 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
     from tunelab.compress.int8_dynamic import DynamicInt8Linear
     from tunelab.compress.qlinear import QuantLinear
-    from tunelab.compress.sparse_linear import SparseInputLinear
+    from tunelab.compress.sparse_layers import SparseGatedMLP, SparseInputLinear
 
     total = nonzero = 0
     handled: set[int] = set()
     for module in model.modules():
-        weight = None
-        if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear)):
-            weight = module.dequantized_weight()
+        weights: list[torch.Tensor] = []
+        if isinstance(module, SparseGatedMLP):
+            weights = module.linear_weights()
+        elif isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear)):
+            weights = [module.dequantized_weight()]
         elif isinstance(module, DynamicLinear):
-            weight = module.weight().dequantize()
+            weights = [module.weight().dequantize()]
         elif hasattr(getattr(module, "weight", None), "quant_state"):  # bitsandbytes 4-bit
             import bitsandbytes as bnb
 
-            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            weights = [bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)]
             handled.add(id(module.weight))
-        if weight is not None:
+        for weight in weights:
             total += weight.numel()
             nonzero += int(weight.count_nonzero())
     seen: set[int] = set()

@@ -10,6 +10,9 @@ reading it is wasted. Two ways to get such zeros:
 - A ReLU-fied model (``method.activation``): the MLP's ``down_proj`` input ``relu(gate) · up`` is
   exactly zero wherever the gate is negative; ``sparsity: 0`` (threshold 0) skips exactly those.
 
+A ReLU-fied model decodes fastest with ``sparsify: gated-mlp`` (``SparseGatedMLP``): its gate says
+exactly which intermediate channels are zero, so ``up_proj``'s rows for those are skipped too.
+
 The layer stores ``Wᵀ`` (``[in, out]``, one contiguous row per input feature). A one-row input
 (batch-1 decoding) multiplies only the rows of its non-zero features: PyTorch's ``embedding_bag``
 with per-sample weights is exactly ``Σⱼ xⱼ · Wᵀ[j]`` over the given rows, fbgemm's vectorised
@@ -32,7 +35,12 @@ from torch import nn
 
 from tunelab.compress.calibration import input_magnitude_quantiles
 from tunelab.compress.modules import set_module
-from tunelab.compress.sparse_linear import SparseInputLinear, WeightFormat
+from tunelab.compress.sparse_layers import (
+    RELU_FAMILY,
+    SparseGatedMLP,
+    SparseInputLinear,
+    WeightFormat,
+)
 from tunelab.compress.targets import linear_layers
 from tunelab.errors import UserError
 
@@ -60,6 +68,27 @@ def sparsify_activations(
     if skipped:
         report["activation_sparsity"] = sum(skipped.values()) / len(skipped)
         report["activation_sparsity_by_kind"] = _by_kind(skipped)
+    return report
+
+
+def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None) -> dict[str, Any]:
+    """Replace every gated MLP of a ReLU-fied model by :class:`SparseGatedMLP` (the same function);
+    with ``chunks``, report the fraction of intermediate channels that are zero on that text."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    act = getattr(config, "hidden_act", None)
+    mlps = {name: m for name, m in model.named_modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))}
+    if act not in RELU_FAMILY or not mlps:
+        raise UserError(f"sparsify: gated-mlp needs a ReLU-fied gated MLP; this model's MLP activation is {act or 'not a gated MLP'}",
+                        where="compress.variants", hint="fine-tune it with method.activation: {mlp: relu} first, or use sparsify: activations")
+    if any(m.gate_proj.bias is not None or m.up_proj.bias is not None or m.down_proj.bias is not None for m in mlps.values()):
+        raise UserError("sparsify: gated-mlp supports MLPs without biases (Llama-style)", where="compress.variants",
+                        hint="use sparsify: activations with sparsity: 0 and targets: [down_proj]")
+    report: dict[str, Any] = {"sparsified_mlps": len(mlps)}
+    if chunks is not None:
+        _, zeros = input_magnitude_quantiles(model, {name: m.down_proj for name, m in mlps.items()}, chunks, 0.0)
+        report["activation_sparsity"] = sum(zeros.values()) / len(zeros)
+    for name, mlp in mlps.items():
+        set_module(model, name, SparseGatedMLP.from_mlp(mlp, act))
     return report
 
 

@@ -12,7 +12,7 @@ from tunelab.compress.config import PruneStep, QuantizeStep, SparsifyStep
 from tunelab.compress.masks import sparsity_of
 from tunelab.compress.prune import prune_weights
 from tunelab.compress.quantize import quantize
-from tunelab.compress.sparse_input import sparsify_activations
+from tunelab.compress.sparse_input import sparsify_activations, sparsify_gated_mlps
 
 STRUCTURED = {"mlp": structured.prune_mlp_channels, "heads": structured.prune_heads, "blocks": structured.prune_blocks}
 
@@ -26,6 +26,8 @@ def apply_steps(
         if isinstance(step, QuantizeStep):
             model, report = quantize(model, step.quantize, group_size=step.group_size, bits=step.bits, activations=step.activations,
                                      smooth=step.smooth, targets=step.targets, keep=step.keep, keep_sensitive=step.keep_sensitive, chunks=chunks)
+        elif isinstance(step, SparsifyStep) and step.sparsify == "gated-mlp":
+            report = sparsify_gated_mlps(model, chunks)
         elif isinstance(step, SparsifyStep):
             report = sparsify_activations(model, step.sparsity, weights=step.weights, targets=step.targets, chunks=chunks)
         elif step.prune in STRUCTURED:

@@ -25,7 +25,7 @@ from tunelab import atomic
 from tunelab.compress.int8_dynamic import DynamicInt8Linear
 from tunelab.compress.modules import set_module
 from tunelab.compress.qlinear import QuantLinear, QuantSpec
-from tunelab.compress.sparse_linear import SparseInputLinear
+from tunelab.compress.sparse_layers import SparseGatedMLP, SparseInputLinear
 from tunelab.errors import UserError
 
 MANIFEST = "tunelab_compression.json"
@@ -42,7 +42,7 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     torch_ao = _torch_ao_dynamic_linear()
     found: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear)):
+        if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear, SparseGatedMLP)):
             found[name] = module.describe()
         elif isinstance(module, torch_ao):
             found[name] = {"format": "dynamic-int8", "activations": "per-tensor", "in_features": module.in_features,
@@ -118,6 +118,8 @@ def _model_class(config: Any) -> type:
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
     if layer["format"] == "dynamic-int8" and layer.get("activations", "per-tensor") == "per-tensor":  # torch.ao (older manifests say nothing)
         return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
+    if layer["format"] == "sparse-gated-mlp":
+        return SparseGatedMLP(layer["hidden"], layer["intermediate"], layer["act"])
     if layer["format"] == "sparse-input":
         return SparseInputLinear(layer["in_features"], layer["out_features"], bias=layer["bias"], weights=layer["weights"])
     if layer["format"] == "dynamic-int8":

@@ -1,7 +1,12 @@
-"""The sparse-input linear layer (why and how: ``compress.sparse_input``).
+"""Layers that skip the weights zero activations meet when decoding (why and how: ``compress.sparse_input``).
 
-Kept apart from the code that calibrates and installs it, so the compressed-model loader can
-rebuild it without importing calibration or the method registry.
+- ``SparseInputLinear``: any linear layer, inputs below a threshold treated as zero.
+- ``SparseGatedMLP``: a ReLU-fied gated MLP (``method.activation``) as a whole: its gate decides,
+  exactly, which intermediate channels are non-zero, so for one token it computes the gate densely
+  and then only the active rows of ``up_proj`` and of ``down_projᵀ`` (no predictor needed).
+
+Kept apart from the code that calibrates and installs them, so the compressed-model loader can
+rebuild them without importing calibration or the method registry.
 """
 
 from __future__ import annotations
@@ -91,3 +96,55 @@ class SparseInputLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weights}, threshold={float(self.threshold):.4g}"
+
+
+#: Activations that are exactly zero wherever their input is not positive (what the gate path needs).
+RELU_FAMILY = ("relu", "relu2")
+
+
+class SparseGatedMLP(nn.Module):
+    """``down(act(gate(x)) · up(x))`` for ``act`` in the ReLU family, computing for one token only the
+    channels whose gate is positive: the gate densely, then those rows of ``up`` and ``downᵀ``."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "relu"):
+        super().__init__()
+        if act not in RELU_FAMILY:
+            raise ValueError(f"SparseGatedMLP needs an activation that is zero for non-positive inputs, not {act!r}")
+        self.hidden, self.intermediate, self.act = hidden, intermediate, act
+        for name in ("gate_weight", "up_weight", "down_weight_t"):  # all [intermediate, hidden]: a channel's row is contiguous
+            self.register_buffer(name, torch.zeros(intermediate, hidden))
+        self._offsets = torch.zeros(1, dtype=torch.long)
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, act: str) -> SparseGatedMLP:
+        layer = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features, act)
+        layer.gate_weight = mlp.gate_proj.weight.detach().float().clone()
+        layer.up_weight = mlp.up_proj.weight.detach().float().clone()
+        layer.down_weight_t = mlp.down_proj.weight.detach().float().t().contiguous()
+        return layer
+
+    def _activate(self, gate: torch.Tensor) -> torch.Tensor:
+        gate = torch.relu(gate)
+        return gate * gate if self.act == "relu2" else gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.hidden).float()
+        gate = rows @ self.gate_weight.t()
+        if rows.shape[0] == 1:
+            active = (gate[0] > 0).nonzero().squeeze(1)
+            up = F.embedding(active, self.up_weight) @ rows[0]
+            values = self._activate(gate[0].index_select(0, active)) * up
+            out = F.embedding_bag(active, self.down_weight_t, self._offsets, mode="sum", per_sample_weights=values)
+        else:
+            out = (self._activate(gate) * (rows @ self.up_weight.t())) @ self.down_weight_t
+        return out.view(*x.shape[:-1], self.hidden).to(x.dtype)
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The three projections' weights as ``nn.Linear`` holds them (for parameter counts)."""
+        return [self.gate_weight, self.up_weight, self.down_weight_t.t()]
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": "sparse-gated-mlp", "hidden": self.hidden, "intermediate": self.intermediate, "act": self.act}
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, intermediate={self.intermediate}, act={self.act}"

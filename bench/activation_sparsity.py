@@ -94,7 +94,7 @@ def models(runs: list[Path]) -> tuple[dict[str, torch.nn.Module], dict[str, dict
             directory = run / "compressed" / row["variant"]
             if not directory.exists():
                 raise SystemExit(f"{directory} is missing: compress the run with keep_models: true")
-            name = f"{run.name}/{row['variant']}"
+            name = f"{(run.parent if run.name == 'compress' else run).name}/{row['variant']}"
             loaded[name], tokenizer, _ = load_compressed(directory)
             rows[name] = row
     return loaded, rows, tokenizer

@@ -25,15 +25,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """A Markdown table; the first row is the baseline every ratio refers to."""
     metrics = list(rows[0].get("task", {}))
     header = (
-        "| variant | params | pruned-layer sparsity | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |"
+        "| variant | params | sparsity | size on disk | peak RAM | prefill tok/s | decode tok/s | perplexity |"
         + "".join(f" {metric} |" for metric in metrics) + "\n"
         + "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(metrics) + "\n"
     )
     lines = []
     for row in rows:
         r = row["relative"]
-        pruned = [step["sparsity"] for step in row["steps"] if "sparsity" in step]
-        sparsity = f"{100 * pruned[-1]:.0f}%" if pruned else "-"
+        sparsity = _sparsity(row["steps"])
         lines.append(
             f"| {row['variant']} | {row['params'] / 1e6:.1f}M | {sparsity} "
             f"| {row['size_bytes'] / MB:.0f} MB ({r['size_ratio']:.2f}x) "
@@ -44,3 +43,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + "".join(f" {row['task'][m]:.3f} ({r['task_change'][m]:+.3f}) |" for m in metrics)
         )
     return header + "\n".join(lines) + "\n"
+
+
+def _sparsity(steps: list[dict[str, Any]]) -> str:
+    """The last step's sparsity: of the pruned layers' weights, or of the linear layers' inputs
+    (activation sparsity on the calibration text)."""
+    for step in reversed(steps):
+        if "activation_sparsity" in step:
+            return f"{100 * step['activation_sparsity']:.0f}% of inputs"
+        if "sparsity" in step:
+            return f"{100 * step['sparsity']:.0f}% of weights"
+    return "-"

@@ -106,13 +106,13 @@ def decode(runs: list[Path], rounds: int) -> None:
     speed_runs, best = interleaved_speed(variants, tokenizer, prompt, 32, rounds)
     reference = next(iter(best))
     base_ppl, base_acc = rows[reference]["perplexity"], rows[reference].get("task", {}).get("accuracy")
-    lines = ["| model | activation sparsity | decode tok/s | vs dense | prefill tok/s | perplexity | task accuracy |",
+    lines = ["| model | inputs skipped (per step) | decode tok/s | vs dense | prefill tok/s | perplexity | task accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
-        sparsity = next((s["activation_sparsity"] for s in reversed(row["steps"]) if "activation_sparsity" in s), None)
+        sparsity = " + ".join(f"{s['activation_sparsity']:.0%}" for s in row["steps"] if "activation_sparsity" in s) or "-"
         accuracy = row.get("task", {}).get("accuracy")
         lines.append(
-            f"| {name} | {'-' if sparsity is None else f'{sparsity:.0%}'} | {best[name]['decode_tokens_per_s']:.1f} | "
+            f"| {name} | {sparsity} | {best[name]['decode_tokens_per_s']:.1f} | "
             f"{best[name]['decode_tokens_per_s'] / best[reference]['decode_tokens_per_s']:.2f}x | {best[name]['prefill_tokens_per_s']:.0f} | "
             f"{row['perplexity']:.2f} ({100 * (row['perplexity'] / base_ppl - 1):+.1f}%) | "
             + ("-" if accuracy is None else f"{accuracy:.3f} ({accuracy - base_acc:+.3f})" if base_acc is not None else f"{accuracy:.3f}") + " |")

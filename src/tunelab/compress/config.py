@@ -1,9 +1,10 @@
-"""The ``compress:`` section: pruning and quantization variants measured against the original.
+"""The ``compress:`` section: pruning, quantization and activation-sparsity variants measured against the original.
 
 Each variant is a list of steps applied in order to a fresh copy of the model (``[wanda 2:4,
 dynamic-int8]`` prunes then quantizes). Every variant becomes one row of the trade-off table,
-measured against the uncompressed model in the same run. A step is either ``prune: <criterion>``
-or ``quantize: <format>``; the key tells them apart, so a recipe reads like the table it makes.
+measured against the uncompressed model in the same run. A step is ``prune: <criterion>``,
+``quantize: <format>`` or ``sparsify: activations|gated-mlp``; the key tells them apart, so a
+recipe reads like the table it makes.
 """
 
 from __future__ import annotations

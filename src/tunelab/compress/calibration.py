@@ -73,11 +73,24 @@ def _input_statistic(
     """``combine`` over batches of ``reduce(inputs as [tokens, features])``, for each layer."""
     totals = {name: torch.zeros(layer.in_features) for name, layer in layers.items()}
 
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            totals[name] = combine(totals[name], reduce(args[0].detach().float().flatten(0, -2)))
+    def record(name: str, inputs: torch.Tensor) -> None:
+        totals[name] = combine(totals[name], reduce(inputs.flatten(0, -2)))
 
-        return record
+    _forward_recording_inputs(model, layers, chunks, batch_size, record)
+    return totals
+
+
+def _forward_recording_inputs(
+    model: nn.Module, layers: Mapping[str, nn.Module], chunks: torch.Tensor, batch_size: int, record: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run the calibration chunks through ``model``, handing each layer's input (detached, float)
+    to ``record(layer_name, input)``."""
+
+    def hook(name: str):
+        def pre(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            record(name, args[0].detach().float())
+
+        return pre
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
@@ -85,7 +98,6 @@ def _input_statistic(
     finally:
         for handle in handles:
             handle.remove()
-    return totals
 
 
 def input_magnitude_quantiles(
@@ -100,19 +112,11 @@ def input_magnitude_quantiles(
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     per_batch = max(1, sample // max(1, -(-len(chunks) // batch_size)))
 
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            values = args[0].detach().float().abs().flatten()
-            seen[name].append(values[:: max(1, -(-values.numel() // per_batch))])
+    def record(name: str, inputs: torch.Tensor) -> None:
+        values = inputs.abs().flatten()
+        seen[name].append(values[:: max(1, -(-values.numel() // per_batch))])
 
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        _forward_all(model, chunks, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_recording_inputs(model, layers, chunks, batch_size, record)
     thresholds, below = {}, {}
     for name, parts in seen.items():
         values = torch.cat(parts)

@@ -19,9 +19,11 @@ from torch import nn
 
 WeightFormat = Literal["fp32", "int8"]
 
-#: Fraction of active input features above which a one-row product runs densely: gathering rows
-#: costs more per byte than streaming the whole matrix, so the sparse kernel only wins below it
-#: (bench/activation_sparsity.py --kernels: equal speed near half the features active, 1 thread).
+#: Fraction of active input features above which a one-row fp32 product runs densely: gathering
+#: rows costs more per byte than streaming the whole matrix, so the gather only wins below it.
+#: Where depends on the shape (bench/activation_sparsity.py --kernels, AMD EPYC, 1 thread): near
+#: half for down_proj's 1536 short rows, above 70% for SmolLM2's gate/up and q/o; the conservative
+#: value until it is measured per shape on the machine that decodes.
 DENSE_ABOVE = 0.5
 
 

@@ -17,7 +17,8 @@ with the router choosing the family from the request alone (its routing accuracy
 
     .venv/bin/python bench/hierarchical_adapters.py --seeds 0 1 2     # bench/results/hierarchical_adapters.{json,md}
 
-Finished runs under --work are reused, so an interrupted bench continues where it stopped.
+Finished runs under --work are reused, so an interrupted bench continues where it stopped; rows already
+in bench/results/hierarchical_adapters.json are kept, so seeds can be added one session at a time.
 """
 
 from __future__ import annotations
@@ -90,10 +91,13 @@ def main() -> None:
     parser.add_argument("--finished-only", action="store_true", help="Report the runs already finished under --work; train nothing.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
+    saved = args.out / "hierarchical_adapters.json"
+    rows: list[dict[str, Any]] = json.loads(saved.read_text())["rows"] if saved.exists() else []
     began = time.time()
     for seed in args.seeds:
         for variant in args.variants:
+            if any(r["seed"] == seed and r["variant"] == variant for r in rows):
+                continue  # measured by an earlier invocation (rows are kept in bench/results, so seeds can be added later)
             if args.finished_only and not (args.work / f"seed{seed}" / variant / "eval" / "eval.json").exists():
                 continue
             run = trained(variant, seed, args.work)
@@ -101,6 +105,7 @@ def main() -> None:
             if variant == "hierarchical":
                 rows.append({**rows[-1], "variant": "hierarchical, router picks the family", **routed(run)})
             print(json.dumps(rows[-1]), flush=True)
+            report(rows, args, time.time() - began)
     report(rows, args, time.time() - began)
 
 
@@ -114,7 +119,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         trainable = f"{mine[0]['trainable']:,}" if mine[0].get("trainable") else "—"
         seeds = ", ".join(str(r["seed"]) for r in mine)
         table.append(f"| {variant} | {mean_std([r['accuracy'] for r in mine])} | {routing} | {seeds} | {trainable} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
-    meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "bench_seconds": round(seconds)}
+    meta = {"cpu": cpu_model_name(), "seeds": sorted({r["seed"] for r in rows}), "bench_seconds": round(seconds)}
     note = (f"CLINC150, 10 domains as tasks, 300 held-out requests (2 per intent), accuracy by choice likelihood among the domain's 15 intents; "
             f"mean ± std over the seeds listed per row; 150 steps x 8 rows each. CPU: {meta['cpu']}; training seconds were measured with other benchmarks sharing the 2 cores.")
     write_results(args.out, "hierarchical_adapters", meta, rows, note, table)

@@ -103,7 +103,8 @@ def matmul_path(precision: str, device: torch.device | None = None) -> str:
         if precision in ("bf16", "fp16") and major >= 7:
             path = f"{precision} tensor cores (sm_{major}{minor})"
         elif precision == "fp32":
-            tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+            setting = torch.backends.cuda.matmul.fp32_precision  # "none" until a run's configure_matmul sets it
+            tf32 = setting == "tf32" or (setting == "none" and major >= 8)
             path = "TF32 tensor cores" if tf32 else f"IEEE fp32 CUDA cores{'' if major < 8 else ' (TF32 off)'}"
         else:
             path = f"{precision} on CUDA cores (sm_{major}{minor} has no {precision} tensor cores)"

@@ -97,3 +97,19 @@ def test_tf32_is_used_for_fp32_matmuls_on_gpus_that_have_it(monkeypatch, capabil
         assert torch.backends.cuda.matmul.fp32_precision == expected
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize(("capability", "precision", "expected"), [
+    ((8, 0), "fp32", "TF32 tensor cores"),          # what a run's configure_matmul will choose
+    ((7, 0), "fp32", "IEEE fp32 CUDA cores"),
+    ((9, 0), "bf16", "bf16 tensor cores (sm_90)"),
+    ((6, 1), "fp16", "fp16 on CUDA cores (sm_61 has no fp16 tensor cores)"),
+])
+def test_the_report_names_the_gpu_units(monkeypatch, capability, precision, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "none"  # no run has configured it yet
+    try:
+        assert hardware.matmul_path(precision, torch.device("cuda")).split(";")[0] == expected
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

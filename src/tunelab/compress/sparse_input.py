@@ -43,6 +43,7 @@ from tunelab.compress.sparse_layers import (
 )
 from tunelab.compress.targets import linear_layers
 from tunelab.errors import UserError
+from tunelab.methods.activation import gated_mlps, mlp_activation
 
 
 def sparsify_activations(
@@ -74,9 +75,7 @@ def sparsify_activations(
 def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None) -> dict[str, Any]:
     """Replace every gated MLP of a ReLU-fied model by :class:`SparseGatedMLP` (the same function);
     with ``chunks``, report the fraction of intermediate channels that are zero on that text."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    act = getattr(config, "hidden_act", None)
-    mlps = {name: m for name, m in model.named_modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))}
+    act, mlps = mlp_activation(model), gated_mlps(model)
     if act not in RELU_FAMILY or not mlps:
         raise UserError(f"sparsify: gated-mlp needs a ReLU-fied gated MLP; this model's MLP activation is {act or 'not a gated MLP'}",
                         where="compress.variants", hint="fine-tune it with method.activation: {mlp: relu} first, or use sparsify: activations")

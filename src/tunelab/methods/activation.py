@@ -34,16 +34,30 @@ class ActivationConfig(Section):
     )
 
 
+def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
+    """Llama-style gated MLPs by name: ``down(act(gate(x)) · up(x))`` with the activation in ``act_fn``."""
+    return {name: m for name, m in model.named_modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))}
+
+
+def mlp_activation(model: nn.Module) -> str | None:
+    """The activation the model's config names for its MLPs (``hidden_act``), if any."""
+    return getattr(_text_config(model), "hidden_act", None)
+
+
+def _text_config(model: nn.Module):  # noqa: ANN202 (a transformers PretrainedConfig)
+    """The language model's config (a vision-language model nests it)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def replace_mlp_activation(model: nn.Module, name: str) -> nn.Module:
-    """Put ``ACT2FN[name]`` in every MLP that reads ``config.hidden_act`` (Llama-style gated MLPs)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    mlps = [module for module in model.modules() if hasattr(module, "act_fn") and type(module).__name__.endswith("MLP")]
-    if not hasattr(config, "hidden_act") or not mlps:
-        kind = getattr(config, "model_type", "this")
+    """Put ``ACT2FN[name]`` in every gated MLP and record it in the config's ``hidden_act``."""
+    mlps = gated_mlps(model)
+    if mlp_activation(model) is None or not mlps:
+        kind = getattr(model.config, "model_type", "this")
         raise UserError(f"{kind} models have no gated MLP activation to replace (supported: Llama-style models with config.hidden_act)",
                         where="method.activation", hint="remove method.activation from the recipe")
-    config.hidden_act = name
-    for module in mlps:
+    _text_config(model).hidden_act = name
+    for module in mlps.values():
         module.act_fn = ACT2FN[name]
     return model
 

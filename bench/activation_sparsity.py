@@ -121,7 +121,13 @@ def decode(runs: list[Path], rounds: int) -> None:
             f"(held-out fortunes) and task accuracy from each run's compress.json. CPU: {cpu_model_name()}.")
     _write("activation_sparsity", {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "rounds": rounds,
                                    "runs": [str(r) for r in runs], "best": best, "speed_runs": speed_runs,
-                                   "rows": rows}, note, lines)
+                                   "quality": {name: _quality(row) for name, row in rows.items()}}, note, lines)
+
+
+def _quality(row: dict) -> dict:
+    """What the table reads from a compress.json row (the rest stays in the run's own compress.json)."""
+    return {"perplexity": row["perplexity"], "task": row.get("task", {}),
+            "activation_sparsity": [s["activation_sparsity"] for s in row["steps"] if "activation_sparsity" in s]}
 
 
 def _write(name: str, data: dict, note: str, lines: list[str]) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from tunelab.bench.tables import mean_std, write_results  # noqa: E402
+from tunelab.bench.tables import SAME_ON_EVERY_CPU, mean_std, write_results  # noqa: E402
 from tunelab.evaluate.pipeline import run_eval  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 from tunelab.recipe import load_recipe  # noqa: E402
@@ -55,7 +55,7 @@ def trained(variant: str, seed: int, work: Path) -> Path:
     """The run of ``variant`` for ``seed`` (trained and evaluated by name unless already there)."""
     out = work / f"seed{seed}" / variant
     if not (out / "eval" / "eval.json").exists():
-        recipe = load_recipe(RECIPE, [f"seed={seed}", f"output_dir={out}", *VARIANTS[variant]])
+        recipe = load_recipe(RECIPE, [f"seed={seed}", f"output_dir={out}", *SAME_ON_EVERY_CPU, *VARIANTS[variant]])
         run_training(recipe, show_progress=False)
     return out
 
@@ -80,7 +80,7 @@ def row_of(variant: str, seed: int, run: Path) -> dict[str, Any]:
     systems = json.loads((run / "eval" / "eval.json").read_text())["systems"]
     summary = json.loads((run / "summary.json").read_text())
     return {"seed": seed, "variant": variant, "accuracy": systems[-1]["scores"]["accuracy"], "base_accuracy": systems[0]["scores"]["accuracy"],
-            "train_seconds": summary["seconds"], "trainable": summary.get("trainable_params")}
+            "train_seconds": summary["seconds"], "trainable": summary.get("trainable_params"), "cpu": cpu_model_name()}
 
 
 def main() -> None:
@@ -121,7 +121,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         table.append(f"| {variant} | {mean_std([r['accuracy'] for r in mine])} | {routing} | {seeds} | {trainable} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
     meta = {"cpu": cpu_model_name(), "seeds": sorted({r["seed"] for r in rows}), "bench_seconds": round(seconds)}
     note = (f"CLINC150, 10 domains as tasks, 300 held-out requests (2 per intent), accuracy by choice likelihood among the domain's 15 intents; "
-            f"mean ± std over the seeds listed per row; 150 steps x 8 rows each. CPU: {meta['cpu']}; training seconds were measured with other benchmarks sharing the 2 cores.")
+            f"mean ± std over the seeds listed per row; 150 steps x 8 rows each, fp32. CPU: {', '.join(sorted({r.get('cpu', 'AMD EPYC') for r in rows}))}; training seconds were measured with other benchmarks sharing the 2 cores.")
     write_results(args.out, "hierarchical_adapters", meta, rows, note, table)
 
 

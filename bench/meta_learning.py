@@ -33,6 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tunelab.bench.tables import SAME_ON_EVERY_CPU  # noqa: E402
 from tunelab.evaluate.pipeline import run_eval  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 from tunelab.recipe import load_recipe  # noqa: E402
@@ -62,7 +63,7 @@ def train_start(kind: str, seed: int, work: Path) -> tuple[str, float]:
     out = work / f"seed{seed}" / kind
     if not (out / "summary.json").exists():
         meta = load_recipe(META_RECIPE)
-        overrides = [f"seed={seed}", f"output_dir={out}"]
+        overrides = [f"seed={seed}", f"output_dir={out}", *SAME_ON_EVERY_CPU]
         if kind == "multitask":  # the same rows, plain SFT, as many example passes as the meta run
             passes = meta.train.max_steps * meta.train.grad_accum * passes_per_episode(meta.objective)
             overrides += ["objective=null", "data.task_column=null", f"train.max_steps={math.ceil(passes / BATCH)}",
@@ -87,7 +88,7 @@ def accuracy_at_start(start: str, task: str, seed: int, work: Path) -> float:
 def adapted_accuracy(start: str, kind: str, task: str, steps: int, lr: float, seed: int, work: Path) -> tuple[float, float]:
     out = work / f"seed{seed}" / kind / "adapted" / f"{task}-k{steps}"
     if not (out / "summary.json").exists():
-        overrides = (*eval_overrides(task), f"seed={seed}", *((LORA,) if kind == "base" else ()))
+        overrides = (*eval_overrides(task), f"seed={seed}", *SAME_ON_EVERY_CPU, *((LORA,) if kind == "base" else ()))
         recipe = adaptation_recipe(start, str(TASKS / f"{task}_support.jsonl"), steps, lr=lr, output_dir=str(out), overrides=overrides)
         run_training(recipe, show_progress=False)
     systems = json.loads((out / "eval" / "eval.json").read_text())["systems"]
@@ -114,7 +115,7 @@ def main() -> None:
             start, train_seconds = train_start(kind, seed, args.work)
             for task in tasks:
                 row = {**rows.get((seed, kind, task), {}), "seed": seed, "start": kind, "task": task, "train_seconds": train_seconds,
-                       "k0": accuracy_at_start(start, task, seed, args.work)}
+                       "cpu": cpu_model_name(), "k0": accuracy_at_start(start, task, seed, args.work)}
                 for steps in args.steps:
                     row[f"k{steps}"], row[f"k{steps}_seconds"] = adapted_accuracy(start, kind, task, steps, lr, seed, args.work)
                 rows[(seed, kind, task)] = row
@@ -154,7 +155,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, tasks: l
     (args.out / "meta_learning.json").write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     note = (f"Held-out CLINC150 5-way tasks ({len(tasks)}: {', '.join(tasks)}; 20 test requests each), accuracy by choice likelihood; "
             f"mean ± std over seeds (how many in brackets) of the per-seed mean over tasks. Adaptation: SGD lr {lr} on 10 support rows. "
-            f"CPU: {meta['cpu']}.")
+            f"CPU: {', '.join(sorted({r.get('cpu', 'AMD EPYC') for r in rows}))}; every run trains in fp32.")
     (args.out / "meta_learning.md").write_text(note + "\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -18,7 +18,8 @@ in the mixture (sentiment, the first 100 Rotten Tomatoes test reviews) as a chec
 
     .venv/bin/python bench/meta_tuning.py --seeds 0 1 2      # bench/results/meta_tuning.{json,md}
 
-Finished runs and evaluations under --work are reused.
+Finished runs and evaluations under --work are reused, and the rows already in
+bench/results/meta_tuning.json are kept, so seeds can be added one session at a time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from tunelab.bench.tables import mean_std, write_results  # noqa: E402
+from tunelab.bench.tables import SAME_ON_EVERY_CPU, mean_std, run_missing, write_results  # noqa: E402
 from tunelab.evaluate.pipeline import run_eval  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 from tunelab.recipe import load_recipe  # noqa: E402
@@ -63,7 +64,7 @@ EVALS: dict[str, tuple[bool, dict[str, Any]]] = {
 def trained(variant: str, seed: int, work: Path) -> tuple[Path, float]:
     out = work / f"seed{seed}" / variant
     if not (out / "summary.json").exists():
-        run_training(load_recipe(RECIPE, [f"seed={seed}", f"output_dir={out}", *VARIANTS[variant]]), show_progress=False)
+        run_training(load_recipe(RECIPE, [f"seed={seed}", f"output_dir={out}", *SAME_ON_EVERY_CPU, *VARIANTS[variant]]), show_progress=False)
     return out, json.loads((out / "summary.json").read_text())["seconds"]
 
 
@@ -99,16 +100,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     began = time.time()
-    rows: list[dict[str, Any]] = [{"variant": "base", "seed": None, "train_seconds": 0.0,
-                                   **{name: accuracy(BASE, name, args.work / "base" / slug(name)) for name in EVALS}}]
-    print(json.dumps(rows[-1]), flush=True)
-    for seed in args.seeds:
-        for variant in VARIANTS:
-            run, seconds = trained(variant, seed, args.work)
-            rows.append({"variant": variant, "seed": seed, "train_seconds": seconds,
-                         **{name: accuracy(str(run), name, run / "heldout" / slug(name)) for name in EVALS}})
-            print(json.dumps(rows[-1]), flush=True)
+    plan = [("base", None), *((variant, seed) for seed in args.seeds for variant in VARIANTS)]
+    _, rows = run_missing(args.out / "meta_tuning.json", plan, lambda r: (r["variant"], r["seed"]),
+                          lambda item: measure(*item, args.work), {"cpu": cpu_model_name()}, json.dumps)
     report(rows, args, time.time() - began)
+
+
+def measure(variant: str, seed: int | None, work: Path) -> dict[str, Any]:
+    """One row: ``variant`` trained with ``seed`` (the base model untouched for ``base``), scored on every task type."""
+    if variant == "base":
+        return {"variant": variant, "seed": None, "train_seconds": 0.0, "cpu": cpu_model_name(),
+                **{name: accuracy(BASE, name, work / "base" / slug(name)) for name in EVALS}}
+    assert seed is not None
+    run, seconds = trained(variant, seed, work)
+    return {"variant": variant, "seed": seed, "train_seconds": seconds, "cpu": cpu_model_name(),
+            **{name: accuracy(str(run), name, run / "heldout" / slug(name)) for name in EVALS}}
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
@@ -122,9 +128,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         held = [statistics.mean(r[n] for n in names if EVALS[n][0]) for r in mine]
         table.append(f"| {variant} | " + " | ".join(mean_std([r[n] for r in mine]) for n in names)
                      + f" | {mean_std(held)} | {statistics.mean(r['train_seconds'] for r in mine):.0f} |")
-    meta = {"cpu": cpu_model_name(), "seeds": args.seeds, "bench_seconds": round(seconds)}
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    cpus = sorted({r.get("cpu", "AMD EPYC") for r in rows})
+    meta = {"cpu": cpu_model_name(), "seeds": seeds, "bench_seconds": round(seconds)}
     note = (f"Zero-shot accuracy by choice likelihood (raw log-likelihood); ✓ marks the task type that is in the mixture, the others are held out. "
-            f"Mean ± std over seeds {args.seeds} (base: one deterministic row). 150 steps x 8 rows. CPU: {meta['cpu']}.")
+            f"Mean ± std over seeds {seeds} (base: one deterministic row). 150 steps x 8 rows, fp32. CPU: {', '.join(cpus)}.")
     write_results(args.out, "meta_tuning", meta, rows, note, table)
 
 

@@ -113,3 +113,15 @@ def test_the_report_names_the_gpu_units(monkeypatch, capability, precision, expe
         assert hardware.matmul_path(precision, torch.device("cuda")).split(";")[0] == expected
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize(("flags", "unit"), [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX"), ({"avx2", "avx512f", "avx512_bf16"}, "AVX-512 BF16"),
+    ({"avx2", "avx512f"}, "AVX-512"), ({"avx2", "fma"}, "AVX2"),
+])
+def test_results_name_the_cpus_widest_unit(monkeypatch, flags, unit):
+    """Two CPUs both called "AMD EPYC" (AVX2-only and AVX-512 BF16) must not look alike in results."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: set())
+    bare = hardware.cpu_model_name()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert hardware.cpu_model_name() == f"{bare} ({unit})"

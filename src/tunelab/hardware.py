@@ -52,12 +52,27 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_model_name() -> str:
+    """The CPU's model name and its widest matrix/vector unit, e.g. ``AMD EPYC (AVX-512 BF16)``.
+
+    Cloud CPUs often report a bare family name ("AMD EPYC" is both an AVX2-only and an
+    AVX-512 BF16 part), and the unit is what decides a benchmark's figures, so results say both."""
+    name = platform.processor() or platform.machine()
     info = Path("/proc/cpuinfo")
     if info.exists():
         for line in info.read_text(errors="ignore").splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+                name = line.split(":", 1)[1].strip()
+                break
+    unit = widest_unit(cpu_flags())
+    return f"{name} ({unit})" if unit else name
+
+
+def widest_unit(flags: set[str]) -> str:
+    """The widest matrix/vector unit among CPU ``flags`` ("" where none is known)."""
+    for flag, unit in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")):
+        if flag in flags:
+            return unit
+    return ""
 
 
 def best_device() -> torch.device:

@@ -9,6 +9,11 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
+#: Recipe overrides for a benchmark whose seeds are measured one session at a time, on whichever
+#: CPU that session has: ``precision: auto`` trains in bf16 where the CPU has bf16 units and in fp32
+#: elsewhere, so a seed from another machine would be another protocol. fp32 is what every CPU runs.
+SAME_ON_EVERY_CPU = ("train.precision=fp32",)
+
 
 def mean_std(values: list[float]) -> str:
     """``mean ± sample std`` to three decimals (the value alone for a single seed)."""

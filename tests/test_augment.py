@@ -165,3 +165,21 @@ def test_the_real_label_filter_reads_a_trained_heads_label_names(tmp_path):
     }), show_progress=False)
     labels = predict_labels(str(tmp_path / "clf"), 0, ["great 1 the film great", "awful 2 a plot awful"])
     assert labels == ["pos", "neg"]  # label names from the run, and the head learned them
+
+
+def test_a_base_model_rewrites_from_a_plain_prompt(tmp_path, monkeypatch):
+    """template: none hands the few-shot prompt to the model as it is (a base model has no chat
+    template to wrap it in), and a different template is a different cache entry."""
+    import tunelab.rewrite as rewrite_module
+    from tunelab.data.rewrite import RewriteConfig
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    seen: list[list[str]] = []
+    monkeypatch.setattr(rewrite_module, "generate_batch", lambda model, tok, prompts, settings, *, add_special_tokens, batch_size: seen.append([*prompts, add_special_tokens]) or ["Bonjour\nmore"] * len(prompts))
+    plain = RewriteConfig(model="tiny-llama", prompts=["English: hi\nFrench: salut\n\nEnglish: {text}\nFrench:"], template="none")
+    assert rewrite_module.rewrite(plain, 0, ["hello"]) == {"hello": ["Bonjour"]}
+    assert seen == [["English: hi\nFrench: salut\n\nEnglish: hello\nFrench:", True]]
+    chat = plain.model_copy(update={"template": "auto"})
+    rewrite_module.rewrite(chat, 0, ["hello"])
+    assert seen[1][-1] is False and seen[1][0] != seen[0][0] and "English: hello" in seen[1][0]
+    assert rewrite_module.Rewriter(plain, 0).path != rewrite_module.Rewriter(chat, 0).path

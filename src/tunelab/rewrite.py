@@ -39,7 +39,8 @@ class Rewriter:
 
     def __init__(self, cfg: RewriteConfig, seed: int):
         self.cfg, self.seed = cfg, seed
-        settings = json.dumps([model_fingerprint(cfg.model, seed), cfg.prompts, cfg.temperature, cfg.max_new_tokens, seed])
+        settings = json.dumps([model_fingerprint(cfg.model, seed), cfg.prompts, cfg.temperature, cfg.max_new_tokens, seed]
+                              + ([cfg.template] if cfg.template != "auto" else []))  # auto keeps the caches written before templates were a setting
         self.path = cache_root() / "rewrites" / f"{hashlib.sha256(settings.encode()).hexdigest()[:20]}.jsonl"
         self._model: tuple[Any, Any] | None = None
 
@@ -60,12 +61,15 @@ class Rewriter:
 
     def _chain(self, texts: list[str], copy: int) -> list[str]:
         model, tokenizer = self._load()
-        template, _ = resolve_chat_template(tokenizer, "auto")
+        plain = self.cfg.template == "none"
+        template = None if plain else resolve_chat_template(tokenizer, self.cfg.template)[0]
         settings = GenerationSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, seed=self.seed * 1000 + copy)
         current = list(texts)
         for prompt in self.cfg.prompts:
-            rendered = [render_chat(tokenizer, [{"role": "user", "content": prompt.replace("{text}", t)}], template, add_generation_prompt=True) for t in current]
-            answers = generate_batch(model, tokenizer, rendered, settings, add_special_tokens=False, batch_size=self.cfg.batch_size)
+            asks = [prompt.replace("{text}", t) for t in current]
+            rendered = asks if template is None else [render_chat(tokenizer, [{"role": "user", "content": a}], template, add_generation_prompt=True) for a in asks]
+            # a chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS)
+            answers = generate_batch(model, tokenizer, rendered, settings, add_special_tokens=plain, batch_size=self.cfg.batch_size)
             current = [first_line(a) for a in answers]
         return current
 

@@ -26,6 +26,12 @@ class RewriteConfig(Section):
         default_factory=lambda: [PARAPHRASE],
         description="Prompts applied in turn, each with {text}: one paraphrases; two such as 'Translate to French: {text}' then 'Translate to English: {text}' back-translate.",
     )
+    template: str = Field(
+        "auto",
+        description="How each prompt reaches the model: auto (its own chat template, else ChatML), a named chat template, "
+        "or none: the prompt as plain text, for base models without chat tuning (write it few-shot, e.g. "
+        "'English: ...\\nFrench: ...\\n\\nEnglish: {text}\\nFrench:'; the first line of the continuation is kept).",
+    )
     copies: int = Field(1, ge=1, description="Rewrites per input (more than one needs temperature > 0).")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
     max_new_tokens: int = Field(96, ge=1)

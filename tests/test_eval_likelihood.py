@@ -39,7 +39,7 @@ def test_batched_scores_equal_unbatched_forward(tiny, batch_size):
     model, tok = tiny
     scored = continuation_logprobs(model, tok, REQUESTS, add_special_tokens=False, batch_size=batch_size)
     for (ctx, cont), result in zip(REQUESTS, scored):
-        assert result.logprob == pytest.approx(direct_logprob(model, tok, ctx, cont), rel=1e-7, abs=1e-5)  # fp32 sums of up to 17 tokens: order-dependent in the 8th digit
+        assert result.logprob == pytest.approx(direct_logprob(model, tok, ctx, cont), rel=1e-6, abs=1e-5)  # fp32 sums of up to 17 tokens; a padded batch and one row run different GEMM blockings (AVX-512: 1.7e-7 apart)
         assert result.chars == len(cont)
         assert result.tokens == len(split_tokens(tok, ctx, cont, False)[1])
 
@@ -67,7 +67,7 @@ def test_each_prompt_runs_once_and_options_run_only_their_tokens(tiny):
     assert fed[0] == len(head)  # the prompt pass
     assert sum(fed[1:]) == len(options) * (max(map(len, tails)) - 1)  # option tokens, right-padded
     for option, result in zip(options, scored):
-        assert result.logprob == pytest.approx(direct_logprob(model, tok, context, option), rel=1e-7, abs=1e-5)
+        assert result.logprob == pytest.approx(direct_logprob(model, tok, context, option), rel=1e-6, abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["PromptTuningConfig", "PrefixTuningConfig"])
@@ -79,4 +79,4 @@ def test_prompt_learning_scores_equal_its_own_forward(family):
     model = peft.get_peft_model(loaded.model, getattr(peft, family)(task_type="CAUSAL_LM", num_virtual_tokens=4))
     scored = continuation_logprobs(model, loaded.tokenizer, REQUESTS, add_special_tokens=False, batch_size=3)
     for (ctx, cont), result in zip(REQUESTS, scored):
-        assert result.logprob == pytest.approx(direct_logprob(model, loaded.tokenizer, ctx, cont), rel=1e-7, abs=1e-5)
+        assert result.logprob == pytest.approx(direct_logprob(model, loaded.tokenizer, ctx, cont), rel=1e-6, abs=1e-5)

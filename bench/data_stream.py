@@ -31,6 +31,12 @@ from typing import Any
 from tunelab.bench.tables import mean_std, run_missing
 
 STEPS = 124
+#: Two-shot prompts for a base model (Gemma 3 270M has no chat tuning): the answer is the line
+#: after "French:" / "English:". The examples are written for this benchmark, not taken from the data.
+_PAIRS = (("I love this film.", "J'adore ce film."),
+          ("The plot is thin and the jokes fall flat.", "L'intrigue est mince et les blagues tombent à plat."))
+EN_TO_FR = "".join(f"English: {en}\nFrench: {fr}\n\n" for en, fr in _PAIRS) + "English: {text}\nFrench:"
+FR_TO_EN = "".join(f"French: {fr}\nEnglish: {en}\n\n" for en, fr in _PAIRS) + "French: {text}\nEnglish:"
 #: name -> recipe sections that differ from the plain run.
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain (shuffle)": {},
@@ -41,6 +47,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "importance sampling (every 25 steps)": {"sampler": {"name": "importance", "refresh_every": 25}},
     "EDA (4 copies, rates 0.1)": {"augment": {"synonym": 0.1, "insert": 0.1, "swap": 0.1, "delete": 0.1, "copies": 4}},
     "NEFTune (alpha 5)": {"callbacks": [{"name": "neftune", "alpha": 5}]},
+    "back-translation (en→fr→en, Gemma 3 270M)": {"augment": {"rewrite": {
+        "model": "gemma3-270m", "template": "none", "prompts": [EN_TO_FR, FR_TO_EN], "max_new_tokens": 64, "batch_size": 16}}},
 }
 
 
@@ -65,6 +73,7 @@ def recipe(data: Path, out: Path, seed: int, sections: dict[str, Any], eval_ever
 
 
 def run_one(data: Path, runs: Path, name: str, seed: int, eval_every: int | None = None) -> dict[str, Any]:
+    from tunelab.hardware import cpu_model_name
     from tunelab.recipe import recipe_from_dict
     from tunelab.train.run import run_training
 
@@ -76,23 +85,25 @@ def run_one(data: Path, runs: Path, name: str, seed: int, eval_every: int | None
     report = json.loads((out / "data_report.json").read_text())
     return {
         "config": name, "seed": seed, "accuracy": summary.eval_after["eval_accuracy"], "f1_macro": summary.eval_after.get("eval_f1_macro"),
-        "steps": summary.steps, "seconds": summary.seconds, "scoring_s": scoring, "train_rows": report["train_examples"],
+        "steps": summary.steps, "seconds": summary.seconds, "scoring_s": scoring, "train_rows": report["train_examples"], "cpu": cpu_model_name(),
         "curve": curve,
     }
 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    plain = {r["seed"]: r["accuracy"] for r in rows if r["config"] == "plain (shuffle)"}
-    lines = ["| data stream (124 steps of 16) | accuracy (mean ± std) | vs plain, same seed | training rows | scoring share of run time |", "|---|---|---|---|---|"]
+    """One line per data stream and CPU; each compared with the plain stream's same seed on the same
+    CPU (rows span sessions on different machines, and fp32 sums differ slightly between them)."""
+    plain = {(r["cpu"], r["seed"]): r["accuracy"] for r in rows if r["config"] == "plain (shuffle)"}
+    lines = ["| data stream (124 steps of 16) | CPU | accuracy (mean ± std) | vs plain, same seed and CPU | training rows | scoring share of run time |",
+             "|---|---|---|---|---|---|"]
     for name in CONFIGS:
-        mine = [r for r in rows if r["config"] == name]
-        if not mine:
-            continue
-        deltas = [r["accuracy"] - plain[r["seed"]] for r in mine if r["seed"] in plain]
-        delta = f"{statistics.mean(deltas):+.3f} ({sum(d > 0 for d in deltas)}/{len(deltas)} seeds better)" if deltas and name != "plain (shuffle)" else "-"
-        share = statistics.mean(r["scoring_s"] / r["seconds"] for r in mine)
-        lines.append(f"| {name} | {mean_std([r['accuracy'] for r in mine])} | {delta} | {mine[0]['train_rows']:,} | {share:.0%} |")
+        for cpu in sorted({r["cpu"] for r in rows if r["config"] == name}):
+            mine = [r for r in rows if r["config"] == name and r["cpu"] == cpu]
+            deltas = [r["accuracy"] - plain[cpu, r["seed"]] for r in mine if (cpu, r["seed"]) in plain]
+            delta = f"{statistics.mean(deltas):+.3f} ({sum(d > 0 for d in deltas)}/{len(deltas)} seeds better)" if deltas and name != "plain (shuffle)" else "-"
+            share = statistics.mean(r["scoring_s"] / r["seconds"] for r in mine)
+            lines.append(f"| {name} | {cpu} | {mean_std([r['accuracy'] for r in mine])} | {delta} | {mine[0]['train_rows']:,} | {share:.0%} |")
     return "\n".join(lines)
 
 
@@ -151,16 +162,17 @@ def main() -> None:
         _, rows = run_missing(
             args.out / args.results.replace("data_stream", "data_stream_curve"), [(name, seed) for seed in args.seeds for name in configs],
             lambda r: (r["config"], r["seed"]),
-            lambda item: run_one(args.data, args.out / "data-stream-curve-runs", *item, eval_every=CURVE_EVERY), {"cpu": cpu_model_name(), "threads": 1},
+            lambda item: run_one(args.data, args.out / "data-stream-curve-runs", *item, eval_every=CURVE_EVERY), {"threads": 1},
             lambda r: f"{r['config']} seed {r['seed']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",
         )
         plot_curve(rows, Path(__file__).resolve().parent / "results" / "data_stream_curve.png")
         print(f"CPU: {cpu_model_name()}, 1 thread, fp32")
         print(curve_table(rows))
         return
+    cpu = cpu_model_name()  # a row measured on another CPU does not stand in for this one's (the table compares per CPU)
     _, rows = run_missing(
-        args.out / args.results, [(name, seed) for seed in args.seeds for name in args.configs], lambda r: (r["config"], r["seed"]),
-        lambda item: run_one(args.data, args.out / "data-stream-runs", *item), {"cpu": cpu_model_name(), "threads": 1},
+        args.out / args.results, [(name, seed, cpu) for seed in args.seeds for name in args.configs], lambda r: (r["config"], r["seed"], r["cpu"]),
+        lambda item: run_one(args.data, args.out / "data-stream-runs", *item[:2]), {"threads": 1},
         lambda r: f"{r['config']} seed {r['seed']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",
     )
     print(f"CPU: {cpu_model_name()}, 1 thread, fp32")

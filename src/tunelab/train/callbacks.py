@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -52,6 +52,10 @@ class TrainState:
 
 class Callback:
     """Override the events you need; every hook is a no-op by default."""
+
+    #: True for a callback that reads or rewrites the weights themselves (pruning masks, QAT,
+    #: weight averages): under ``strategy: fsdp`` it would see one shard, so the trainer refuses it.
+    reads_weights: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab import atomic
 from tunelab.rundir import checkpoint_path, list_checkpoints, reporting_disk_full
+from tunelab.train import sharding
 from tunelab.train.callbacks import Callback
 
 CALLBACK_STATE = "callbacks.pt"
@@ -42,28 +43,28 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by name, on the CPU, each stored once."""
-    return {name: param.detach().cpu().contiguous() for name, param in trainable_parameters(model).items()}
+    """Trainable tensors by name, full size (gathered when sharded: every process calls this), on
+    the CPU, each stored once."""
+    return {name: sharding.full(param.detach()).cpu().contiguous() for name, param in trainable_parameters(model).items()}
 
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     info: dict[str, Any],
     callbacks: Sequence[Callback] = (),
     rng: dict[str, Any] | None = None,
     per_process: list[Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically. ``rng`` is the random state the next step must start
-    from (default: the current one; an interrupted step passes the state from before it began);
-    ``per_process`` is state each data-parallel process keeps for itself, in rank order
-    (gradient-compression residuals), which ``process_state`` gives back to each."""
+    """Write checkpoint ``step`` atomically: ``weights`` (``trainable_state``) and
+    ``optimizer_state`` (``{"optimizer": ..., "scheduler": ...}`` state dicts, full size). ``rng``
+    is the random state the next step must start from (default: the current one; an interrupted
+    step passes the state from before it began); ``per_process`` is state each data-parallel
+    process keeps for itself, in rank order (gradient-compression residuals), which
+    ``process_state`` gives back to each."""
     target = checkpoint_path(run_dir, step)
-    weights = trainable_state(model)
-    optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     needed = _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
     with reporting_disk_full(run_dir, f"checkpoint step {step}", needed), atomic.directory(target) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
@@ -115,13 +116,15 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore parameters (and optimizer, scheduler, RNG, callbacks' state when given); returns the saved info."""
     weights = load_file(str(path / "trainable.safetensors"))
-    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    missing = set(weights) - set(params)
     if missing:
         raise ValueError(f"checkpoint {path} has parameters the model lacks: {sorted(missing)[:3]}")
-    model.load_state_dict(weights, strict=False)
+    # full-size tensors, whatever wrote them; a sharded model takes its own shard of each
+    model.load_state_dict({name: sharding.like(params[name], value) for name, value in weights.items()}, strict=False)
     if optimizer is not None:
         states = torch.load(path / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(states["optimizer"])
+        optimizer.load_state_dict(sharding.localize_optimizer_state(optimizer, states["optimizer"]))
         scheduler.load_state_dict(states["scheduler"])
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])

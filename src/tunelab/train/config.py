@@ -29,10 +29,35 @@ class GradCompressionConfig(Section):
     ratio: float = Field(0.01, gt=0, le=1, description="topk: fraction of each bucket's entries sent.")
 
 
-class DistributedConfig(Section):
-    """How data-parallel processes cooperate (used under torchrun; ignored in one process)."""
+class FsdpConfig(Section):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block and the whole model."""
 
+    reshard_after_forward: bool = Field(
+        True, description="Free each block's gathered weights after its forward and gather them again for the backward "
+        "(least memory); false keeps them until the backward (one all-gather fewer per block, more memory).",
+    )
+    cpu_offload: bool = Field(False, description="Keep the sharded parameters, gradients and optimizer step on the CPU (GPU runs that do not fit).")
+    mixed_precision: bool = Field(
+        False, description="Gather parameters in train.precision's dtype (bf16/fp16) and reduce gradients in fp32 "
+        "(MixedPrecisionPolicy): half the traffic; off: fp32 shards under autocast, like one process.",
+    )
+
+
+class DistributedConfig(Section):
+    """How the processes of a torchrun job share the work (ignored in one process)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model, gradients are averaged (DistributedDataParallel); "
+        "fsdp: parameters, gradients and optimizer state are sharded over the processes (FSDP2), for models that do not fit one device.",
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (strategy: fsdp).")
     grad_compression: GradCompressionConfig | None = Field(None, description="Compress the gradients processes exchange (DDP communication hooks).")
+
+    @model_validator(mode="after")
+    def _compression_is_ddps(self) -> DistributedConfig:
+        if self.strategy != "ddp" and self.grad_compression is not None:
+            raise ValueError("grad_compression works through DDP's communication hooks: use strategy: ddp, or remove grad_compression")
+        return self
 
 
 class TrainConfig(Section):
@@ -71,7 +96,7 @@ class TrainConfig(Section):
     threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Data-parallel settings (under torchrun).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How torchrun's processes share the work: ddp or fsdp, gradient compression.")
 
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
     eval_before: bool = Field(True, description="Evaluate the untrained model first, so improvement is measured.")

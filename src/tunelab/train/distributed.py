@@ -1,8 +1,9 @@
 """Data-parallel training on PyTorch's own engine: ``torchrun`` sets the environment, we join.
 
 Under ``torchrun --nproc-per-node N`` each process trains on its shard of every global batch and
-DistributedDataParallel averages gradients. Only rank 0 logs, evaluates and writes. There is no
-home-made distribution layer: FSDP2 or tensor parallelism plug in at ``wrap_model``.
+DistributedDataParallel averages gradients, or, with ``train.distributed.strategy: fsdp``, FSDP2
+shards the model (``tunelab.train.sharding``). Only rank 0 logs and writes. There is no home-made
+distribution layer.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from tunelab import atomic
 from tunelab.data import Example, batch_tokens
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision
+from tunelab.train import checkpoint, frozen_precision, sharding
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
@@ -155,6 +155,7 @@ class Trainer:
             self.sampler.bind(self.total_steps, self.cfg.grad_accum * self.world.size)
         if hasattr(self.sampler, "state_dict"):
             self.callbacks = [*self.callbacks, SamplerState(self.sampler)]
+        self.skeleton = self._shard_if_asked()  # before the optimizer: sharding replaces the parameters
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg, [cb.lr_multiplier for cb in self.callbacks])
         averaging = [cb.name for cb in self.callbacks if type(cb).averaged_weights is not Callback.averaged_weights]
@@ -163,12 +164,47 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         compression = self.cfg.distributed.grad_compression if self.world.distributed else None
         buckets = bucket_cap_mb(self.model, compression) if compression is not None else None
-        self.wrapped = wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters, bucket_cap_mb=buckets)
+        self.wrapped = self.model if self.sharded else wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters, bucket_cap_mb=buckets)
         self.comm = register_compression(self.wrapped, compression) if compression is not None else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._epoch_batches: dict[int, list[list[int]]] = {}
 
     # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        return self.skeleton is not None
+
+    def _shard_if_asked(self) -> torch.nn.Module | None:
+        """FSDP2 under torchrun with ``train.distributed.strategy: fsdp``: shards the model in
+        place and returns its meta skeleton (``tunelab.train.sharding``); None otherwise."""
+        settings = self.cfg.distributed
+        if not self.world.distributed or settings.strategy != "fsdp":
+            return None
+        unsupported = {
+            "train.compile": self.compile,
+            "steps that leave some trainable weights without a gradient (task heads, adapter families)": not self.uses_all_parameters,
+            **{f"the {cb.name} callback (it reads the weights, and would see one shard)": cb.reads_weights for cb in self.callbacks},
+        }
+        blocked = [what for what, present in unsupported.items() if present]
+        if blocked:
+            raise UserError(f"strategy fsdp does not work with {blocked[0]} yet", where="train.distributed.strategy", hint="use strategy: ddp for this run")
+        if settings.fsdp.cpu_offload and self.device.type == "cpu":
+            raise UserError("fsdp.cpu_offload moves a GPU run's shards to the CPU; this run is on the CPU already", where="train.distributed.fsdp.cpu_offload", hint="remove it")
+        return sharding.shard(self.model, self.world.size, self.device, settings.fsdp, self.precision.dtype if self.precision.autocast else None)
+
+    def plain_model(self) -> torch.nn.Module:
+        """The trained model as an ordinary module, for the final save and what runs after it: the
+        model itself, or under fsdp its skeleton filled with the gathered weights (collective)."""
+        if self.skeleton is None:
+            return self.model
+        return sharding.materialize(self.skeleton, self.model)
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients stay in this process for every micro-batch of a step but the last."""
+        if sync or not self.world.distributed:
+            return contextlib.nullcontext()
+        return sharding.gradients_kept_local(self.wrapped) if self.sharded else self.wrapped.no_sync()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.autocast)
@@ -196,7 +232,9 @@ class Trainer:
         if due is None or not due(step):
             return
         model = unwrap(self.wrapped)
-        record = timed_losses(step, lambda: example_losses(model, self.objective, self.collate, self.train, autocast=self._autocast, world=self.world, device=self.device))
+        # sharded, every forward is collective: each process scores every example (in the same batches)
+        world = World() if self.sharded else self.world
+        record = timed_losses(step, lambda: example_losses(model, self.objective, self.collate, self.train, autocast=self._autocast, world=world, device=self.device))
         self.sampler.set_scores(step, record.scores)  # type: ignore[union-attr]
         self._epoch_batches = {}
         if self.world.is_main:
@@ -270,7 +308,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, resume_from: Path | None = None) -> TrainResult:
-        cast = self.low_precision_frozen and self.precision.autocast
+        cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
         original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
         if self.compile:
             compile_blocks(self.model)
@@ -342,12 +380,11 @@ class Trainer:
                     raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
                 loss_total, step_stats = 0.0, {}
                 for j, batch in enumerate(micro):
-                    sync = j == len(micro) - 1 or not self.world.distributed
                     with self._attention_scope(batch):  # forward and backward (checkpointing re-runs the forward)
-                        with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+                        with self._gradient_sync(j == len(micro) - 1), self._autocast():
                             loss_sum, batch_stats = self.objective(self.wrapped, batch)
-                            # Summed loss / units of the whole step; DDP averages gradients over processes,
-                            # so scaling by world size makes the result the global token mean exactly.
+                            # Summed loss / units of the whole step; DDP and FSDP average gradients over
+                            # processes, so scaling by world size makes the result the global token mean exactly.
                             loss = loss_sum * (self.world.size / units)
                         self.scaler.scale(loss).backward()
                     loss_total += float(loss_sum.detach())
@@ -436,7 +473,7 @@ class Trainer:
             )
 
     def _eval_and_log(self, state: TrainState, log_only: bool = False) -> dict[str, float]:
-        metrics = self.evaluate() if self.world.is_main else {}
+        metrics = self.evaluate() if self.world.is_main or self.sharded else {}  # sharded forwards need every process
         self.world.barrier()
         if self.world.is_main:
             record = {"type": "eval", "step": state.step, **metrics}
@@ -460,7 +497,11 @@ class Trainer:
     def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None, rng: dict[str, Any] | None = None) -> None:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
         per_process = self.world.all_gather_object(self.comm.state_dict()) if self.comm is not None else None
+        # gathered on every process (collective when sharded): the same checkpoint whatever the world size
+        gathers = self.world.is_main or self.sharded
+        weights = checkpoint.trainable_state(unwrap(self.wrapped)) if gathers else {}
+        optimizer_state = {"optimizer": sharding.full(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()} if gathers else {}
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, state.step, unwrap(self.wrapped), self.optimizer, self.scheduler, info, self.callbacks, rng, per_process)
+            checkpoint.save_checkpoint(self.run_dir, state.step, weights, optimizer_state, info, self.callbacks, rng, per_process)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
         self.world.barrier()

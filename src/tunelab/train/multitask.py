@@ -150,8 +150,8 @@ def prepare_multitask(recipe: Recipe) -> Any:
             raise ValueError("a multi-task micro-batch must hold one task's examples (check the sampler)")
         return {**collates[task](examples), "task": torch.tensor(task), "task_examples": torch.tensor(len(examples))}
 
-    def save(run_dir: Path) -> Path:
-        return save_multitask_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method, label_names=label_names)
+    def save(run_dir: Path, trained: torch.nn.Module) -> Path:
+        return save_multitask_final(run_dir, trained, tokenizer, base=recipe.model.name, method=recipe.method, label_names=label_names)
 
     data = DataBundle(train, validation, _combined_report(bundles), None)
     return Prepared(model, tokenizer, body_loaded.source, data, objective, collate, save, recipe.train, sampler, uses_all_parameters=False)

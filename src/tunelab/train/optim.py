@@ -16,6 +16,7 @@ from tunelab.errors import UserError
 from tunelab.methods.blocks import block_index, block_list
 from tunelab.train.config import TrainConfig
 from tunelab.train.optimizers import OPTIMIZERS
+from tunelab.train.sharding import is_shard
 
 
 def _no_decay(name: str, param: torch.nn.Parameter, embedding_ids: set[int]) -> bool:
@@ -84,8 +85,10 @@ def build_scheduler(
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps per parameter (moments, factored statistics,
-    quantisation maps): what the choice of optimizer costs in memory, measured, not assumed."""
+    quantisation maps) in this process (its shards under fsdp): what the choice of optimizer and
+    strategy costs in memory, measured, not assumed."""
     return sum(
-        value.numel() * value.element_size()
+        local.numel() * local.element_size()
         for per_param in optimizer.state.values() for value in per_param.values() if isinstance(value, torch.Tensor)
+        for local in [value.to_local() if is_shard(value) else value]
     )

@@ -151,9 +151,9 @@ def _prepare_causal_lm(recipe: Recipe, device: torch.device) -> Prepared:
     attach_objective_modules(model, objective)
     collate = _causal_lm_collate(objective, recipe, pad_token_id(tokenizer))
 
-    def save(run_dir: Path) -> Path:
-        detach_objective_modules(model)
-        return save_final(run_dir, model, tokenizer, base=recipe.model.name, model_task="causal-lm", section=recipe.method, label_names=data.label_names)
+    def save(run_dir: Path, trained: torch.nn.Module) -> Path:
+        detach_objective_modules(trained)
+        return save_final(run_dir, trained, tokenizer, base=recipe.model.name, model_task="causal-lm", section=recipe.method, label_names=data.label_names)
 
     return Prepared(model, tokenizer, loaded.source, data, objective, collate, save, recipe.train)
 
@@ -167,10 +167,10 @@ def _prepare_head(recipe: Recipe, head: HeadConfig, device: torch.device) -> Pre
     tokenizer = loaded.tokenizer
     objective = _objective(recipe, plan_for(head).objective, ObjectiveContext(model, tokenizer, data.label_names, data.train, head, device, recipe.seed, model_name=recipe.model.name))
 
-    def save(run_dir: Path) -> Path:
+    def save(run_dir: Path, trained: torch.nn.Module) -> Path:
         if head.type == "embedding":
-            return save_embedding_final(run_dir, model, tokenizer, base=recipe.model.name, method=recipe.method)
-        return save_final(run_dir, model, tokenizer, base=recipe.model.name, model_task=plan.model_task, section=recipe.method, label_names=label_names)
+            return save_embedding_final(run_dir, trained, tokenizer, base=recipe.model.name, method=recipe.method)
+        return save_final(run_dir, trained, tokenizer, base=recipe.model.name, model_task=plan.model_task, section=recipe.method, label_names=label_names)
 
     collate = head_collate(head, masking(recipe.objective), tokenizer, recipe.seed)
     return Prepared(model, tokenizer, loaded.source, data, objective, collate, save, recipe.train, model_task=plan.model_task)

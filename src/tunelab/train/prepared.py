@@ -32,7 +32,7 @@ class Prepared:
     data: DataBundle
     objective: Objective
     collate: Collate
-    save: Callable[[Path], Path]  # writes RUN_DIR/final, returns it
+    save: Callable[[Path, torch.nn.Module], Path]  # writes RUN_DIR/final from the trained model (under fsdp its gathered copy), returns it
     train_cfg: TrainConfig
     #: Data order; None is the trainer's default (a seeded shuffle).
     sampler: Sampler | None = None

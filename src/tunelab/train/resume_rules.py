@@ -16,10 +16,11 @@ from tunelab.recipe import Recipe, load_recipe
 from tunelab.train import auto_settings
 
 #: Settings a resumed run may change without changing what its finished steps meant: speed,
-#: bookkeeping, a longer schedule, and what happens after training.
+#: bookkeeping, a longer schedule, and what happens after training. ddp and fsdp compute the same
+#: steps, and checkpoints hold full-size tensors either way, so a run may switch between them.
 SAFE_ON_RESUME = (
     "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
-    "train.eval_every", "train.compile", "eval.", "compress.", "output_dir",
+    "train.eval_every", "train.compile", "train.distributed.strategy", "train.distributed.fsdp.", "eval.", "compress.", "output_dir",
 )
 
 

@@ -208,9 +208,10 @@ def _run(
     if result.stop_reason == "interrupted":
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
+    model = trainer.plain_model()  # under fsdp: the gathered copy (every process takes part)
     if world.is_main:
         with reporting_disk_full(run_dir, "the final model"):
-            saved = str(_save_final(prepared, run_dir, trainer.averaged_weights()))
+            saved = str(_save_final(prepared, model, run_dir, trainer.averaged_weights()))
     world.barrier()
     summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit)
     if world.is_main:
@@ -235,16 +236,16 @@ def _run(
     return summary
 
 
-def _save_final(prepared: Prepared, run_dir: Path, averaged: dict[str, torch.Tensor] | None) -> Path:
+def _save_final(prepared: Prepared, model: torch.nn.Module, run_dir: Path, averaged: dict[str, torch.Tensor] | None) -> Path:
     """Save the trained model as ``final/``. With weight averaging, the live weights go to
     ``final-raw/`` first and the average then replaces them in the model, so ``final/``, the
     evaluation after training and compression all use the average."""
     if averaged is not None:
         raw = run_dir / RAW_FINAL
         shutil.rmtree(raw, ignore_errors=True)  # an extended run replaces the shorter run's
-        os.replace(prepared.save(run_dir), raw)
-        load_into(prepared.model, averaged)
-    return prepared.save(run_dir)
+        os.replace(prepared.save(run_dir, model), raw)
+        load_into(model, averaged)
+    return prepared.save(run_dir, model)
 
 
 def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | None, dict[str, list[Any]]]:

@@ -52,6 +52,8 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
 class WeightAverage(Callback, ABC):
     """A running average of the trainable weights, updated after the steps ``due`` selects."""
 
+    reads_weights = True
+
     def __init__(self, cfg: SWAConfig | EMAConfig) -> None:
         self.cfg = cfg
         self.average: dict[str, torch.Tensor] = {}

@@ -32,6 +32,7 @@ from tunelab.train.distributed import unwrap as unwrap_ddp
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 from tunelab.train.packing_check import packs_exactly
+from tunelab.train.sharding import is_shard
 from tunelab.train.varlen_attention import (
     segment_bounds,
     supports_varlen,
@@ -183,7 +184,8 @@ class CausalLMObjective:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         weights = batch.get("weights")  # data.weight_column: each token weighs as its example
-        if self.fused_loss:
+        # a sharded head (strategy: fsdp) is whole only inside the model's forward: its logits come from there
+        if self.fused_loss and not is_shard(self.head.weight):
             hidden, targets, supervised_next = self.supervised_hidden(model, batch)
             token_weights = None if weights is None else weights[:, 1:][supervised_next]
             loss_sum, correct = fused_linear_cross_entropy(hidden, self.head.weight, targets, token_weights)

@@ -1,0 +1,129 @@
+"""Fully sharded data parallel (FSDP2) for the engine: ``train.distributed.strategy: fsdp``.
+
+``fully_shard`` goes on every transformer block and then on the whole model, so each process
+keeps 1/N of every parameter, gradient and optimizer state, and a block's weights are gathered
+only while it runs. Everything else the engine does is unchanged, with three consequences of
+the parameters being DTensor shards:
+
+- checkpoints gather every trainable tensor and optimizer state to full size (``full``), so a
+  checkpoint is the same file whatever the number of processes that wrote it, and a run resumes
+  on any number of processes, sharded or not (``like`` cuts a full tensor to this process's
+  shard on load);
+- the final save and whatever runs after training (evaluation, compression) need an ordinary
+  module: a parameter-free copy of the model is taken on the meta device before sharding
+  (``meta_skeleton``) and filled with the gathered weights at the end (``materialize``), ties
+  (a shared embedding and LM head) kept;
+- every forward is collective, so every process evaluates, not only the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tunelab.methods.blocks import block_list
+from tunelab.train.config import FsdpConfig
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory), buffers shared.
+
+    ``deepcopy`` with every parameter pre-entered in its memo: the module tree, configs and
+    attached objects are copied, the weights are not; a parameter shared by two modules stays
+    shared in the copy.
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(model, memo)
+
+
+def shard(model: torch.nn.Module, world_size: int, device: torch.device, cfg: FsdpConfig, low_precision: torch.dtype | None) -> torch.nn.Module:
+    """Apply FSDP2 to ``model`` in place (each block, then the root); returns its meta skeleton.
+
+    ``low_precision``: the dtype parameters are gathered in when ``cfg.mixed_precision`` (None
+    or fp32: no mixed-precision policy; autocast then works on fp32 shards as in one process).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    skeleton = meta_skeleton(model)
+    options: dict[str, Any] = {"mesh": init_device_mesh(device.type, (world_size,)), "reshard_after_forward": cfg.reshard_after_forward}
+    if cfg.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    if cfg.mixed_precision and low_precision not in (None, torch.float32):
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
+    _, blocks = block_list(model)
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return skeleton
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(value: Any) -> Any:
+    """``value`` with every DTensor in it gathered to its full size (collective: every process
+    calls it, in the same order); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.full_tensor() if is_shard(value) else value
+    if isinstance(value, dict):
+        return {k: full(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(full(v) for v in value)
+    return value
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (full size, the same on every process) as ``param`` holds it: this process's
+    shard when ``param`` is sharded, ``value`` itself otherwise. No communication: each process
+    cuts its own shard from the copy it read."""
+    if not is_shard(param) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def localize_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A full-size optimizer state (``optimizer.state_dict()`` gathered) cut to this process's
+    shards, so ``optimizer.load_state_dict`` accepts it: moment tensors shaped like their
+    parameter become its shard; scalars (the step count) stay as they are."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {index: {k: like(params[index], v) if isinstance(v, torch.Tensor) else v for k, v in per_param.items()}
+             for index, per_param in saved["state"].items()}
+    return {**saved, "state": state}
+
+
+def materialize(skeleton: torch.nn.Module, sharded: torch.nn.Module) -> torch.nn.Module:
+    """``skeleton`` filled with ``sharded``'s weights gathered to full size: an ordinary module
+    equal to the trained one (collective). A parameter two names share is one parameter again."""
+    source = dict(sharded.named_parameters(remove_duplicate=False))
+    made: dict[int, torch.nn.Parameter] = {}
+    for name, param in list(skeleton.named_parameters(remove_duplicate=False)):
+        original = source[name]
+        if id(original) not in made:
+            made[id(original)] = torch.nn.Parameter(full(original.detach()).clone(), requires_grad=param.requires_grad)
+        owner, _, attribute = name.rpartition(".")
+        setattr(skeleton.get_submodule(owner), attribute, made[id(original)])
+    return skeleton
+
+
+@contextlib.contextmanager
+def gradients_kept_local(model: torch.nn.Module) -> Iterator[None]:
+    """Accumulate gradients without reduce-scattering them (every micro-batch but a step's last)."""
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]

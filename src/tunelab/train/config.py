@@ -51,6 +51,10 @@ class DistributedConfig(Section):
         "fsdp: parameters, gradients and optimizer state are sharded over the processes (FSDP2), for models that do not fit one device.",
     )
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (strategy: fsdp).")
+    timeout_s: float | None = Field(
+        None, gt=0, description="How long a collective waits for a process that stopped answering before the job ends with an error "
+        "(a process that died is noticed at once); default: PyTorch's (30 min on gloo, 10 on NCCL). Keep it above rank 0's longest evaluation.",
+    )
     grad_compression: GradCompressionConfig | None = Field(None, description="Compress the gradients processes exchange (DDP communication hooks).")
 
     @model_validator(mode="after")

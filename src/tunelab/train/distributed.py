@@ -8,12 +8,23 @@ distribution layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tunelab.errors import UserError
+
+#: What a collective's error says when a process on the other end died or stopped answering
+#: (gloo's TCP pairs, NCCL, the rendezvous store).
+_PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|timed out|nccl error|socket timeout", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -68,14 +79,33 @@ class World:
         return bool(tensor.item())
 
 
-def init_world(device: torch.device) -> World:
-    """Join the process group when launched by torchrun; a single process otherwise."""
+def init_world(device: torch.device, timeout_s: float | None = None) -> World:
+    """Join the process group when launched by torchrun (collectives waiting at most ``timeout_s``
+    for a silent process; None: PyTorch's default); a single process otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+@contextlib.contextmanager
+def lost_peers_reported(world: World, run_dir: Path) -> Iterator[None]:
+    """A collective that fails because another process of the job died or stopped answering ends
+    this process with one line (its rank, what the backend said, how to continue) instead of a
+    traceback through the C++ frames of the communication library, which says nothing more."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not world.distributed or not _PEER_LOST.search(str(exc)):
+            raise
+        said = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0])[:200]  # drop gloo's source-file prefix
+        raise UserError(
+            f"rank {world.rank}: another process of this job stopped or stopped answering ({said})",
+            hint=f"its own log says why; continue from the last checkpoint with the same launcher: ... -m tunelab.cli train --resume {run_dir}",
+        ) from None
 
 
 def wrap_model(model: torch.nn.Module, world: World, *, find_unused_parameters: bool = False, bucket_cap_mb: float | None = None) -> torch.nn.Module:

@@ -50,7 +50,7 @@ from tunelab.rundir import (
     unique_run_dir,
 )
 from tunelab.train.callbacks import Callback, callbacks_for
-from tunelab.train.distributed import World, init_world, shutdown
+from tunelab.train.distributed import World, init_world, lost_peers_reported, shutdown
 from tunelab.train.loop import (
     CancelToken,
     EventSink,
@@ -127,7 +127,7 @@ def run_training(
         return run_stages(recipe, run_training, RunSummary.from_record, resume=resume, show_progress=show_progress,
                           callbacks=callbacks, events=events, cancel=cancel)
     device = best_device()
-    world = init_world(device)
+    world = init_world(device, recipe.train.distributed.timeout_s)
     if recipe.output_dir is None:
         if resume:
             raise UserError("resuming needs the run directory", hint="pass output_dir (or use tunelab train --resume RUN_DIR)")
@@ -135,7 +135,7 @@ def run_training(
         recipe = copy_recipe(recipe, output_dir=world.broadcast_object(recipe.output_dir))
     threads_before = torch.get_num_threads()
     try:
-        with reporting_disk_full(Path(recipe.output_dir), "the run's outputs"):
+        with reporting_disk_full(Path(recipe.output_dir), "the run's outputs"), lost_peers_reported(world, Path(recipe.output_dir)):
             summary = _run(recipe, Path(recipe.output_dir), device, world, resume, show_progress, list(callbacks), events, cancel)
         if events is not None and world.is_main:
             events({"type": "done", **summary.as_dict()})

@@ -80,6 +80,21 @@ def test_checkpoints_are_full_size_and_resume_across_strategies(tmp_path):
             assert torch.allclose(resumed[key], value, atol=1e-5), key
 
 
+def test_a_run_resumes_on_another_number_of_processes_when_the_global_batch_is_kept(tmp_path):
+    """2 sharded processes x batch 4, stopped at step 2, continue on one process x batch 8: the
+    steps draw the same examples, so the run ends where the uninterrupted one does. Keeping the
+    per-process batch would halve the global batch: refused, with the batch that keeps it."""
+    straight = final_tensors(train(tmp_path, "straight", 2))
+    half = train(tmp_path, "half", 2, steps=2)
+    resume = [sys.executable, "-m", "tunelab.cli", "train", "--no-progress", "--resume", str(half), "train.max_steps=4"]
+    refused = subprocess.run(resume, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert refused.returncode == 2 and "changes the global batch from 8 to 4" in refused.stderr and "train.batch_size=8" in refused.stderr
+    train(tmp_path, "alone", 1, extra=("--resume", str(half), "train.max_steps=4", "train.batch_size=8"))
+    resumed = final_tensors(half)
+    for key, value in straight.items():
+        assert torch.allclose(resumed[key], value, atol=1e-5), key
+
+
 def test_what_fsdp_cannot_do_yet_is_refused_with_the_setting_named(tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl")
     recipe = tmp_path / "r.yaml"

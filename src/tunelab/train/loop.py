@@ -357,7 +357,7 @@ class Trainer:
             return {
                 "best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before, "last_eval": last_eval,
                 "train_loss": last_loss, "tokens_seen": tokens_seen, "supervised_units": supervised,
-                "seconds": time.perf_counter() - started,
+                "seconds": time.perf_counter() - started, "processes": self.world.size,  # a resume checks the global batch against it
             }
 
         updating = False  # True while weights, optimizer and scheduler are mid-update

@@ -253,7 +253,7 @@ def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | N
     safe recipe changes; the run directory is rewound to that checkpoint first."""
     if not (run_dir / "recipe.yaml").exists():
         raise UserError("nothing to resume: no run was started here (no recipe.yaml)", where=str(run_dir), hint="train without --resume")
-    changes = resume_changes(run_dir, recipe)
+    changes = resume_changes(run_dir, recipe, world.size)
     checkpoints = list_checkpoints(run_dir)
     resume_from = checkpoints[-1] if checkpoints else None
     if (run_dir / "summary.json").exists():  # written after the final model: the run is complete

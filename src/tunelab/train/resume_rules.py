@@ -85,7 +85,8 @@ def _same_global_batch(run_dir: Path, started: Recipe, recipe: Recipe, processes
             return False  # a batch change on the same processes: the ordinary rule refuses it
         per_process = then_batch / (processes * recipe.train.grad_accum)
         raise UserError(
-            f"resuming on {processes} processes instead of {before} changes the global batch from {then_batch} to {now_batch} examples per step",
+            f"resuming on {processes} process{'es' * (processes != 1)} instead of {before} changes the global batch "
+            f"from {then_batch} to {now_batch} examples per step",
             where=str(run_dir),
             hint=f"keep batch_size x grad_accum x processes = {then_batch}: e.g. train.batch_size={per_process:g}" if per_process.is_integer()
             else f"keep batch_size x grad_accum x processes = {then_batch} (train.batch_size, train.grad_accum)",

@@ -31,11 +31,12 @@ def train(tmp_path: Path, name: str, processes: int, *, model: str = "tiny-llama
     recipe = tmp_path / f"{name}.yaml"
     data = write_chat_data(tmp_path / "d.jsonl")
     recipe.write_text(RECIPE.format(model=model, data=data, method=method, steps=steps, bs=bs, accum=accum, strategy=strategy, out=out))
-    cli = ["-m", "tunelab.cli", "train", "--no-progress", *extra] + ([] if "--resume" in extra else [str(recipe)])
+    cli = ["-m", "tunelab.cli", "train", "--no-progress", *(extra if "--resume" in extra else (str(recipe), *extra))]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(29300 + sum(map(ord, name)) % 300)]
     command = [*launcher, *cli] if processes > 1 else [sys.executable, *cli]
     proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(errors[-10:])
     return out
 
 
@@ -104,3 +105,19 @@ def test_what_fsdp_cannot_do_yet_is_refused_with_the_setting_named(tmp_path):
     proc = subprocess.run(launcher, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     assert proc.returncode != 0 and "strategy fsdp does not work with the ema callback" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr.split("strategy fsdp")[0][-300:]
+
+
+def test_sharded_checkpoints_hold_one_file_per_process_and_resume_on_any_number(tmp_path):
+    """fsdp.checkpoint: sharded: each process writes its own shards (torch.distributed.checkpoint),
+    nothing gathered; the checkpoint resumes sharded on 2 processes and plain on 1 (batch 8)."""
+    sharded = ("train.distributed.fsdp.checkpoint=sharded",)
+    straight = final_tensors(train(tmp_path, "straight", 2))
+    for name, processes, resume in (("on-two", 2, ()), ("alone", 1, ("train.batch_size=8",))):
+        half = train(tmp_path, f"half-{name}", 2, steps=2, extra=sharded)
+        files = sorted(p.name for p in (half / "checkpoints" / "step-0000002").iterdir())
+        assert "trainable.safetensors" not in files and sorted(p.name for p in (half / "checkpoints" / "step-0000002" / "sharded").iterdir()) == [
+            ".metadata", "__0_0.distcp", "__1_0.distcp"]
+        train(tmp_path, f"resume-{name}", processes, extra=("--resume", str(half), "train.max_steps=4", *resume))
+        resumed = final_tensors(half)
+        for key, value in straight.items():
+            assert torch.allclose(resumed[key], value, atol=1e-5), (name, key)

@@ -52,16 +52,25 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-@contextlib.contextmanager
-def directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``path`` only if the block succeeds.
-
-    An existing ``path`` is moved aside first and deleted only after the new one is in place, so
-    an interruption leaves either the old or the new directory, never a mix.
-    """
+def temporary_sibling(path: str | Path) -> Path:
+    """A new empty directory beside ``path`` that ``directory`` can later put in its place (and
+    that ``clean_stale`` removes if the writer is killed first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+@contextlib.contextmanager
+def directory(path: str | Path, started: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block succeeds.
+
+    ``started``: a ``temporary_sibling`` other writers have already filled in part (the shards
+    each process of a job writes), used instead of a new one. An existing ``path`` is moved aside
+    first and deleted only after the new one is in place, so an interruption leaves either the old
+    or the new directory, never a mix.
+    """
+    path = Path(path)
+    tmp = started if started is not None else temporary_sibling(path)
     try:
         yield tmp
     except BaseException:

@@ -7,6 +7,8 @@ service read it, so this module sits at the bottom of the stack and imports no m
 RUN_DIR/
   recipe.yaml  data_report.json  metrics.jsonl  summary.json  loss_curve.png
   checkpoints/step-0000040/   trainable.safetensors optimizer.pt rng.pt callbacks.pt state.json
+                              (fsdp.checkpoint: sharded: sharded/ with one DCP file per process
+                              instead of trainable.safetensors and the optimizer's moments)
   final/                      tunelab_model.json (the manifest) + what the methods saved + tokenizer
 ```
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab import atomic
 from tunelab.rundir import checkpoint_path, list_checkpoints, reporting_disk_full
-from tunelab.train import sharding
+from tunelab.train import sharded_checkpoint, sharding
 from tunelab.train.callbacks import Callback
 
 CALLBACK_STATE = "callbacks.pt"
@@ -57,17 +57,21 @@ def save_checkpoint(
     callbacks: Sequence[Callback] = (),
     rng: dict[str, Any] | None = None,
     per_process: list[Any] | None = None,
+    started: Path | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically: ``weights`` (``trainable_state``) and
     ``optimizer_state`` (``{"optimizer": ..., "scheduler": ...}`` state dicts, full size). ``rng``
     is the random state the next step must start from (default: the current one; an interrupted
     step passes the state from before it began); ``per_process`` is state each data-parallel
     process keeps for itself, in rank order (gradient-compression residuals), which
-    ``process_state`` gives back to each."""
+    ``process_state`` gives back to each. ``started``: the temporary directory the processes
+    already wrote their shards into (``tunelab.train.sharded_checkpoint``; then ``weights`` and
+    the optimizer's state are empty here)."""
     target = checkpoint_path(run_dir, step)
     needed = _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
-    with reporting_disk_full(run_dir, f"checkpoint step {step}", needed), atomic.directory(target) as tmp:
-        save_file(weights, str(tmp / "trainable.safetensors"))
+    with reporting_disk_full(run_dir, f"checkpoint step {step}", needed), atomic.directory(target, started) as tmp:
+        if weights:
+            save_file(weights, str(tmp / "trainable.safetensors"))
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(rng or rng_state(), tmp / "rng.pt")
         _torch_save({cb.name: cb.state_dict() for cb in callbacks}, tmp / CALLBACK_STATE)
@@ -102,6 +106,18 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _load_full(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, optimizer_state: dict[str, Any] | None) -> None:
+    """Full-size tensors, whatever wrote them; a sharded model takes its own shard of each."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = set(weights) - set(params)
+    if missing:
+        raise ValueError(f"checkpoint {path} has parameters the model lacks: {sorted(missing)[:3]}")
+    model.load_state_dict({name: sharding.like(params[name], value) for name, value in weights.items()}, strict=False)
+    if optimizer is not None and optimizer_state is not None:
+        optimizer.load_state_dict(sharding.localize_optimizer_state(optimizer, optimizer_state))
+
+
 def process_state(path: Path, rank: int) -> Any:
     """Process ``rank``'s own state saved with checkpoint ``path`` (empty when it has none: a
     checkpoint from before gradients were compressed, or from fewer processes)."""
@@ -115,16 +131,12 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, callbacks: Sequence[Callback] = ()
 ) -> dict[str, Any]:
     """Restore parameters (and optimizer, scheduler, RNG, callbacks' state when given); returns the saved info."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = set(weights) - set(params)
-    if missing:
-        raise ValueError(f"checkpoint {path} has parameters the model lacks: {sorted(missing)[:3]}")
-    # full-size tensors, whatever wrote them; a sharded model takes its own shard of each
-    model.load_state_dict({name: sharding.like(params[name], value) for name, value in weights.items()}, strict=False)
+    states = torch.load(path / "optimizer.pt", weights_only=False) if optimizer is not None else {}
+    if sharded_checkpoint.is_sharded(path):  # each process wrote its shards: DCP re-cuts them for how the model is held now
+        sharded_checkpoint.load(path, model, optimizer)
+    else:
+        _load_full(path, model, optimizer, states.get("optimizer"))
     if optimizer is not None:
-        states = torch.load(path / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(sharding.localize_optimizer_state(optimizer, states["optimizer"]))
         scheduler.load_state_dict(states["scheduler"])
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])

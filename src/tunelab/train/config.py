@@ -41,6 +41,11 @@ class FsdpConfig(Section):
         False, description="Gather parameters in train.precision's dtype (bf16/fp16) and reduce gradients in fp32 "
         "(MixedPrecisionPolicy): half the traffic; off: fp32 shards under autocast, like one process.",
     )
+    checkpoint: Literal["full", "sharded"] = Field(
+        "full", description="full: checkpoints gathered to full size by rank 0 (one safetensors file, readable anywhere); "
+        "sharded: each process writes its shards (torch.distributed.checkpoint), nothing gathered: for models too large for one host. "
+        "Either resumes on any number of processes.",
+    )
 
 
 class DistributedConfig(Section):

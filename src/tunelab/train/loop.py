@@ -24,7 +24,7 @@ from tunelab import atomic
 from tunelab.data import Example, batch_tokens
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision, sharding
+from tunelab.train import checkpoint, frozen_precision, sharded_checkpoint, sharding
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
@@ -497,11 +497,18 @@ class Trainer:
     def _checkpoint(self, state: TrainState, info: dict[str, Any], best_path: str | None, rng: dict[str, Any] | None = None) -> None:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
         per_process = self.world.all_gather_object(self.comm.state_dict()) if self.comm is not None else None
-        # gathered on every process (collective when sharded): the same checkpoint whatever the world size
-        gathers = self.world.is_main or self.sharded
+        started = None
+        if self.sharded and self.cfg.distributed.fsdp.checkpoint == "sharded":  # each process writes its shards, nothing gathered
+            target = self._checkpoint_path(state.step)
+            started = Path(self.world.broadcast_object(str(atomic.temporary_sibling(target)) if self.world.is_main else None))
+            sharded_checkpoint.save(started, self.model, self.optimizer)
+            self.world.barrier()
+        # otherwise gathered (collective when sharded): the same checkpoint whatever the world size
+        gathers = started is None and (self.world.is_main or self.sharded)
         weights = checkpoint.trainable_state(unwrap(self.wrapped)) if gathers else {}
-        optimizer_state = {"optimizer": sharding.full(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()} if gathers else {}
+        optimizer_state = {"optimizer": sharding.full(self.optimizer.state_dict())} if gathers else {}
         if self.world.is_main:
-            checkpoint.save_checkpoint(self.run_dir, state.step, weights, optimizer_state, info, self.callbacks, rng, per_process)
+            checkpoint.save_checkpoint(self.run_dir, state.step, weights, {**optimizer_state, "scheduler": self.scheduler.state_dict()}, info,
+                                       self.callbacks, rng, per_process, started)
             checkpoint.prune_checkpoints(self.run_dir, self.cfg.keep_last, Path(best_path) if best_path else None)
         self.world.barrier()

@@ -1,0 +1,53 @@
+"""Sharded checkpoints (``train.distributed.fsdp.checkpoint: sharded``): each process writes its
+own shards of the trainable weights and the optimizer's state with ``torch.distributed.checkpoint``
+(DCP), so nothing is ever gathered on one host; DCP re-cuts them on load, so a checkpoint written
+by N processes resumes on any number of processes, sharded or not, or in one plain process.
+
+The rest of a checkpoint (scheduler, RNG, callbacks, state.json) is small and written by rank 0
+beside the ``sharded/`` folder, as in a full checkpoint (``tunelab.train.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: The folder inside a checkpoint that holds the DCP files (``.metadata`` and one ``.distcp`` per process).
+SHARDED = "sharded"
+
+
+def _options():  # type: ignore[no-untyped-def]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # a LoRA run's base weights never change: not saved, and not expected back on load
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def save(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write this process's shards into ``directory/sharded`` (collective: every process calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory / SHARDED)
+
+
+def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fill ``model`` (and ``optimizer``) from ``directory/sharded``, cut to how they are held now."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=_options())}
+        dcp.load(state, checkpoint_id=directory / SHARDED)
+        set_model_state_dict(model, state["model"], options=_options())
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory / SHARDED)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options())
+
+
+def is_sharded(directory: Path) -> bool:
+    return (directory / SHARDED).is_dir()

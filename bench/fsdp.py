@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tunelab.bench.distributed_runs import mean_step_seconds, train_records, train_under_torchrun  # noqa: E402
 from tunelab.bench.tables import write_results  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 
@@ -43,16 +41,12 @@ output_dir: {out}
 
 def run(strategy: str, work: Path) -> dict[str, Any]:
     out = work / strategy
-    if not (out / "summary.json").exists():
-        recipe = work / f"{strategy}.yaml"
-        recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, strategy=strategy, out=out))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29812",
-                    "-m", "tunelab.cli", "train", "--no-progress", str(recipe)]
-        subprocess.run(launcher, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records, records[1:])][WARM:]
+    recipe = work / f"{strategy}.yaml"
+    recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, strategy=strategy, out=out))
+    train_under_torchrun(recipe, out, port=29812)
+    records = train_records(out)
     summary = json.loads((out / "summary.json").read_text())
-    return {"strategy": strategy, "step_seconds": statistics.mean(times), "optimizer_state_bytes": summary["optimizer_state_bytes"],
+    return {"strategy": strategy, "step_seconds": mean_step_seconds(records, WARM), "optimizer_state_bytes": summary["optimizer_state_bytes"],
             "peak_rss_bytes": summary["peak_rss_bytes"], "trainable_params": summary["trainable_params"], "losses": [r["loss"] for r in records]}
 
 

@@ -13,10 +13,7 @@ metrics.jsonl's ``comm_bytes``), "step s" the mean step time after the first 5 s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from tunelab.bench.distributed_runs import mean_step_seconds, train_records, train_under_torchrun  # noqa: E402
 from tunelab.bench.tables import write_results  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 
@@ -49,17 +47,13 @@ output_dir: {out}
 
 def run(name: str, compression: str, work: Path) -> dict[str, Any]:
     out = work / "".join(c if c.isalnum() else "_" for c in name)
-    if not (out / "summary.json").exists():
-        recipe = work / f"{out.name}.yaml"
-        recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, compression=compression, out=out))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29811",
-                    "-m", "tunelab.cli", "train", "--no-progress", str(recipe)]
-        subprocess.run(launcher, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records, records[1:])][WARM:]
+    recipe = work / f"{out.name}.yaml"
+    recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, compression=compression, out=out))
+    train_under_torchrun(recipe, out)
+    records = train_records(out)
     return {"method": name, "bytes_per_step": statistics.mean(r["comm_bytes"] for r in records[WARM:]),
             "dense_bytes_per_step": statistics.mean(r["comm_dense_bytes"] for r in records[WARM:]),
-            "step_seconds": statistics.mean(times), "losses": [r["loss"] for r in records]}
+            "step_seconds": mean_step_seconds(records, WARM), "losses": [r["loss"] for r in records]}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

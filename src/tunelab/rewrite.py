@@ -4,9 +4,8 @@ classifier filters augmented copies.
 Each input goes through the prompt chain of ``RewriteConfig`` (``tunelab.data.rewrite``), asked
 through the model's own chat template (or as a plain few-shot prompt to a base model). Generation
 is batched and appended to a file in the tunelab cache as it goes, keyed by the model's identity,
-the prompts and the decoding settings, so
-a killed run continues where it stopped and every later run on the same texts reuses it. The
-first line of each answer is kept (small models like to add commentary after it). The filter
+the prompts and the decoding settings, so a killed run continues where it stopped and every later
+run on the same texts reuses it. The first line of each answer is kept (small models like to add commentary after it). The filter
 loads a classifier (a run directory with a classification head knows its label names) and
 predicts each copy's label.
 """

@@ -108,16 +108,17 @@ def test_what_fsdp_cannot_do_yet_is_refused_with_the_setting_named(tmp_path):
 
 
 def test_sharded_checkpoints_hold_one_file_per_process_and_resume_on_any_number(tmp_path):
-    """fsdp.checkpoint: sharded: each process writes its own shards (torch.distributed.checkpoint),
-    nothing gathered; the checkpoint resumes sharded on 2 processes and plain on 1 (batch 8)."""
+    """fsdp.checkpoint: sharded: each of 4 processes writes its own shards (torch.distributed.checkpoint),
+    nothing gathered; the checkpoint resumes sharded on 2 processes and plain on 1, each keeping the
+    global batch of 8, and ends where the uninterrupted run does."""
     sharded = ("train.distributed.fsdp.checkpoint=sharded",)
     straight = final_tensors(train(tmp_path, "straight", 2))
-    for name, processes, resume in (("on-two", 2, ()), ("alone", 1, ("train.batch_size=8",))):
-        half = train(tmp_path, f"half-{name}", 2, steps=2, extra=sharded)
-        files = sorted(p.name for p in (half / "checkpoints" / "step-0000002").iterdir())
-        assert "trainable.safetensors" not in files and sorted(p.name for p in (half / "checkpoints" / "step-0000002" / "sharded").iterdir()) == [
-            ".metadata", "__0_0.distcp", "__1_0.distcp"]
-        train(tmp_path, f"resume-{name}", processes, extra=("--resume", str(half), "train.max_steps=4", *resume))
+    for name, processes, batch in (("on-two", 2, 4), ("alone", 1, 8)):
+        half = train(tmp_path, f"half-{name}", 4, steps=2, bs=2, extra=sharded)
+        written = half / "checkpoints" / "step-0000002"
+        assert not (written / "trainable.safetensors").exists()
+        assert sorted(p.name for p in (written / "sharded").iterdir()) == [".metadata", *(f"__{rank}_0.distcp" for rank in range(4))]
+        train(tmp_path, f"resume-{name}", processes, extra=("--resume", str(half), "train.max_steps=4", f"train.batch_size={batch}"))
         resumed = final_tensors(half)
         for key, value in straight.items():
             assert torch.allclose(resumed[key], value, atol=1e-5), (name, key)

@@ -180,7 +180,8 @@ def _run(
         elif changes:
             atomic.append_jsonl(run_dir / "resume_changes.jsonl", {"from_step": checkpoint_step(resume_from) if resume_from else 0, "changes": changes})
         atomic.write_json(run_dir / "data_report.json", data.report.as_dict())
-        say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}")
+        processes = f" | {recipe.train.distributed.strategy} over {world.size} processes" if world.distributed else ""
+        say(f"model: {prepared.source} | {summary_params} | precision {precision.name} ({precision.reason}) | threads {threads}{processes}")
         say(_data_line(data.report.as_dict()))
         for note in prepared.notes:
             say(f"train: {note}")

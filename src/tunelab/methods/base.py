@@ -68,6 +68,14 @@ class Method:
         """Fold the added modules into the base weights (a plain model); identity when nothing was added."""
         return model
 
+    def tensor_parallel_parts(self, module: torch.nn.Module, style: str) -> dict[str, str] | None:
+        """How ``module``, a layer this method wrapped, splits under tensor parallelism when the
+        model's plan splits the layer it wraps ``style`` ("colwise": by output features,
+        "rowwise": by input features): {sub-module path: style}, every ``nn.Linear``; parts not
+        named stay whole on every process. None when ``module`` is not this method's wrapper (the
+        tensor-parallel plan then refuses it rather than split what it does not understand)."""
+        return None
+
     def wire(self, cfg: Any, prepared: Any, recipe: Any) -> None:
         """Adjust the wired-up run (``tunelab.train.prepared.Prepared``: its sampler, collate,
         objective, save) once its objective is built, for a method that decides per batch how the

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import peft
 import torch
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from tunelab.errors import UserError
@@ -149,6 +150,19 @@ class LoraMethod(PeftMethod):
 
             model = nf4_base(model)
         return super().apply(model, cfg, ctx)
+
+    def tensor_parallel_parts(self, module: torch.nn.Module, style: str) -> dict[str, str] | None:
+        """The base layer splits as the plan says; of the low-rank pair, the factor that touches
+        the split side splits the same way and the other stays whole: under a column split, B
+        (its outputs are the layer's split outputs) and A whole on the whole input; under a row
+        split, A (it reads the split input; its r outputs are summed over processes) and B whole."""
+        if not isinstance(module, LoraLayer):
+            return None
+        if any(module.use_dora.values()):
+            raise UserError("tensor parallelism does not split DoRA layers: DoRA rescales each weight column by its whole norm",
+                            where="method.lora.use_dora", hint="use plain LoRA, or strategy fsdp")
+        factor = "lora_B" if style == "colwise" else "lora_A"
+        return {"base_layer": style, **{f"{factor}.{adapter}": style for adapter in module.lora_A}}
 
     def peft_config(self, cfg: LoraConfig, task_type: str | None, ctx: MethodContext) -> peft.PeftConfig:
         return peft.LoraConfig(

@@ -48,14 +48,27 @@ class FsdpConfig(Section):
     )
 
 
+class TensorParallelConfig(Section):
+    """Megatron-style tensor parallelism through DTensor's ``parallelize_module``."""
+
+    degree: int | None = Field(
+        None, gt=1, description="Processes that split each layer's matrices (q/k/v/gate/up by columns, o/down by rows, the "
+        "embedding and LM head by vocabulary). strategy tp: all processes (the default); fsdp+tp: required, and the "
+        "processes divide into (processes / degree) data-parallel groups. Must divide the attention and key/value heads.",
+    )
+
+
 class DistributedConfig(Section):
     """How the processes of a torchrun job share the work (ignored in one process)."""
 
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: Literal["ddp", "fsdp", "tp", "fsdp+tp"] = Field(
         "ddp", description="ddp: every process holds the whole model, gradients are averaged (DistributedDataParallel); "
-        "fsdp: parameters, gradients and optimizer state are sharded over the processes (FSDP2), for models that do not fit one device.",
+        "fsdp: parameters, gradients and optimizer state are sharded over the processes (FSDP2), for models that do not fit one device; "
+        "tp: every layer's matrices are split over the processes, which all see the same batch (tensor parallelism: fast interconnect, "
+        "layers too large for one device); fsdp+tp: tensor parallel groups of tp.degree processes, sharded data parallelism across them.",
     )
-    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (strategy: fsdp).")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (strategy: fsdp or fsdp+tp).")
+    tp: TensorParallelConfig = Field(default_factory=TensorParallelConfig, description="Tensor parallel settings (strategy: tp or fsdp+tp).")
     timeout_s: float | None = Field(
         None, gt=0, description="How long a collective waits for a process that stopped answering before the job ends with an error "
         "(a process that died is noticed at once); default: PyTorch's (30 min on gloo, 10 on NCCL). Keep it above rank 0's longest evaluation.",
@@ -63,9 +76,15 @@ class DistributedConfig(Section):
     grad_compression: GradCompressionConfig | None = Field(None, description="Compress the gradients processes exchange (DDP communication hooks).")
 
     @model_validator(mode="after")
-    def _compression_is_ddps(self) -> DistributedConfig:
+    def _settings_belong_to_the_strategy(self) -> DistributedConfig:
         if self.strategy != "ddp" and self.grad_compression is not None:
             raise ValueError("grad_compression works through DDP's communication hooks: use strategy: ddp, or remove grad_compression")
+        if "fsdp" not in self.strategy and self.fsdp != FsdpConfig():
+            raise ValueError(f"fsdp settings apply to strategy fsdp or fsdp+tp, not {self.strategy}: remove train.distributed.fsdp or change the strategy")
+        if "tp" not in self.strategy and self.tp != TensorParallelConfig():
+            raise ValueError(f"tp settings apply to strategy tp or fsdp+tp, not {self.strategy}: remove train.distributed.tp or change the strategy")
+        if self.strategy == "fsdp+tp" and self.tp.degree is None:
+            raise ValueError("strategy fsdp+tp needs train.distributed.tp.degree (processes per tensor parallel group, e.g. 2 or the GPUs of one node)")
         return self
 
 
@@ -105,7 +124,7 @@ class TrainConfig(Section):
     threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How torchrun's processes share the work: ddp or fsdp, gradient compression.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How torchrun's processes share the work: ddp, fsdp, tp or fsdp+tp, gradient compression.")
 
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
     eval_before: bool = Field(True, description="Evaluate the untrained model first, so improvement is measured.")

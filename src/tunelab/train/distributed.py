@@ -33,6 +33,8 @@ class World:
 
     rank: int = 0
     size: int = 1
+    #: The process group ``all_sum`` sums over (None: every process); a data-parallel group under tensor parallelism.
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +53,7 @@ class World:
         if not self.distributed:
             return value
         tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.group)
         return float(tensor.item())
 
     def broadcast_object(self, value: Any) -> Any:

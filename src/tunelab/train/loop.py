@@ -24,7 +24,7 @@ from tunelab import atomic
 from tunelab.data import Example, batch_tokens
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision, sharded_checkpoint, sharding
+from tunelab.train import checkpoint, frozen_precision, process_layout, sharded_checkpoint, sharding, tensor_parallel
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
@@ -141,10 +141,12 @@ class Trainer:
     uses_all_parameters: bool = True
 
     def __post_init__(self) -> None:
-        global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+        self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
+        self.data_world = self.layout.data  # who draws which batches; under tensor parallelism not every process
+        global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.data_world.size
         if self.sampler is None:
             self.sampler = ShuffleSampler(len(self.train), self.cfg.batch_size, self.seed)
-        self.steps_per_epoch = self.sampler.num_batches() // (self.cfg.grad_accum * self.world.size)
+        self.steps_per_epoch = self.sampler.num_batches() // (self.cfg.grad_accum * self.data_world.size)
         if self.steps_per_epoch == 0:
             raise TooFewExamples(
                 f"only {len(self.train)} training examples, fewer than one optimizer step's batch ({global_batch})",
@@ -152,10 +154,10 @@ class Trainer:
             )
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         if hasattr(self.sampler, "bind"):
-            self.sampler.bind(self.total_steps, self.cfg.grad_accum * self.world.size)
+            self.sampler.bind(self.total_steps, self.cfg.grad_accum * self.data_world.size)
         if hasattr(self.sampler, "state_dict"):
             self.callbacks = [*self.callbacks, SamplerState(self.sampler)]
-        self.skeleton = self._shard_if_asked()  # before the optimizer: sharding replaces the parameters
+        self.skeleton = self._split_if_asked()  # before the optimizer: splitting replaces the parameters
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg, [cb.lr_multiplier for cb in self.callbacks])
         averaging = [cb.name for cb in self.callbacks if type(cb).averaged_weights is not Callback.averaged_weights]
@@ -173,13 +175,16 @@ class Trainer:
 
     @property
     def sharded(self) -> bool:
+        """Whether the model's parameters are split over processes (fsdp, tp, fsdp+tp): every
+        forward is then collective and each process holds only its part of the weights."""
         return self.skeleton is not None
 
-    def _shard_if_asked(self) -> torch.nn.Module | None:
-        """FSDP2 under torchrun with ``train.distributed.strategy: fsdp``: shards the model in
-        place and returns its meta skeleton (``tunelab.train.sharding``); None otherwise."""
+    def _split_if_asked(self) -> torch.nn.Module | None:
+        """Under torchrun with ``train.distributed.strategy`` fsdp, tp or fsdp+tp: splits the model
+        in place (tensor parallelism first, then FSDP2 over the data-parallel processes) and
+        returns its meta skeleton (``tunelab.train.sharding``); None otherwise."""
         settings = self.cfg.distributed
-        if not self.world.distributed or settings.strategy != "fsdp":
+        if self.layout.shard_mesh is None and self.layout.tensor_mesh is None:
             return None
         unsupported = {
             "train.compile": self.compile,
@@ -188,10 +193,15 @@ class Trainer:
         }
         blocked = [what for what, present in unsupported.items() if present]
         if blocked:
-            raise UserError(f"strategy fsdp does not work with {blocked[0]} yet", where="train.distributed.strategy", hint="use strategy: ddp for this run")
+            raise UserError(f"strategy {settings.strategy} does not work with {blocked[0]} yet", where="train.distributed.strategy", hint="use strategy: ddp for this run")
         if settings.fsdp.cpu_offload and self.device.type == "cpu":
             raise UserError("fsdp.cpu_offload moves a GPU run's shards to the CPU; this run is on the CPU already", where="train.distributed.fsdp.cpu_offload", hint="remove it")
-        return sharding.shard(self.model, self.world.size, self.device, settings.fsdp, self.precision.dtype if self.precision.autocast else None)
+        skeleton = sharding.meta_skeleton(self.model)
+        if self.layout.tensor_mesh is not None:
+            tensor_parallel.parallelize(self.model, self.layout.tensor_mesh)
+        if self.layout.shard_mesh is not None:
+            sharding.shard(self.model, self.layout.shard_mesh, settings.fsdp, self.precision.dtype if self.precision.autocast else None)
+        return skeleton
 
     def plain_model(self) -> torch.nn.Module:
         """The trained model as an ordinary module, for the final save and what runs after it: the
@@ -202,7 +212,7 @@ class Trainer:
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients stay in this process for every micro-batch of a step but the last."""
-        if sync or not self.world.distributed:
+        if sync or not self.world.distributed or (self.sharded and self.layout.shard_mesh is None):  # tp alone syncs no gradients
             return contextlib.nullcontext()
         return sharding.gradients_kept_local(self.wrapped) if self.sharded else self.wrapped.no_sync()
 
@@ -357,7 +367,8 @@ class Trainer:
             return {
                 "best_value": best_value, "best_checkpoint": best_path, "eval_before": eval_before, "last_eval": last_eval,
                 "train_loss": last_loss, "tokens_seen": tokens_seen, "supervised_units": supervised,
-                "seconds": time.perf_counter() - started, "processes": self.world.size,  # a resume checks the global batch against it
+                "seconds": time.perf_counter() - started, "processes": self.world.size,
+                "data_parallel": self.data_world.size,  # a resume checks the global batch against it
             }
 
         updating = False  # True while weights, optimizer and scheduler are mid-update
@@ -372,10 +383,10 @@ class Trainer:
                 self._refresh_scores(step)
                 micro = [
                     self._to_device(self.collate([self._example(i) for i in idx]))
-                    for idx in step_batches(self._batches(epoch), in_epoch, self.cfg.grad_accum, self.world.rank, self.world.size)
+                    for idx in step_batches(self._batches(epoch), in_epoch, self.cfg.grad_accum, self.data_world.rank, self.data_world.size)
                 ]
                 self._each("on_step_start", state, micro)
-                units = self.world.all_sum(sum(self.objective.units(b) for b in micro))
+                units = self.data_world.all_sum(sum(self.objective.units(b) for b in micro))
                 if units == 0:
                     raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
                 loss_total, step_stats = 0.0, {}
@@ -384,15 +395,16 @@ class Trainer:
                         with self._gradient_sync(j == len(micro) - 1), self._autocast():
                             loss_sum, batch_stats = self.objective(self.wrapped, batch)
                             # Summed loss / units of the whole step; DDP and FSDP average gradients over
-                            # processes, so scaling by world size makes the result the global token mean exactly.
-                            loss = loss_sum * (self.world.size / units)
+                            # data-parallel processes, so scaling by their number makes the result the global
+                            # token mean exactly (tensor-parallel processes share a batch: nothing to average).
+                            loss = loss_sum * (self.data_world.size / units)
                         self.scaler.scale(loss).backward()
                     loss_total += float(loss_sum.detach())
                     accumulate(step_stats, batch_stats)
                 self._each("on_after_backward", state)
                 if self.cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+                    sharding.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
                 updating = True
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -400,11 +412,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
 
                 comm = self._comm_bytes()
-                step_tokens = int(self.world.all_sum(sum(batch_tokens(b) for b in micro)))
+                step_tokens = int(self.data_world.all_sum(sum(batch_tokens(b) for b in micro)))
                 tokens_seen += step_tokens
                 supervised += int(units)
                 window_tokens += step_tokens
-                last_loss = self.world.all_sum(loss_total) / units
+                last_loss = self.data_world.all_sum(loss_total) / units
                 state.step, state.loss, state.lr = step + 1, last_loss, self.scheduler.get_last_lr()[0]
                 updating = False
                 if step == start_step:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -50,7 +51,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = parameter_groups(model, cfg)
     if not groups:
         raise UserError("no trainable parameters: every parameter is frozen", where="method", hint="unfreeze something (method.freeze) or add an adapter (method.lora)")
-    return OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
+    optimizer = OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
+    if any(len({is_shard(p) for p in group["params"]}) > 1 for group in optimizer.param_groups):
+        optimizer.register_step_pre_hook(_loop_over_mixed_groups)
+    return optimizer
+
+
+def _loop_over_mixed_groups(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Tensor parallelism splits some parameters (DTensors) and keeps others whole, and foreach
+    kernels refuse such a mix: a group holding both steps parameter by parameter. Set before
+    every step, because loading a checkpoint restores each group's saved ``foreach``."""
+    for group in optimizer.param_groups:
+        if group.get("foreach") and len({is_shard(p) for p in group["params"]}) > 1:
+            group["foreach"] = False
 
 
 def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:

@@ -21,7 +21,7 @@ from tunelab.train import auto_settings
 #: steps, and checkpoints hold full-size tensors either way, so a run may switch between them.
 SAFE_ON_RESUME = (
     "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
-    "train.eval_every", "train.compile", "train.distributed.strategy", "train.distributed.fsdp.", "eval.", "compress.", "output_dir",
+    "train.eval_every", "train.compile", "train.distributed.strategy", "train.distributed.fsdp.", "train.distributed.tp.", "eval.", "compress.", "output_dir",
 )
 
 
@@ -29,9 +29,10 @@ def resume_changes(run_dir: Path, recipe: Recipe, processes: int | None = None) 
     """``{key: [then, now]}`` for every setting that differs from the recipe the run started
     with; a one-line error listing them when any is not safe to change on resume.
 
-    ``processes``: how many processes resume it. The global batch (``batch_size x grad_accum x
-    processes``) is what a step means, so on a different number of processes than the last
-    checkpoint's the per-process batch must change to keep it, and may change only so.
+    ``processes``: how many data-parallel processes (those that draw different batches; under
+    tensor parallelism fewer than the processes) resume it. The global batch (``batch_size x
+    grad_accum x processes``) is what a step means, so on a different number of them than the
+    last checkpoint's the per-process batch must change to keep it, and may change only so.
     """
     started = load_recipe(run_dir / "recipe.yaml")
     then, now = _flat(started.model_dump(mode="json")), _flat(recipe.model_dump(mode="json"))
@@ -75,7 +76,7 @@ def _same_global_batch(run_dir: Path, started: Recipe, recipe: Recipe, processes
     not. Checkpoints from before the number was recorded: True only with the batch unchanged."""
     last = list_checkpoints(run_dir)
     state = json.loads((last[-1] / "state.json").read_text()) if last else {}
-    before = state.get("processes")
+    before = state.get("data_parallel", state.get("processes"))  # checkpoints before tensor parallelism: every process drew
     now_batch = recipe.train.batch_size * recipe.train.grad_accum * processes
     if before is None:
         return False
@@ -85,7 +86,7 @@ def _same_global_batch(run_dir: Path, started: Recipe, recipe: Recipe, processes
             return False  # a batch change on the same processes: the ordinary rule refuses it
         per_process = then_batch / (processes * recipe.train.grad_accum)
         raise UserError(
-            f"resuming on {processes} process{'es' * (processes != 1)} instead of {before} changes the global batch "
+            f"resuming on {processes} data-parallel process{'es' * (processes != 1)} instead of {before} changes the global batch "
             f"from {then_batch} to {now_batch} examples per step",
             where=str(run_dir),
             hint=f"keep batch_size x grad_accum x processes = {then_batch}: e.g. train.batch_size={per_process:g}" if per_process.is_integer()

@@ -51,6 +51,7 @@ from tunelab.rundir import (
 )
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, lost_peers_reported, shutdown
+from tunelab.train.process_layout import data_parallel_size
 from tunelab.train.loop import (
     CancelToken,
     EventSink,
@@ -254,7 +255,7 @@ def _resume_point(recipe: Recipe, run_dir: Path, world: World) -> tuple[Path | N
     safe recipe changes; the run directory is rewound to that checkpoint first."""
     if not (run_dir / "recipe.yaml").exists():
         raise UserError("nothing to resume: no run was started here (no recipe.yaml)", where=str(run_dir), hint="train without --resume")
-    changes = resume_changes(run_dir, recipe, world.size)
+    changes = resume_changes(run_dir, recipe, data_parallel_size(recipe.train.distributed, world.size))
     checkpoints = list_checkpoints(run_dir)
     resume_from = checkpoints[-1] if checkpoints else None
     if (run_dir / "summary.json").exists():  # written after the final model: the run is complete

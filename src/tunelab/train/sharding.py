@@ -44,17 +44,15 @@ def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def shard(model: torch.nn.Module, world_size: int, device: torch.device, cfg: FsdpConfig, low_precision: torch.dtype | None) -> torch.nn.Module:
-    """Apply FSDP2 to ``model`` in place (each block, then the root); returns its meta skeleton.
+def shard(model: torch.nn.Module, mesh: Any, cfg: FsdpConfig, low_precision: torch.dtype | None) -> None:
+    """Apply FSDP2 to ``model`` in place over ``mesh`` (each block, then the root).
 
     ``low_precision``: the dtype parameters are gathered in when ``cfg.mixed_precision`` (None
     or fp32: no mixed-precision policy; autocast then works on fp32 shards as in one process).
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    skeleton = meta_skeleton(model)
-    options: dict[str, Any] = {"mesh": init_device_mesh(device.type, (world_size,)), "reshard_after_forward": cfg.reshard_after_forward}
+    options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     if cfg.mixed_precision and low_precision not in (None, torch.float32):
@@ -63,7 +61,6 @@ def shard(model: torch.nn.Module, world_size: int, device: torch.device, cfg: Fs
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
-    return skeleton
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -117,6 +114,23 @@ def materialize(skeleton: torch.nn.Module, sharded: torch.nn.Module) -> torch.nn
         owner, _, attribute = name.rpartition(".")
         setattr(skeleton.get_submodule(owner), attribute, made[id(original)])
     return skeleton
+
+
+def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients that may mix whole tensors and DTensors
+    of different meshes (tensor parallelism splits some layers and keeps norms whole), which
+    torch's version cannot stack: each gradient's norm is taken whole (collective for a split
+    one), then every gradient is scaled by the same factor."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(is_shard(g) for g in grads) or all(is_shard(g) and g.device_mesh == grads[0].device_mesh for g in grads):
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    norms = [full(torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)) for g in grads]
+    total = float(torch.linalg.vector_norm(torch.stack(norms), 2.0))
+    scale = min(1.0, max_norm / (total + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.detach().mul_(scale)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,140 @@
+"""What autograd keeps from one transformer block's forward pass, tensor by tensor.
+
+Activation memory is not "k x tokens x width": it is the set of tensors the backward pass needs,
+and that set changes with which weights train. A frozen linear layer keeps nothing of its input
+(its weight gradient is not needed); a trainable one keeps its input; a LoRA adapter keeps its
+dropout mask and dropped input, or the shared input when dropout is off; an elementwise product
+keeps each factor only if the other one needs a gradient. So the rules below walk the Llama
+block in forward order, carrying whether each tensor requires a gradient, and add the bytes of
+exactly the tensors PyTorch saves. Under bf16/fp16 autocast every matmul reads a low-precision
+copy of its input (one copy per layer that reads it, when the input is fp32) and of each
+trainable weight (cached for the whole forward), RMSNorm computes in fp32, and attention runs
+on low-precision copies. The rules were checked tensor by tensor against what
+``torch.autograd.graph.saved_tensors_hooks`` sees for tiny-llama and SmolLM2 in fp32 and bf16,
+full fine-tuning and LoRA (tests/test_plan.py keeps that check).
+
+Attention is the engine's: packed rows run sdpa once per example (``train/varlen_attention.py``),
+with the memory-efficient kernel (no ``seq x seq`` scores) from ``MATH_BELOW`` tokens up and the
+math kernel below, which keeps fp32 copies of its inputs (key/value heads repeated) and the
+``seq x seq`` probabilities whatever the precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.plan.architecture import Architecture
+
+#: Examples shorter than this run sdpa's math kernel (``tunelab.train.varlen_attention.MATH_BELOW``;
+#: a test keeps the two equal: importing the engine here would import peft for one number).
+MATH_BELOW = 128
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@dataclass(frozen=True)
+class BlockRules:
+    """How one block trains: which weights, which adapters, which dtypes, how it is split."""
+
+    trainable: bool  # every weight of the block trains (full fine-tuning)
+    adapters: frozenset[str]  # block linears with a LoRA adapter
+    rank: int  # of the adapters
+    dropout: float  # on the adapters' input
+    autocast: bool
+    compute_bytes: int  # bytes of a matmul operand under the run's precision
+    residual_bytes: int  # bytes of the residual stream (fp32, or bf16 when frozen weights are cast)
+    tensor_parallel: int = 1
+    seq: int = 2048  # tokens per example (picks the attention kernel)
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """Saved bytes of one block: ``per_token`` scales with the tokens of the micro-batch,
+    ``per_block`` does not (autocast's low-precision copies of trainable weights)."""
+
+    per_token: float
+    per_block: float
+    output_requires_grad: bool
+
+    def bytes(self, tokens: int) -> float:
+        return self.per_token * tokens + self.per_block
+
+
+def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad: bool) -> BlockActivations:
+    """Bytes autograd saves for one block whose input does or does not require a gradient."""
+    tp = rules.tensor_parallel
+    h, q, kv, i = arch.hidden, arch.q_width // tp, arch.kv_width // tp, arch.intermediate // tp
+    heads = arch.heads // tp
+    cd, res = rules.compute_bytes, rules.residual_bytes
+    saved = {"per_token": 0.0, "per_block": 0.0}
+
+    def keep(per_token: float = 0.0, per_block: float = 0.0) -> None:
+        saved["per_token"] += per_token
+        saved["per_block"] += per_block
+
+    def rms_norm(needs_grad: bool) -> bool:
+        if needs_grad:  # the fp32 view (or copy) of the input and 1/rms, for the input's gradient
+            keep(4 * h + 4)
+        if rules.trainable:  # the normalised input, for the weight's gradient
+            keep(res * h)
+        return needs_grad or rules.trainable
+
+    def linears(names: tuple[str, ...], width_in: int, in_bytes: int, needs_grad: bool) -> dict[str, bool]:
+        """Linear layers reading one tensor; returns whether each output requires a gradient."""
+        copy = rules.autocast and in_bytes != cd  # autocast casts the input for every layer that reads it
+        shared = False
+        for name in names:
+            if rules.trainable:
+                if copy:
+                    keep(cd * width_in)
+                else:
+                    shared = True
+                if rules.autocast:
+                    keep(per_block=cd * _split_params(arch, name, tp))
+            if name in rules.adapters:
+                if rules.dropout > 0:
+                    if needs_grad:  # the dropout mask, for the input's gradient
+                        keep(in_bytes * width_in)
+                    keep((cd if copy else in_bytes) * width_in)  # the dropped input, for lora_A's gradient
+                elif copy:
+                    keep(cd * width_in)
+                else:
+                    shared = True
+                keep(cd * rules.rank)  # lora_A's output, for lora_B's gradient
+        if shared:
+            keep(in_bytes * width_in)
+        return {name: needs_grad or rules.trainable or name in rules.adapters for name in names}
+
+    x_grad = input_requires_grad
+    y_grad = rms_norm(x_grad)
+    qkv = linears(("q_proj", "k_proj", "v_proj"), h, res, y_grad)
+    attention_grad = any(qkv.values())
+    if attention_grad:
+        if rules.seq < MATH_BELOW:  # fp32 copies of the query and the repeated keys and values, and the probabilities
+            keep(4 * (3 * q + heads * rules.seq))
+        else:  # query, key, value, output and the log-sum-exp per head
+            keep(cd * (2 * q + 2 * kv) + 4 * heads)
+    o_grad = linears(("o_proj",), q, cd, attention_grad)["o_proj"]
+    mid_grad = x_grad or o_grad
+    y2_grad = rms_norm(mid_grad)
+    mlp = linears(("gate_proj", "up_proj"), h, res, y2_grad)
+    if mlp["gate_proj"]:
+        keep(cd * i)  # silu's input
+        keep(cd * i)  # up, for the gradient of silu(gate)
+    if mlp["up_proj"]:
+        keep(cd * i)  # silu(gate), for the gradient of up
+    product_grad = mlp["gate_proj"] or mlp["up_proj"]
+    down_grad = linears(("down_proj",), i, cd, product_grad)["down_proj"]
+    return BlockActivations(saved["per_token"], saved["per_block"], mid_grad or down_grad)
+
+
+def backward_working_bytes(arch: Architecture, rules: BlockRules) -> float:
+    """Gradients alive at once inside one block's backward, per token: the gated MLP's three
+    intermediate gradients and the residual gradient coming in and going out."""
+    tp = rules.tensor_parallel
+    return 3 * rules.compute_bytes * (arch.intermediate // tp) + 2 * rules.residual_bytes * arch.hidden
+
+
+def _split_params(arch: Architecture, name: str, tp: int) -> int:
+    width_in, width_out = arch.linear_shape(name)
+    return width_in * width_out // tp

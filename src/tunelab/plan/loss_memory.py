@@ -1,0 +1,67 @@
+"""Memory of the LM head and the loss: the largest temporaries of a step on large vocabularies.
+
+The engine has two paths (``train/objectives/causal_lm.py``). The fused path computes the head
+and the cross-entropy in chunks of ``CHUNK_ROWS`` supervised positions inside the forward pass,
+storing the gradients it will hand back (with respect to the hidden states, and to the head's
+weight when it trains): at most two chunks' ``[rows, vocab]`` fp32 tensors exist at once (the
+new logits and the previous chunk's probabilities, which the loop variable still holds), plus
+PyTorch's ``logsumexp`` temporary of the same size. The logits path (under FSDP, whose sharded head is
+whole only inside the model's forward) computes ``[supervised, vocab]`` logits in the model,
+upcasts them to fp32 and keeps the log-softmax for the backward, which then allocates two more
+fp32 tensors of that size (the gradients of the loss and of the log-softmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.plan.architecture import Architecture
+
+#: Rows per chunk of the fused loss (``tunelab.train.objectives.fused_cross_entropy.DEFAULT_CHUNK_ROWS``;
+#: a test keeps the two equal).
+CHUNK_ROWS = 512
+
+
+@dataclass(frozen=True)
+class LossMemory:
+    """Bytes of the head + loss at the three moments of a step that can hold the peak."""
+
+    saved: float  # kept from the forward until the backward reaches the loss
+    forward_transient: float  # extra, at the loss's own peak inside the forward
+    backward_transient: float  # extra, when the backward starts at the loss
+
+
+def loss_memory(
+    arch: Architecture, *, supervised: int, fused: bool, head_trains: bool, hidden_requires_grad: bool,
+    autocast: bool, compute_bytes: int, residual_bytes: int, head_weight_bytes: int,
+) -> LossMemory:
+    """``supervised`` positions of one micro-batch through the head and the loss."""
+    V, h = arch.vocab, arch.hidden
+    index = 8 * supervised if hidden_requires_grad else 0  # the positions picked (int64), for the gather's backward
+    # Under autocast a trainable head's weight is cast once for the model's own head call (the
+    # fused path asks it for the logits of no position) and that copy is kept for its backward.
+    head_copy = compute_bytes * V * h if autocast and head_trains else 0
+    picked = residual_bytes * h * supervised  # the hidden states at those positions, copied out
+    if fused:
+        rows = min(CHUNK_ROWS, supervised)
+        grad_hidden = residual_bytes * h * supervised if hidden_requires_grad else 0
+        grad_weight = 4 * V * h if head_trains else 0  # fp32, accumulated chunk by chunk
+        chunk = 4 * rows * V  # one chunk's fp32 logits, turned into probabilities in place
+        # A chunk's logits are computed while the previous chunk's probabilities are still
+        # referenced by the loop; then logsumexp's temporary of the same size, or (a trainable
+        # head) the product added into grad_weight.
+        held = 2 * chunk if supervised > rows else chunk
+        inside = held + max(chunk, (compute_bytes * rows * V if autocast else 0) + (4 * V * h if head_trains else 0))
+        casts = 2 * compute_bytes * V * h if autocast and head_weight_bytes != compute_bytes else 0
+        return LossMemory(
+            saved=index + grad_hidden + grad_weight + head_copy,
+            forward_transient=picked + inside + casts,
+            backward_transient=4 * V * h if head_trains else 0,  # the scaled weight gradient handed back
+        )
+    logits = supervised * V
+    head_input = (compute_bytes if autocast else residual_bytes) * h * supervised if head_trains else 0
+    return LossMemory(
+        saved=index + head_input + head_copy + 4 * logits,  # the fp32 log-softmax
+        forward_transient=picked + compute_bytes * logits + (4 * logits if autocast else 0),
+        backward_transient=8 * logits,  # the loss's and the log-softmax's gradients
+    )

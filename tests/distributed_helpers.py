@@ -24,10 +24,10 @@ FULL = "{freeze: {base: false}}"
 
 
 def train(tmp_path: Path, name: str, processes: int, *, model: str = "tiny-llama", method: str = LORA, steps: int = 4, bs: int = 4,
-          accum: int = 1, strategy: str = "fsdp", extra: tuple[str, ...] = ()) -> Path:
+          accum: int = 1, strategy: str = "fsdp", extra: tuple[str, ...] = (), data: Path | None = None) -> Path:
     out = tmp_path / name
     recipe = tmp_path / f"{name}.yaml"
-    data = write_chat_data(tmp_path / "d.jsonl")
+    data = data or write_chat_data(tmp_path / "d.jsonl")
     recipe.write_text(RECIPE.format(model=model, data=data, method=method, steps=steps, bs=bs, accum=accum, strategy=strategy, out=out))
     cli = ["-m", "tunelab.cli", "train", "--no-progress", *(extra if "--resume" in extra else (str(recipe), *extra))]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(29300 + sum(map(ord, name)) % 300)]

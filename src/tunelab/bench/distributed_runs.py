@@ -1,7 +1,7 @@
 """Benchmarks of multi-process training: launch a recipe under torchrun once, read its steps back.
 
 Shared by the benchmarks that compare how processes cooperate (``bench/grad_compression.py``,
-``bench/fsdp.py``): each variant is one recipe, run unless its run directory already holds a
+``bench/strategies.py``): each variant is one recipe, run unless its run directory already holds a
 finished run, so an interrupted benchmark continues where it stopped.
 """
 

@@ -58,17 +58,42 @@ class TensorParallelConfig(Section):
     )
 
 
+class PipelineConfig(Section):
+    """Pipeline parallelism through ``torch.distributed.pipelining``: each process holds a range of
+    the transformer blocks (a stage); a step's micro-batches (``train.grad_accum`` of them) flow
+    through the stages so that they work at the same time."""
+
+    schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="1f1b: each stage alternates one forward and one backward once the pipeline is full (keeps at most "
+        "stages micro-batches' activations; needs train.grad_accum >= processes); gpipe: all forwards, then all backwards "
+        "(keeps every micro-batch's activations).",
+    )
+    layers: list[int] | None = Field(
+        None, description="Transformer blocks per stage, first stage first (e.g. [14, 16] for 30 blocks over 2 processes); "
+        "default: as even as possible, earlier stages taking the remainder (the last also runs the LM head and loss).",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _every_stage_has_blocks(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and any(n < 1 for n in layers):
+            raise ValueError("every stage needs at least one block: give positive counts")
+        return layers
+
+
 class DistributedConfig(Section):
     """How the processes of a torchrun job share the work (ignored in one process)."""
 
-    strategy: Literal["ddp", "fsdp", "tp", "fsdp+tp"] = Field(
+    strategy: Literal["ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
         "ddp", description="ddp: every process holds the whole model, gradients are averaged (DistributedDataParallel); "
         "fsdp: parameters, gradients and optimizer state are sharded over the processes (FSDP2), for models that do not fit one device; "
         "tp: every layer's matrices are split over the processes, which all see the same batch (tensor parallelism: fast interconnect, "
-        "layers too large for one device); fsdp+tp: tensor parallel groups of tp.degree processes, sharded data parallelism across them.",
+        "layers too large for one device); fsdp+tp: tensor parallel groups of tp.degree processes, sharded data parallelism across them; pp: each process holds a range of the blocks and micro-batches flow through "
+        "them (pipeline parallelism: slow interconnect, deep models).",
     )
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (strategy: fsdp or fsdp+tp).")
     tp: TensorParallelConfig = Field(default_factory=TensorParallelConfig, description="Tensor parallel settings (strategy: tp or fsdp+tp).")
+    pp: PipelineConfig = Field(default_factory=PipelineConfig, description="Pipeline parallel settings (strategy: pp).")
     timeout_s: float | None = Field(
         None, gt=0, description="How long a collective waits for a process that stopped answering before the job ends with an error "
         "(a process that died is noticed at once); default: PyTorch's (30 min on gloo, 10 on NCCL). Keep it above rank 0's longest evaluation.",
@@ -83,6 +108,8 @@ class DistributedConfig(Section):
             raise ValueError(f"fsdp settings apply to strategy fsdp or fsdp+tp, not {self.strategy}: remove train.distributed.fsdp or change the strategy")
         if "tp" not in self.strategy and self.tp != TensorParallelConfig():
             raise ValueError(f"tp settings apply to strategy tp or fsdp+tp, not {self.strategy}: remove train.distributed.tp or change the strategy")
+        if self.strategy != "pp" and self.pp != PipelineConfig():
+            raise ValueError(f"pp settings apply to strategy pp, not {self.strategy}: remove train.distributed.pp or change the strategy")
         if self.strategy == "fsdp+tp" and self.tp.degree is None:
             raise ValueError("strategy fsdp+tp needs train.distributed.tp.degree (processes per tensor parallel group, e.g. 2 or the GPUs of one node)")
         return self

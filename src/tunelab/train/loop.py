@@ -24,7 +24,7 @@ from tunelab import atomic
 from tunelab.data import Example, batch_tokens
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision, process_layout, sharded_checkpoint, sharding, tensor_parallel
+from tunelab.train import checkpoint, frozen_precision, pipeline_parallel, process_layout, sharded_checkpoint, sharding, tensor_parallel
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
@@ -157,13 +157,14 @@ class Trainer:
             self.sampler.bind(self.total_steps, self.cfg.grad_accum * self.data_world.size)
         if hasattr(self.sampler, "state_dict"):
             self.callbacks = [*self.callbacks, SamplerState(self.sampler)]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
+        self.pipeline: pipeline_parallel.Pipeline | None = None
         self.skeleton = self._split_if_asked()  # before the optimizer: splitting replaces the parameters
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.cfg, [cb.lr_multiplier for cb in self.callbacks])
         averaging = [cb.name for cb in self.callbacks if type(cb).averaged_weights is not Callback.averaged_weights]
         if len(averaging) > 1:
             raise UserError(f"two callbacks average weights ({', '.join(averaging)}); the run can save only one average", where="callbacks")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.name == "fp16")
         compression = self.cfg.distributed.grad_compression if self.world.distributed else None
         buckets = bucket_cap_mb(self.model, compression) if compression is not None else None
         self.wrapped = self.model if self.sharded else wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters, bucket_cap_mb=buckets)
@@ -175,20 +176,22 @@ class Trainer:
 
     @property
     def sharded(self) -> bool:
-        """Whether the model's parameters are split over processes (fsdp, tp, fsdp+tp): every
+        """Whether the model's parameters are split over processes (fsdp, tp, fsdp+tp, pp): every
         forward is then collective and each process holds only its part of the weights."""
         return self.skeleton is not None
 
     def _split_if_asked(self) -> torch.nn.Module | None:
-        """Under torchrun with ``train.distributed.strategy`` fsdp, tp or fsdp+tp: splits the model
-        in place (tensor parallelism first, then FSDP2 over the data-parallel processes) and
-        returns its meta skeleton (``tunelab.train.sharding``); None otherwise."""
+        """Under torchrun with ``train.distributed.strategy`` fsdp, tp, fsdp+tp or pp: splits the
+        model in place (tensor parallelism first, then FSDP2 over the data-parallel processes; or
+        into pipeline stages) and returns its meta skeleton (``tunelab.train.sharding``); None
+        otherwise."""
         settings = self.cfg.distributed
-        if self.layout.shard_mesh is None and self.layout.tensor_mesh is None:
+        if self.layout.shard_mesh is None and self.layout.tensor_mesh is None and self.layout.pipeline_mesh is None:
             return None
         unsupported = {
             "train.compile": self.compile,
             "steps that leave some trainable weights without a gradient (task heads, adapter families)": not self.uses_all_parameters,
+            "a sampler that scores the examples with the model as it trains": self.layout.pipeline_mesh is not None and hasattr(self.sampler, "scores_due"),
             **{f"the {cb.name} callback (it reads the weights, and would see one shard)": cb.reads_weights for cb in self.callbacks},
         }
         blocked = [what for what, present in unsupported.items() if present]
@@ -197,6 +200,12 @@ class Trainer:
         if settings.fsdp.cpu_offload and self.device.type == "cpu":
             raise UserError("fsdp.cpu_offload moves a GPU run's shards to the CPU; this run is on the CPU already", where="train.distributed.fsdp.cpu_offload", hint="remove it")
         skeleton = sharding.meta_skeleton(self.model)
+        if self.layout.pipeline_mesh is not None:
+            length = pipeline_parallel.fixed_length([len(e.input_ids) for e in (*self.train, *self.validation)])
+            self.pipeline = pipeline_parallel.Pipeline(
+                self.model, self.objective, self.layout.pipeline_mesh, settings.pp, micro_batches=self.cfg.grad_accum, rows=self.cfg.batch_size, length=length,
+                device=self.device, scale_loss=self.scaler.scale,
+            )
         if self.layout.tensor_mesh is not None:
             tensor_parallel.parallelize(self.model, self.layout.tensor_mesh)
         if self.layout.shard_mesh is not None:
@@ -208,7 +217,9 @@ class Trainer:
         model itself, or under fsdp its skeleton filled with the gathered weights (collective)."""
         if self.skeleton is None:
             return self.model
-        return sharding.materialize(self.skeleton, self.model)
+        if self.pipeline is not None:
+            return self.pipeline.gather(self.skeleton)
+        return sharding.materialize(self.skeleton, dict(self.model.named_parameters(remove_duplicate=False)))
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients stay in this process for every micro-batch of a step but the last."""
@@ -299,10 +310,11 @@ class Trainer:
         model.eval()
         stats: dict[str, Any] = {}
         by_language: dict[str, dict[str, Any]] = {}
-        for indices in evaluation_batches(self.validation, self.cfg.batch_size):
-            batch = self._to_device(self.collate([self.validation[i] for i in indices]))
-            with self._autocast():
-                _, batch_stats = self.objective(model, batch)
+        groups = list(evaluation_batches(self.validation, self.cfg.batch_size))
+        batches = [self._to_device(self.collate([self.validation[i] for i in indices])) for indices in groups]
+        with self._autocast():
+            per_batch = self.pipeline.evaluate(batches) if self.pipeline is not None else [self.objective(model, batch)[1] for batch in batches]
+        for indices, batch_stats in zip(groups, per_batch):
             accumulate(stats, batch_stats)
             language = self.validation[indices[0]].language
             if language is not None:
@@ -338,6 +350,9 @@ class Trainer:
         self._each("on_train_start", state)
         info: dict[str, Any] = {}
         if resume_from is not None:
+            if self.pipeline is not None and not sharded_checkpoint.is_sharded(resume_from):
+                raise UserError(f"strategy pp resumes from sharded checkpoints (written by pp, or fsdp with checkpoint: sharded); {resume_from.name} was written whole",
+                                where=str(resume_from), hint="resume it with the strategy that wrote it, then continue under pp from the next checkpoint")
             info = checkpoint.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.callbacks)
             if self.comm is not None:
                 self.comm.load_state_dict(checkpoint.process_state(resume_from, self.world.rank))
@@ -389,22 +404,16 @@ class Trainer:
                 units = self.data_world.all_sum(sum(self.objective.units(b) for b in micro))
                 if units == 0:
                     raise UserError(f"step {step}: no supervised tokens in the batch", hint="check data masking (train_on_prompt)")
-                loss_total, step_stats = 0.0, {}
-                for j, batch in enumerate(micro):
-                    with self._attention_scope(batch):  # forward and backward (checkpointing re-runs the forward)
-                        with self._gradient_sync(j == len(micro) - 1), self._autocast():
-                            loss_sum, batch_stats = self.objective(self.wrapped, batch)
-                            # Summed loss / units of the whole step; DDP and FSDP average gradients over
-                            # data-parallel processes, so scaling by their number makes the result the global
-                            # token mean exactly (tensor-parallel processes share a batch: nothing to average).
-                            loss = loss_sum * (self.data_world.size / units)
-                        self.scaler.scale(loss).backward()
-                    loss_total += float(loss_sum.detach())
-                    accumulate(step_stats, batch_stats)
+                if self.pipeline is not None:
+                    with self._autocast():
+                        loss_total, step_stats = self.pipeline.train_step(micro, units)
+                else:
+                    loss_total, step_stats = self._forward_backward(micro, units)
                 self._each("on_after_backward", state)
                 if self.cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
-                    sharding.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+                    clip = self.pipeline.clip_grad_norm_ if self.pipeline is not None else sharding.clip_grad_norm_
+                    clip([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
                 updating = True
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -473,6 +482,23 @@ class Trainer:
             stop_reason=stop_reason, optimizer_state_bytes=optimizer_state_bytes(self.optimizer), history=state.history,
         )
 
+    def _forward_backward(self, micro: list[dict[str, torch.Tensor]], units: float) -> tuple[float, dict[str, Any]]:
+        """Forward and backward of a step's micro-batches in this process; returns the summed loss
+        and the objective's statistics."""
+        loss_total, step_stats = 0.0, {}
+        for j, batch in enumerate(micro):
+            with self._attention_scope(batch):  # forward and backward (checkpointing re-runs the forward)
+                with self._gradient_sync(j == len(micro) - 1), self._autocast():
+                    loss_sum, batch_stats = self.objective(self.wrapped, batch)
+                    # Summed loss / units of the whole step; DDP and FSDP average gradients over
+                    # data-parallel processes, so scaling by their number makes the result the global
+                    # token mean exactly (tensor-parallel processes share a batch: nothing to average).
+                    loss = loss_sum * (self.data_world.size / units)
+                self.scaler.scale(loss).backward()
+            loss_total += float(loss_sum.detach())
+            accumulate(step_stats, batch_stats)
+        return loss_total, step_stats
+
     def _warn_if_long(self, seconds_per_step: float, steps_left: int) -> None:
         """Say so when the schedule asks for more than a day (a typo like ``epochs: 1e9`` should
         not start a four-year run without a word); the progress bar keeps the ETA after that."""
@@ -510,7 +536,7 @@ class Trainer:
         """Write a checkpoint (rank 0), then keep only the last ``keep_last`` and the best."""
         per_process = self.world.all_gather_object(self.comm.state_dict()) if self.comm is not None else None
         started = None
-        if self.sharded and self.cfg.distributed.fsdp.checkpoint == "sharded":  # each process writes its shards, nothing gathered
+        if self.sharded and (self.cfg.distributed.fsdp.checkpoint == "sharded" or self.pipeline is not None):  # each process writes its part, nothing gathered
             target = self._checkpoint_path(state.step)
             started = Path(self.world.broadcast_object(str(atomic.temporary_sibling(target)) if self.world.is_main else None))
             sharded_checkpoint.save(started, self.model, self.optimizer)

@@ -118,8 +118,9 @@ def _example_shape(recipe: Recipe, data_section: DataConfig) -> str:
 
 def _causal_lm_collate(objective: Objective, recipe: Recipe, pad_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
     """Packed rows (with the shared prefix held once when the objective reads that layout) or
-    right-padded ones; preference pairs become their two sequences first."""
-    packed = objective.collation == "packed" and recipe.data.packing
+    right-padded ones; preference pairs become their two sequences first. Pipeline stages send
+    fixed-shape activations (``strategy: pp``): padded rows there."""
+    packed = objective.collation == "packed" and recipe.data.packing and recipe.train.distributed.strategy != "pp"
     share_prefix = bool(getattr(objective, "shared_prefix", False))
     group_size = getattr(objective, "prefix_group", None)
 

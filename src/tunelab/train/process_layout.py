@@ -1,8 +1,9 @@
-"""How a torchrun job's processes divide the work: data-parallel groups x tensor-parallel groups.
+"""How a torchrun job's processes divide the work: data-parallel groups x model-parallel groups.
 
 Under ``ddp`` and ``fsdp`` every process is its own data-parallel member: it draws its own
 micro-batches. Under ``tp`` all processes split every layer and see the same batch (one
-data-parallel member). Under ``fsdp+tp`` the processes form a (data, tensor) grid: each row of
+data-parallel member); under ``pp`` they hold consecutive ranges of the blocks and likewise share
+every batch. Under ``fsdp+tp`` the processes form a (data, tensor) grid: each row of
 ``tp.degree`` processes splits the layers and shares a batch, and FSDP shards across the rows.
 The trainer draws batches, counts tokens and scales the loss by the data-parallel coordinate
 (``Layout.data``), never by the raw process rank.
@@ -38,6 +39,8 @@ def tensor_parallel_degree(settings: DistributedConfig, processes: int) -> int:
 
 def data_parallel_size(settings: DistributedConfig, processes: int) -> int:
     """Processes that draw different batches: what the global batch multiplies by."""
+    if settings.strategy == "pp":
+        return 1
     return processes // tensor_parallel_degree(settings, processes)
 
 
@@ -52,6 +55,8 @@ class Layout:
     shard_mesh: Any = None
     #: Processes that split each layer (None: no tensor parallelism).
     tensor_mesh: Any = None
+    #: Processes that hold the pipeline's stages, in order (None: no pipeline).
+    pipeline_mesh: Any = None
 
 
 def layout(world: World, settings: DistributedConfig, device: torch.device) -> Layout:
@@ -64,6 +69,8 @@ def layout(world: World, settings: DistributedConfig, device: torch.device) -> L
     degree = tensor_parallel_degree(settings, world.size)
     if settings.strategy == "fsdp":
         return Layout(data=world, shard_mesh=init_device_mesh(device.type, (world.size,), mesh_dim_names=("data",)))
+    if settings.strategy == "pp":
+        return Layout(data=World(), pipeline_mesh=init_device_mesh(device.type, (world.size,), mesh_dim_names=("pipeline",)))
     if settings.strategy == "tp":
         return Layout(data=World(), tensor_mesh=init_device_mesh(device.type, (world.size,), mesh_dim_names=("tensor",)))
     grid = init_device_mesh(device.type, (world.size // degree, degree), mesh_dim_names=("data", "tensor"))

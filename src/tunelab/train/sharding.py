@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -102,17 +102,16 @@ def localize_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, 
     return {**saved, "state": state}
 
 
-def materialize(skeleton: torch.nn.Module, sharded: torch.nn.Module) -> torch.nn.Module:
-    """``skeleton`` filled with ``sharded``'s weights gathered to full size: an ordinary module
-    equal to the trained one (collective). A parameter two names share is one parameter again."""
-    source = dict(sharded.named_parameters(remove_duplicate=False))
+def materialize(skeleton: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``skeleton`` filled with ``weights`` (by name, gathered to full size when sharded): an
+    ordinary module equal to the trained one (collective for sharded weights). A parameter the
+    skeleton shares between two names (a tied embedding and LM head) is one parameter again."""
     made: dict[int, torch.nn.Parameter] = {}
     for name, param in list(skeleton.named_parameters(remove_duplicate=False)):
-        original = source[name]
-        if id(original) not in made:
-            made[id(original)] = torch.nn.Parameter(full(original.detach()).clone(), requires_grad=param.requires_grad)
+        if id(param) not in made:
+            made[id(param)] = torch.nn.Parameter(full(weights[name].detach()).clone(), requires_grad=param.requires_grad)
         owner, _, attribute = name.rpartition(".")
-        setattr(skeleton.get_submodule(owner), attribute, made[id(original)])
+        setattr(skeleton.get_submodule(owner), attribute, made[id(param)])
     return skeleton
 
 

@@ -46,6 +46,10 @@ class Objective(Protocol):
     # Optional: ``unit_name: str``, what ``units`` counts in the run summary ("preference pairs");
     # by default the units are called "supervised" (tokens, or examples for a head).
     #
+    # Optional: ``loss_from_hidden(model, hidden, batch) -> (loss_sum, stats)``: the same loss from
+    # the decoder's last hidden states, the LM head applied by the objective. A pipeline's last
+    # stage holds only those (``strategy: pp``); an objective without it is refused there.
+    #
     # Optional: ``shared_prefix: bool``. True asks the trainer for packed rows that hold a common
     # unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective whose
     # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes

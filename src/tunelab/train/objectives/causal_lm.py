@@ -76,10 +76,12 @@ def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     head = getattr(inner, "lm_head", None)
     if type(head) is not torch.nn.Linear or head.bias is not None or _decoder(model) is None:
         return None
-    config = getattr(inner, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return head
+    return None if _transforms_logits(model) else head
+
+
+def _transforms_logits(model: torch.nn.Module) -> bool:
+    config = getattr(unwrap_peft(unwrap_ddp(model)), "config", None)
+    return any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
 class CausalLMObjective:
@@ -183,18 +185,28 @@ class CausalLMObjective:
         return captured[0][:, :-1][supervised_next], labels[:, 1:][supervised_next], supervised_next
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
-        weights = batch.get("weights")  # data.weight_column: each token weighs as its example
         # a sharded head (strategy: fsdp) is whole only inside the model's forward: its logits come from there
         if self.fused_loss and not is_shard(self.head.weight):
             hidden, targets, supervised_next = self.supervised_hidden(model, batch)
-            token_weights = None if weights is None else weights[:, 1:][supervised_next]
-            loss_sum, correct = fused_linear_cross_entropy(hidden, self.head.weight, targets, token_weights)
-        else:
-            logits, targets, supervised_next = self.supervised_logits(model, batch)
-            per_token = F.cross_entropy(logits.float(), targets, reduction="none")
-            loss_sum = per_token.sum() if weights is None else (per_token * weights[:, 1:][supervised_next]).sum()
-            correct = (logits.argmax(-1) == targets).sum()
-        return loss_sum, {"loss_sum": loss_sum.detach().item(), "tokens": int(targets.numel()), "correct": int(correct)}
+            return self._hidden_loss(model, hidden, targets, _token_weights(batch, supervised_next))
+        logits, targets, supervised_next = self.supervised_logits(model, batch)
+        return _logits_loss(logits, targets, _token_weights(batch, supervised_next))
+
+    def loss_from_hidden(self, model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        """The loss from the decoder's last hidden states ``[B, T, width]``, the LM head applied
+        here: what a pipeline's last stage computes (``tunelab.train.pipeline_parallel``)."""
+        labels = batch["labels"]
+        supervised_next = labels[:, 1:] != IGNORE_INDEX
+        return self._hidden_loss(model, hidden[:, :-1][supervised_next], labels[:, 1:][supervised_next], _token_weights(batch, supervised_next))
+
+    def _hidden_loss(self, model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+        """Loss at the supervised positions' hidden states: fused with the head when it is plain."""
+        if self.fused_loss:
+            loss_sum, correct = fused_linear_cross_entropy(hidden, self.head.weight, targets, weights)
+            return loss_sum, _stats(loss_sum, targets, correct)
+        if _transforms_logits(model):
+            raise ValueError("this model transforms its logits after the LM head; its loss needs the model's own forward")
+        return _logits_loss(unwrap_peft(unwrap_ddp(model)).get_output_embeddings()(hidden), targets, weights)
 
     def summarize(self, stats: Stats) -> dict[str, float]:
         tokens = max(1, stats.get("tokens", 0))
@@ -204,6 +216,22 @@ class CausalLMObjective:
             "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0)))),
             "token_accuracy": stats.get("correct", 0) / tokens,
         }
+
+
+def _token_weights(batch: dict[str, torch.Tensor], supervised_next: torch.Tensor) -> torch.Tensor | None:
+    """Each supervised token's weight (``data.weight_column``: its example's), or None."""
+    weights = batch.get("weights")
+    return None if weights is None else weights[:, 1:][supervised_next]
+
+
+def _logits_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+    loss_sum = per_token.sum() if weights is None else (per_token * weights).sum()
+    return loss_sum, _stats(loss_sum, targets, (logits.argmax(-1) == targets).sum())
+
+
+def _stats(loss_sum: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor | int) -> Stats:
+    return {"loss_sum": loss_sum.detach().item(), "tokens": int(targets.numel()), "correct": int(correct)}
 
 
 @register_objective("causal_lm", heads=(None,))

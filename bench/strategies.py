@@ -1,14 +1,18 @@
-"""FSDP2 against DDP in the same run: what each process keeps, what a step costs, the same losses.
+"""ddp, fsdp, tp and pp in the same run: what each process keeps, what a step costs, the same losses.
 
 Workload: full fine-tuning of tiny-llama-20m (~20M parameters: 80 MB of fp32 weights, as much
 again of gradients and twice that of Adam moments) on the fortunes text
-(examples/data/fortunes_text), 2 processes x batch 4 under torchrun (gloo, loopback), one thread
-each, 30 steps, AdamW lr 3e-4 constant, fp32, the same seed for both strategies, run one after the
-other. "optimizer state" is what one process's optimizer holds (summary.json, its shards under
-fsdp); "step s" the mean step time after the first 5 steps; the peak RSS is rank 0's and includes
-loading the whole model before sharding, so it shows little of the saving on a model this small.
+(examples/data/fortunes_text), 2 processes under torchrun (gloo, loopback), one thread each, 30
+steps, AdamW lr 3e-4 constant, fp32, the same seed and the same global batch of 8 rows for every
+strategy (ddp/fsdp: 4 rows per process; tp: both processes see the 8 rows; pp: 2 micro-batches of
+4 flow through the 2 stages), run one after the other. "optimizer state" is what one process's
+optimizer holds (summary.json: rank 0's); "step s" the mean step time after the first 5 steps; the
+peak RSS is rank 0's and includes loading the whole model before it is split, so it shows little of
+the saving on a model this small. ddp and fsdp train on packed rows; pp pads every row to the
+longest example (its stages exchange fixed shapes), tp computes every row's padding too: the
+padding is counted in their step time.
 
-    .venv/bin/python bench/fsdp.py       # bench/results/fsdp.{json,md}
+    .venv/bin/python bench/strategies.py       # bench/results/strategies.{json,md}
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from tunelab.hardware import cpu_model_name  # noqa: E402
 
 DATA = REPO / "examples" / "data" / "fortunes_text" / "train.jsonl"
 STEPS, WARM = 30, 5
-STRATEGIES = ("ddp", "fsdp")
+#: strategy -> (batch_size, grad_accum): the same global batch of 8 rows.
+STRATEGIES = {"ddp": (4, 1), "fsdp": (4, 1), "tp": (8, 1), "pp": (4, 2)}
 RECIPE = """model: {{name: tiny-llama-20m}}
 data: {{train: {data}, format: text, val_fraction: 0.0, max_length: 128}}
 method: {{freeze: {{base: false}}}}
-train: {{lr: 3.0e-4, max_steps: {steps}, batch_size: 4, precision: fp32, schedule: constant, eval_before: false, threads: 1,
+train: {{lr: 3.0e-4, max_steps: {steps}, batch_size: {batch}, grad_accum: {accum}, precision: fp32, schedule: constant, eval_before: false, threads: 1,
         save_every: 1000, distributed: {{strategy: {strategy}}}}}
 output_dir: {out}
 """
@@ -42,7 +47,8 @@ output_dir: {out}
 def run(strategy: str, work: Path) -> dict[str, Any]:
     out = work / strategy
     recipe = work / f"{strategy}.yaml"
-    recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, strategy=strategy, out=out))
+    batch, accum = STRATEGIES[strategy]
+    recipe.write_text(RECIPE.format(data=DATA, steps=STEPS, batch=batch, accum=accum, strategy=strategy, out=out))
     train_under_torchrun(recipe, out, port=29812)
     records = train_records(out)
     summary = json.loads((out / "summary.json").read_text())
@@ -52,7 +58,7 @@ def run(strategy: str, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=REPO / "bench-results" / "fsdp")
+    parser.add_argument("--work", type=Path, default=REPO / "bench-results" / "strategies")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -67,10 +73,10 @@ def main() -> None:
                      f"{row['step_seconds']:.2f} | {row['step_seconds'] / ddp['step_seconds']:.2f}x | {row['peak_rss_bytes'] / 2**20:,.0f} MiB | "
                      f"{row['losses'][-1]:.4f} | {gap:.1e} |")
     meta = {"cpu": cpu_model_name(), "steps": STEPS, "bench_seconds": round(time.time() - began)}
-    note = (f"tiny-llama-20m full fine-tuning ({ddp['trainable_params']:,} parameters), 2 gloo processes x 4 rows, {STEPS} steps, one seed, "
-            f"one thread per process, run one after the other; CPU: {meta['cpu']}. Loopback gloo: the all-gathers and reduce-scatters are "
-            "memory copies here, so a network's cost is not measured.")
-    write_results(args.out, "fsdp", meta, rows, note, table)
+    note = (f"tiny-llama-20m full fine-tuning ({ddp['trainable_params']:,} parameters), 2 gloo processes, a global batch of 8 rows, {STEPS} steps, "
+            f"one seed, one thread per process, run one after the other; CPU: {meta['cpu']}. Loopback gloo: the collectives and the pipeline's "
+            "sends are memory copies here, so a network's cost is not measured.")
+    write_results(args.out, "strategies", meta, rows, note, table)
 
 
 if __name__ == "__main__":

@@ -212,14 +212,15 @@ class Trainer:
             sharding.shard(self.model, self.layout.shard_mesh, settings.fsdp, self.precision.dtype if self.precision.autocast else None)
         return skeleton
 
-    def plain_model(self) -> torch.nn.Module:
+    def plain_model(self) -> torch.nn.Module | None:
         """The trained model as an ordinary module, for the final save and what runs after it: the
-        model itself, or under fsdp its skeleton filled with the gathered weights (collective)."""
+        model itself, or when it is split over processes (fsdp, tp, pp) its skeleton filled with
+        the weights gathered to the main process's CPU, and None on the other processes
+        (collective: every process calls it)."""
         if self.skeleton is None:
             return self.model
-        if self.pipeline is not None:
-            return self.pipeline.gather(self.skeleton)
-        return sharding.materialize(self.skeleton, dict(self.model.named_parameters(remove_duplicate=False)))
+        weights = self.pipeline.gathered_weights() if self.pipeline is not None else sharding.gathered_weights(self.model)
+        return sharding.materialize(self.skeleton, weights) if self.world.is_main else None
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients stay in this process for every micro-batch of a step but the last."""

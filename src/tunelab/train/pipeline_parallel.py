@@ -23,7 +23,7 @@ How the engine's guarantees carry over:
   equal (Megatron's embedding group).
 - Checkpoints are always sharded (each stage writes its own weights and optimizer state with
   ``torch.distributed.checkpoint``), so a run resumes on another number of stages or in one
-  plain process; the final artifact is gathered whole.
+  plain process; the final artifact is gathered whole on the first stage's CPU.
 """
 
 from __future__ import annotations
@@ -257,18 +257,12 @@ class Pipeline:
 
     # -- the whole model again -----------------------------------------------------------------
 
-    def gather(self, skeleton: torch.nn.Module) -> torch.nn.Module:
-        """``skeleton`` (the meta copy taken before the cut) filled with every stage's weights
-        (collective)."""
-        from tunelab.train.sharding import materialize
-
+    def gathered_weights(self) -> dict[str, torch.Tensor]:
+        """Every stage's weights by name on the first stage's CPU, ``{}`` on the others (collective)."""
         mine = {name: p.detach().cpu() for name, p in self.model.named_parameters(remove_duplicate=False)}
-        everyone: list[Any] = [None] * self.stages
-        dist.all_gather_object(everyone, mine, group=self.group)
-        merged: dict[str, torch.Tensor] = {}
-        for part in everyone:
-            merged.update(part)
-        return materialize(skeleton, merged)
+        parts: list[Any] | None = [None] * self.stages if self.first else None
+        dist.gather_object(mine, parts, group_dst=0, group=self.group)
+        return {name: value for part in parts or () for name, value in part.items()}
 
 
 def _target(batch: dict[str, torch.Tensor]) -> torch.Tensor:

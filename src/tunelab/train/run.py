@@ -210,7 +210,7 @@ def _run(
     if result.stop_reason == "interrupted":
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
-    model = trainer.plain_model()  # under fsdp: the gathered copy (every process takes part)
+    model = trainer.plain_model()  # split over processes: gathered on the main process, None on the others (all take part)
     if world.is_main:
         with reporting_disk_full(run_dir, "the final model"):
             saved = str(_save_final(prepared, model, run_dir, trainer.averaged_weights()))

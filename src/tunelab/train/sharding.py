@@ -11,8 +11,9 @@ the parameters being DTensor shards:
   shard on load);
 - the final save and whatever runs after training (evaluation, compression) need an ordinary
   module: a parameter-free copy of the model is taken on the meta device before sharding
-  (``meta_skeleton``) and filled with the gathered weights at the end (``materialize``), ties
-  (a shared embedding and LM head) kept;
+  (``meta_skeleton``) and filled at the end with the weights gathered, one at a time, to the
+  main process's CPU (``gathered_weights``, ``materialize``), ties (a shared embedding and LM
+  head) kept;
 - every forward is collective, so every process evaluates, not only the first.
 """
 
@@ -102,14 +103,28 @@ def localize_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, 
     return {**saved, "state": state}
 
 
+def gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of ``model`` at full size on the main process's CPU, ``{}`` on the others
+    (collective): one tensor is gathered at a time and moved off the device, so no process ever
+    holds the whole model on its device."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def materialize(skeleton: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """``skeleton`` filled with ``weights`` (by name, gathered to full size when sharded): an
-    ordinary module equal to the trained one (collective for sharded weights). A parameter the
-    skeleton shares between two names (a tied embedding and LM head) is one parameter again."""
+    """``skeleton`` filled with ``weights`` (full size, by name): an ordinary module equal to the
+    trained one. A parameter the skeleton shares between two names (a tied embedding and LM head)
+    is one parameter again, filled from whichever of its names ``weights`` holds."""
+    named = list(skeleton.named_parameters(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for name, param in named:
+        aliases.setdefault(id(param), []).append(name)
     made: dict[int, torch.nn.Parameter] = {}
-    for name, param in list(skeleton.named_parameters(remove_duplicate=False)):
+    for name, param in named:
         if id(param) not in made:
-            made[id(param)] = torch.nn.Parameter(full(weights[name].detach()).clone(), requires_grad=param.requires_grad)
+            value = next(weights[alias] for alias in aliases[id(param)] if alias in weights)
+            made[id(param)] = torch.nn.Parameter(value.detach(), requires_grad=param.requires_grad)
         owner, _, attribute = name.rpartition(".")
         setattr(skeleton.get_submodule(owner), attribute, made[id(param)])
     return skeleton

@@ -68,8 +68,8 @@ def test_a_shared_prefix_is_credited_once():
 
 
 def test_speedup_does_not_count_without_loss_parity():
-    base = {"real_tokens_per_s": 100.0, "real_tokens_per_cpu_s": 100.0, "peak_rss_mb": 1000.0, "final_train_loss": 2.0, "eval_loss": 2.0, "mfu": 0.1}
-    close = summary({**base, "real_tokens_per_s": 300.0, "final_train_loss": 2.01, "peak_rss_mb": 400.0}, base)
+    base = {"real_tokens_per_s": 100.0, "real_tokens_per_cpu_s": 100.0, "peak_memory_mb": 1000.0, "final_train_loss": 2.0, "eval_loss": 2.0, "mfu": 0.1}
+    close = summary({**base, "real_tokens_per_s": 300.0, "final_train_loss": 2.01, "peak_memory_mb": 400.0}, base)
     assert close["loss_parity"] and round(close["speedup"], 2) == 3.0 and round(close["mem_ratio"], 2) == 0.4
     far = summary({**base, "final_train_loss": 2.1}, base)
     assert not far["loss_parity"]

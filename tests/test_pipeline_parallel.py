@@ -60,6 +60,7 @@ def test_two_stages_train_what_one_process_trains(tmp_path, one_process, model, 
     assert_same_run(one, piped, weights_atol=1e-4 if method == FULL else 1e-5)
     if method == FULL:  # each stage keeps Adam's moments of its own blocks only
         assert summary(piped)["optimizer_state_bytes"] < 0.75 * summary(one)["optimizer_state_bytes"]
+    assert len(summary(piped)["peak_rss_bytes_per_process"]) == 2 and len(summary(one)["peak_rss_bytes_per_process"]) == 1
 
 
 def test_example_weights_reach_the_last_stage(tmp_path):

@@ -76,8 +76,14 @@ def widest_unit(flags: set[str]) -> str:
 
 
 def best_device() -> torch.device:
-    """CUDA when present, else CPU (MPS is left to explicit request: its op coverage varies)."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when present, else CPU (MPS is left to explicit request: its op coverage varies).
+    Under torchrun each process of a node takes its own GPU (``LOCAL_RANK``), made current so
+    that NCCL and every ``cuda`` tensor without an index use it."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def resolve_precision(requested: str = "auto", device: torch.device | None = None) -> PrecisionChoice:

@@ -21,16 +21,30 @@ from tunelab.data.collate import shared_prefix_length
 from tunelab.hardware import peak_rss_bytes
 
 
-def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` GFLOP/s of one ``size``² matmul in ``dtype`` (the MFU denominator)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best-of-``repeats`` GFLOP/s of one ``size``² matmul in ``dtype`` on ``device`` (the MFU
+    denominator; on a GPU pass a size that fills it, e.g. 8192)."""
+    a, b = (torch.randn(size, size).to(device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)  # kernel selection and first-touch memory are not throughput
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a clock read after it measures the work (no-op on a CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_device_mb(device: str) -> float | None:
+    """The GPU's allocated-memory high-water mark in MiB (None on a CPU: the RSS is the measure)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 def peak_rss_mb() -> float:

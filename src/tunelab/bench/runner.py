@@ -51,21 +51,24 @@ def derived(report: dict[str, Any], peak_gflops: float) -> dict[str, float]:
         "real_tokens_per_cpu_s": report["real_tokens"] / report["steady_cpu_seconds"],
         "mfu": report["flops"] / seconds / (peak_gflops * 1e9),
         "peak_rss_mb": report["peak_rss_mb"],
+        # on a GPU the memory that limits a run is the device's; on a CPU the process's RSS
+        "peak_memory_mb": report.get("peak_device_mb") or report["peak_rss_mb"],
         "first_step_seconds": report["first_step_seconds"],
         "final_train_loss": report["final_train_loss"],
         "eval_loss": report["eval_loss"],
     }
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     from tunelab.hardware import cpu_flags, cpu_model_name
 
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     import os
 
+    gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if device == "cuda" else {}
     return {
         "cpu": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "flags": flags, "torch": torch.__version__,
-        "python": platform.python_version(), "load_average": os.getloadavg(),
+        "python": platform.python_version(), "load_average": os.getloadavg(), **gpu,
     }
 
 
@@ -83,12 +86,13 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ..
     # Only the precision the sides ran in: on CPUs without native bf16 (AVX2-only EPYC) one bf16
     # 2048² product takes minutes, which made the CI smoke run of this benchmark take 13 minutes.
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    peaks = {precision: [gemm_gflops(dtype) for _ in range(2)]}
+    gemm_size = 8192 if workload.device == "cuda" else 2048  # a GPU needs a larger product to reach its peak
+    peaks = {precision: [gemm_gflops(dtype, gemm_size, device=workload.device) for _ in range(2)]}
     peak_gflops = max(peaks[precision])
     sides = {side: _median(derived(r, peak_gflops) for r in runs) for side, runs in reports.items()}
     result: dict[str, Any] = {
         "workload": json.loads(workload.to_json()),
-        "machine": machine(),
+        "machine": machine(workload.device),
         "precision": precision,
         "gemm_peak_gflops": {k: max(v) for k, v in peaks.items()},
         "sides": sides,
@@ -113,7 +117,7 @@ def summary(ours: dict[str, float], baseline: dict[str, float]) -> dict[str, Any
     return {
         "speedup": ours["real_tokens_per_s"] / baseline["real_tokens_per_s"],
         "cpu_time_speedup": ours["real_tokens_per_cpu_s"] / baseline["real_tokens_per_cpu_s"],
-        "mem_ratio": ours["peak_rss_mb"] / baseline["peak_rss_mb"],
+        "mem_ratio": ours["peak_memory_mb"] / baseline["peak_memory_mb"],
         "loss_delta": train_delta,
         "eval_loss_delta": eval_delta,
         "loss_parity": abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
@@ -140,7 +144,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"model {result['workload']['model']} | workload {result['workload'].get('name', 'short')} | {result['workload']['steps']} steps x {result['workload']['batch_size']} examples | "
         f"precision {result['precision']} | GEMM peak {' / '.join(f'{k} {v:.0f}' for k, v in gemm.items())} GFLOP/s",
         "",
-        "| run | real tok/s | supervised tok/s | real tok/CPU-s | peak RSS MB | first step s | final loss | eval loss | MFU |",
+        f"| run | real tok/s | supervised tok/s | real tok/CPU-s | {'peak GPU MB' if result['workload'].get('device') == 'cuda' else 'peak RSS MB'} | first step s | final loss | eval loss | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [(SIDE_NAMES[s], m) for s, m in result["sides"].items()]
@@ -148,7 +152,7 @@ def format_table(result: dict[str, Any]) -> str:
     for name, m in rows:
         lines.append(
             f"| {name} | {m['real_tokens_per_s']:.0f} | {m['supervised_tokens_per_s']:.1f} | {m['real_tokens_per_cpu_s']:.0f} | "
-            f"{m['peak_rss_mb']:.0f} | {m['first_step_seconds']:.1f} | {m['final_train_loss']:.4f} | {m['eval_loss']:.4f} | {m['mfu']:.3f} |"
+            f"{m['peak_memory_mb']:.0f} | {m['first_step_seconds']:.1f} | {m['final_train_loss']:.4f} | {m['eval_loss']:.4f} | {m['mfu']:.3f} |"
         )
     parity = "within" if result["loss_parity"] else "OUTSIDE"
     lines += ["", f"losses {parity} {PARITY:.0%} of the baseline (eval loss delta {result['eval_loss_delta']:+.4f})"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tunelab.bench.measure import ModelShape, model_shape, real_tokens, step_flops, supervised_tokens
+from tunelab.bench.measure import ModelShape, model_shape, real_tokens, step_flops, supervised_tokens, synchronize
 from tunelab.bench.workload import Workload, WorkloadData, build_workload_data
 from tunelab.data import Example, collate_packed
 from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision
@@ -23,22 +23,24 @@ from tunelab.train.objectives import accumulate
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
 
-def heldout_loss(model: torch.nn.Module, examples: list[Example], precision: PrecisionChoice, batch_size: int) -> float:
+def heldout_loss(model: torch.nn.Module, examples: list[Example], precision: PrecisionChoice, batch_size: int, device: str) -> float:
     """Token-mean cross-entropy on supervised tokens: one definition for both sides."""
     objective = CausalLMObjective(model)
     model.eval()
     stats: dict[str, Any] = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=precision.dtype, enabled=precision.autocast):
+    with torch.no_grad(), torch.autocast(device, dtype=precision.dtype, enabled=precision.autocast):
         for i in range(0, len(examples), batch_size):
-            accumulate(stats, objective(model, collate_packed(examples[i : i + batch_size]))[1])
+            batch = {k: v.to(device) for k, v in collate_packed(examples[i : i + batch_size]).items()}
+            accumulate(stats, objective(model, batch)[1])
     return objective.summarize(stats)["loss"]
 
 
 class StepClock:
     """Wall-clock ends of optimizer steps since training started; advances a profiler schedule."""
 
-    def __init__(self, profiler: torch.profiler.profile | None) -> None:
+    def __init__(self, profiler: torch.profiler.profile | None, device: str = "cpu") -> None:
         self.profiler = profiler
+        self.device = device
         self.origin = time.perf_counter()
         self.ends: list[float] = []
         self.cpu_ends: list[float] = []  # process CPU time: less sensitive to other jobs than wall time
@@ -47,6 +49,7 @@ class StepClock:
         self.origin = time.perf_counter()
 
     def tick(self) -> None:
+        synchronize(self.device)  # a GPU step ends when its kernels do
         self.ends.append(time.perf_counter() - self.origin)
         self.cpu_ends.append(time.process_time())
         if self.profiler is not None:
@@ -84,7 +87,7 @@ def _setup(workload: Workload, workdir: Path) -> tuple[PrecisionChoice, Any, Wor
     from tunelab.models import load_model
 
     configure_threads(workload.threads)
-    precision = resolve_precision(workload.precision)
+    precision = resolve_precision(workload.precision, torch.device(workload.device))
     torch.manual_seed(workload.seed)
     loaded = load_model(workload.model, seed=workload.seed)
     return precision, loaded, build_workload_data(workload, loaded.tokenizer, workdir)
@@ -103,6 +106,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     precision, loaded, data = _setup(workload, workdir)
     lora = LoraConfig(r=workload.lora_r, alpha=workload.lora_alpha, dropout=0.0, target_modules="all-linear")
     model = apply_methods(loaded.model, MethodConfig(lora=lora), model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
+    model.to(workload.device)
     if workload.uses("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.gradient_checkpointing
     cfg = TrainConfig(
@@ -114,7 +118,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     pad_id = loaded.tokenizer.pad_token_id or 0
     shared = objective.shared_prefix and workload.uses("packing")
     collate = (lambda examples: collate_packed(examples, shared)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
-    clock = StepClock(profiler)
+    clock = StepClock(profiler, workload.device)
 
     class Clock(Callback):
         def on_train_start(self, state) -> None:
@@ -125,13 +129,13 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
 
     trainer = Trainer(
         model=model, objective=objective, train=data.train, validation=[], cfg=cfg, collate=collate, precision=precision,
-        run_dir=workdir / "tunelab-run", seed=workload.seed, callbacks=[Clock()], show_progress=False,
+        run_dir=workdir / "tunelab-run", seed=workload.seed, callbacks=[Clock()], show_progress=False, device=torch.device(workload.device),
         low_precision_frozen=workload.uses("low_precision_frozen"), compile=workload.uses("compile"),
     )
     setup = time.perf_counter() - start
     result = trainer.fit()
     losses = [r["loss"] for r in result.history if r.get("type") == "train"]
-    eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size)
+    eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size, workload.device)
     return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, shared)
 
 
@@ -151,11 +155,12 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
     args = TrainingArguments(
         output_dir=str(workdir / "hf-run"), per_device_train_batch_size=workload.batch_size, max_steps=workload.steps,
         learning_rate=workload.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=workload.max_grad_norm, bf16=precision.name == "bf16", use_cpu=True, logging_steps=1,
+        max_grad_norm=workload.max_grad_norm, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
+        use_cpu=workload.device == "cpu", logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to="none", train_sampling_strategy="sequential",
         seed=workload.seed, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
     )
-    clock = StepClock(profiler)
+    clock = StepClock(profiler, workload.device)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -169,7 +174,7 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
     setup = time.perf_counter() - start
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size)
+    eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size, workload.device)
     return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tunelab import atomic
-from tunelab.bench.measure import peak_rss_mb
+from tunelab.bench.measure import peak_device_mb, peak_rss_mb
 from tunelab.bench.sides import SIDES
 from tunelab.bench.workload import Workload
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             result = run(workload, Path(tmp))
     result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_device_mb"] = peak_device_mb(workload.device)
     atomic.write_json(args.out, result)
 
 

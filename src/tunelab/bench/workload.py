@@ -66,6 +66,8 @@ class Workload:
     lora_alpha: float = 32.0
     max_grad_norm: float = 1.0
     precision: str = "auto"
+    #: "cpu" or "cuda": where both sides train (the GPU check, bench/gpu_check.sh, runs "cuda").
+    device: str = "cpu"
     threads: int | None = None
     seed: int = 0
     #: tunelab levers on in this run (see ``LEVERS``); toggling one measures what it pays.

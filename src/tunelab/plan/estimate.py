@@ -156,25 +156,25 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
 
 
 def _setup_moment(arch: Architecture, s: Settings, weights: float, optimizer_state: float) -> Moment:
-    """Loading (and, under FSDP, the final gather): the engine loads every model in fp32."""
+    """Loading (and, when the model is split, the final gather): the engine loads every model in
+    fp32, whole, in every process, and splits it only then (fsdp, tp, pp); at the end the main
+    process gathers the trained model to its CPU beside its own part."""
     loaded = 4.0 * arch.total_params()
     held, opt = loaded, 0.0
     if s.method == "qlora" and s.device == "cpu":
         held = loaded + weights  # the fp32 model is still loaded while the NF4 one reloads from its file
     elif s.method == "qlora" and s.device == "gpu":
         held = weights  # the fp32 model and its NF4 reload stay in host memory; the GPU gets NF4
-    elif s.strategy not in ("ddp", "fsdp"):
-        held = weights  # assumed: a loader that places each shard directly (not measured)
-    elif s.data_shards > 1:
-        held, opt = loaded + weights, optimizer_state  # the gathered final model beside the shards
+    elif s.strategy != "ddp" and s.device == "cpu":
+        held, opt = loaded + weights, optimizer_state  # the gathered final model beside this process's part
     return Moment("setup", {"weights": held, "gradients": 0.0, "optimizer_state": opt, "activations": 0.0,
                             "temporaries": 0.0, "runtime": float(s.runtime_bytes)})
 
 
 def _notes(arch: Architecture, s: Settings) -> list[str]:
     notes = []
-    if s.strategy in ("tp", "fsdp+tp", "pp"):
-        notes.append(f"strategy {s.strategy}: planned by the general rules of docs/plan.md, not checked against a run")
+    if s.strategy == "fsdp+tp":
+        notes.append("strategy fsdp+tp: planned by the general rules of docs/plan.md, not checked against a run (fsdp, tp and pp were)")
     if s.tensor_parallel > 1 and (arch.heads % s.tensor_parallel or arch.kv_heads % s.tensor_parallel):
         notes.append(f"{arch.heads} heads / {arch.kv_heads} key-value heads do not split evenly over {s.tensor_parallel} devices")
     if s.device == "cpu":

@@ -14,8 +14,8 @@ buffers a strategy adds.
   the embedding and the head, and (1F1B) the activations of one micro-batch per stage still in
   flight.
 
-The ``ddp`` and ``fsdp`` rules follow tunelab's engine (docs/scaling_out.md); ``tp``, ``fsdp+tp``
-and ``pp`` follow the general rules above and have not been checked against a run (LoRA
+The rules follow tunelab's engine (docs/scaling_out.md); ``ddp``, ``fsdp``, ``tp`` and ``pp`` were
+checked against 2-process runs (bench/plan_accuracy_distributed.py), ``fsdp+tp`` was not (LoRA
 adapters are counted as split with their layer, a fraction of a percent of the memory).
 """
 

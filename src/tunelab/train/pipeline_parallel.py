@@ -138,7 +138,7 @@ class Pipeline:
         self.group = mesh.get_group()
         self.index, self.stages = mesh.get_local_rank(), mesh.size()
         self.first, self.last = self.index == 0, self.index == self.stages - 1
-        self.objective, self.model = objective, model
+        self.objective, self.model, self.device = objective, model, device
         self.micro_batches, self.rows, self.length, self.scale_loss = micro_batches, rows, length, scale_loss
         if settings.schedule == "1f1b" and micro_batches < self.stages:
             raise UserError(f"the 1F1B schedule needs at least as many micro-batches per step as stages ({self.stages}); train.grad_accum is {micro_batches}",
@@ -258,11 +258,24 @@ class Pipeline:
     # -- the whole model again -----------------------------------------------------------------
 
     def gathered_weights(self) -> dict[str, torch.Tensor]:
-        """Every stage's weights by name on the first stage's CPU, ``{}`` on the others (collective)."""
-        mine = {name: p.detach().cpu() for name, p in self.model.named_parameters(remove_duplicate=False)}
-        parts: list[Any] | None = [None] * self.stages if self.first else None
-        dist.gather_object(mine, parts, group_dst=0, group=self.group)
-        return {name: value for part in parts or () for name, value in part.items()}
+        """Every stage's weights by name on the first stage's CPU, ``{}`` on the others
+        (collective). Each weight travels on its own (point to point, into a buffer of its known
+        shape), so the first stage never holds more than the model once."""
+        mine = dict(self.model.named_parameters(remove_duplicate=False))
+        layouts: list[Any] = [None] * self.stages
+        dist.all_gather_object(layouts, {name: (tuple(p.shape), p.dtype) for name, p in mine.items()}, group=self.group)
+        out = {name: p.detach().cpu() for name, p in mine.items()} if self.first else {}
+        first = dist.get_global_rank(self.group, 0)
+        for stage in range(1, self.stages):
+            owner = dist.get_global_rank(self.group, stage)
+            for name, (shape, dtype) in layouts[stage].items():
+                if self.index == stage:
+                    dist.send(mine[name].detach().contiguous(), dst=first, group=self.group)
+                elif self.first:
+                    received = torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.recv(received, src=owner, group=self.group)
+                    out[name] = received.cpu()
+        return out
 
 
 def _target(batch: dict[str, torch.Tensor]) -> torch.Tensor:

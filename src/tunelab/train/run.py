@@ -81,6 +81,8 @@ class RunSummary(TrainResult):
     tokens_per_s: float = 0.0
     #: The training process's resident-memory high-water mark (model load included), measured.
     peak_rss_bytes: int = 0
+    #: Every process's high-water mark, in rank order (under torchrun processes hold different parts).
+    peak_rss_bytes_per_process: list[int] = field(default_factory=list)
     #: The processor the run's timings were measured on (figures on another CPU do not compare).
     cpu: str = ""
     #: The schedule the run used: the recipe's numbers, or what ``auto`` chose (tunelab.train.auto_settings).
@@ -215,7 +217,8 @@ def _run(
         with reporting_disk_full(run_dir, "the final model"):
             saved = str(_save_final(prepared, model, run_dir, trainer.averaged_weights()))
     world.barrier()
-    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit)
+    peaks = world.all_gather_object(peak_rss_bytes())
+    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit, peaks)
     if world.is_main:
         atomic.write_json(run_dir / "summary.json", summary.as_dict())
         from tunelab.report.plots import plot_training
@@ -286,7 +289,7 @@ def _data_line(report: dict[str, Any]) -> str:
 
 
 def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str,
-             unit: str) -> RunSummary:
+             unit: str, peaks: list[int] | None = None) -> RunSummary:
     steady = max(1e-9, result.seconds - result.first_step_seconds)
     steady_tokens = result.tokens_seen * (1 - 1 / max(1, result.steps)) if result.steps > 1 else result.tokens_seen
     trained = {f.name: getattr(result, f.name) for f in fields(TrainResult)}
@@ -294,7 +297,8 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
     return RunSummary(
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
-        tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), cpu=cpu_model_name(),
+        tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), peak_rss_bytes_per_process=peaks or [peak_rss_bytes()],
+        cpu=cpu_model_name(),
         lr=float(recipe.train.lr), epochs=float(recipe.train.epochs), data=data.report.as_dict(), saved=saved, unit_name=unit,
     )
 
@@ -307,7 +311,8 @@ def format_summary(s: RunSummary) -> str:
         f"  trainable params   {s.trainable_params:,} of {s.total_params:,} ({100 * s.trainable_params / max(1, s.total_params):.2f}%)",
         f"  steps / time       {s.steps} steps in {s.seconds:.1f}s (first step {s.first_step_seconds:.1f}s), {s.tokens_per_s:,.0f} tokens/s",
         f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} {s.unit_name})",
-        f"  peak memory        {s.peak_rss_bytes / 2**20:,.0f} MiB (process RSS, model load included)",
+        f"  peak memory        {s.peak_rss_bytes / 2**20:,.0f} MiB (process RSS, model load included)"
+        + (f"; per process {' / '.join(f'{b / 2**20:,.0f}' for b in s.peak_rss_bytes_per_process)} MiB" if len(s.peak_rss_bytes_per_process) > 1 else ""),
         f"  optimizer state    {s.optimizer_state_bytes / 2**20:,.1f} MiB ({s.optimizer_state_bytes / max(1, s.trainable_params):.2f} bytes per trainable parameter)",
         f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",
     ]

@@ -3,12 +3,13 @@
     .venv/bin/python bench/plan_accuracy_distributed.py   # bench/results/plan_accuracy_distributed.{json,md}
 
 The multi-process companion of bench/plan_accuracy.py (same data, recipe shape and allocator
-setting, `MALLOC_MMAP_THRESHOLD_=131072`): each row is a `tunelab train` job of 2 processes under
-torchrun (gloo, one thread each, fp32, 3 steps) with one strategy, at one global batch: ddp and
-fsdp draw `batch / 2` rows per process, tp shares the whole batch, pp runs it as 2 micro-batches
-through 2 stages. Measured: the largest `peak_rss_bytes_per_process` of the run's summary.json
-(each process's VmHWM, model load included); estimated: `tunelab.plan.estimate` for the same
-settings on 2 devices, whose figure is the busiest device's.
+setting, `MALLOC_MMAP_THRESHOLD_=131072`): each row is a `tunelab train` job of 2 processes (4 for
+fsdp+tp: 2 data-parallel groups of 2 tensor-parallel processes) under torchrun (gloo, one thread
+each, fp32, 3 steps) with one strategy, at one global batch: ddp and fsdp draw `batch / 2` rows
+per process, tp shares the whole batch, fsdp+tp gives each group half, pp runs it as 2
+micro-batches through 2 stages. Measured: the largest `peak_rss_bytes_per_process` of the run's
+summary.json (each process's VmHWM, model load included); estimated: `tunelab.plan.estimate` for
+the same settings and devices, whose figure is the busiest device's.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from tunelab.plan import Settings, architecture_from_config, estimate  # noqa: E
 from tunelab.plan.model_config import load_config  # noqa: E402
 from tunelab.plan.runtime import measure_cpu_runtime  # noqa: E402
 
-PROCESSES = 2
+#: Processes per job (fsdp+tp needs 4: 2 groups x tp degree 2).
+PROCESSES = {"ddp": 2, "fsdp": 2, "tp": 2, "pp": 2, "fsdp+tp": 4}
+TP_DEGREE = 2
 #: (label, model, method, seq, global batch, strategy)
 ROWS = [
     ("tiny-llama full", "tiny-llama", "full", 512, 4, "ddp"),
     ("tiny-llama full", "tiny-llama", "full", 512, 4, "fsdp"),
     ("tiny-llama full", "tiny-llama", "full", 512, 4, "tp"),
     ("tiny-llama full", "tiny-llama", "full", 512, 4, "pp"),
+    ("tiny-llama full", "tiny-llama", "full", 512, 4, "fsdp+tp"),
     ("smollm2-135m lora", "smollm2-135m", "lora", 256, 4, "ddp"),
     ("smollm2-135m lora", "smollm2-135m", "lora", 256, 4, "fsdp"),
     ("smollm2-135m lora", "smollm2-135m", "lora", 256, 4, "pp"),
@@ -49,19 +53,21 @@ ROWS = [
 def per_process_batch(strategy: str, batch: int) -> tuple[int, int]:
     """``(batch_size, grad_accum)`` that give the global ``batch`` under ``strategy``."""
     if strategy in ("ddp", "fsdp"):
-        return batch // PROCESSES, 1
+        return batch // PROCESSES[strategy], 1
+    if strategy == "fsdp+tp":
+        return batch // (PROCESSES[strategy] // TP_DEGREE), 1
     if strategy == "pp":
-        return batch // PROCESSES, PROCESSES
+        return batch // PROCESSES[strategy], PROCESSES[strategy]
     return batch, 1
 
 
-def run(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """One 2-process job under torchrun; its summary.json."""
+def run(spec: dict[str, Any], directory: Path, processes: int) -> dict[str, Any]:
+    """One job of ``processes`` under torchrun; its summary.json."""
     subprocess.run(["rm", "-rf", str(directory)], check=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
     path = directory.with_suffix(".yaml")
     path.write_text(json.dumps(spec))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(PROCESSES), "--master-port", "29877",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", "29877",
                 "-m", "tunelab.cli", "train", "--no-progress", str(path)]
     started = time.perf_counter()
     result = subprocess.run(launcher, capture_output=True, text=True, env={**os.environ, **LIVE_MALLOC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
@@ -80,17 +86,19 @@ def main() -> None:
     for label, model, method, seq, batch, strategy in ROWS:
         batch_size, accum = per_process_batch(strategy, batch)
         spec = recipe(model, method, seq, batch_size, False, data, OUT / "distributed" / f"{label.replace(' ', '_')}-{strategy}")
-        spec["train"].update(grad_accum=accum, distributed={"strategy": strategy})
-        summary = run(spec, Path(spec["output_dir"]))
+        processes = PROCESSES[strategy]
+        spec["train"].update(grad_accum=accum, distributed={"strategy": strategy, **({"tp": {"degree": TP_DEGREE}} if strategy == "fsdp+tp" else {})})
+        summary = run(spec, Path(spec["output_dir"]), processes)
         arch = architecture_from_config(load_config(model), model)
         # the planner's batch: rows per process per step (under pp: per pipeline, split into micro-batches)
         settings = Settings(method=method, seq=seq, batch=batch_size * accum, checkpointing=False, precision="fp32", device="cpu", runtime_bytes=runtime,
-                            strategy=strategy, devices=PROCESSES, microbatches=accum if strategy == "pp" else None)
+                            strategy=strategy, devices=processes, microbatches=accum if strategy == "pp" else None,
+                            tp_degree=TP_DEGREE if strategy == "fsdp+tp" else None)
         result = estimate(arch, settings)
         peaks = summary["peak_rss_bytes_per_process"]
         measured = max(peaks)
         row = {
-            "label": label, "model": model, "method": method, "seq": seq, "batch": batch, "strategy": strategy, "processes": PROCESSES,
+            "label": label, "model": model, "method": method, "seq": seq, "batch": batch, "strategy": strategy, "processes": processes,
             "estimate_bytes": result.total, "estimate_moment": result.peak.name, "estimate_components_bytes": result.components,
             "measured_bytes": measured, "measured_per_process_bytes": peaks, "error_pct": round(100 * (result.total - measured) / measured, 1),
             "wall_s": summary["wall_s"], "cpu": summary["cpu"],
@@ -105,7 +113,7 @@ def main() -> None:
                      f"{' / '.join(f'{p / MiB:,.0f}' for p in row['measured_per_process_bytes'])} | {row['error_pct']:+.1f}% | {row['estimate_moment']} |")
     cpu = cpu_model_name()
     worst = max(abs(r["error_pct"]) for r in rows)
-    note = (f"`tunelab plan --strategy S --devices {PROCESSES}` against real {PROCESSES}-process `tunelab train` jobs on {cpu}, torch "
+    note = (f"`tunelab plan --strategy S --devices N` against real N-process `tunelab train` jobs (2; 4 for fsdp+tp) on {cpu}, torch "
             f"{__import__('torch').__version__}, one thread per process, fp32, {STEPS} steps, MALLOC_MMAP_THRESHOLD_=131072; runtime overhead "
             f"measured {runtime / MiB:,.0f} MiB per process. Largest error: {worst:.1f}%.")
     write_results(REPO / "bench" / "results", "plan_accuracy_distributed", {"cpu": cpu, "runtime_bytes": runtime, "steps": STEPS,

@@ -173,12 +173,10 @@ def _setup_moment(arch: Architecture, s: Settings, weights: float, optimizer_sta
 
 def _notes(arch: Architecture, s: Settings) -> list[str]:
     notes = []
-    if s.strategy == "fsdp+tp":
-        notes.append("strategy fsdp+tp: planned by the general rules of docs/plan.md, not checked against a run (fsdp, tp and pp were)")
     if s.tensor_parallel > 1 and (arch.heads % s.tensor_parallel or arch.kv_heads % s.tensor_parallel):
         notes.append(f"{arch.heads} heads / {arch.kv_heads} key-value heads do not split evenly over {s.tensor_parallel} devices")
     if s.device == "cpu":
-        notes.append("with glibc's default malloc, freed activations stay in the heap: processes measured 17-67% above the "
+        notes.append("with glibc's default malloc, freed activations stay in the heap: processes measured 13-39% above the "
                      "estimate (docs/plan.md); MALLOC_MMAP_THRESHOLD_=131072 makes them follow it")
     if s.method == "qlora" and s.device == "cpu":
         notes.append("QLoRA on a CPU: the engine reloads the model as NF4 from an fp32 file that stays mapped (counted in weights)")

@@ -3,9 +3,9 @@
 The engine has two paths (``train/objectives/causal_lm.py``). The fused path computes the head
 and the cross-entropy in chunks of ``CHUNK_ROWS`` supervised positions inside the forward pass,
 storing the gradients it will hand back (with respect to the hidden states, and to the head's
-weight when it trains): at most two chunks' ``[rows, vocab]`` fp32 tensors exist at once (the
-new logits and the previous chunk's probabilities, which the loop variable still holds), plus
-PyTorch's ``logsumexp`` temporary of the same size. The logits path (under FSDP, whose sharded head is
+weight when it trains): one chunk's ``[rows, vocab]`` fp32 logits exist at a time (each chunk is
+one function call, so the previous chunk's probabilities are freed first), plus PyTorch's
+``logsumexp`` temporary of the same size. The logits path (under FSDP, whose sharded head is
 whole only inside the model's forward) computes ``[supervised, vocab]`` logits in the model,
 upcasts them to fp32 and keeps the log-softmax for the backward, which then allocates two more
 fp32 tensors of that size (the gradients of the loss and of the log-softmax).
@@ -47,11 +47,9 @@ def loss_memory(
         grad_hidden = residual_bytes * h * supervised if hidden_requires_grad else 0
         grad_weight = 4 * V * h if head_trains else 0  # fp32, accumulated chunk by chunk
         chunk = 4 * rows * V  # one chunk's fp32 logits, turned into probabilities in place
-        # A chunk's logits are computed while the previous chunk's probabilities are still
-        # referenced by the loop; then logsumexp's temporary of the same size, or (a trainable
-        # head) the product added into grad_weight.
-        held = 2 * chunk if supervised > rows else chunk
-        inside = held + max(chunk, (compute_bytes * rows * V if autocast else 0) + (4 * V * h if head_trains else 0))
+        # A chunk's logits, then logsumexp's temporary of the same size, or (a trainable head)
+        # the product added into grad_weight.
+        inside = chunk + max(chunk, (compute_bytes * rows * V if autocast else 0) + (4 * V * h if head_trains else 0))
         casts = 2 * compute_bytes * V * h if autocast and head_weight_bytes != compute_bytes else 0
         return LossMemory(
             saved=index + grad_hidden + grad_weight + head_copy,

@@ -14,9 +14,9 @@ buffers a strategy adds.
   the embedding and the head, and (1F1B) the activations of one micro-batch per stage still in
   flight.
 
-The rules follow tunelab's engine (docs/scaling_out.md); ``ddp``, ``fsdp``, ``tp`` and ``pp`` were
-checked against 2-process runs (bench/plan_accuracy_distributed.py), ``fsdp+tp`` was not (LoRA
-adapters are counted as split with their layer, a fraction of a percent of the memory).
+The rules follow tunelab's engine (docs/scaling_out.md) and are checked against 2-process runs
+(4 for ``fsdp+tp``: bench/plan_accuracy_distributed.py); LoRA adapters are counted as split with
+their layer, a fraction of a percent of the memory.
 """
 
 from __future__ import annotations

@@ -245,9 +245,9 @@ class Pipeline:
     def clip_grad_norm_(self, parameters: list[torch.nn.Parameter], max_norm: float) -> None:
         """Clip by the norm of every stage's gradients together (the tied weight counted once)."""
         counted = [p for p in parameters if p.grad is not None and not (self.last and not self.first and p is self.tied)]
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         for p in counted:
-            squares += torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float64).square().cpu()
+            squares += torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float64).square()
         dist.all_reduce(squares, group=self.group)
         scale = min(1.0, max_norm / (float(squares.sqrt()) + 1e-6))
         if scale < 1.0:

@@ -34,6 +34,29 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return loss, probabilities, predicted
 
 
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None, rows: slice,
+           dtype: torch.dtype, grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows``: their summed (weighted) loss and argmax hits; their gradients written into
+    ``grad_hidden[rows]`` and added into ``grad_weight`` when those are asked for."""
+    h, t = hidden[rows], targets[rows]
+    loss, grad_logits, predicted = _chunk_loss(h, weight, t)
+    w = None if token_weights is None else token_weights[rows].float()
+    loss_sum = loss.sum() if w is None else (loss * w).sum()
+    hits = (predicted == t).sum()
+    if grad_hidden is None and grad_weight is None:
+        return loss_sum, hits
+    # d(sum_i w_i * loss_i)/d logits_i = w_i * (softmax_i - onehot(t_i))
+    grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+    if w is not None:
+        grad_logits.mul_(w[:, None])
+    grad_logits = grad_logits.to(dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
+    if grad_weight is not None:
+        grad_weight += (grad_logits.T @ h.to(dtype)).float()
+    return loss_sum, hits
+
+
 def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
     """The gradient matmuls run in the precision the forward's ``F.linear`` ran in: autocast's
     when it is on (as the unfused backward would), else the weight's."""
@@ -53,23 +76,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         dtype = _matmul_dtype(weight)
         for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]
-            loss, grad_logits, predicted = _chunk_loss(h, weight, t)
-            w = None if token_weights is None else token_weights[rows].float()
-            total += loss.sum() if w is None else (loss * w).sum()
-            correct += (predicted == t).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(sum_i w_i * loss_i)/d logits_i = w_i * (softmax_i - onehot(t_i))
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
-            if w is not None:
-                grad_logits.mul_(w[:, None])
-            grad_logits = grad_logits.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h.to(dtype)).float()
+            # one call per chunk: its [rows, vocab] tensors are freed before the next chunk's exist
+            loss_sum, hits = _chunk(hidden, weight, targets, token_weights, slice(start, start + chunk_rows), dtype, grad_hidden, grad_weight)
+            total += loss_sum
+            correct += hits
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(correct)

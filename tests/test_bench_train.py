@@ -91,3 +91,9 @@ def test_a_rerun_benchmark_runs_only_what_its_results_file_lacks(tmp_path):
     assert ran == [("b", 0), ("a", 1)] and len(rows) == 3 and saved["interleaved"] == 1.5
     assert json.loads(path.read_text()) == {"interleaved": 1.5, "cpu": "x", "rows": rows}
     assert mean_std([0.5]) == "0.500" and mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_benchmark_without_a_gpu_is_one_line():
+    result = CliRunner().invoke(cli, ["bench", "train", "--device", "cuda", "--quick"])
+    assert result.exit_code == 2 and "no CUDA device here" in result.output

@@ -45,6 +45,11 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
         raise UserError(f"unknown lever {', '.join(unknown)}", where="--ablate", hint=f"one of: {', '.join(LEVERS)}, all")
     if steps < 2:
         raise UserError("--steps must be at least 2 (the first step is warm-up)", where="--steps")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA device here (torch.cuda.is_available() is false)", where="--device", hint="run on a GPU machine with a CUDA build of torch, or use --device cpu")
     on = (*DEFAULT_LEVERS, "compile") if use_compile else DEFAULT_LEVERS
     if quick:
         settings = {"model": "tiny-llama", "steps": 3, "batch_size": 4, "validation_examples": 8}

@@ -1,7 +1,7 @@
 """Pipeline parallelism (train.distributed.strategy: pp) under torchrun with gloo: two stages
 train exactly what one process trains on the same global batch (LoRA and full fine-tuning, Llama
-with its tied embedding and BLOOM, 1F1B and GPipe), evaluate the same, save an ordinary model,
-and write sharded checkpoints that finish on one plain process."""
+with its tied embedding, Qwen2 with a sliding-window block, and BLOOM, 1F1B and GPipe), evaluate
+the same, save an ordinary model, and write sharded checkpoints that finish on one plain process."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def assert_same_run(one: Path, piped: Path, weights_atol: float) -> None:
 @pytest.mark.parametrize(("model", "method", "schedule", "extra"), [
     ("tiny-llama", LORA, "1f1b", ()), ("tiny-llama", FULL, "1f1b", ()), ("tiny-bloom", LORA, "1f1b", ()), ("tiny-bloom", FULL, "gpipe", ()),
     ("tiny-llama", FULL, "gpipe", ("train.gradient_checkpointing=true",)),  # recomputing a stage's blocks changes nothing
-], ids=["llama-lora-1f1b", "llama-full-tied-1f1b", "bloom-lora-1f1b", "bloom-full-tied-gpipe", "llama-full-tied-gpipe-checkpointing"])
+    ("tiny-qwen2", LORA, "1f1b", ()),  # its second block (the second stage's first) attends through a sliding window
+], ids=["llama-lora-1f1b", "llama-full-tied-1f1b", "bloom-lora-1f1b", "bloom-full-tied-gpipe", "llama-full-tied-gpipe-checkpointing", "qwen2-sliding-lora-1f1b"])
 def test_two_stages_train_what_one_process_trains(tmp_path, one_process, model, method, schedule, extra):
     one = one_process(model, method)
     piped = train(tmp_path, "pp", 2, model=model, method=method, accum=2, strategy="pp", extra=(f"train.distributed.pp.schedule={schedule}", *extra))

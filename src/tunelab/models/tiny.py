@@ -1,6 +1,6 @@
 """Tiny randomly initialised models and a byte-level tokenizer, built offline from a config.
 
-Tests and benchmarks need real architectures (Llama, BERT, BLOOM) without downloading weights.
+Tests and benchmarks need real architectures (Llama, Qwen2, BERT, BLOOM) without downloading weights.
 Each tiny alias builds the model from a small config with a fixed seed and pairs it with a
 byte-level tokenizer (256 byte tokens + chat specials, ChatML template), so every text round-trips
 exactly and no vocabulary file is needed.
@@ -19,6 +19,7 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "[CLS]", "[SEP]", "[MASK]"]
@@ -98,6 +99,15 @@ TINY_MODELS: dict[str, TinySpec] = {
         lambda: _llama(hidden=512, layers=6, heads=8, kv_heads=4, inter=1408),
         False,
         "Llama, hidden 512, 6 layers, ~20M params (random init; benchmarks)",
+    ),
+    "tiny-qwen2": TinySpec(
+        lambda: Qwen2Config(
+            vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=3,
+        ),
+        False,
+        "Qwen2, hidden 64, 2 layers, the second with 16-token sliding-window attention (random init)",
     ),
     "tiny-bert": TinySpec(
         lambda: BertConfig(

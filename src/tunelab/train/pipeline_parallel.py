@@ -58,6 +58,7 @@ class _Ends:
 #: decoder with some blocks (checked by the tests against one process, like every entry here).
 _ENDS: dict[str, _Ends] = {
     "llama": _Ends(first=("embed_tokens",), last=("norm",)),
+    "qwen2": _Ends(first=("embed_tokens",), last=("norm",)),
     "bloom": _Ends(first=("word_embeddings", "word_embeddings_layernorm"), last=("ln_f",)),
 }
 
@@ -108,7 +109,7 @@ def check_supported(model: torch.nn.Module, objective: Objective) -> None:
     virtual tokens enter outside the decoder), objectives that need more than the LM head's loss."""
     model_type = unwrap_peft(model).config.model_type
     if model_type not in _ENDS:
-        raise UserError(f"no pipeline split for {model_type} models yet (Llama-family and BLOOM have one)",
+        raise UserError(f"no pipeline split for {model_type} models yet (Llama, Qwen2 and BLOOM have one)",
                         where="train.distributed.strategy", hint="use strategy: fsdp for this model")
     if is_prompt_learning(model):
         raise UserError("prompt and prefix tuning add virtual tokens outside the decoder, which a pipeline stage does not run",
@@ -148,6 +149,7 @@ class Pipeline:
         self.tied = tied if (self.first or self.last) else None
         ends = [dist.get_global_rank(self.group, r) for r in (0, self.stages - 1)]
         self._tie_group = dist.new_group(ends) if tied is not None else None  # every process creates it, in step
+        self._stage_decoder = stage_decoder
         stage = PipelineStage(_StageModule(stage_decoder, self.first), self.index, self.stages, device, group=self.group)
         Schedule = Schedule1F1B if settings.schedule == "1f1b" else ScheduleGPipe
         self.schedule = Schedule(stage, micro_batches, loss_fn=self._loss, scale_grads=False)
@@ -171,6 +173,9 @@ class Pipeline:
         view = copy.copy(decoder)  # the decoder's code and settings, with its own module table
         view._modules = dict(decoder._modules)
         setattr(view, blocks_name.rpartition(".")[2], torch.nn.ModuleList([blocks[i] for i in mine]))
+        if getattr(decoder.config, "layer_types", None) is not None:  # Qwen2 looks a block's attention up by its position
+            view.config = copy.copy(decoder.config)
+            view.config.layer_types = [decoder.config.layer_types[i] for i in mine]
         for i in range(len(blocks)):
             if i not in mine:
                 blocks[i] = OnAnotherStage()
@@ -200,6 +205,7 @@ class Pipeline:
 
     def _run(self, inputs: dict[str, torch.Tensor], train: bool) -> list[Stats]:
         self._records = []
+        self._stage_decoder.train(self.model.training)  # the decoder copy's own flag, as the model's (its children are the model's)
         args = (inputs["input_ids"],) if self.first else ()
         target = _target(inputs)
         run = self.schedule.step if train else self.schedule.eval

@@ -45,3 +45,12 @@ def records(run: Path, kind: str) -> list[dict]:
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
     """Every tensor the final artifact holds (a PEFT adapter or a whole model), by file and name."""
     return {f"{path.relative_to(run)}:{name}": value for path in sorted((run / "final").rglob("*.safetensors")) for name, value in load_file(str(path)).items()}
+
+
+def load_distributed_settings(tmp_path: Path, settings: str) -> object:
+    """A recipe whose ``train.distributed`` is ``settings`` (YAML flow mapping), loaded and validated."""
+    from tunelab.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: tiny-llama}}\ntrain: {{distributed: {settings}}}\n")
+    return load_recipe(recipe)

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import FULL, LORA, final_tensors, records, train
+from tests.distributed_helpers import FULL, LORA, final_tensors, load_distributed_settings, records, train
 from tunelab.errors import UserError
-from tunelab.recipe import load_recipe
 from tunelab.train.pipeline_parallel import stage_sizes
 
 #: One process trains on padded rows too (stages exchange fixed shapes): the same arithmetic.
@@ -120,7 +119,5 @@ def test_stage_sizes():
     ("{strategy: pp, pp: {layers: [2, 0]}}", "every stage needs at least one block"),
 ])
 def test_pipeline_settings_are_checked(tmp_path, setting, says):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name: tiny-llama}}\ntrain: {{distributed: {setting}}}\n")
     with pytest.raises(UserError, match=re.escape(says)):
-        load_recipe(recipe)
+        load_distributed_settings(tmp_path, setting)

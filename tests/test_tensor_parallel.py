@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import FULL, LORA, final_tensors, records, train
+from tests.distributed_helpers import FULL, LORA, final_tensors, load_distributed_settings, records, train
 from tunelab.errors import UserError
-from tunelab.recipe import load_recipe
 
 CASES = [("tiny-llama", LORA), ("tiny-llama", FULL), ("tiny-bloom", LORA), ("tiny-bloom", FULL)]
 CASE_IDS = ["llama-lora", "llama-full", "bloom-lora", "bloom-full"]
@@ -73,7 +72,5 @@ def test_a_tensor_parallel_checkpoint_finishes_on_one_plain_process(tmp_path, on
     ("{strategy: ddp, tp: {degree: 2}}", "tp settings apply to strategy tp or fsdp+tp, not ddp"),
 ])
 def test_settings_of_another_strategy_are_refused(tmp_path, setting, says):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name: tiny-llama}}\ntrain: {{distributed: {setting}}}\n")
     with pytest.raises(UserError, match=re.escape(says)):
-        load_recipe(recipe)
+        load_distributed_settings(tmp_path, setting)

@@ -312,14 +312,15 @@ class Trainer:
         stats: dict[str, Any] = {}
         by_language: dict[str, dict[str, Any]] = {}
         groups = list(evaluation_batches(self.validation, self.cfg.batch_size))
-        batches = [self._to_device(self.collate([self.validation[i] for i in indices])) for indices in groups]
+        batches = (self._to_device(self.collate([self.validation[i] for i in indices])) for indices in groups)  # one at a time
         with self._autocast():
-            per_batch = self.pipeline.evaluate(batches) if self.pipeline is not None else [self.objective(model, batch)[1] for batch in batches]
-        for indices, batch_stats in zip(groups, per_batch):
-            accumulate(stats, batch_stats)
-            language = self.validation[indices[0]].language
-            if language is not None:
-                accumulate(by_language.setdefault(language, {}), batch_stats)
+            # a pipeline runs its micro-batches together; one process scores each batch as it is collated
+            per_batch = self.pipeline.evaluate(list(batches)) if self.pipeline is not None else (self.objective(model, b)[1] for b in batches)
+            for indices, batch_stats in zip(groups, per_batch):
+                accumulate(stats, batch_stats)
+                language = self.validation[indices[0]].language
+                if language is not None:
+                    accumulate(by_language.setdefault(language, {}), batch_stats)
         model.train(was_training)
         metrics = {f"{prefix}{k}": v for k, v in self.objective.summarize(stats).items()}
         if len(by_language) > 1:  # data.language_column: each language's metrics (not per class) beside the overall ones

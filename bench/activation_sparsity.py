@@ -14,7 +14,7 @@ Every kept variant of every run is loaded into this one process and they take tu
 (batch 1, a 128-token prompt, then 32 greedy tokens, ``--rounds`` rounds, best round kept), so
 load on the machine hits all alike; the speed-up is against the first run's ``original``. The
 perplexity, task accuracy and activation sparsity come from each run's ``compress.json``.
-Writes bench/results/activation_sparsity{,_kernels}.{md,json}.
+Writes bench/results/activation_sparsity{,_kernels}.{md,json} (``_Nthreads`` added for ``--threads N`` other than 1).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tunelab.compress.calibration import read_texts, token_chunks  # noqa: E402
 from tunelab.compress.int8_dynamic import DynamicInt8Linear  # noqa: E402
 from tunelab.compress.measure import interleaved_speed  # noqa: E402
+from tunelab.compress.sparse_kernels import sparse_decode_kernels  # noqa: E402
 from tunelab.compress.sparse_layers import SparseInputLinear  # noqa: E402
 from tunelab.compress.store import load_compressed  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
@@ -46,27 +47,36 @@ COPIES = 60
 
 def kernels(rounds: int) -> None:
     """Microseconds per one-row product, each kernel at each input density."""
-    rows, lines = [], ["| layer | active inputs | dense fp32 µs | dynamic int8 µs | sparse fp32 µs (x dense) | sparse int8 µs (x dense) |",
-                       "|---|---:|---:|---:|---:|---:|"]
+    fused = sparse_decode_kernels()
+    if fused is None:
+        raise SystemExit("the fused kernel could not be built here (see the warning above): nothing to compare")
+    rows, lines = [], ["| layer | active inputs | dense fp32 µs | dynamic int8 µs | gather fp32 (x dense) | gather int8 (x dense) "
+                       "| fused fp32 (x dense) | fused int8 (x dense) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     generator = torch.Generator().manual_seed(0)
     for label, (fan_in, fan_out) in SHAPES.items():
         linears = [torch.nn.Linear(fan_in, fan_out, bias=False) for _ in range(COPIES)]
         int8 = [DynamicInt8Linear.from_linear(linear) for linear in linears]
+        sparse = {w: [SparseInputLinear.from_linear(linear, 0.0, w) for linear in linears] for w in ("fp32", "int8")}
         for density in DENSITIES:
             x = torch.randn(1, fan_in, generator=generator)
             x = x * (torch.rand(1, fan_in, generator=generator) < density)
-            # sparse_product: the gather path at every density (a layer itself goes dense above DENSE_ABOVE)
-            sparse = {w: [SparseInputLinear.from_linear(linear, 0.0, w).sparse_product for linear in linears] for w in ("fp32", "int8")}
+            # sparse_product: PyTorch's gather at every density (the fallback layer goes dense above DENSE_ABOVE)
             timings = _per_call({"dense_fp32": lambda x, k: F.linear(x, linears[k].weight), "dynamic_int8": lambda x, k: int8[k](x),
-                                 "sparse_fp32": lambda x, k: sparse["fp32"][k](x[0]), "sparse_int8": lambda x, k: sparse["int8"][k](x[0])},
+                                 "gather_fp32": lambda x, k: sparse["fp32"][k].sparse_product(x[0]),
+                                 "gather_int8": lambda x, k: sparse["int8"][k].sparse_product(x[0]),
+                                 "fused_fp32": lambda x, k: fused.sparse_input_f32(x[0], sparse["fp32"][k].weight_t, 0.0),
+                                 "fused_int8": lambda x, k: fused.sparse_input_u8(x[0], sparse["int8"][k].weight_rows, 0.0)},
                                 x, rounds)
             rows.append({"layer": label, "density": density, **timings})
             dense = timings["dense_fp32"]
-            lines.append(f"| {label} | {density:.0%} | {dense:.0f} | {timings['dynamic_int8']:.0f} | {timings['sparse_fp32']:.0f} "
-                         f"({dense / timings['sparse_fp32']:.2f}x) | {timings['sparse_int8']:.0f} ({dense / timings['sparse_int8']:.2f}x) |")
+            lines.append(f"| {label} | {density:.0%} | {dense:.0f} | {timings['dynamic_int8']:.0f} | "
+                         + " | ".join(f"{timings[k]:.0f} ({dense / timings[k]:.2f}x)" for k in ("gather_fp32", "gather_int8", "fused_fp32", "fused_int8"))
+                         + " |")
             print(lines[-1], flush=True)
     note = (f"One-row products (batch-1 decoding), {COPIES} weight copies cycled so weights come from memory; best of {rounds} "
-            f"rounds (the kernels taking turns), {torch.get_num_threads()} thread(s). CPU: {cpu_model_name()}. x dense > 1 means the sparse product is faster.")
+            f"rounds (the kernels taking turns), {torch.get_num_threads()} thread(s). CPU: {cpu_model_name()}. x dense > 1 means "
+            "faster than the dense fp32 product. gather: PyTorch's embedding_bag over the active rows; fused: tunelab's C++ kernel "
+            "(threshold, gather and accumulate in one call, compress/sparse_kernels.py).")
     _write("activation_sparsity_kernels", {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "rows": rows}, note, lines)
 
 
@@ -119,7 +129,8 @@ def decode(runs: list[Path], rounds: int) -> None:
     note = (f"SmolLM2-135M, batch 1, {torch.get_num_threads()} thread(s), 128-token prompt then 32 greedy tokens; all models in one "
             f"process taking turns for {rounds} rounds, best round shown; speed and deltas relative to {reference}. Perplexity "
             f"(held-out fortunes) and task accuracy from each run's compress.json. CPU: {cpu_model_name()}.")
-    _write("activation_sparsity", {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "rounds": rounds,
+    threads = torch.get_num_threads()
+    _write("activation_sparsity" + ("" if threads == 1 else f"_{threads}threads"), {"cpu": cpu_model_name(), "threads": threads, "rounds": rounds,
                                    "runs": [str(r) for r in runs], "best": best, "speed_runs": speed_runs,
                                    "quality": {name: _quality(row) for name, row in rows.items()}}, note, lines)
 

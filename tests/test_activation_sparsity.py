@@ -8,9 +8,11 @@ from torch import nn
 
 from tests.compress_helpers import calibration_chunks
 from tests.train_helpers import train, write_chat_data
+from tunelab.compress import sparse_layers
 from tunelab.compress.config import CompressConfig
 from tunelab.compress.measure import count_parameters
 from tunelab.compress.sparse_input import sparsify_activations, sparsify_gated_mlps
+from tunelab.compress.sparse_kernels import sparse_decode_kernels
 from tunelab.compress.sparse_layers import (
     DENSE_ABOVE,
     SparseGatedMLP,
@@ -24,6 +26,16 @@ from tunelab.models import load_model
 IDS = torch.randint(7, 200, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.fixture(params=["kernel", "pytorch"])
+def decode_path(request, monkeypatch):
+    """Every one-row test runs through the fused C++ kernel and through PyTorch's gather (its fallback)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(sparse_layers, "sparse_decode_kernels", lambda: None)
+    else:
+        assert sparse_decode_kernels() is not None, "the fused kernel builds wherever g++ and ninja exist (CI has both)"
+    return request.param
+
+
 def _sparse_row(features: int, density: float, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     row = torch.randn(1, features, generator=generator)
@@ -32,7 +44,7 @@ def _sparse_row(features: int, density: float, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, DENSE_ABOVE + 0.2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_sparse_product_equals_the_dense_one(density, bias):
+def test_the_sparse_product_equals_the_dense_one(density, bias, decode_path):
     linear = nn.Linear(96, 40, bias=bias)
     layer = SparseInputLinear.from_linear(linear, threshold=0.0)
     for seed in range(5):
@@ -42,7 +54,7 @@ def test_the_sparse_product_equals_the_dense_one(density, bias):
     torch.testing.assert_close(layer(rows), linear(rows), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_rows_multiply_as_their_dequantized_weights():
+def test_int8_rows_multiply_as_their_dequantized_weights(decode_path):
     linear = nn.Linear(96, 40)
     layer = SparseInputLinear.from_linear(linear, threshold=0.0, weights="int8")
     weight = layer.dequantized_weight()
@@ -52,7 +64,35 @@ def test_int8_rows_multiply_as_their_dequantized_weights():
         torch.testing.assert_close(layer(row), row @ weight.t() + linear.bias, rtol=1e-4, atol=1e-5)
 
 
-def test_inputs_at_or_below_the_threshold_count_as_zero():
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_splits_real_shapes_over_threads_and_equals_the_dense_product(weights, threads):
+    """SmolLM2's shapes (576→1536, 1536→576), active counts that are not multiples of the kernel's
+    four-row step, and output blocks split over threads."""
+    kernels = sparse_decode_kernels()
+    assert kernels is not None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed, (fan_in, fan_out) in enumerate([(576, 1536), (1536, 576), (7, 3)]):
+            linear = nn.Linear(fan_in, fan_out, bias=False)
+            layer = SparseInputLinear.from_linear(linear, 0.0, weights)
+            weight = layer.dequantized_weight()
+            for density in (0.0, 0.33, 1.0):
+                row = _sparse_row(fan_in, density, seed)
+                torch.testing.assert_close(layer(row), row @ weight.t(), rtol=1e-4, atol=1e-4)
+            mlp = SparseGatedMLP(fan_in, fan_out)
+            generator = torch.Generator().manual_seed(seed)
+            for buffer in (mlp.gate_weight, mlp.up_weight, mlp.down_weight_t):
+                buffer.normal_(0, fan_in**-0.5, generator=generator)
+            row = _sparse_row(fan_in, 1.0, seed)
+            expected = (torch.relu(row @ mlp.gate_weight.t()) * (row @ mlp.up_weight.t())) @ mlp.down_weight_t
+            torch.testing.assert_close(mlp(row), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_inputs_at_or_below_the_threshold_count_as_zero(decode_path):
     linear = nn.Linear(8, 4)
     layer = SparseInputLinear.from_linear(linear, threshold=0.5)
     x = torch.tensor([[0.4, -0.6, 0.5, -0.2, 1.0, 0.0, -0.5, 0.7]])
@@ -61,7 +101,7 @@ def test_inputs_at_or_below_the_threshold_count_as_zero():
     torch.testing.assert_close(layer(x.repeat(3, 1)), linear(kept.repeat(3, 1)))
 
 
-def test_sparsity_zero_is_the_dense_model():
+def test_sparsity_zero_is_the_dense_model(decode_path):
     loaded = load_model("tiny-llama", seed=0)
     model = loaded.model.eval()
     with torch.no_grad():
@@ -156,7 +196,7 @@ def test_an_architecture_without_a_gated_mlp_activation_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("act", ["relu", "relu2"])
-def test_a_relufied_mlp_computing_only_open_channels_is_the_same_model(tmp_path, act):
+def test_a_relufied_mlp_computing_only_open_channels_is_the_same_model(tmp_path, act, decode_path):
     loaded = load_model("tiny-llama", seed=0)
     model = replace_mlp_activation(loaded.model, act).eval()
     total = count_parameters(model)[0]

@@ -5,6 +5,9 @@
   exactly, which intermediate channels are non-zero, so for one token it computes the gate densely
   and then only the active rows of ``up_proj`` and of ``down_projᵀ`` (no predictor needed).
 
+Their one-row products (decoding) are one call each into the fused kernels of
+``compress.sparse_kernels``, or PyTorch's gather where those cannot be built.
+
 Kept apart from the code that calibrates and installs them, so the compressed-model loader can
 rebuild them without importing calibration or the method registry.
 """
@@ -17,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.compress.sparse_kernels import sparse_decode_kernels
+
 WeightFormat = Literal["fp32", "int8"]
 
-#: Fraction of active input features above which a one-row fp32 product runs densely: gathering
-#: rows costs more per byte than streaming the whole matrix, so the gather only wins below it.
-#: Where depends on the shape (bench/activation_sparsity.py --kernels, AMD EPYC, 1 thread): near
-#: half for down_proj's 1536 short rows, above 70% for SmolLM2's gate/up and q/o; the conservative
-#: value until it is measured per shape on the machine that decodes.
+#: Without the fused kernel (no compiler): the fraction of active input features above which a
+#: one-row fp32 product runs densely, because PyTorch's gather costs more per byte than streaming
+#: the whole matrix (bench/activation_sparsity.py --kernels, "gather" columns: near half for
+#: down_proj's 1536 short rows, higher for SmolLM2's gate/up and q/o). The fused kernel beats the
+#: dense product at every density for gate/up and q/o, so it has no such switch.
 DENSE_ABOVE = 0.5
 
 
@@ -66,18 +71,27 @@ class SparseInputLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        kept = rows.abs() > self.threshold
-        if rows.shape[0] == 1:  # decoding: as few operations as possible, this runs per layer per token
-            active = kept[0].nonzero().squeeze(1)
-            if self.weights == "fp32" and active.numel() > DENSE_ABOVE * self.in_features:
-                out = (rows * kept) @ self.weight_t
-            else:
-                out = self._gather_product(active, rows[0].index_select(0, active))
-        else:
-            out = (rows * kept) @ self.transposed_weight()
+        if rows.shape[0] == 1:  # decoding: runs per layer per token
+            out = self._decode_row(rows[0]).unsqueeze(0)
+        else:  # prefill, scoring: dense, with exactly the zeros decoding skips
+            out = (rows * (rows.abs() > self.threshold)) @ self.transposed_weight()
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _decode_row(self, row: torch.Tensor) -> torch.Tensor:
+        """``row · W`` skipping inputs at or below the threshold: one fused kernel call, or, where it
+        could not be built, PyTorch's gather (dense above ``DENSE_ABOVE``)."""
+        kernels = sparse_decode_kernels()
+        if kernels is not None:
+            if self.weights == "int8":
+                return kernels.sparse_input_u8(row, self.weight_rows, float(self.threshold))
+            return kernels.sparse_input_f32(row, self.weight_t, float(self.threshold))
+        kept = row.abs() > self.threshold
+        active = kept.nonzero().squeeze(1)
+        if self.weights == "fp32" and active.numel() > DENSE_ABOVE * self.in_features:
+            return (row * kept) @ self.weight_t
+        return self._gather_product(active, row.index_select(0, active))[0]
 
     def sparse_product(self, row: torch.Tensor) -> torch.Tensor:
         """``row · W`` (``[1, out]``) reading only the weight rows of ``row``'s non-zero features."""
@@ -131,15 +145,22 @@ class SparseGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.hidden).float()
-        gate = rows @ self.gate_weight.t()
         if rows.shape[0] == 1:
-            active = (gate[0] > 0).nonzero().squeeze(1)
-            up = F.embedding(active, self.up_weight) @ rows[0]
-            values = self._activate(gate[0].index_select(0, active)) * up
-            out = F.embedding_bag(active, self.down_weight_t, self._offsets, mode="sum", per_sample_weights=values)
+            out = self._decode_row(rows[0]).unsqueeze(0)
         else:
-            out = (self._activate(gate) * (rows @ self.up_weight.t())) @ self.down_weight_t
+            out = (self._activate(rows @ self.gate_weight.t()) * (rows @ self.up_weight.t())) @ self.down_weight_t
         return out.view(*x.shape[:-1], self.hidden).to(x.dtype)
+
+    def _decode_row(self, row: torch.Tensor) -> torch.Tensor:
+        """One token: the fused kernel, or PyTorch's gather where it could not be built."""
+        kernels = sparse_decode_kernels()
+        if kernels is not None:
+            return kernels.relu_gated_mlp(row, self.gate_weight, self.up_weight, self.down_weight_t, self.act == "relu2")
+        gate = self.gate_weight @ row
+        active = (gate > 0).nonzero().squeeze(1)
+        up = F.embedding(active, self.up_weight) @ row
+        values = self._activate(gate.index_select(0, active)) * up
+        return F.embedding_bag(active, self.down_weight_t, self._offsets, mode="sum", per_sample_weights=values)[0]
 
     def linear_weights(self) -> list[torch.Tensor]:
         """The three projections' weights as ``nn.Linear`` holds them (for parameter counts)."""

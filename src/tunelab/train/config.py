@@ -143,6 +143,10 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of linear/cosine decay as a fraction of lr.")
     layer_lr_decay: float = Field(1.0, gt=0, le=1, description="Layer-wise LR decay: layer i of L gets lr * decay^(L-1-i).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+    sparse_updates: bool = Field(
+        False, description="Sparse embedding gradients: a step updates only the input-embedding rows its tokens used (lazy Adam for "
+        "those rows, torch's SparseAdam); for a trainable, untied embedding in one process (tunelab.train.sparse_updates).",
+    )
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool | None = Field(
@@ -181,4 +185,8 @@ class TrainConfig(Section):
     def _check(self) -> TrainConfig:
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs train.eval_every (how often to evaluate)")
+        if self.sparse_updates and self.distributed.strategy != "ddp":
+            raise ValueError(f"sparse_updates keeps the embedding whole in one process: it does not combine with strategy {self.distributed.strategy}")
+        if self.sparse_updates and self.compile:
+            raise ValueError("sparse_updates and compile do not combine (a compiled block graph has no sparse embedding gradient): choose one")
         return self

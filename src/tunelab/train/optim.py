@@ -18,6 +18,7 @@ from tunelab.methods.blocks import block_index, block_list
 from tunelab.train.config import TrainConfig
 from tunelab.train.optimizers import OPTIMIZERS
 from tunelab.train.sharding import is_shard
+from tunelab.train.sparse_updates import sparse_embedding, with_sparse_rows
 
 
 def _no_decay(name: str, param: torch.nn.Parameter, embedding_ids: set[int]) -> bool:
@@ -51,7 +52,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = parameter_groups(model, cfg)
     if not groups:
         raise UserError("no trainable parameters: every parameter is frozen", where="method", hint="unfreeze something (method.freeze) or add an adapter (method.lora)")
-    optimizer = OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
+    if cfg.sparse_updates:
+        optimizer = with_sparse_rows(OPTIMIZERS.get(cfg.optimizer), groups, sparse_embedding(model), cfg)
+    else:
+        optimizer = OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
     if any(len({is_shard(p) for p in group["params"]}) > 1 for group in optimizer.param_groups):
         optimizer.register_step_pre_hook(_loop_over_mixed_groups)
     return optimizer

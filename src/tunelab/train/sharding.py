@@ -132,19 +132,24 @@ def materialize(skeleton: torch.nn.Module, weights: Mapping[str, torch.Tensor]) 
 
 def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` for gradients that may mix whole tensors and DTensors
-    of different meshes (tensor parallelism splits some layers and keeps norms whole), which
-    torch's version cannot stack: each gradient's norm is taken whole (collective for a split
-    one), then every gradient is scaled by the same factor."""
+    of different meshes (tensor parallelism splits some layers and keeps norms whole), or sparse
+    embedding gradients (``train.sparse_updates``), which torch's version cannot take a norm of:
+    each gradient's norm is taken whole (collective for a split one; over the coalesced values for
+    a sparse one), then every gradient is scaled by the same factor."""
+    for param in parameters:
+        if param.grad is not None and param.grad.is_sparse:
+            param.grad = param.grad.coalesce()  # rows used by several tokens add up before the norm
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not any(is_shard(g) for g in grads) or all(is_shard(g) and g.device_mesh == grads[0].device_mesh for g in grads):
+    whole = not any(is_shard(g) for g in grads) or all(is_shard(g) and g.device_mesh == grads[0].device_mesh for g in grads)
+    if whole and not any(g.is_sparse for g in grads):
         torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         return
-    norms = [full(torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)) for g in grads]
+    norms = [full(torch.linalg.vector_norm((g._values() if g.is_sparse else g).detach(), 2.0, dtype=torch.float32)) for g in grads]
     total = float(torch.linalg.vector_norm(torch.stack(norms), 2.0))
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:
         for g in grads:
-            g.detach().mul_(scale)
+            (g._values() if g.is_sparse else g).detach().mul_(scale)
 
 
 @contextlib.contextmanager

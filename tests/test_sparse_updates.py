@@ -127,3 +127,10 @@ def test_strategies_that_split_the_model_are_refused_at_validation():
         TrainConfig(sparse_updates=True, distributed={"strategy": "fsdp"})
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(sparse_updates=True, compile=True)
+
+
+def test_several_processes_are_refused_until_sparse_gradients_are_exchanged(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(UserError, match="not exchanged between processes"):
+        build_optimizer(Toy(), TrainConfig(lr=0.1, sparse_updates=True))

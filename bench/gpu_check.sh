@@ -10,6 +10,8 @@
 #    memory ratio per workload.
 # 2. The quickstart recipe trained on the GPU by the CLI (bf16 chosen by precision: auto), to show
 #    the same recipe runs unchanged: its summary.json names the device, precision and tokens/s.
+# 3. Whether padding the vocabulary to a multiple of 64 speeds up the LM head's GEMMs on tensor
+#    cores (bench/shape_padding.py, fp32 with TF32 as tunelab sets it, and bf16).
 # Every figure is written with the GPU's name (nvidia-smi) beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 run="runs/gpu-check-quickstart-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/tunelab train examples/quickstart.yaml "output_dir=$run" eval.after_training=false --no-progress | tee "$out/quickstart.log"
 cp "$run/summary.json" "$out/quickstart_summary.json"
+
+# 3. Tensor-core-friendly vocabulary sizes.
+.venv/bin/python bench/shape_padding.py --device cuda | tee "$out/shape_padding.log"
 echo "gpu_check: results in $out"

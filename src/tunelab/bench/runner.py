@@ -50,7 +50,8 @@ def derived(report: dict[str, Any], peak_gflops: float) -> dict[str, float]:
         "supervised_tokens_per_s": report["supervised_tokens"] / seconds,
         "real_tokens_per_cpu_s": report["real_tokens"] / report["steady_cpu_seconds"],
         "mfu": report["flops"] / seconds / (peak_gflops * 1e9),
-        "peak_rss_mb": report["peak_rss_mb"],
+        "peak_rss_mb": report["peak_rss_mb"],  # as training ends, model load included
+        "peak_rss_mb_with_parity_eval": report.get("peak_rss_mb_with_parity_eval"),
         # on a GPU the memory that limits a run is the device's; on a CPU the process's RSS
         "peak_memory_mb": report.get("peak_device_mb") or report["peak_rss_mb"],
         "first_step_seconds": report["first_step_seconds"],
@@ -144,7 +145,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"model {result['workload']['model']} | workload {result['workload'].get('name', 'short')} | {result['workload']['steps']} steps x {result['workload']['batch_size']} examples | "
         f"precision {result['precision']} | GEMM peak {' / '.join(f'{k} {v:.0f}' for k, v in gemm.items())} GFLOP/s",
         "",
-        f"| run | real tok/s | supervised tok/s | real tok/CPU-s | {'peak GPU MB' if result['workload'].get('device') == 'cuda' else 'peak RSS MB'} | first step s | final loss | eval loss | MFU |",
+        f"| run | real tok/s | supervised tok/s | real tok/CPU-s | {'peak GPU MB' if result['workload'].get('device') == 'cuda' else 'peak RSS MB (training)'} | first step s | final loss | eval loss | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [(SIDE_NAMES[s], m) for s, m in result["sides"].items()]

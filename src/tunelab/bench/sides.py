@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from tunelab.bench.measure import ModelShape, model_shape, real_tokens, step_flops, supervised_tokens, synchronize
+from tunelab.bench.measure import (
+    ModelShape,
+    model_shape,
+    peak_device_mb,
+    peak_rss_mb,
+    real_tokens,
+    step_flops,
+    supervised_tokens,
+    synchronize,
+)
 from tunelab.bench.workload import Workload, WorkloadData, build_workload_data
 from tunelab.data import Example, collate_packed
 from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision
@@ -56,8 +65,16 @@ class StepClock:
             self.profiler.step()
 
 
+def training_peaks(device: str) -> dict[str, float | None]:
+    """Memory high-water marks as training ends (model load included), taken before the held-out
+    loss both sides share: that is the harness checking loss parity, not part of either trainer's
+    run (the worker records the peak with it too)."""
+    return {"peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(device)}
+
+
 def _report(workload: Workload, data: WorkloadData, shape: ModelShape, clock: StepClock, losses: list[float],
-            eval_loss: float, precision: PrecisionChoice, setup_seconds: float, shared_prefix: bool = False) -> dict[str, Any]:
+            eval_loss: float, precision: PrecisionChoice, setup_seconds: float, peaks: dict[str, float | None],
+            shared_prefix: bool = False) -> dict[str, Any]:
     """Throughput over steps 2..N (step 1 carries one-time warm-up, reported on its own)."""
     steps = [data.step_examples(s, workload.batch_size) for s in range(workload.steps)]
     steady = steps[1:]
@@ -79,6 +96,7 @@ def _report(workload: Workload, data: WorkloadData, shape: ModelShape, clock: St
         "final_train_loss": sum(losses[-tail:]) / tail,
         "eval_loss": eval_loss,
         "model_shape": shape.as_dict(),
+        **peaks,
     }
 
 
@@ -134,9 +152,10 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     )
     setup = time.perf_counter() - start
     result = trainer.fit()
+    peaks = training_peaks(workload.device)
     losses = [r["loss"] for r in result.history if r.get("type") == "train"]
     eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size, workload.device)
-    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, shared)
+    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, peaks, shared)
 
 
 def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
@@ -173,9 +192,10 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
     setup = time.perf_counter() - start
     trainer.train()
+    peaks = training_peaks(workload.device)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size, workload.device)
-    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup)
+    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, peaks)
 
 
 SIDES = {"tunelab": run_tunelab, "hf": run_hf}

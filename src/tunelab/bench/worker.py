@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             result = {"profile": table}
         else:
             result = run(workload, Path(tmp))
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["peak_device_mb"] = peak_device_mb(workload.device)
+    # the sides report their peaks as training ends; these include the shared parity evaluation
+    result["peak_rss_mb_with_parity_eval"] = peak_rss_mb()
+    result["peak_device_mb_with_parity_eval"] = peak_device_mb(workload.device)
     atomic.write_json(args.out, result)
 
 

@@ -12,7 +12,7 @@ the gate densely, the ``up`` dot products of the open channels, and the ``downáµ
 The int8 path reads fbgemm's row-wise format (``embedding_bag_byte_prepack``: ``out`` codes, then
 a float scale and offset per row), so layers saved before the kernel existed load unchanged.
 
-Compiled with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (g++ and ninja) into
+Compiled with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (g++, and ninja from pip) into
 ``<tunelab cache>/kernels/<name>``, where the name carries a hash of the CPU's flags and the torch
 version: the CPU changes between machines and a binary built for AVX-512 must not run elsewhere.
 The first build takes ~30-60 s and says so; later processes load it in milliseconds. If it cannot
@@ -22,10 +22,16 @@ layers keep PyTorch's gather.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
+import shutil
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -229,6 +235,18 @@ def _build_name() -> str:
     return f"tunelab_sparse_decode_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _environment_bin_on_path() -> Iterator[None]:
+    """torch looks for ``ninja`` on PATH; the pip-installed one sits beside this Python, which is not
+    on PATH when the environment is not activated (``.venv/bin/tunelab ...``)."""
+    previous = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{previous}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous
+
+
 @functools.cache
 def sparse_decode_kernels() -> ModuleType | None:
     """The compiled kernels (built on first use in this machine's cache), or None if they cannot be built."""
@@ -236,6 +254,9 @@ def sparse_decode_kernels() -> ModuleType | None:
 
     from tunelab.models.cache import cache_root
 
+    if shutil.which("g++") is None:  # torch would try c++ and print a page of warnings first
+        logger.warning("no C++ compiler (g++) on PATH: sparse decoding uses PyTorch's gather, not the fused kernel")
+        return None
     name = _build_name()
     directory = cache_root() / "kernels" / name
     first_build = not any(directory.glob("*.so"))
@@ -244,8 +265,9 @@ def sparse_decode_kernels() -> ModuleType | None:
     started = time.perf_counter()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        module = load_inline(name, cpp_sources=[_SOURCE], functions=_FUNCTIONS, extra_cflags=_FLAGS,
-                             extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+        with _environment_bin_on_path():
+            module = load_inline(name, cpp_sources=[_SOURCE], functions=_FUNCTIONS, extra_cflags=_FLAGS,
+                                 extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as error:  # no compiler, no ninja, no headers: the PyTorch gather still works
         logger.warning("the sparse decoding kernel could not be built (%s); decoding uses PyTorch's gather instead",
                        str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)

@@ -2,11 +2,11 @@
 
 Why our own kernel: a one-row product whose input is mostly zeros only saves time if the weight
 rows of the zero inputs are never read. PyTorch's nearest tool, ``embedding_bag`` with
-per-sample weights, reads only the active rows but pays per row and runs on one thread, and the
-threshold, the ``nonzero`` and the gather are separate operators (each a Python dispatch, ~210 per
-SmolLM2 token). Here one call thresholds the input, collects the active features and accumulates
-``Σⱼ xⱼ·Wᵀ[j]`` four rows at a time into an output block that stays in L1, with the output
-columns split over PyTorch's threads (``at::parallel_for``). The ReLU-fied MLP is one call too:
+per-sample weights, reads only the active rows but pays per row and parallelises over bags
+(decoding has one), and the threshold, the ``nonzero`` and the gather are separate operators (each
+a Python dispatch, ~210 per SmolLM2 token). Here one call thresholds the input, collects the
+active features and accumulates ``Σⱼ xⱼ·Wᵀ[j]`` four rows at a time into an output block that
+stays in L1, with the output columns split over PyTorch's threads (``at::parallel_for``). The ReLU-fied MLP is one call too:
 the gate densely, the ``up`` dot products of the open channels, and the ``downᵀ`` rows they weight.
 
 The int8 path reads fbgemm's row-wise format (``embedding_bag_byte_prepack``: ``out`` codes, then

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.distributed_helpers import records
+from tests.distributed_helpers import train as distributed_train
 from tests.train_helpers import train, write_chat_data, write_label_data
 from tunelab.errors import UserError
 from tunelab.train.config import TrainConfig
@@ -95,7 +97,7 @@ def test_when_every_step_uses_the_same_rows_a_run_equals_adamw(tmp_path):
         runs[sparse] = train(out, HEAD + f"data: {{train: {data}, val_fraction: 0}}\ntrain: {{max_steps: 6, sparse_updates: {str(sparse).lower()}, {SETTINGS}}}\n")
     losses = {sparse: [r["loss"] for r in summary.history if "loss" in r] for sparse, summary in runs.items()}
     assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
-    # SparseAdam adds eps before the bias correction, AdamW after: a few 1e-5 apart by step 6
+    # SparseAdam adds eps before the bias correction, AdamW after (docs/sparse_updates.md): a few 1e-5 apart by step 6
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
@@ -127,10 +129,54 @@ def test_strategies_that_split_the_model_are_refused_at_validation():
         TrainConfig(sparse_updates=True, distributed={"strategy": "fsdp"})
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(sparse_updates=True, compile=True)
+    with pytest.raises(ValueError, match="grad_compression"):
+        TrainConfig(sparse_updates=True, distributed={"grad_compression": {"method": "fp16"}})
 
 
-def test_several_processes_are_refused_until_sparse_gradients_are_exchanged(monkeypatch):
+def test_backends_other_than_gloo_are_refused(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(UserError, match="not exchanged between processes"):
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(UserError, match="on gloo only, not nccl"):
         build_optimizer(Toy(), TrainConfig(lr=0.1, sparse_updates=True))
+
+
+def test_under_ddp_the_rows_are_averaged_like_dense_gradients(tmp_path):
+    """Two gloo processes, eight training examples and a global batch of eight: every step uses the
+    same rows, so a ddp run with sparse updates trains as a ddp run with dense AdamW does."""
+    data = write_label_data(tmp_path / "d.jsonl", n=9)  # val_fraction 0.1: one for validation
+    head = "{head: {type: classification}, freeze: {base: false}}"
+    runs = {sparse: distributed_train(tmp_path, f"ddp_sparse_{sparse}", 2, model="tiny-bert", method=head, steps=4, strategy="ddp",
+                                      data=data, extra=(f"train.sparse_updates={str(sparse).lower()}",))
+            for sparse in (False, True)}
+    losses = {sparse: [r["loss"] for r in records(run, "train")] for sparse, run in runs.items()}
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def _sparse_and_dense_ddp_gradients(rank: int, out: str) -> None:
+    """One of two gloo processes: the embedding gradient DDP averages, dense and sparse."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29951")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(10, 4, sparse=sparse)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(embedding, nn.Linear(4, 1)))
+        model(torch.tensor([1, 2, 2] if rank == 0 else [2, 5])).square().mean().backward()
+        grad = embedding.weight.grad
+        grads[sparse] = grad.coalesce().to_dense() if grad.is_sparse else grad
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_averages_sparse_embedding_gradients_exactly_as_dense_ones(tmp_path):
+    out = str(tmp_path / "grads.pt")
+    torch.multiprocessing.spawn(_sparse_and_dense_ddp_gradients, args=(out,), nprocs=2)
+    grads = torch.load(out)
+    assert grads[False].abs().sum() > 0 and torch.equal(grads[True], grads[False])

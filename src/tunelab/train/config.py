@@ -145,7 +145,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
     sparse_updates: bool = Field(
         False, description="Sparse embedding gradients: a step updates only the input-embedding rows its tokens used (lazy Adam for "
-        "those rows, torch's SparseAdam); for a trainable, untied embedding in one process (tunelab.train.sparse_updates).",
+        "those rows, torch's SparseAdam); for a trainable, untied embedding, in one process or under ddp on gloo (tunelab.train.sparse_updates).",
     )
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -186,7 +186,9 @@ class TrainConfig(Section):
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs train.eval_every (how often to evaluate)")
         if self.sparse_updates and self.distributed.strategy != "ddp":
-            raise ValueError(f"sparse_updates keeps the embedding whole in one process: it does not combine with strategy {self.distributed.strategy}")
+            raise ValueError(f"sparse_updates needs the whole embedding in every process (ddp): it does not combine with strategy {self.distributed.strategy}")
+        if self.sparse_updates and self.distributed.grad_compression is not None:
+            raise ValueError("sparse_updates and distributed.grad_compression do not combine (the compression hooks take dense gradients): choose one")
         if self.sparse_updates and self.compile:
             raise ValueError("sparse_updates and compile do not combine (a compiled block graph has no sparse embedding gradient): choose one")
         return self

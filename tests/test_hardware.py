@@ -125,3 +125,32 @@ def test_results_name_the_cpus_widest_unit(monkeypatch, flags, unit):
     bare = hardware.cpu_model_name()
     monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
     assert hardware.cpu_model_name() == f"{bare} ({unit})"
+
+
+CACHE_PROBE = """
+import tunelab  # bounds oneDNN's and ideep's primitive caches unless the environment set them
+import torch
+def rss():
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+w = torch.randn(256, 128, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(8, 128, dtype=torch.bfloat16), w)
+before = rss()
+for tokens in range(300, 900):  # a packed row's token count changes every step
+    torch.nn.functional.linear(torch.randn(tokens, 128, dtype=torch.bfloat16), w)
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_bf16_matmuls_of_ever_new_shapes_do_not_grow_memory_without_bound():
+    """torch's bf16 matmuls cache a compiled primitive per shape (1,024 by default, ~1 MB each);
+    tunelab bounds the caches so varying packed lengths cannot grow a run's memory by hundreds of MB."""
+    def growth(env: dict[str, str]) -> float:
+        clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env={**clean, **env}, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    unbounded = growth({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    if unbounded < 50:
+        pytest.skip(f"bf16 matmuls cache little on this CPU ({unbounded:.0f} MB for 600 shapes)")
+    assert growth({}) < 0.5 * unbounded

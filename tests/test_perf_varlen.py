@@ -91,3 +91,41 @@ def test_activation_checkpointing_recomputes_the_same_per_example_attention(tmp_
     checkpointed_losses = [r["loss"] for r in checkpointed.history if r.get("type") == "train"]
     assert len(plain_losses) == 3
     assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def reference_attention(query, key, value, bounds, prefix_of):
+    """Each segment attended on its own in fp64 math: causal, after its prefix's keys when it has one."""
+    parts = []
+    for segment, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        ps, pe = (bounds[prefix_of[segment]], bounds[prefix_of[segment] + 1]) if prefix_of[segment] >= 0 else (s, s)
+        k = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        v = torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores = query[:, :, s:e] @ k.transpose(-1, -2) / query.shape[-1] ** 0.5
+        sees = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool).tril(diagonal=pe - ps)
+        parts.append(scores.masked_fill(~sees, float("-inf")).softmax(-1) @ v)
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("lengths,prefix_of", [
+    ([26, 9, 40, 3, 63], [-1, 0, 0, 0, 0]),  # a shared prefix and its suffixes: one padded call
+    ([30, 140, 5, 12, 100], [-1, 0, -1, -1, 0]),  # suffixes past MATH_BELOW with their prefix, and whole examples
+    ([200, 7], [-1, -1]),  # a long example first, then a short one
+])
+def test_padded_short_segments_equal_each_segment_alone(lengths, prefix_of):
+    """The short segments' single padded call and the long ones' own calls give, in row order,
+    each segment's attention alone: outputs and gradients."""
+    from tunelab.train.varlen_attention import row_layout, varlen_sdpa
+
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, bounds[-1], 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
+    module = torch.nn.Module().eval()
+    out, _ = varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=torch.tensor(bounds), segment_prefix=torch.tensor(prefix_of))
+    expected = reference_attention(q, k, v, bounds, prefix_of)
+    assert torch.allclose(out, expected, atol=1e-10)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), upstream)
+    want = torch.autograd.grad(expected, (q, k, v), upstream)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
+    layout = row_layout(bounds, prefix_of, torch.device("cpu"))
+    assert layout.segments == sum(1 for n, p in zip(lengths, prefix_of) if n + (lengths[p] if p >= 0 else 0) < 128)

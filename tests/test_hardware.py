@@ -154,3 +154,18 @@ def test_bf16_matmuls_of_ever_new_shapes_do_not_grow_memory_without_bound():
     if unbounded < 50:
         pytest.skip(f"bf16 matmuls cache little on this CPU ({unbounded:.0f} MB for 600 shapes)")
     assert growth({}) < 0.5 * unbounded
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_release_free_memory_returns_a_fragmented_heap():
+    """Freed tensors interleaved with live ones stay resident until the heap is trimmed."""
+    def rss_mb() -> float:
+        return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
+    blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KB each: below glibc's mmap threshold, from the heap
+    del blocks[::2]  # every other one freed: no free space at the heap's top to shrink
+    before = rss_mb()
+    if not hardware.release_free_memory():
+        pytest.skip("no glibc malloc_trim here")
+    assert rss_mb() < before - 80  # half of 250 MB was free
+    assert all(float(b[0]) == 1.0 for b in blocks)  # what stays alive is untouched

@@ -184,6 +184,24 @@ def _time_mlp_steps(repeats: int = 8) -> tuple[float, float]:
     return best[False], best[True]
 
 
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``); False where unavailable.
+
+    Why: a training step frees its activations in an order and at sizes glibc cannot coalesce,
+    so the heap keeps hundreds of MB of free pages (SmolLM2 LoRA, 12 steps: RSS 1.60 GB at the end
+    of training, 1.13 GB after a trim). Trimming after every step cost ~20% of the step time
+    (the pages fault back in), so it is done once, before work that allocates a lot at the
+    end of training (restoring the frozen weights' dtype)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def reset_peak_rss() -> None:
     """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5); a no-op where unsupported."""
     try:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunelab.hardware import release_free_memory
+
 
 @dataclass
 class FrozenCast:
@@ -51,7 +53,13 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> FrozenCast:
 
 
 def restore(changed: FrozenCast) -> None:
-    """Give the frozen weights their dtype back (values keep the rounding they trained with)."""
+    """Give the frozen weights their dtype back (values keep the rounding they trained with).
+
+    The wider copies are allocated after the heap's free pages go back to the OS: otherwise they
+    land on top of everything training left free, and the end of training became the run's
+    memory peak (+160-300 MB for SmolLM2)."""
+    if changed.dtypes:
+        release_free_memory()
     for param, dtype in changed.dtypes.items():
         param.data = param.data.to(dtype)
     for module in changed.adapter_layers:

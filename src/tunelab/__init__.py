@@ -18,6 +18,6 @@ _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", cate
 # full: 662 MB for 400 token counts of one MLP, 91 MB with 128 entries, at the same speed (a
 # SmolLM2 LoRA step uses 25 distinct primitives). Read lazily by both libraries, so this works
 # as long as no bf16 matmul ran before tunelab was imported; a user's own setting wins.
-for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    _os.environ.setdefault(_cache, "128")
-del _cache
+#: The cache variables tunelab set (one the user set is kept, and not listed).
+BOUNDED_KERNEL_CACHES = tuple(name for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY") if name not in _os.environ)
+_os.environ.update(dict.fromkeys(BOUNDED_KERNEL_CACHES, "128"))

@@ -10,6 +10,7 @@ same examples, same order, same steps must give a final training loss and a held
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+import tunelab
 from tunelab import atomic
 from tunelab.bench.measure import gemm_gflops
 from tunelab.bench.workload import Workload
@@ -36,7 +38,10 @@ def run_side(side: str, workload: Workload, profile_steps: int = 0) -> dict[str,
         command = [sys.executable, "-m", "tunelab.bench.worker", side, workload.to_json(), str(out)]
         if profile_steps:
             command += ["--profile-steps", str(profile_steps)]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        # The baseline runs with the libraries' own kernel-cache sizes (1,024 entries), not
+        # tunelab's bound, which its process inherited (a tunelab lever, see tunelab/__init__.py).
+        env = {**os.environ, **dict.fromkeys(tunelab.BOUNDED_KERNEL_CACHES, "1024")} if side == "hf" else None
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark side {side!r} failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())

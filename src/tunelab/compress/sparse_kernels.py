@@ -95,19 +95,10 @@ void accumulate_f32(const float* __restrict__ rows, int64_t stride, const int64_
 }
 
 // The same over fbgemm's row-wise uint8 rows: [out codes][float scale][float offset]; a row's
-// value is scale·code + offset, so Σ v·(s·q + o) = Σ (v·s)·q + Σ v·o.
-void accumulate_u8(const uint8_t* __restrict__ rows, int64_t stride, int64_t width, const int64_t* index, const float* value,
+// value is scale·code + offset, so Σ v·(s·q + o) = Σ (v·s)·q + Σ v·o. ``coef`` holds v·s per
+// active row and ``constant`` Σ v·o (``row_coefficients``, once per call, not per thread).
+void accumulate_u8(const uint8_t* __restrict__ rows, int64_t stride, const int64_t* index, const float* coef, float constant,
                    int64_t count, float* __restrict__ out, int64_t begin, int64_t end) {
-  float constant = 0.f;
-  std::vector<float> coef(count);
-  for (int64_t a = 0; a < count; ++a) {
-    const uint8_t* row = rows + index[a] * stride;
-    float scale, offset;
-    std::memcpy(&scale, row + width, sizeof(float));
-    std::memcpy(&offset, row + width + sizeof(float), sizeof(float));
-    coef[a] = value[a] * scale;
-    constant += value[a] * offset;
-  }
   for (int64_t k = begin; k < end; ++k) out[k] = constant;
   int64_t a = 0;
   for (; a + 4 <= count; a += 4) {
@@ -149,6 +140,20 @@ void accumulate_u8(const uint8_t* __restrict__ rows, int64_t stride, int64_t wid
   }
 }
 
+float row_coefficients(const uint8_t* rows, int64_t stride, int64_t width, const Active& active, std::vector<float>& coef) {
+  float constant = 0.f;
+  coef.resize(active.index.size());
+  for (size_t a = 0; a < coef.size(); ++a) {
+    const uint8_t* row = rows + active.index[a] * stride;
+    float scale, offset;
+    std::memcpy(&scale, row + width, sizeof(float));
+    std::memcpy(&offset, row + width + sizeof(float), sizeof(float));
+    coef[a] = active.value[a] * scale;
+    constant += active.value[a] * offset;
+  }
+  return constant;
+}
+
 void check_row(const torch::Tensor& x, int64_t features) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(0) == features,
               "expected one contiguous float32 row of ", features, " features");
@@ -182,8 +187,10 @@ torch::Tensor sparse_input_u8(const torch::Tensor& x, const torch::Tensor& weigh
   const uint8_t* rows = weight_rows.data_ptr<uint8_t>();
   float* result = out.data_ptr<float>();
   const int64_t count = static_cast<int64_t>(active.index.size());
+  std::vector<float> coef;
+  const float constant = row_coefficients(rows, stride, out_features, active, coef);
   at::parallel_for(0, out_features, kGrain, [&](int64_t begin, int64_t end) {
-    accumulate_u8(rows, stride, out_features, active.index.data(), active.value.data(), count, result, begin, end);
+    accumulate_u8(rows, stride, active.index.data(), coef.data(), constant, count, result, begin, end);
   });
   return out;
 }

@@ -97,3 +97,19 @@ def test_a_rerun_benchmark_runs_only_what_its_results_file_lacks(tmp_path):
 def test_a_gpu_benchmark_without_a_gpu_is_one_line():
     result = CliRunner().invoke(cli, ["bench", "train", "--device", "cuda", "--quick"])
     assert result.exit_code == 2 and "no CUDA device here" in result.output
+
+
+def test_parity_needs_the_same_first_step_and_averages_losses_over_seeds():
+    from tunelab.bench.runner import _aggregate, step_one_delta
+
+    base = {"real_tokens_per_s": 100.0, "real_tokens_per_cpu_s": 100.0, "peak_memory_mb": 1000.0, "final_train_loss": 2.0, "eval_loss": 2.0, "mfu": 0.1}
+    assert summary(base, base, step_one=0.004)["loss_parity"]
+    assert not summary(base, base, step_one=-0.01)["loss_parity"]  # a different first step is different arithmetic, not noise
+    reports = {"hf": [{"step_losses": [4.0, 1.0]}, {"step_losses": [5.0, 1.0]}],
+               "tunelab": [{"step_losses": [4.01, 1.0]}, {"step_losses": [4.9, 1.0]}]}
+    assert step_one_delta(reports) == pytest.approx(-0.02)  # the larger difference, with its sign
+    # seed 0 run twice (identical losses), seed 1 once: losses are the mean of the seeds, speed the median of the runs
+    rows = [{**base, "eval_loss": 1.0, "real_tokens_per_s": 90.0}, {**base, "eval_loss": 1.0, "real_tokens_per_s": 100.0},
+            {**base, "eval_loss": 3.0, "real_tokens_per_s": 200.0}]
+    aggregated = _aggregate(rows, [0, 0, 1])
+    assert aggregated["eval_loss"] == 2.0 and aggregated["real_tokens_per_s"] == 100.0

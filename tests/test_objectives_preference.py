@@ -18,6 +18,7 @@ from tunelab.data import (
     build_datasets,
     collate_packed,
     collate_padded,
+    pad_packed_row,
     preference_sequences,
 )
 from tunelab.data.config import DataConfig
@@ -194,8 +195,11 @@ def test_a_shared_prefix_and_the_sft_term_keep_the_loss_exact(tmp_path):
     expected = _hand_loss("sigmoid", 0.3, policy, reference, lengths) + sum(0.5 * -float(policy[i]) / lengths[i] for i in range(0, 6, 2))
     loss, _ = prepared.objective(model, batch)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
-    for layout in (collate_packed(sequences), collate_packed(sequences, share_prefix=True)):  # unshared; shared batch-wide
+    # unshared; shared batch-wide; each padded to a multiple of 64 tokens (the padding is no pair)
+    layouts = (collate_packed(sequences), collate_packed(sequences, share_prefix=True), pad_packed_row(batch, 64), pad_packed_row(collate_packed(sequences), 64))
+    for layout in layouts:
         assert prepared.objective(model, layout)[0].item() == pytest.approx(expected, rel=1e-4)
+        assert prepared.objective.units(layout) == 3
 
 
 def test_full_fine_tuning_loads_the_reference_once_and_starts_at_log_two(tmp_path):

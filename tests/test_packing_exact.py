@@ -1,11 +1,14 @@
 """Packed rows only where the architecture computes them exactly; padded batches elsewhere.
 
 Packing relies on the model reading restarting ``position_ids`` as example boundaries. BLOOM's
-forward drops them and BERT attends both ways, so their packed examples would see each other:
-for those, causal-LM training measures that (``packs_exactly``) and pads instead.
+forward drops them, and BERT attends both ways across the row unless transformers builds its
+bidirectional mask from the positions (5.25 and later), so their packed examples would see each
+other: causal-LM training measures that (``packs_exactly``) and pads where they do.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -56,8 +59,16 @@ def test_the_probe_tells_exact_architectures_from_leaking_ones():
     llama, bloom, bert = (load_model(name).model for name in ("tiny-llama", "tiny-bloom", "tiny-bert"))
     assert packs_exactly(llama, varlen=True) and packs_exactly(llama, varlen=False)
     assert not packs_exactly(bloom, varlen=False)  # its forward drops position_ids
-    assert not packs_exactly(bert, varlen=False)  # bidirectional: attends across the whole row
+    # bidirectional: BERT's packed row is exact only where transformers builds its bidirectional
+    # mask from restarting positions (5.25 and later); before, it attends across the whole row
+    assert packs_exactly(bert, varlen=False) == bidirectional_masks_read_positions()
     assert not packs_exactly(bert, varlen=True)  # per-example *causal* attention is not BERT's either
+
+
+def bidirectional_masks_read_positions() -> bool:
+    from transformers import masking_utils
+
+    return "position_ids" in inspect.signature(masking_utils.create_bidirectional_mask).parameters
 
 
 def test_the_probe_leaves_modes_and_gradients_as_they_were():

@@ -210,15 +210,26 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size in bytes since start or the last reset."""
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where unreadable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size in bytes since start or the last reset."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size in bytes now (Linux); None where the kernel does not say."""
+    return _status_bytes("VmRSS")
 
 
 def _cpu_ticks() -> tuple[int, int]:

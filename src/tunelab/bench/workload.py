@@ -23,12 +23,14 @@ LEVERS = {
     "varlen": "attention per packed example instead of one block-diagonal mask",
     "shared_prefix": "a batch's common unsupervised prompt prefix held once per packed row",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
+    "bucketing": "packed rows padded to a multiple of 64 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
+    "fused_mlp": "a LoRA-adapted gated MLP as one function with a hand-written backward",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
     "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
-DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen")
+DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen", "bucketing", "fused_mlp")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 
@@ -79,7 +81,7 @@ class Workload:
             raise ValueError(f"unknown lever(s) {sorted(unknown)}; known: {', '.join(LEVERS)}")
 
     @classmethod
-    def named(cls, name: str, **settings: object) -> "Workload":
+    def named(cls, name: str, **settings: object) -> Workload:
         """The workload ``name`` of ``WORKLOADS`` with ``settings`` (model, steps, ...)."""
         files = WORKLOADS[name]
         return cls(name=name, train_file=str(files.train), validation_file=str(files.validation), **settings)  # type: ignore[arg-type]
@@ -87,7 +89,7 @@ class Workload:
     def uses(self, lever: str) -> bool:
         return lever in self.levers
 
-    def toggled(self, lever: str) -> "Workload":
+    def toggled(self, lever: str) -> Workload:
         """The same workload with ``lever`` switched the other way."""
         levers = tuple(x for x in self.levers if x != lever) if self.uses(lever) else (*self.levers, lever)
         return replace(self, levers=levers)
@@ -96,7 +98,7 @@ class Workload:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Workload":
+    def from_json(cls, text: str) -> Workload:
         fields = json.loads(text)
         return cls(**{**fields, "levers": tuple(fields.get("levers", DEFAULT_LEVERS))})
 

@@ -11,6 +11,7 @@ from tunelab.data.collate import (
     batch_tokens,
     collate_packed,
     collate_padded,
+    pad_packed_row,
     preference_sequences,
 )
 from tunelab.data.config import DataConfig
@@ -25,5 +26,6 @@ __all__ = [
     "build_datasets",
     "collate_packed",
     "collate_padded",
+    "pad_packed_row",
     "preference_sequences",
 ]

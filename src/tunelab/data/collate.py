@@ -18,6 +18,11 @@ approximated. A group of examples (the batch, or each pair) is then laid out as
 length, and ``segment_bounds``/``segment_prefix`` in the batch tell the per-example attention
 (``tunelab.train.varlen_attention``) to let every suffix attend to its prefix and to itself. Only
 unsupervised tokens are shared, so every loss term is the one the example would get alone.
+
+A packed row can end in a **padding segment** (``pad_packed_row``) that brings its length to a
+multiple of a few dozen tokens, so that the row's matrix shapes repeat from step to step: CPU bf16
+matmuls compile and cache a kernel per shape (``tunelab.train.shape_buckets``). The padding is
+attended only by itself, carries no loss and belongs to no example.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from tunelab.data.bundle import IGNORE_INDEX, Example
 
 #: Shorter common prefixes are not worth the masked attention they turn the suffixes' into.
 MIN_SHARED_PREFIX = 8
+#: ``segment_prefix`` of a padding segment: like a whole example it attends only to itself, but it
+#: is no example (``example_index`` gives its tokens -1, ``batch_tokens`` leaves them out).
+PADDING_SEGMENT = -2
 
 
 def _first_supervised(example: Example) -> int:
@@ -117,10 +125,37 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     return batch
 
 
+def pad_packed_row(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """``batch`` (a ``collate_packed`` row) lengthened to the next multiple of ``multiple`` tokens
+    by a padding segment: token 0 at positions 0, 1, ..., no label, weight 0, segment prefix
+    ``PADDING_SEGMENT``. The row gains ``segment_bounds``/``segment_prefix`` and
+    ``example_tokens`` if it had none, so the padding is told apart from an example; only
+    per-example attention (``tunelab.train.varlen_attention``) reads that layout."""
+    length = batch["input_ids"].shape[1]
+    pad = -length % multiple
+    if pad == 0:
+        return batch
+    out = dict(batch)
+    if "segment_bounds" not in batch:
+        starts = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist()
+        out["segment_bounds"] = torch.tensor([*starts, length], dtype=torch.int32)
+        out["segment_prefix"] = torch.full((len(starts),), -1, dtype=torch.long)
+        out["example_tokens"] = torch.tensor([length])
+    out["segment_bounds"] = torch.cat([out["segment_bounds"], torch.tensor([length + pad], dtype=torch.int32)])
+    out["segment_prefix"] = torch.cat([out["segment_prefix"], torch.tensor([PADDING_SEGMENT])])
+    out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_zeros(1, pad)], dim=1)
+    out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, pad), IGNORE_INDEX)], dim=1)
+    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad, dtype=batch["position_ids"].dtype)[None]], dim=1)
+    if "weights" in batch:
+        out["weights"] = torch.cat([batch["weights"], batch["weights"].new_zeros(1, pad)], dim=1)
+    return out
+
+
 def example_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """For every token of a batch, the index of the example it belongs to (``[B, T]``; -1 for a
-    shared prefix). Padded batches hold one example per row; packed rows start an example where
-    the positions restart, or at each non-prefix segment of a shared-prefix layout."""
+    shared prefix or padding). Padded batches hold one example per row; packed rows start an
+    example where the positions restart, or at each segment of a segmented row that is neither a
+    prefix nor padding."""
     ids = batch["input_ids"]
     if "attention_mask" in batch:
         return torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
@@ -131,7 +166,7 @@ def example_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     index = torch.full_like(ids, -1)
     count = 0
     for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if segment not in prefixes:
+        if segment not in prefixes and prefix_of[segment] != PADDING_SEGMENT:
             index[:, start:end] = count
             count += 1
     return index

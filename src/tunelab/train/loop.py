@@ -21,15 +21,16 @@ import torch
 from tqdm import tqdm
 
 from tunelab import atomic
-from tunelab.data import Example, batch_tokens
+from tunelab.data import Example, batch_tokens, pad_packed_row
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision, pipeline_parallel, process_layout, sharded_checkpoint, sharding, tensor_parallel
+from tunelab.train import checkpoint, frozen_precision, pipeline_parallel, process_layout, shape_buckets, sharded_checkpoint, sharding, tensor_parallel
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.example_scores import example_losses, timed_losses
+from tunelab.train.fused_mlp import fused_mlps
 from tunelab.train.grad_compression import bucket_cap_mb, register_compression
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
@@ -139,6 +140,11 @@ class Trainer:
     cancel: CancelToken | None = None
     #: False when some trainable parameters may get no gradient in a step (multi-task heads).
     uses_all_parameters: bool = True
+    #: Pad packed rows so their shapes repeat where kernels are built per shape (``shape_buckets``),
+    #: for objectives that read a padding segment (``row_padding``).
+    bucket_rows: bool = True
+    #: Run LoRA-adapted gated MLPs as one function with a hand-written backward (``fused_mlp``).
+    fuse_mlp: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -170,6 +176,8 @@ class Trainer:
         self.wrapped = self.model if self.sharded else wrap_model(self.model, self.world, find_unused_parameters=not self.uses_all_parameters, bucket_cap_mb=buckets)
         self.comm = register_compression(self.wrapped, compression) if compression is not None else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        padding = self.bucket_rows and getattr(self.objective, "row_padding", False)
+        self.row_multiple = shape_buckets.row_multiple(self.precision, self.device) if padding else 0
         self._epoch_batches: dict[int, list[list[int]]] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -269,6 +277,13 @@ class Trainer:
         if scores is not None and self.world.is_main:
             atomic.append_jsonl(self.run_dir / "example_scores.jsonl", {"step": 0, "seconds": 0.0, "scores": scores})
 
+    def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """``examples`` collated, a packed row padded to the run's shape multiple, on the device."""
+        batch = self.collate(examples)
+        if self.row_multiple and "position_ids" in batch and "attention_mask" not in batch:
+            batch = pad_packed_row(batch, self.row_multiple)
+        return self._to_device(batch)
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -312,7 +327,7 @@ class Trainer:
         stats: dict[str, Any] = {}
         by_language: dict[str, dict[str, Any]] = {}
         groups = list(evaluation_batches(self.validation, self.cfg.batch_size))
-        batches = (self._to_device(self.collate([self.validation[i] for i in indices])) for indices in groups)  # one at a time
+        batches = (self._batch([self.validation[i] for i in indices]) for indices in groups)  # one at a time
         with self._autocast():
             # a pipeline runs its micro-batches together; one process scores each batch as it is collated
             per_batch = self.pipeline.evaluate(list(batches)) if self.pipeline is not None else (self.objective(model, b)[1] for b in batches)
@@ -332,14 +347,18 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, resume_from: Path | None = None) -> TrainResult:
-        cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
-        original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
-        if self.compile:
-            compile_blocks(self.model)
-        try:
-            return self._fit(resume_from)
-        finally:
-            frozen_precision.restore(original)
+        # probed on the weights as loaded, before the frozen ones change dtype; compiled blocks and
+        # shards (DTensors) keep the module's own MLP
+        fused = fused_mlps(self.model) if self.fuse_mlp and not self.compile and not self.sharded else contextlib.nullcontext()
+        with fused:
+            cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
+            original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
+            if self.compile:
+                compile_blocks(self.model)
+            try:
+                return self._fit(resume_from)
+            finally:
+                frozen_precision.restore(original)
 
     def _fit(self, resume_from: Path | None) -> TrainResult:
         state = TrainState(self.model, self.optimizer, self.run_dir, self.total_steps)
@@ -399,7 +418,7 @@ class Trainer:
                     self._each("on_epoch_start", state)
                 self._refresh_scores(step)
                 micro = [
-                    self._to_device(self.collate([self._example(i) for i in idx]))
+                    self._batch([self._example(i) for i in idx])
                     for idx in step_batches(self._batches(epoch), in_epoch, self.cfg.grad_accum, self.data_world.rank, self.data_world.size)
                 ]
                 self._each("on_step_start", state, micro)

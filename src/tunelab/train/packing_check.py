@@ -5,9 +5,10 @@ restarting ``position_ids`` and no attention mask; the model must read the resta
 boundaries. Whether it does is decided deep inside its forward: transformers builds the
 block-diagonal mask only in its shared masking utilities, ``varlen_attention`` only reaches
 models that use the attention interface, BLOOM's forward drops ``position_ids`` (its packed
-examples attend across boundaries), BERT-style models attend both ways. A structural check (lists
-of model types, ``_supports_attention_backend``) would only guess at all that, and would go stale
-with each transformers release. So it is measured: a forward of two short sequences packed into
+examples attend across boundaries), BERT-style models attend both ways (across the whole row
+until transformers 5.25 taught its bidirectional mask to read restarting positions). A structural
+check (lists of model types, ``_supports_attention_backend``) would only guess at all that, and
+goes stale with each transformers release, as 5.25 showed. So it is measured: a forward of two short sequences packed into
 one row, compared with each sequence alone. The probe is three forwards of 16 tokens in all, under
 ``no_grad``, negligible next to loading the model even at 135M parameters.
 """

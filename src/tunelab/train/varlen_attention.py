@@ -18,12 +18,15 @@ cost per call, most of it in backward. Measured in one process, alternating, one
 (bench/README.md): on SmolLM2 chat examples of ~70 tokens the whole LoRA step was 14% faster with
 the math kernel; on tiny-llama-20m byte-level examples of 150-190 tokens flash was 10% faster.
 ``MATH_BELOW`` sits between the two. The short segments of a row (every one whose keys, prefix
-included, number fewer than ``MATH_BELOW``) go through *one* padded math call: queries and keys
+included, number fewer than ``MATH_BELOW``) go through *one* padded attention: queries and keys
 gathered into ``[segments, heads, longest, dim]`` with a mask that lets each query see exactly its
 own keys. Per call, not per FLOP, is what short segments cost: a SmolLM2 shared-prefix row (a
-26-token prefix, 8 suffixes of 20-63 tokens) attends forward+backward in 9.4 ms instead of 12-13 ms
-per-segment with the math kernel and 15-18 ms with flash (2 threads, bf16). The layout is built
-once per row and reused by every layer.
+26-token prefix, 8 suffixes of 20-63 tokens) attends forward+backward in 9.4 ms with one padded
+sdpa math call instead of 12-13 ms per-segment with the math kernel and 15-18 ms with flash
+(2 threads, bf16). The padded attention is written out (``_short_segments``: fp32 scores, the
+values' product in the inputs' dtype), faster again than sdpa's math kernel, which does both
+products in fp32 (flash with a mask: 2x slower than math). The layout is built once per row and
+reused by every layer.
 
 A row laid out with shared prefixes (``collate_packed(share_prefix=True)``) arrives with the
 ``segment_prefix`` keyword: for each segment, the index of the prefix segment it continues, or -1.
@@ -41,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -121,18 +123,32 @@ def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -
 
 
 def _short_segments(layout: RowLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
-    """One padded math-kernel call for every short segment: ``[heads, tokens, dim]`` in segment order."""
+                    dropout: float, scaling: float | None) -> torch.Tensor:
+    """One padded attention for every short segment: ``[heads, tokens, dim]`` in segment order.
+
+    Written out rather than sdpa's math kernel, which upcasts bf16 inputs to fp32 for both
+    products. Here the scores are computed in fp32 (what sets the softmax's accuracy) and the
+    probabilities meet the values in the inputs' dtype, with fp32 accumulation inside the matmul:
+    the same error as sdpa math against an fp64 reference, 1.6x faster forward+backward on a
+    SmolLM2 row (bench/README.md, "Session 24"). The query heads that share a key/value head
+    are stacked along the query axis, so grouped-query attention needs no copy of the keys.
+    """
     heads, dim, n = query.shape[1], query.shape[3], layout.segments
+    groups = heads // key.shape[1]
 
     def gather(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
         return x[0].index_select(1, index).view(x.shape[1], n, width, dim).transpose(0, 1)
 
-    q = gather(query, layout.query_index, layout.longest)
+    q = gather(query, layout.query_index, layout.longest)  # [n, heads, longest, dim]
     k, v = gather(key, layout.key_index, layout.widest), gather(value, layout.key_index, layout.widest)
-    with sdpa_kernel(SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-    return out.transpose(0, 1).reshape(heads, n * layout.longest, dim).index_select(1, layout.rows)
+    wide = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+        stacked = q.reshape(n, key.shape[1], groups * layout.longest, dim)  # [n, kv heads, groups × longest, dim]
+        scores = torch.matmul(stacked.to(wide), k.to(wide).transpose(-1, -2)).view(n, key.shape[1], groups, layout.longest, layout.widest)
+        scores = (scores * (dim**-0.5 if scaling is None else scaling)).masked_fill(~layout.mask[:, :, None], float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs.view(n, key.shape[1], groups * layout.longest, layout.widest).to(value.dtype), v)
+    return out.view(n, heads, layout.longest, dim).transpose(0, 1).reshape(heads, n * layout.longest, dim).index_select(1, layout.rows)
 
 
 @torch.compiler.disable  # the per-example loop depends on the data; compiled blocks call it eagerly
@@ -158,7 +174,7 @@ def varlen_sdpa(
     layout = _layout_for(bounds, prefix_of, query.device)
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
-    parts = [_short_segments(layout, query, key, value, p, scaling, gqa)] if layout.segments else []
+    parts = [_short_segments(layout, query, key, value, p, scaling)] if layout.segments else []
     for s, e, ps, pe in layout.long:
         if pe > ps:  # a suffix: its own keys after its prefix's, bottom-right-aligned causal mask
             keys = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)

@@ -55,6 +55,10 @@ class Objective(Protocol):
     # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes
     # within each run of that many examples instead of across the batch (a preference pair's two
     # answers).
+    #
+    # Optional: ``row_padding: bool``. True says the objective reads a packed row that ends in a
+    # padding segment (``tunelab.data.collate.pad_packed_row``: no example, no loss); the trainer
+    # then pads rows where repeating shapes pay (``tunelab.train.shape_buckets``).
 
 
 @dataclass

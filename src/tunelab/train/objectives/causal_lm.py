@@ -107,6 +107,8 @@ class CausalLMObjective:
         self.varlen = varlen and packs
         self.collation = "packed" if packs else "padded"
         self.shared_prefix = shared_prefix and self.varlen
+        #: Per-example attention reads a padding segment as no example (``pad_packed_row``).
+        self.row_padding = self.varlen
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

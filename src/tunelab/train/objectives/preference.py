@@ -88,6 +88,7 @@ class DPOObjective:
             )
         self.collation = self.policy_view.collation
         self.shared_prefix = self.policy_view.shared_prefix
+        self.row_padding = self.policy_view.row_padding and self.reference_view.row_padding
         #: Prefixes are shared within each pair: its two answers follow the same prompt.
         self.prefix_group = 2
 

@@ -1,0 +1,124 @@
+"""The fused LoRA gated MLP computes what peft's three adapted projections compute, forward and
+backward, and steps aside wherever it would not."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tests.test_perf_shared_prefix import chat_like, loss_and_grads
+from tunelab.data import collate_packed
+from tunelab.models import load_model
+from tunelab.train import fused_mlp
+from tunelab.train.fused_mlp import _FusedLoraMLP, candidates, fused_mlps
+from tunelab.train.objectives.causal_lm import CausalLMObjective
+
+
+def adapted(dropout: float = 0.0, activation: str | None = None, seed: int = 1) -> torch.nn.Module:
+    """tiny-llama with LoRA on every linear layer, its B matrices random (not zero) so the
+    adapters contribute."""
+    model = load_model("tiny-llama", seed=seed).model
+    if activation == "relu":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = torch.nn.ReLU()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+        for i, p in enumerate(lora_b):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["silu", "relu"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_hand_written_backward_is_the_gradient(kind, dropout, monkeypatch):
+    """gradcheck in fp64; with dropout the masks are drawn from fixed seeds, the same on every
+    evaluation, so the function is deterministic and its gradient well defined."""
+    g = torch.Generator().manual_seed(0)
+    hidden, inner, r = 6, 10, 3
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    tensors = (t(2, 3, hidden), t(inner, hidden, grad=False), t(r, hidden), t(inner, r), t(inner, hidden, grad=False), t(r, hidden),
+               t(inner, r), t(hidden, inner, grad=False), t(r, inner), t(hidden, r))
+    settings = (kind, torch.float64, (0.7, 1.3, 0.5), (dropout, dropout, dropout))
+
+    def fixed_masks(seeds):
+        def dropped(x, p):
+            if p == 0.0:
+                return x, None
+            keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(next(seeds)), dtype=torch.float64) >= p
+            return x * keep / (1 - p), keep
+        return dropped
+
+    def run(*inputs):
+        monkeypatch.setattr(fused_mlp, "_dropped", fixed_masks(iter(range(3))))
+        return _FusedLoraMLP.apply(*inputs, settings)
+
+    assert torch.autograd.gradcheck(run, tensors, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_model_trains_the_same_through_the_fused_mlp(activation):
+    model = adapted(activation=activation)
+    objective = CausalLMObjective(model, shared_prefix=True)
+    batch = collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
+    loss, _, grads = loss_and_grads(objective, model, batch)
+    with fused_mlps(model) as patched:
+        assert patched == len(model.base_model.model.model.layers)
+        fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert all(torch.allclose(fused_grads[n], g, atol=1e-6, rtol=1e-4) for n, g in grads.items())
+    assert all("forward" not in vars(m) for m in model.modules())  # restored
+
+
+def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_peft():
+    model = adapted()
+    objective = CausalLMObjective(model)
+    batch = collate_packed(chat_like([9, 30, 4, 17]))
+    reference, _, reference_grads = loss_and_grads(objective, model, batch)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_loss, _, peft_grads = loss_and_grads(objective, model, batch)
+        with fused_mlps(model):
+            fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
+    assert all(g.dtype == torch.float32 for g in fused_grads.values())
+    assert fused_loss.item() == pytest.approx(reference.item(), rel=1e-3)  # bf16 keeps ~3 digits per op
+
+    def error(grads):
+        return sum((grads[n] - g).norm() ** 2 for n, g in reference_grads.items()) ** 0.5
+
+    assert error(fused_grads) <= 1.5 * error(peft_grads)
+
+
+def test_dropout_is_live_in_training_and_off_in_eval():
+    model = adapted(dropout=0.5)
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(1, 5, mlp.gate_proj.base_layer.weight.shape[1])
+    with fused_mlps(model):
+        model.eval()
+        with torch.no_grad():
+            assert torch.allclose(mlp(x), type(mlp).forward(mlp, x), atol=1e-6)
+        model.train()
+        with torch.no_grad():
+            assert not torch.allclose(mlp(x), mlp(x))  # fresh masks each call
+
+
+def test_it_steps_aside_for_a_disabled_adapter_and_an_unknown_mlp():
+    model = adapted()
+    objective = CausalLMObjective(model)
+    batch = collate_packed(chat_like([9, 12]))
+    with torch.no_grad(), model.disable_adapter():
+        base = objective(model, batch)[0]
+        with fused_mlps(model):
+            assert objective(model, batch)[0].item() == pytest.approx(base.item(), rel=1e-6)
+
+    class ScaledMLP(type(model.base_model.model.model.layers[0].mlp)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    mlp = model.base_model.model.model.layers[0].mlp
+    mlp.__class__ = ScaledMLP
+    assert mlp in candidates(model)
+    with fused_mlps(model) as patched:
+        assert patched == len(model.base_model.model.model.layers) - 1  # the probe saw the doubling
+        assert "forward" not in vars(mlp)

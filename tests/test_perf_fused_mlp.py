@@ -17,6 +17,7 @@ def adapted(dropout: float = 0.0, activation: str | None = None, seed: int = 1) 
     """tiny-llama with LoRA on every linear layer, its B matrices random (not zero) so the
     adapters contribute."""
     model = load_model("tiny-llama", seed=seed).model
+    torch.manual_seed(seed)  # peft draws the A matrices from the global generator
     if activation == "relu":
         for layer in model.model.layers:
             layer.mlp.act_fn = torch.nn.ReLU()
@@ -103,7 +104,7 @@ def test_dropout_is_live_in_training_and_off_in_eval():
             assert not torch.allclose(mlp(x), mlp(x))  # fresh masks each call
 
 
-def test_it_steps_aside_for_a_disabled_adapter_and_an_unknown_mlp():
+def test_it_steps_aside_for_a_disabled_adapter_a_hooked_layer_and_an_unknown_mlp():
     model = adapted()
     objective = CausalLMObjective(model)
     batch = collate_packed(chat_like([9, 12]))
@@ -111,6 +112,13 @@ def test_it_steps_aside_for_a_disabled_adapter_and_an_unknown_mlp():
         base = objective(model, batch)[0]
         with fused_mlps(model):
             assert objective(model, batch)[0].item() == pytest.approx(base.item(), rel=1e-6)
+
+    seen = []
+    handle = model.base_model.model.model.layers[1].mlp.up_proj.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with fused_mlps(model):
+        objective(model, batch)
+    handle.remove()
+    assert len(seen) == 1  # the hooked projection's MLP ran its own forward
 
     class ScaledMLP(type(model.base_model.model.model.layers[0].mlp)):
         def forward(self, x):

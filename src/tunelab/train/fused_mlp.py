@@ -10,8 +10,8 @@ and the adapters' rank-``r`` intermediates, and writes the backward out by hand.
 
 It replaces the MLP's ``forward`` for the duration of training (``fused_mlps``), and only where it
 is known to compute what the module computes: every projection a peft LoRA layer with one plain
-adapter (no DoRA or other variant, not merged, adapters enabled), frozen bias-free base weights, a
-SiLU or ReLU activation, and the module's own forward equal to ``down(act(gate(x)) · up(x))`` on a
+adapter (no DoRA or other variant, not merged, adapters enabled, no forward hook on the layer or
+its parts), frozen bias-free base weights, a SiLU or ReLU activation, and the module's own forward equal to ``down(act(gate(x)) · up(x))`` on a
 probe input (measured at install, as ``packing_check`` measures packing, so an MLP whose forward
 differs keeps it). Anything else at call time (a disabled adapter for a DPO reference pass, a
 merged one) takes the module's own forward.
@@ -60,6 +60,8 @@ def lora_parts(layer: nn.Module) -> LoraParts | None:
     a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
         return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, base, a, b)):
+        return None  # a hook (pruning masks, importance scores, captured activations) must see its call
     if not (a.weight.requires_grad and b.weight.requires_grad):
         return None
     if isinstance(dropout, nn.Dropout):
@@ -129,9 +131,10 @@ class _FusedLoraMLP(torch.autograd.Function):
         d_hd = d_low_d @ ad
         d_h = d_out @ wd
         d_h += d_hd if keep_d is None else d_hd * keep_d / (1 - pd)
-        # the gate's activation and the product with up
+        # the gate's activation and the product with up; the slope in fp32 and rounded once, as
+        # autograd's own silu backward does (computed in bf16 it rounds four times)
         d_up = d_h * act
-        d_gate = d_h * up * _activation_slope(kind, gate)
+        d_gate = (d_h.float() * up.float() * _activation_slope(kind, gate.float())).to(dtype)
         # gate_proj's and up_proj's adapters, and the input
         d_bg, d_bu = (d_gate.t() @ low_g) * sg, (d_up.t() @ low_u) * su
         d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su

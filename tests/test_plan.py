@@ -107,6 +107,7 @@ def _saved_by_autograd(name, method, seq, batch, bf16):
     from tunelab.methods import apply_methods
     from tunelab.methods.config import MethodConfig
     from tunelab.train import frozen_precision
+    from tunelab.train.fused_mlp import fused_mlps
     from tunelab.train.objectives.causal_lm import CausalLMObjective
 
     config = load_config(name)
@@ -127,20 +128,24 @@ def _saved_by_autograd(name, method, seq, batch, bf16):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), objective.attention_scope(model, batch_),
-          torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):
+    with (fused_mlps(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), objective.attention_scope(model, batch_),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):  # the trainer's fused MLPs, where they apply
         objective(model, batch_)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora-all-linear"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("seq", [256, 64])  # the memory-efficient attention kernel, and the math kernel below 128 tokens
+@pytest.mark.parametrize("seq", [256, 64])  # the memory-efficient attention kernel, and the written-out one below 128 tokens
 def test_the_activation_rules_match_what_autograd_saves(method, precision, seq):
-    sections = {"full": {}, "lora": {"lora": {"r": 16}}}
+    """LoRA on every linear layer runs the MLP as one function (``train/fused_mlp.py``), whose
+    saved tensors the rules count exactly; the rest of such a block is estimated within 6%
+    (0.99-1.06x measured), the other methods within 3%."""
+    sections = {"full": {}, "lora": {"lora": {"r": 16}}, "lora-all-linear": {"lora": {"r": 16, "target_modules": "all-linear"}}}
     saved = _saved_by_autograd("tiny-llama", sections[method], seq, 2, precision == "bf16")
-    result = estimate(arch("tiny-llama", layers=2), Settings(method=method, seq=seq, batch=2, precision=precision))
-    assert result.activations_plain == pytest.approx(saved, rel=0.03)
+    targets = {"adapter_targets": "all-linear"} if method == "lora-all-linear" else {}
+    result = estimate(arch("tiny-llama", layers=2), Settings(method=method.removesuffix("-all-linear"), seq=seq, batch=2, precision=precision, **targets))
+    assert result.activations_plain == pytest.approx(saved, rel=0.07 if targets else 0.03)
 
 
 def test_the_planner_s_copies_of_engine_constants_are_the_engine_s():

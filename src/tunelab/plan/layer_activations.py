@@ -14,9 +14,10 @@ on low-precision copies. The rules were checked tensor by tensor against what
 full fine-tuning and LoRA (tests/test_plan.py keeps that check).
 
 Attention is the engine's: packed rows run sdpa once per example (``train/varlen_attention.py``),
-with the memory-efficient kernel (no ``seq x seq`` scores) from ``MATH_BELOW`` tokens up and the
-math kernel below, which keeps fp32 copies of its inputs (key/value heads repeated) and the
-``seq x seq`` probabilities whatever the precision.
+with the memory-efficient kernel (no ``seq x seq`` scores) from ``MATH_BELOW`` tokens up and, below,
+a written-out attention that keeps fp32 copies of the query and keys, the fp32 ``seq x seq``
+probabilities, and for the values' product the values and (in bf16/fp16) a low-precision copy of
+the probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from tunelab.plan.architecture import Architecture
 
-#: Examples shorter than this run sdpa's math kernel (``tunelab.train.varlen_attention.MATH_BELOW``;
+#: Examples shorter than this run the written-out attention (``tunelab.train.varlen_attention.MATH_BELOW``;
 #: a test keeps the two equal: importing the engine here would import peft for one number).
 MATH_BELOW = 128
 
@@ -45,6 +46,9 @@ class BlockRules:
     residual_bytes: int  # bytes of the residual stream (fp32, or bf16 when frozen weights are cast)
     tensor_parallel: int = 1
     seq: int = 2048  # tokens per example (picks the attention kernel)
+    #: The MLP runs as one function (``train/fused_mlp.py``: LoRA on its three projections, weights
+    #: not split over processes).
+    fused_mlp: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,13 +114,16 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
     qkv = linears(("q_proj", "k_proj", "v_proj"), h, res, y_grad)
     attention_grad = any(qkv.values())
     if attention_grad:
-        if rules.seq < MATH_BELOW:  # fp32 copies of the query and the repeated keys and values, and the probabilities
-            keep(4 * (3 * q + heads * rules.seq))
+        if rules.seq < MATH_BELOW:  # fp32 query and keys, fp32 probabilities, and the values' product's inputs
+            keep(4 * (q + kv + heads * rules.seq) + cd * kv + (cd * heads * rules.seq if cd != 4 else 0))
         else:  # query, key, value, output and the log-sum-exp per head
             keep(cd * (2 * q + 2 * kv) + 4 * heads)
     o_grad = linears(("o_proj",), q, cd, attention_grad)["o_proj"]
     mid_grad = x_grad or o_grad
     y2_grad = rms_norm(mid_grad)
+    if rules.fused_mlp:  # its input in the compute dtype, gate, up, the three rank-r products, dropout masks
+        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
+        return BlockActivations(saved["per_token"], saved["per_block"], True)
     mlp = linears(("gate_proj", "up_proj"), h, res, y2_grad)
     if mlp["gate_proj"]:
         keep(cd * i)  # silu's input

@@ -59,8 +59,9 @@ class RowLayout:
 
     ``query_index``/``key_index`` pick, for each short segment, its ``longest`` queries and
     ``widest`` keys (its prefix's, then its own; padding repeats token 0 and is masked out),
-    ``mask`` lets each real query see its prefix and causally its own keys (a padding query sees
-    key 0 only, so no softmax row is empty), ``rows`` picks the real queries' outputs back out.
+    ``hidden`` is True where a query must not see a key: each real query sees its prefix and
+    causally its own keys, a padding query key 0 only (so no softmax row is empty); it is built
+    once per row, so no layer makes its own copy. ``rows`` picks the real queries' outputs back out.
     ``long`` holds ``(start, end, prefix start, prefix end)`` for segments attended one by one,
     and ``order`` (when there are any) puts the outputs back in row order.
     """
@@ -70,7 +71,7 @@ class RowLayout:
     widest: int
     query_index: torch.Tensor
     key_index: torch.Tensor
-    mask: torch.Tensor
+    hidden: torch.Tensor
     rows: torch.Tensor
     long: tuple[tuple[int, int, int, int], ...]
     order: torch.Tensor | None
@@ -105,7 +106,7 @@ def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) ->
     order = torch.empty(bounds[-1], dtype=torch.long)
     order[torch.cat(places)] = torch.arange(bounds[-1])
     return RowLayout(
-        len(short), longest, widest, query_index.view(-1).to(device), key_index.view(-1).to(device), mask.to(device),
+        len(short), longest, widest, query_index.view(-1).to(device), key_index.view(-1).to(device), (~mask[:, :, None]).to(device),
         torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device), tuple(long),
         order.to(device) if long and short else None,
     )
@@ -145,7 +146,7 @@ def _short_segments(layout: RowLayout, query: torch.Tensor, key: torch.Tensor, v
     with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
         stacked = q.reshape(n, key.shape[1], groups * layout.longest, dim)  # [n, kv heads, groups × longest, dim]
         scores = torch.matmul(stacked.to(wide), k.to(wide).transpose(-1, -2)).view(n, key.shape[1], groups, layout.longest, layout.widest)
-        scores = (scores * (dim**-0.5 if scaling is None else scaling)).masked_fill(~layout.mask[:, :, None], float("-inf"))
+        scores = (scores * (dim**-0.5 if scaling is None else scaling)).masked_fill(layout.hidden, float("-inf"))
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
         out = torch.matmul(probs.view(n, key.shape[1], groups * layout.longest, layout.widest).to(value.dtype), v)
     return out.view(n, heads, layout.longest, dim).transpose(0, 1).reshape(heads, n * layout.longest, dim).index_select(1, layout.rows)

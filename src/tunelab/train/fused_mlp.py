@@ -11,10 +11,11 @@ and the adapters' rank-``r`` intermediates, and writes the backward out by hand.
 It replaces the MLP's ``forward`` for the duration of training (``fused_mlps``), and only where it
 is known to compute what the module computes: every projection a peft LoRA layer with one plain
 adapter (no DoRA or other variant, not merged, adapters enabled, no forward hook on the layer or
-its parts), frozen bias-free base weights, a SiLU or ReLU activation, and the module's own forward equal to ``down(act(gate(x)) · up(x))`` on a
-probe input (measured at install, as ``packing_check`` measures packing, so an MLP whose forward
-differs keeps it). Anything else at call time (a disabled adapter for a DPO reference pass, a
-merged one) takes the module's own forward.
+its parts), frozen bias-free base weights, a SiLU or ReLU activation, and the module's own
+forward equal to ``down(act(gate(x)) · up(x))`` on a probe input (measured at install, as
+``packing_check`` measures packing, so an MLP whose forward differs keeps it). Anything else at
+call time (a disabled adapter for a DPO reference pass, a merged one, extra arguments) takes the
+module's own forward.
 
 Measured on SmolLM2-135M LoRA (bench/README.md, "Session 24").
 """
@@ -148,11 +149,11 @@ class _FusedLoraMLP(torch.autograd.Function):
         return (*(g.to(t) if g is not None and needed else None for g, t, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
 
 
-def fused_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_forward(mlp: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     """``mlp``'s forward through ``_FusedLoraMLP`` when its projections allow it right now."""
     parts = [lora_parts(mlp.gate_proj), lora_parts(mlp.up_proj), lora_parts(mlp.down_proj)]
-    if any(p is None for p in parts):
-        return type(mlp).forward(mlp, x)
+    if args or kwargs or any(p is None for p in parts):
+        return type(mlp).forward(mlp, x, *args, **kwargs)
     gate, up, down = parts
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

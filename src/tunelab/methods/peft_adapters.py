@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,6 +66,45 @@ def merge_adapters(model: torch.nn.Module, adapter_names: list[str] | None = Non
     if is_prompt_learning(model):
         raise UserError("prompt/prefix tuning adds virtual tokens and cannot be merged into the weights", hint="load the run directory with tunelab instead")
     return model.merge_and_unload(adapter_names=adapter_names)
+
+
+@dataclass(frozen=True)
+class LoraParts:
+    """One adapted projection: frozen ``weight``, adapter ``a``/``b``, ``scale`` and dropout ``p``."""
+
+    weight: torch.Tensor
+    a: torch.nn.Parameter
+    b: torch.nn.Parameter
+    scale: float
+    dropout: float
+
+
+def lora_parts(layer: torch.nn.Module) -> LoraParts | None:
+    """``layer``'s pieces when it is a peft LoRA linear layer that a fused function can compute in its
+    place (``tunelab.train.fused_mlp``): one plain adapter, active, unmerged, no hooks; else None."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad:
+        return None
+    if getattr(layer, "disable_adapters", True) or getattr(layer, "merged", True) or getattr(layer, "lora_variant", None):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, base, a, b)):
+        return None  # a hook (pruning masks, importance scores, captured activations) must see its call
+    if not (a.weight.requires_grad and b.weight.requires_grad):
+        return None
+    if isinstance(dropout, torch.nn.Dropout):
+        p = dropout.p if layer.training else 0.0
+    elif isinstance(dropout, torch.nn.Identity):
+        p = 0.0
+    else:
+        return None
+    return LoraParts(base.weight, a.weight, b.weight, float(layer.scaling[name]), p)
 
 
 def lora_config_like(config: peft.LoraConfig, r: int | None, alpha: float | None) -> peft.LoraConfig:

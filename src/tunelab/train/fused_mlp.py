@@ -14,8 +14,9 @@ adapter (no DoRA or other variant, not merged, adapters enabled, no forward hook
 its parts), frozen bias-free base weights, a SiLU or ReLU activation, and the module's own
 forward equal to ``down(act(gate(x)) · up(x))`` on a probe input (measured at install, as
 ``packing_check`` measures packing, so an MLP whose forward differs keeps it). Anything else at
-call time (a disabled adapter for a DPO reference pass, a merged one, extra arguments) takes the
-module's own forward.
+call time (a disabled adapter for a DPO reference pass, a merged one, LoRA dropout in training,
+extra arguments) takes the module's own forward: with dropout, peft's own masks keep a run's
+random draws those of the unfused model (pipeline stages compare against one process).
 
 Measured on SmolLM2-135M LoRA (bench/README.md, "Session 24").
 """
@@ -24,54 +25,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 
+from tunelab.methods.peft_adapters import lora_parts
+
 ACTIVATIONS = {nn.SiLU: "silu", SiLUActivation: "silu", nn.ReLU: "relu"}
 #: The probe's largest accepted difference from the module's own forward (fp32; rounding ~1e-7).
 PROBE_TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class LoraParts:
-    """One adapted projection: frozen ``weight``, adapter ``a``/``b``, ``scale`` and dropout ``p``."""
-
-    weight: torch.Tensor
-    a: nn.Parameter
-    b: nn.Parameter
-    scale: float
-    dropout: float
-
-
-def lora_parts(layer: nn.Module) -> LoraParts | None:
-    """``layer``'s pieces when it is a peft LoRA linear layer this function can compute; else None."""
-    base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
-        return None
-    if getattr(layer, "disable_adapters", True) or getattr(layer, "merged", True) or getattr(layer, "lora_variant", None):
-        return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1:
-        return None
-    name = active[0]
-    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, base, a, b)):
-        return None  # a hook (pruning masks, importance scores, captured activations) must see its call
-    if not (a.weight.requires_grad and b.weight.requires_grad):
-        return None
-    if isinstance(dropout, nn.Dropout):
-        p = dropout.p if layer.training else 0.0
-    elif isinstance(dropout, nn.Identity):
-        p = 0.0
-    else:
-        return None
-    return LoraParts(base.weight, a.weight, b.weight, float(layer.scaling[name]), p)
 
 
 def _activation(kind: str, gate: torch.Tensor) -> torch.Tensor:
@@ -85,53 +48,37 @@ def _activation_slope(kind: str, gate: torch.Tensor) -> torch.Tensor:
     return sig * (1 + gate * (1 - sig))
 
 
-def _dropped(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` with LoRA dropout applied, and the kept-mask (None without dropout)."""
-    if p == 0.0:
-        return x, None
-    keep = torch.rand(x.shape, device=x.device) >= p
-    return x * keep / (1 - p), keep
-
-
 class _FusedLoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, settings):  # type: ignore[override]
         inputs = (x, wg, ag, bg, wu, au, bu, wd, ad, bd)
-        kind, dtype, (sg, su, sd), (pg, pu, pd) = settings
+        kind, dtype, (sg, su, sd) = settings
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in (wg, ag, bg, wu, au, bu, wd, ad, bd))
-        xg, keep_g = _dropped(x2, pg)
-        xu, keep_u = _dropped(x2, pu)
-        low_g, low_u = xg @ ag.t(), xu @ au.t()  # [tokens, r]
+        low_g, low_u = x2 @ ag.t(), x2 @ au.t()  # [tokens, r]
         gate = torch.addmm(x2 @ wg.t(), low_g, bg.t(), alpha=sg)
         up = torch.addmm(x2 @ wu.t(), low_u, bu.t(), alpha=su)
         h = _activation(kind, gate) * up
-        hd, keep_d = _dropped(h, pd)
-        low_d = hd @ ad.t()
+        low_d = h @ ad.t()
         out = torch.addmm(h @ wd.t(), low_d, bd.t(), alpha=sd)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in inputs]
-        ctx.masks = (keep_g, keep_u, keep_d)
         ctx.save_for_backward(x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        kind, dtype, (sg, su, sd), (pg, pu, pd) = ctx.settings
-        keep_g, keep_u, keep_d = ctx.masks
+        kind, dtype, (sg, su, sd) = ctx.settings
         x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
         d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         act = _activation(kind, gate)
         h = act * up
-        hd = h if keep_d is None else h * keep_d / (1 - pd)
         # down_proj and its adapter
         d_bd = (d_out.t() @ low_d) * sd
         d_low_d = (d_out @ bd) * sd
-        d_ad = d_low_d.t() @ hd
-        d_hd = d_low_d @ ad
-        d_h = d_out @ wd
-        d_h += d_hd if keep_d is None else d_hd * keep_d / (1 - pd)
+        d_ad = d_low_d.t() @ h
+        d_h = torch.addmm(d_out @ wd, d_low_d, ad)
         # the gate's activation and the product with up; the slope in fp32 and rounded once, as
         # autograd's own silu backward does (computed in bf16 it rounds four times)
         d_up = d_h * act
@@ -139,12 +86,9 @@ class _FusedLoraMLP(torch.autograd.Function):
         # gate_proj's and up_proj's adapters, and the input
         d_bg, d_bu = (d_gate.t() @ low_g) * sg, (d_up.t() @ low_u) * su
         d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
-        xg = x2 if keep_g is None else x2 * keep_g / (1 - pg)
-        xu = x2 if keep_u is None else x2 * keep_u / (1 - pu)
-        d_ag, d_au = d_low_g.t() @ xg, d_low_u.t() @ xu
+        d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
         d_x = torch.addmm(d_gate @ wg, d_up, wu)
-        d_x += d_low_g @ ag if keep_g is None else (d_low_g @ ag) * keep_g / (1 - pg)
-        d_x += d_low_u @ au if keep_u is None else (d_low_u @ au) * keep_u / (1 - pu)
+        d_x.addmm_(d_low_g, ag).addmm_(d_low_u, au)
         grads = (d_x.view(*grad_out.shape[:-1], x2.shape[-1]), None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd)
         return (*(g.to(t) if g is not None and needed else None for g, t, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
 
@@ -152,12 +96,12 @@ class _FusedLoraMLP(torch.autograd.Function):
 def fused_forward(mlp: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     """``mlp``'s forward through ``_FusedLoraMLP`` when its projections allow it right now."""
     parts = [lora_parts(mlp.gate_proj), lora_parts(mlp.up_proj), lora_parts(mlp.down_proj)]
-    if args or kwargs or any(p is None for p in parts):
+    if args or kwargs or any(p is None or p.dropout > 0 for p in parts):
         return type(mlp).forward(mlp, x, *args, **kwargs)
     gate, up, down = parts
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    settings = (ACTIVATIONS[type(mlp.act_fn)], dtype, (gate.scale, up.scale, down.scale), (gate.dropout, up.dropout, down.dropout))
+    settings = (ACTIVATIONS[type(mlp.act_fn)], dtype, (gate.scale, up.scale, down.scale))
     with torch.autocast(device, enabled=False):  # the function casts to ``dtype`` itself
         return _FusedLoraMLP.apply(x, gate.weight, gate.a, gate.b, up.weight, up.a, up.b, down.weight, down.a, down.b, settings)
 

@@ -102,7 +102,8 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
         trainable=full, adapters=adapted_linears(arch, s), rank=s.adapter_rank, dropout=s.adapter_dropout,
         autocast=s.autocast, compute_bytes=s.compute_bytes, residual_bytes=residual,
         tensor_parallel=s.tensor_parallel, seq=s.seq,
-        fused_mlp=not full and s.data_shards == 1 and s.tensor_parallel == 1 and {"gate_proj", "up_proj", "down_proj"} <= adapted_linears(arch, s),
+        fused_mlp=not full and s.data_shards == 1 and s.tensor_parallel == 1 and s.adapter_dropout == 0
+        and {"gate_proj", "up_proj", "down_proj"} <= adapted_linears(arch, s),
     )
     rows = microbatch_rows(s)
     tokens = rows * s.seq

@@ -46,8 +46,8 @@ class BlockRules:
     residual_bytes: int  # bytes of the residual stream (fp32, or bf16 when frozen weights are cast)
     tensor_parallel: int = 1
     seq: int = 2048  # tokens per example (picks the attention kernel)
-    #: The MLP runs as one function (``train/fused_mlp.py``: LoRA on its three projections, weights
-    #: not split over processes).
+    #: The MLP runs as one function (``train/fused_mlp.py``: LoRA without dropout on its three
+    #: projections, weights not split over processes).
     fused_mlp: bool = False
 
 
@@ -121,8 +121,8 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
     o_grad = linears(("o_proj",), q, cd, attention_grad)["o_proj"]
     mid_grad = x_grad or o_grad
     y2_grad = rms_norm(mid_grad)
-    if rules.fused_mlp:  # its input in the compute dtype, gate, up, the three rank-r products, dropout masks
-        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
+    if rules.fused_mlp:  # its input in the compute dtype, gate, up and the three rank-r products
+        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank)
         return BlockActivations(saved["per_token"], saved["per_block"], True)
     mlp = linears(("gate_proj", "up_proj"), h, res, y2_grad)
     if mlp["gate_proj"]:

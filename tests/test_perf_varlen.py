@@ -131,6 +131,34 @@ def test_padded_short_segments_equal_each_segment_alone(lengths, prefix_of):
     assert layout.segments == sum(1 for n, p in zip(lengths, prefix_of) if n + (lengths[p] if p >= 0 else 0) < 128)
 
 
+@pytest.mark.parametrize("lengths,prefix_of", [
+    ([26, 9, 40, 3, 20], [-1, 0, 0, 0, 0]),  # padding longer than every real segment
+    ([30, 140, 5], [-1, 0, -1]),  # a long suffix too: outputs reordered
+])
+def test_a_padding_segment_is_not_attended(lengths, prefix_of):
+    """A row's trailing padding segment (``pad_packed_row``) leaves every real token's output and
+    gradient as in the unpadded row, outputs zeros itself, and does not widen the padded batch."""
+    from tunelab.data.collate import PADDING_SEGMENT
+    from tunelab.train.varlen_attention import row_layout, varlen_sdpa
+
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    padded_bounds, padded_prefix = [*bounds, bounds[-1] + 60], [*prefix_of, PADDING_SEGMENT]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, padded_bounds[-1], 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
+    module = torch.nn.Module().eval()
+    real = bounds[-1]
+    padded, _ = varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=torch.tensor(padded_bounds), segment_prefix=torch.tensor(padded_prefix))
+    alone, _ = varlen_sdpa(module, q[:, :, :real], k[:, :, :real], v[:, :, :real], None,
+                           cu_seq_lens_q=torch.tensor(bounds), segment_prefix=torch.tensor(prefix_of))
+    assert torch.equal(padded[:, :real], alone) and not padded[:, real:].any()
+    upstream = torch.randn(padded.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(padded, (q, k, v), upstream)
+    want = torch.autograd.grad(alone, (q, k, v), upstream[:, :real])
+    assert all(torch.allclose(a[:, :, :real], b[:, :, :real], atol=1e-12) and not a[:, :, real:].any() for a, b in zip(got, want))
+    with_padding, without = row_layout(padded_bounds, padded_prefix, torch.device("cpu")), row_layout(bounds, prefix_of, torch.device("cpu"))
+    assert (with_padding.segments, with_padding.longest, with_padding.skipped) == (without.segments, without.longest, 60)
+
+
 def test_a_bidirectional_tower_inside_the_model_keeps_plain_attention():
     """A VLM's vision encoder reaches varlen_sdpa through the shared config with the text row's
     keywords; its image patches attend to each other both ways, as plain sdpa does."""

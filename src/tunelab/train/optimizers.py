@@ -30,9 +30,19 @@ def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuild
     return wrap
 
 
+def _adam_kernel(groups: list[dict]) -> dict[str, bool]:
+    """Adam's fused kernel (one pass per parameter doing the whole update) where every parameter
+    is a plain CPU/CUDA tensor, else foreach kernels. On CPU foreach still runs ~10 ops per
+    parameter: for SmolLM2's 420 LoRA tensors a step took 21-23 ms with foreach and 5.7-6.3 ms
+    fused (bench/README.md, "Session 25"). Sharded parameters (DTensors) keep foreach."""
+    params = [p for group in groups for p in group["params"]]
+    fusable = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
+
+
 # foreach kernels update all parameters of a group in a few fused ops instead of a Python loop.
-register_optimizer("adamw")(lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True))
-register_optimizer("adam")(lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, foreach=True))
+register_optimizer("adamw")(lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **_adam_kernel(groups)))
+register_optimizer("adam")(lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, **_adam_kernel(groups)))
 register_optimizer("sgd")(lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True))
 register_optimizer("signum")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr, momentum=cfg.momentum))
 register_optimizer("signsgd")(lambda groups, cfg: SignMomentum(groups, lr=cfg.lr, momentum=0.0))

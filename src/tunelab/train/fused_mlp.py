@@ -60,11 +60,12 @@ class _FusedLoraMLP(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in (wg, ag, bg, wu, au, bu, wd, ad, bd))
         low_g, low_u = x2 @ ag.t(), x2 @ au.t()  # [tokens, r]
-        gate = torch.addmm(x2 @ wg.t(), low_g, bg.t(), alpha=sg)
-        up = torch.addmm(x2 @ wu.t(), low_u, bu.t(), alpha=su)
+        # in place: an out-of-place addmm first copies its [tokens, intermediate] summand
+        gate = (x2 @ wg.t()).addmm_(low_g, bg.t(), alpha=sg)
+        up = (x2 @ wu.t()).addmm_(low_u, bu.t(), alpha=su)
         h = _activation(kind, gate) * up
         low_d = h @ ad.t()
-        out = torch.addmm(h @ wd.t(), low_d, bd.t(), alpha=sd)
+        out = (h @ wd.t()).addmm_(low_d, bd.t(), alpha=sd)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in inputs]
         ctx.save_for_backward(x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
@@ -81,7 +82,7 @@ class _FusedLoraMLP(torch.autograd.Function):
         d_bd = (d_out.t() @ low_d) * sd
         d_low_d = (d_out @ bd) * sd
         d_ad = d_low_d.t() @ h
-        d_h = torch.addmm(d_out @ wd, d_low_d, ad)
+        d_h = (d_out @ wd).addmm_(d_low_d, ad)
         # the gate's activation and the product with up, rounded where autograd's own nodes round
         d_up = d_h * act
         d_gate = _activation_backward(kind, d_h * up, gate)
@@ -89,8 +90,7 @@ class _FusedLoraMLP(torch.autograd.Function):
         d_bg, d_bu = (d_gate.t() @ low_g) * sg, (d_up.t() @ low_u) * su
         d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
         d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
-        d_x = torch.addmm(d_gate @ wg, d_up, wu)
-        d_x.addmm_(d_low_g, ag).addmm_(d_low_u, au)
+        d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au)
         grads = (d_x.view(*grad_out.shape[:-1], x2.shape[-1]), None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd)
         return (*(g.to(t) if g is not None and needed else None for g, t, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,8 @@ class RowLayout:
     long: tuple[tuple[int, int, int, int], ...]
     skipped: int
     order: torch.Tensor | None
-    #: ``hidden`` as additive biases, by (key/value heads, query groups, dtype): see ``_hidden_bias``
-    biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, compare=False)
+    #: the gathers and bias per (query heads, key/value heads, scores' dtype): see ``_head_index``
+    by_heads: dict[tuple[int, int, torch.dtype], _HeadIndex] = field(default_factory=dict, compare=False)
 
 
 def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:
@@ -135,47 +136,67 @@ def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -
     return _last_layout[key]
 
 
+class _HeadIndex(NamedTuple):
+    """A row layout's gathers for one head count: flat row indices into the token-major ``[T ×
+    heads, dim]`` queries and ``[T × key/value heads, dim]`` keys/values that land them directly
+    in the padded batch's order, the padded outputs' rows back in ``[real tokens × heads]``
+    order, and ``hidden`` as an additive bias. Built once per row: one ``index_select`` per tensor
+    instead of a gather, a transpose and a reshape copy each."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    outputs: torch.Tensor
+    bias: torch.Tensor
+
+
+def _head_index(layout: RowLayout, heads: int, kv_heads: int, dtype: torch.dtype) -> _HeadIndex:
+    """The gathers and the ``[segments × kv heads, groups × longest, widest]`` bias (-inf where
+    hidden) for ``heads`` query heads sharing ``kv_heads`` key/value heads. Query heads sharing a
+    key/value head are consecutive (transformers' ``repeat_kv``), so stacking them along the query
+    axis is an order of the gather, not a copy of the keys."""
+    key = (heads, kv_heads, dtype)
+    if key not in layout.by_heads:
+        n, longest, widest, groups = layout.segments, layout.longest, layout.widest, heads // kv_heads
+        device = layout.hidden.device
+        head, kv_head = torch.arange(heads, device=device), torch.arange(kv_heads, device=device)
+        queries = layout.query_index.view(n, 1, longest) * heads + head.view(1, heads, 1)  # (segment, head, query)
+        keys = layout.key_index.view(n, 1, widest) * kv_heads + kv_head.view(1, kv_heads, 1)  # (segment, kv head, key)
+        segment, place = layout.rows // longest, layout.rows % longest
+        outputs = (segment[:, None] * heads + head[None, :]) * longest + place[:, None]  # (token, head)
+        bias = torch.zeros(layout.hidden.shape, dtype=dtype, device=device).masked_fill_(layout.hidden, float("-inf"))
+        bias = bias.expand(n, kv_heads, groups, longest, widest).reshape(n * kv_heads, groups * longest, widest)
+        layout.by_heads[key] = _HeadIndex(queries.reshape(-1), keys.reshape(-1), outputs.reshape(-1), bias)
+    return layout.by_heads[key]
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``[1, heads, T, dim]`` as ``[T × heads, dim]``: a view for a projection's output reshaped
+    and transposed (how transformers lays out q/k/v), a copy otherwise."""
+    return x[0].transpose(0, 1).reshape(-1, x.shape[3])
+
+
 def _short_segments(layout: RowLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     dropout: float, scaling: float | None) -> torch.Tensor:
-    """One padded attention for every short segment: ``[heads, tokens, dim]`` in segment order.
+    """One padded attention for every short segment: ``[tokens, heads, dim]`` in segment order.
 
     Written out rather than sdpa's math kernel, which upcasts bf16 inputs to fp32 for both
-    products. Here the scores are computed in fp32 (what sets the softmax's accuracy) and the
-    probabilities meet the values in the inputs' dtype, with fp32 accumulation inside the matmul:
-    the same error as sdpa math against an fp64 reference, 1.6x faster forward+backward on a
-    SmolLM2 row (bench/README.md, "Session 24"). The query heads that share a key/value head
-    are stacked along the query axis, so grouped-query attention needs no copy of the keys.
+    products. Here the scores are computed in fp32 (what sets the softmax's accuracy) by one
+    ``baddbmm`` that also scales and masks (the bias), and the probabilities meet the values in
+    the inputs' dtype, with fp32 accumulation inside the matmul: the same error as sdpa math
+    against an fp64 reference, 1.6x faster forward+backward on a SmolLM2 row (bench/README.md,
+    "Session 24"), and the bias with the direct gathers ~25% faster again ("Session 25").
     """
-    heads, kv_heads, dim, n = query.shape[1], key.shape[1], query.shape[3], layout.segments
-    groups = heads // kv_heads
-
-    def gather(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-        return x[0].index_select(1, index).view(x.shape[1], n, width, dim).transpose(0, 1)
-
-    q = gather(query, layout.query_index, layout.longest)  # [n, heads, longest, dim]
-    k, v = gather(key, layout.key_index, layout.widest), gather(value, layout.key_index, layout.widest)
-    wide = torch.promote_types(query.dtype, torch.float32)
-    batch, rows = n * kv_heads, groups * layout.longest  # [n × kv heads, groups × longest queries]
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    index = _head_index(layout, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
+    batch, rows = layout.segments * kv_heads, heads // kv_heads * layout.longest  # [segments × kv heads, groups × longest queries]
     with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
-        stacked = q.reshape(batch, rows, dim).to(wide)
-        keys = k.reshape(batch, layout.widest, dim).to(wide)
-        scores = torch.baddbmm(_hidden_bias(layout, kv_heads, groups, wide), stacked, keys.transpose(-1, -2),
-                               alpha=dim**-0.5 if scaling is None else scaling)
+        q = _token_major(query).index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
+        k = _token_major(key).index_select(0, index.keys).view(batch, layout.widest, dim).to(index.bias.dtype)
+        v = _token_major(value).index_select(0, index.keys).view(batch, layout.widest, dim)
+        scores = torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=dim**-0.5 if scaling is None else scaling)
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs.to(value.dtype), v.reshape(batch, layout.widest, dim))
-    return out.view(n, heads, layout.longest, dim).transpose(0, 1).reshape(heads, n * layout.longest, dim).index_select(1, layout.rows)
-
-
-def _hidden_bias(layout: RowLayout, kv_heads: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """``layout.hidden`` as an additive ``[segments × kv heads, groups × longest, widest]`` bias
-    (-inf where hidden), built once per row: ``baddbmm`` then scales, masks and computes the scores
-    in one pass, 25% faster than a matmul, a scale and a ``masked_fill`` (bench/README.md, "Session 25")."""
-    key = (kv_heads, groups, dtype)
-    if key not in layout.biases:
-        bias = torch.zeros(layout.hidden.shape, dtype=dtype, device=layout.hidden.device).masked_fill_(layout.hidden, float("-inf"))
-        layout.biases[key] = bias.expand(layout.segments, kv_heads, groups, layout.longest, layout.widest).reshape(
-            layout.segments * kv_heads, groups * layout.longest, layout.widest)
-    return layout.biases[key]
+        out = torch.bmm(probs.to(value.dtype), v)
+    return out.view(-1, dim).index_select(0, index.outputs).view(-1, heads, dim)
 
 
 @torch.compiler.disable  # the per-example loop depends on the data; compiled blocks call it eagerly
@@ -207,19 +228,18 @@ def varlen_sdpa(
             keys = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)
             values = torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2)
             sees = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool, device=query.device).tril(diagonal=pe - ps)
-            parts.append(F.scaled_dot_product_attention(
-                query[:, :, s:e], keys, values, attn_mask=sees, dropout_p=p, scale=scaling, enable_gqa=gqa,
-            )[0])
+            attended = F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=sees, dropout_p=p, scale=scaling, enable_gqa=gqa)
         else:
-            parts.append(F.scaled_dot_product_attention(
+            attended = F.scaled_dot_product_attention(
                 query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, dropout_p=p, scale=scaling, enable_gqa=gqa,
-            )[0])
+            )
+        parts.append(attended[0].transpose(0, 1))
     if layout.skipped:
-        parts.append(query.new_zeros(query.shape[1], layout.skipped, query.shape[3]))
-    out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        parts.append(query.new_zeros(layout.skipped, query.shape[1], query.shape[3]))
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
     if layout.order is not None:
-        out = out.index_select(1, layout.order)
-    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+        out = out.index_select(0, layout.order)
+    return out.unsqueeze(0).contiguous(), None
 
 
 AttentionInterface.register(NAME, varlen_sdpa)

@@ -20,7 +20,7 @@ from tunelab.errors import UserError
 from tunelab.train.pipeline_parallel import stage_sizes
 
 #: One process trains on padded rows too (stages exchange fixed shapes): the same arithmetic.
-PADDED = ("data.packing=false", "train.fuse_mlp=false")  # computed like the stages: padded rows, peft's MLP layers
+PADDED = ("data.packing=false", "train.fuse_mlp=false", "train.fuse_qkv=false")  # computed like the stages: padded rows, peft's layers
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_a_pipeline_checkpoint_finishes_on_one_plain_process(tmp_path, one_proce
     half = train(tmp_path, "half", 2, steps=2, accum=2, strategy="pp")
     last = sorted((half / "checkpoints").iterdir())[-1]
     assert len(list((last / "sharded").glob("*.distcp"))) == 2
-    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", "train.fuse_mlp=false"))
+    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", "train.fuse_mlp=false", "train.fuse_qkv=false"))
     straight = final_tensors(one_process("tiny-llama", LORA))
     resumed = final_tensors(half)
     for key, value in straight.items():

@@ -25,12 +25,13 @@ LEVERS = {
     "low_precision_frozen": "frozen weights held in the autocast dtype",
     "bucketing": "packed rows padded to a multiple of 64 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
     "fused_mlp": "a LoRA-adapted gated MLP as one function with a hand-written backward",
+    "fused_qkv": "LoRA-adapted q/k/v projections as one function (one down-projection matmul for the three)",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
     "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
-DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen", "bucketing", "fused_mlp")
+DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 

@@ -31,6 +31,7 @@ from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.example_scores import example_losses, timed_losses
 from tunelab.train.fused_mlp import fused_mlps
+from tunelab.train.fused_projections import fused_projections
 from tunelab.train.grad_compression import bucket_cap_mb, register_compression
 from tunelab.train.objectives import Objective, accumulate
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
@@ -145,6 +146,8 @@ class Trainer:
     bucket_rows: bool = True
     #: Run LoRA-adapted gated MLPs as one function with a hand-written backward (``fused_mlp``).
     fuse_mlp: bool = True
+    #: Run LoRA-adapted q/k/v projections as one function per attention module (``fused_projections``).
+    fuse_qkv: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -349,8 +352,12 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         # probed on the weights as loaded, before the frozen ones change dtype; compiled blocks and
         # shards (DTensors) keep the module's own MLP
-        fused = fused_mlps(self.model) if self.fuse_mlp and not self.compile and not self.sharded else contextlib.nullcontext()
-        with fused:
+        fusable = not self.compile and not self.sharded
+        with contextlib.ExitStack() as fused:
+            if self.fuse_mlp and fusable:
+                fused.enter_context(fused_mlps(self.model))
+            if self.fuse_qkv and fusable:
+                fused.enter_context(fused_projections(self.model))
             cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
             original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
             if self.compile:

@@ -351,7 +351,7 @@ class Trainer:
 
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         # probed on the weights as loaded, before the frozen ones change dtype; compiled blocks and
-        # shards (DTensors) keep the module's own MLP
+        # shards (DTensors) keep the modules' own MLP and projections
         fusable = not self.compile and not self.sharded
         with contextlib.ExitStack() as fused:
             if self.fuse_mlp and fusable:

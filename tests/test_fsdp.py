@@ -44,9 +44,12 @@ def test_checkpoints_are_full_size_and_resume_across_strategies(tmp_path):
     train(tmp_path, "to-ddp", 2, extra=("--resume", str(sharded_half), "train.max_steps=4", "train.distributed.strategy=ddp"))
     ddp_half = train(tmp_path, "ddp-half", 2, steps=2, strategy="ddp")
     train(tmp_path, "to-fsdp", 2, extra=("--resume", str(ddp_half), "train.max_steps=4", "train.distributed.strategy=fsdp"))
-    for resumed in (final_tensors(sharded_half), final_tensors(ddp_half)):
+    for resumed, atol in ((final_tensors(sharded_half), 1e-6), (final_tensors(ddp_half), 5e-5)):
         for key, value in straight.items():
-            assert torch.allclose(resumed[key], value, atol=1e-5), key
+            # ddp's first two steps sum in another order than fsdp's (the fused loss and q/k/v
+            # projections), and Adam at lr 0.01 turns that into updates: measured 1.3e-5 after
+            # ddp -> fsdp, 4e-8 after fsdp -> ddp
+            assert torch.allclose(resumed[key], value, atol=atol), key
 
 
 def test_a_run_resumes_on_another_number_of_processes_when_the_global_batch_is_kept(tmp_path):

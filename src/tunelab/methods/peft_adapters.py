@@ -82,6 +82,8 @@ class LoraParts:
 def lora_parts(layer: torch.nn.Module) -> LoraParts | None:
     """``layer``'s pieces when it is a peft LoRA linear layer that a fused function can compute in its
     place (``tunelab.train.fused_mlp``): one plain adapter, active, unmerged, no hooks; else None."""
+    if not isinstance(layer, LoraLayer):
+        return None  # IA3, bottleneck and other peft layers also have a base_layer
     base = getattr(layer, "base_layer", None)
     if type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad:
         return None

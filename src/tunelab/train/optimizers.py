@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tunelab.errors import UserError
 from tunelab.plugins import Registry
@@ -32,11 +33,15 @@ def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuild
 
 def _adam_kernel(groups: list[dict]) -> dict[str, bool]:
     """Adam's fused kernel (one pass per parameter doing the whole update) where every parameter
-    is a plain CPU/CUDA tensor, else foreach kernels. On CPU foreach still runs ~10 ops per
+    is a floating-point CPU/CUDA tensor, else foreach kernels. On CPU foreach still runs ~10 ops per
     parameter: for SmolLM2's 420 LoRA tensors a step took 21-23 ms with foreach and 5.7-6.3 ms
-    fused (bench/README.md, "Session 25"). Sharded parameters (DTensors) keep foreach."""
+    fused (bench/README.md, "Session 25"). Sharded parameters (fsdp's DTensors) take the fused
+    kernel too (DTensor runs it shard by shard), so a run resumed under another strategy keeps
+    the update arithmetic it had (the two kernels round differently). The kernel
+    takes one kind per call, so tensor parallelism's mix of DTensors and plain tensors keeps foreach."""
     params = [p for group in groups for p in group["params"]]
-    fusable = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    one_kind = len({isinstance(p, DTensor) for p in params}) <= 1
+    fusable = one_kind and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return {"fused": True} if fusable else {"foreach": True}
 
 

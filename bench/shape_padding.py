@@ -32,7 +32,11 @@ from tunelab.bench.measure import synchronize  # noqa: E402
 from tunelab.bench.tables import write_results  # noqa: E402
 from tunelab.hardware import configure_matmul, cpu_flags, cpu_model_name  # noqa: E402
 
-HIDDEN, TOKENS = 576, 512
+HIDDEN = 576
+#: Tokens per step: a CPU batch, and a GPU one (a GPU needs more work per product to be timed at all).
+TOKENS = {"cpu": 512, "cuda": 8192}
+#: Head steps per timed sample: one GPU step is ~0.1 ms, too short to time alone.
+STEPS_PER_SAMPLE = {"cpu": 1, "cuda": 20}
 VOCABS = {"49,152 (SmolLM2)": 49152, "49,153 (+1 token)": 49153, "49,216 (+1, padded to 64)": 49216}
 
 
@@ -48,9 +52,9 @@ def time_shapes(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for label, vocab in VOCABS.items():
-        x = torch.randn(TOKENS, HIDDEN, generator=generator).to(device, dtype)
+        x = torch.randn(TOKENS[device], HIDDEN, generator=generator).to(device, dtype)
         weight = torch.randn(vocab, HIDDEN, generator=generator).to(device, dtype)
-        grad = torch.randn(TOKENS, vocab, generator=generator).to(device, dtype)
+        grad = torch.randn(TOKENS[device], vocab, generator=generator).to(device, dtype)
         tensors[label] = (x, weight, grad)
         head_step(x, weight, grad)  # warm-up: kernel selection, first-touch of memory
     times: dict[str, list[float]] = {label: [] for label in VOCABS}
@@ -58,9 +62,10 @@ def time_shapes(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float
         for label, (x, weight, grad) in tensors.items():
             synchronize(device)
             start = time.perf_counter()
-            head_step(x, weight, grad)
+            for _ in range(STEPS_PER_SAMPLE[device]):
+                head_step(x, weight, grad)
             synchronize(device)
-            times[label].append((time.perf_counter() - start) * 1e3)
+            times[label].append((time.perf_counter() - start) * 1e3 / STEPS_PER_SAMPLE[device])
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -72,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where the JSON and Markdown go")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -84,12 +90,12 @@ def main() -> None:
         for label, value in ms.items():
             flops_scale = VOCABS[label] / 49152  # same work per row: a fair kernel scales with the rows
             rows.append({"precision": name, "vocab": VOCABS[label], "ms": value, "per_row_vs_base": value / base / flops_scale})
-            table.append(f"| {name} | {label} | {value:.1f} | {value / base:.3f}x | {value / odd:.3f}x |")
+            table.append(f"| {name} | {label} | {value:.3f} | {value / base:.3f}x | {value / odd:.3f}x |")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model_name()
-    note = (f"The LM head's three GEMMs of a training step ({TOKENS} tokens x {HIDDEN} hidden), median of {args.rounds} rounds, "
+    note = (f"The LM head's three GEMMs of a training step ({TOKENS[args.device]} tokens x {HIDDEN} hidden), median of {args.rounds} rounds, "
             f"sizes taking turns, {torch.get_num_threads()} thread(s). Device: {machine}. The padded head does 0.13% more work "
             "than the +1 one, so equal times mean padding gains nothing.")
-    write_results(REPO / "bench" / "results", "shape_padding" + ("_cuda" if args.device == "cuda" else ""),
+    write_results(args.out, "shape_padding" + ("_cuda" if args.device == "cuda" else ""),
                   {"device": machine, "threads": torch.get_num_threads()}, rows, note, table)
 
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from tunelab.data import Example, collate_packed
+from tunelab.data import Example, collate_packed, collate_padded
 from tunelab.models import load_model
+from tunelab.train.objectives import causal_lm
 from tunelab.train.objectives.causal_lm import CausalLMObjective, fusable_head
 from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 
@@ -82,3 +83,23 @@ def test_a_lora_wrapped_head_keeps_the_plain_path():
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
     assert fusable_head(model) is None
     assert not CausalLMObjective(model).fused_loss
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_logits_sliced_by_a_list_of_positions_equal_the_masked_ones(monkeypatch, packed):
+    """transformers before 5.2x cannot slice by a [batch, seq] mask (objectives.causal_lm.MASK_SLICING):
+    keeping the union of the rows' positions and masking the logits picks the very same rows."""
+    model = load_model("tiny-llama", seed=1).model
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for n, answer in ((30, 3), (12, 5), (25, 1)):  # each row's answer at its own positions
+        ids = torch.randint(7, 200, (n,), generator=g).tolist()
+        rows.append(Example(input_ids=ids, labels=[-100] * (n - answer) + ids[n - answer :]))
+    batch = collate_packed(rows) if packed else collate_padded(rows, pad_id=0)
+    objective = CausalLMObjective(model, fused_loss=False)
+    assert objective.sliced_logits
+    masked = objective.forward_supervised(model, batch)
+    monkeypatch.setattr(causal_lm, "MASK_SLICING", False)
+    listed = objective.forward_supervised(model, batch)
+    assert masked.logits.shape == (9, model.config.vocab_size)
+    assert torch.equal(listed.targets, masked.targets) and torch.allclose(listed.logits, masked.logits, atol=1e-6)

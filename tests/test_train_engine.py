@@ -135,6 +135,7 @@ def test_metrics_jsonl_and_loss_curve(tmp_path):
     assert (tmp_path / "run" / "recipe.yaml").exists() and (tmp_path / "run" / "summary.json").exists()
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["peak_rss_bytes"] > 50 * 2**20  # torch alone holds more; a zero would mean it went unmeasured
+    assert saved["device"] == "cpu" and saved["peak_device_bytes"] == 0  # a GPU run names its GPU and its allocation peak
 
 
 @pytest.mark.parametrize("sampler", ["", "sampler: {{name: importance, refresh_every: 2}}\n"], ids=["shuffle", "importance"])

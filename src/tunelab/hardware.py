@@ -227,6 +227,20 @@ def peak_rss_bytes() -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device_name(device: torch.device) -> str:
+    """``cpu``, or the accelerator and its model (``cuda:0 NVIDIA H200``): figures name where they ran."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+def peak_device_bytes(device: torch.device) -> int:
+    """The accelerator's allocation high-water mark (``torch.cuda.max_memory_allocated``); 0 on the CPU,
+    whose figure is the process's RSS (``peak_rss_bytes``)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
 def current_rss_bytes() -> int | None:
     """Resident set size in bytes now (Linux); None where the kernel does not say."""
     return _status_bytes("VmRSS")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,15 @@ def predictions_file(system: str) -> str:
     return "predictions-" + re.sub(r"[^A-Za-z0-9._]+", "-", system).strip("-") + ".jsonl"
 
 
+def _installed_version(name: str) -> str:
+    """``name``'s installed version; a source checkout run from ``src/`` (no package metadata) says so
+    instead of failing the report after the evaluation is done."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed (run from source)"
+
+
 def report_dict(setup: EvalSetup, results: Sequence[SystemResult]) -> dict[str, Any]:
     cfg = setup.cfg
     return {
@@ -61,7 +70,7 @@ def report_dict(setup: EvalSetup, results: Sequence[SystemResult]) -> dict[str, 
         "pool": setup.pool,
         "settings": {**cfg.model_dump(mode="json"), "chat_template": setup.chat_template},
         "metric_settings": metric_settings(cfg.metric_names()) if cfg.metric_names() else {},
-        "versions": {name: version(name) for name in LIBRARIES},
+        "versions": {name: _installed_version(name) for name in LIBRARIES},
         "systems": [{**r.summary(), "predictions": predictions_file(r.system)} for r in results],
     }
 

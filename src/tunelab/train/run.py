@@ -33,6 +33,8 @@ from tunelab.hardware import (
     configure_matmul,
     configure_threads,
     cpu_model_name,
+    device_name,
+    peak_device_bytes,
     peak_rss_bytes,
     resolve_precision,
 )
@@ -85,6 +87,10 @@ class RunSummary(TrainResult):
     peak_rss_bytes_per_process: list[int] = field(default_factory=list)
     #: The processor the run's timings were measured on (figures on another CPU do not compare).
     cpu: str = ""
+    #: Where the model trained: ``cpu`` or the accelerator's model (``cuda:0 NVIDIA H200``).
+    device: str = "cpu"
+    #: The accelerator's allocation high-water mark (torch.cuda.max_memory_allocated); 0 on the CPU.
+    peak_device_bytes: int = 0
     #: The schedule the run used: the recipe's numbers, or what ``auto`` chose (tunelab.train.auto_settings).
     lr: float = 0.0
     epochs: float = 0.0
@@ -208,7 +214,7 @@ def _run(
     unit = getattr(prepared.objective, "unit_name", "supervised")
     if result.stop_reason == "cancelled":
         say(f"\ncancelled at step {result.steps}; continue with: tunelab train --resume {run_dir}")
-        return _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit)
+        return _summary(recipe, run_dir, device, prepared.source, precision.name, summary_params, data, result, saved, unit)
     if result.stop_reason == "interrupted":
         say(f"\ninterrupted at step {result.steps}; continue with: tunelab train --resume {run_dir}")
         raise KeyboardInterrupt
@@ -218,7 +224,7 @@ def _run(
             saved = str(_save_final(prepared, model, run_dir, trainer.averaged_weights()))
     world.barrier()
     peaks = world.all_gather_object(peak_rss_bytes())
-    summary = _summary(recipe, run_dir, prepared.source, precision.name, summary_params, data, result, saved, unit, peaks)
+    summary = _summary(recipe, run_dir, device, prepared.source, precision.name, summary_params, data, result, saved, unit, peaks)
     if world.is_main:
         atomic.write_json(run_dir / "summary.json", summary.as_dict())
         from tunelab.report.plots import plot_training
@@ -288,7 +294,7 @@ def _data_line(report: dict[str, Any]) -> str:
     )
 
 
-def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str,
+def _summary(recipe: Recipe, run_dir: Path, device: torch.device, source: str, precision: str, params: Any, data: Any, result: TrainResult, saved: str,
              unit: str, peaks: list[int] | None = None) -> RunSummary:
     steady = max(1e-9, result.seconds - result.first_step_seconds)
     steady_tokens = result.tokens_seen * (1 - 1 / max(1, result.steps)) if result.steps > 1 else result.tokens_seen
@@ -298,7 +304,7 @@ def _summary(recipe: Recipe, run_dir: Path, source: str, precision: str, params:
         **trained, run_dir=str(run_dir), model=source, precision=precision, trainable_params=params.trainable,
         total_params=params.total, train_examples=len(data.train), validation_examples=len(data.validation),
         tokens_per_s=round(steady_tokens / steady, 1), peak_rss_bytes=peak_rss_bytes(), peak_rss_bytes_per_process=peaks or [peak_rss_bytes()],
-        cpu=cpu_model_name(),
+        cpu=cpu_model_name(), device=device_name(device), peak_device_bytes=peak_device_bytes(device),
         lr=float(recipe.train.lr), epochs=float(recipe.train.epochs), data=data.report.as_dict(), saved=saved, unit_name=unit,
     )
 
@@ -313,6 +319,7 @@ def format_summary(s: RunSummary) -> str:
         f"  tokens seen        {s.tokens_seen:,} ({s.supervised_units:,} {s.unit_name})",
         f"  peak memory        {s.peak_rss_bytes / 2**20:,.0f} MiB (process RSS, model load included)"
         + (f"; per process {' / '.join(f'{b / 2**20:,.0f}' for b in s.peak_rss_bytes_per_process)} MiB" if len(s.peak_rss_bytes_per_process) > 1 else ""),
+        *([f"  peak GPU memory    {s.peak_device_bytes / 2**20:,.0f} MiB on {s.device} (torch.cuda.max_memory_allocated)"] if s.peak_device_bytes else []),
         f"  optimizer state    {s.optimizer_state_bytes / 2**20:,.1f} MiB ({s.optimizer_state_bytes / max(1, s.trainable_params):.2f} bytes per trainable parameter)",
         f"  final train loss   {s.final_train_loss:.4f}" if s.final_train_loss is not None else "  final train loss   -",
     ]

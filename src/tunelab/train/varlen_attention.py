@@ -265,7 +265,7 @@ def segment_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     whose positions restart at 0 for each example (a shared-prefix layout carries its own)."""
     restarts = position_ids[0] == 0
     starts = torch.nonzero(restarts).flatten()
-    total = torch.tensor([position_ids.shape[1]], dtype=starts.dtype)
+    total = torch.tensor([position_ids.shape[1]], dtype=starts.dtype, device=starts.device)
     return torch.cat([starts, total]).to(torch.int32)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers.modeling_utils
 
 from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
 from tunelab.train.distributed import unwrap as unwrap_ddp
@@ -54,6 +55,22 @@ class SupervisedForward:
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
+
+
+#: Whether this transformers slices the hidden states by a ``[batch, seq]`` boolean mask before the
+#: head (``slice_logits_to_keep``, 5.2x). Earlier 5.x releases index every row by one list of
+#: positions; there the union of the rows' positions is kept and the mask applied to the logits.
+MASK_SLICING = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+
+
+def _sliced_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, **kwargs: object) -> tuple[object, torch.Tensor]:
+    """``model``'s output and its logits at the ``True`` positions of ``keep`` (``[N, vocab]``, row-major)."""
+    if MASK_SLICING:
+        out = model(**inputs, logits_to_keep=keep, **kwargs)
+        return out, out.logits.reshape(-1, out.logits.shape[-1])
+    positions = keep.any(0).nonzero().flatten()
+    out = model(**inputs, logits_to_keep=positions, **kwargs)
+    return out, out.logits[keep[:, positions]]
 
 
 #: Config fields with which a causal LM transforms its logits after the head (Gemma's soft-capping,
@@ -155,8 +172,7 @@ class CausalLMObjective:
             if self.sliced_logits:
                 keep = torch.zeros_like(labels, dtype=torch.bool)
                 keep[:, :-1] = supervised_next
-                out = model(**inputs, logits_to_keep=keep, use_cache=False, output_hidden_states=hidden_states)
-                logits = out.logits.reshape(-1, out.logits.shape[-1])
+                out, logits = _sliced_forward(model, inputs, keep, use_cache=False, output_hidden_states=hidden_states)
             else:
                 out = model(**inputs, use_cache=False, output_hidden_states=hidden_states)
                 full = out.logits[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning
@@ -181,7 +197,8 @@ class CausalLMObjective:
         handle = decoder.register_forward_hook(lambda _module, _args, out: captured.append(out.last_hidden_state))
         try:
             with self.attention_scope(model, batch):
-                model(**self._model_inputs(batch), logits_to_keep=torch.zeros_like(labels, dtype=torch.bool), use_cache=False)
+                no_position = torch.zeros(0, dtype=torch.long, device=labels.device)  # a list of positions: every transformers 5.x takes it
+                model(**self._model_inputs(batch), logits_to_keep=no_position, use_cache=False)
         finally:
             handle.remove()
         return captured[0][:, :-1][supervised_next], labels[:, 1:][supervised_next], supervised_next

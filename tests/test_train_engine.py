@@ -128,7 +128,7 @@ def test_early_stopping_stops(tmp_path):
 def test_metrics_jsonl_and_loss_curve(tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl")
     train(tmp_path, LORA_RUN.format(data=data), "train.max_steps=6")
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(r["tokens_per_s"] > 0 for r in records if r["type"] == "train")
     assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"

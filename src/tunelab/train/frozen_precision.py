@@ -4,11 +4,15 @@ Under bf16 autocast every matmul reads its weight in bf16 anyway, but a frozen f
 in autocast's cast cache (it caches only leaves that require grad), so it is converted again on
 every forward, and the activations between layers stay fp32, so each adapted linear layer casts
 its input again for the base weight and for each adapter. Holding the frozen weights in bf16
-removes those conversions, halves the elementwise traffic of the residual stream, norms, RoPE and
-MLP gates, and halves the frozen weights' memory. Matmul numerics are unchanged (the same bf16
-operands); what changes is that the residual stream is rounded to bf16 between layers, which the
-benchmark's loss-parity check covers. Trainable weights (adapters, heads, unfrozen blocks) stay
-fp32, so the optimizer updates full-precision masters.
+removes those conversions and halves the frozen weights' memory. Matmul numerics are unchanged
+(the same bf16 operands). Trainable weights (adapters, heads, unfrozen blocks) stay fp32, so the
+optimizer updates full-precision masters.
+
+The residual stream stays fp32, as under plain autocast: the bf16 embedding table's output is
+widened on the way out. Left in bf16 (the embedding's dtype), the stream was rounded after every
+layer's residual add, and the loss came out biased: over 40 batches of the benchmark's short
+workload at the initial weights, -0.88% against fp32 (sd 0.53%), where the Trainer's autocast
+gives +0.19% (sd 0.40%) and the fp32 stream +0.09% (sd 0.38%) (bench/README.md, "Session 26").
 
 With the activations in bf16, peft's habit of casting an adapter's input to the adapter's weight
 dtype becomes pure waste: it copies each bf16 activation to fp32, and autocast copies it straight
@@ -36,10 +40,16 @@ class FrozenCast:
 
     dtypes: dict[torch.nn.Parameter, torch.dtype] = field(default_factory=dict)
     adapter_layers: list[torch.nn.Module] = field(default_factory=list)
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+
+
+def _widen_output(_module: torch.nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
+    return output.float() if output.is_floating_point() else output
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> FrozenCast:
-    """Convert every frozen floating-point parameter to ``dtype`` and stop peft's adapter-input casts."""
+    """Convert every frozen floating-point parameter to ``dtype``, stop peft's adapter-input casts, and
+    keep the residual stream fp32 (the input embedding's output widened)."""
     changed = FrozenCast()
     for param in model.parameters():
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
@@ -49,7 +59,19 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> FrozenCast:
         if hasattr(module, "_cast_input_dtype") and getattr(module, "cast_input_dtype_enabled", True):
             module.cast_input_dtype_enabled = False
             changed.adapter_layers.append(module)
+    embedding = _input_embedding(model)
+    if embedding is not None and embedding.weight in changed.dtypes:
+        changed.hooks.append(embedding.register_forward_hook(_widen_output))
     return changed
+
+
+def _input_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if get is not None else None
+    except NotImplementedError:
+        return None
+    return embedding if isinstance(embedding, torch.nn.Embedding) else None
 
 
 def restore(changed: FrozenCast) -> None:
@@ -64,3 +86,5 @@ def restore(changed: FrozenCast) -> None:
         param.data = param.data.to(dtype)
     for module in changed.adapter_layers:
         module.cast_input_dtype_enabled = True
+    for hook in changed.hooks:
+        hook.remove()

@@ -173,3 +173,23 @@ def test_after_training_a_classification_head_is_scored_without_a_base_row(tmp_p
     report = json.loads(eval_after_training(load_recipe(recipe_file), run_dir).read_text())
     assert [s["system"] for s in report["systems"]] == [str(run_dir)]
     assert report["systems"][0]["scores"]["accuracy"] in {i / 8 for i in range(9)}
+
+
+def test_a_source_checkout_without_package_metadata_still_gets_its_report(tmp_path, monkeypatch):
+    """Run from ``src/`` on a PYTHONPATH (as on the GPU machine), tunelab has no installed version:
+    the report says so instead of failing after the evaluation is done."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tunelab.evaluate import report
+
+    def no_tunelab(name):
+        if name == "tunelab":
+            raise PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(report, "version", no_tunelab)
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"text": "A short line of held-out text."}])
+    out = tmp_path / "ppl"
+    assert run("--model", "tiny-llama", "--data", data, "--task", "perplexity", "--out", str(out)).exit_code == 0
+    versions = read_report(out)[0]["versions"]
+    assert versions["tunelab"] == "not installed (run from source)" and versions["torch"] == version("torch")

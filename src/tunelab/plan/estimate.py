@@ -97,7 +97,7 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
 
     full = s.method == "full"
     frozen_cast = s.autocast and s.data_shards == 1 and not full
-    residual = s.compute_bytes if frozen_cast else 4
+    residual = 4  # fp32 even when the frozen weights are cast (the embedding's output is widened)
     rules = BlockRules(
         trainable=full, adapters=adapted_linears(arch, s), rank=s.adapter_rank, dropout=s.adapter_dropout,
         autocast=s.autocast, compute_bytes=s.compute_bytes, residual_bytes=residual,
@@ -119,7 +119,7 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
     final_norm = ((4 * arch.hidden + 4) if last_grad else 0) + (residual * arch.hidden if full else 0)
     embedding_ids = 8 * tokens if full else 0  # the token ids, for the embedding's gradient
     outside = final_norm * tokens + embedding_ids
-    head_weight_bytes = residual  # the head is stored like the embedding: fp32, or cast with the frozen weights
+    head_weight_bytes = s.compute_bytes if frozen_cast else 4  # the head is stored like the embedding: fp32, or cast with the frozen weights
     loss = loss_memory(
         arch, supervised=supervised, fused=s.uses_fused_loss, head_trains=full, hidden_requires_grad=last_grad or full,
         autocast=s.autocast, compute_bytes=s.compute_bytes, residual_bytes=residual, head_weight_bytes=head_weight_bytes,

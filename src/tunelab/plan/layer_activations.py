@@ -43,7 +43,7 @@ class BlockRules:
     dropout: float  # on the adapters' input
     autocast: bool
     compute_bytes: int  # bytes of a matmul operand under the run's precision
-    residual_bytes: int  # bytes of the residual stream (fp32, or bf16 when frozen weights are cast)
+    residual_bytes: int  # bytes of the residual stream (fp32: train/frozen_precision.py keeps it so)
     tensor_parallel: int = 1
     seq: int = 2048  # tokens per example (picks the attention kernel)
     #: The MLP runs as one function (``train/fused_mlp.py``: LoRA without dropout on its three

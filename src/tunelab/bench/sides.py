@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,16 @@ from tunelab.data import Example, collate_packed
 from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision
 from tunelab.train.objectives import accumulate
 from tunelab.train.objectives.causal_lm import CausalLMObjective
+
+
+class Probe(Protocol):
+    """Looks inside a side's training without changing it (``bench/bf16_grad_fidelity.py``)."""
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called once the adapters exist, before training starts."""
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Called after each step's backward, before clipping and the optimizer."""
 
 
 def heldout_loss(model: torch.nn.Module, examples: list[Example], precision: PrecisionChoice, batch_size: int, device: str) -> float:
@@ -111,7 +121,7 @@ def _setup(workload: Workload, workdir: Path) -> tuple[PrecisionChoice, Any, Wor
     return precision, loaded, build_workload_data(workload, loaded.tokenizer, workdir)
 
 
-def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
+def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None, probe: Probe | None = None) -> dict[str, Any]:
     """tunelab's engine with the levers ``workload`` leaves on."""
     from tunelab.data import collate_padded
     from tunelab.methods import apply_methods
@@ -125,6 +135,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     lora = LoraConfig(r=workload.lora_r, alpha=workload.lora_alpha, dropout=0.0, target_modules="all-linear")
     model = apply_methods(loaded.model, MethodConfig(lora=lora), model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
     model.to(workload.device)
+    if probe is not None:
+        probe.prepare(model)
     if workload.uses("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.gradient_checkpointing
     cfg = TrainConfig(
@@ -145,6 +157,10 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         def on_step_end(self, state) -> None:
             clock.tick()
 
+        def on_after_backward(self, state) -> None:
+            if probe is not None:
+                probe.after_backward(model)
+
     trainer = Trainer(
         model=model, objective=objective, train=data.train, validation=[], cfg=cfg, collate=collate, precision=precision,
         run_dir=workdir / "tunelab-run", seed=workload.seed, callbacks=[Clock()], show_progress=False, device=torch.device(workload.device),
@@ -159,7 +175,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, peaks, shared)
 
 
-def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None) -> dict[str, Any]:
+def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None, probe: Probe | None = None) -> dict[str, Any]:
     """The documented standard path: Trainer + peft LoRA + DataCollatorForSeq2Seq (padding, -100 labels)."""
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -168,6 +184,8 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
     precision, loaded, data = _setup(workload, workdir)
     lora = LoraConfig(r=workload.lora_r, lora_alpha=workload.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
+    if probe is not None:
+        probe.prepare(model)
     rows = [
         {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
         for e in data.ordered[: workload.steps * workload.batch_size]
@@ -188,6 +206,10 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
 
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping: a probe sets max_grad_norm out of reach
+            if probe is not None:
+                probe.after_backward(model)
 
     collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()])

@@ -1,6 +1,7 @@
 """The two trainers under test, each one function: workload in, measurements out.
 
-Both functions run inside their own worker process (``tunelab.bench.worker``). They report the
+Both functions run inside their own worker process (``tunelab.bench.worker``), or in the
+caller's when a ``Probe`` looks inside (``bench/bf16_grad_fidelity.py``). They report the
 same things measured the same way: per-step wall-clock ends, per-step training loss, held-out
 loss computed by one shared function, and the data's real/supervised token counts per step.
 The final training loss is the mean over the last quarter of the steps (one step's loss is one
@@ -207,7 +208,7 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
         def on_step_end(self, args, state, control, **kwargs):
             clock.tick()
 
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping: a probe sets max_grad_norm out of reach
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping: a probing workload sets max_grad_norm out of reach
             if probe is not None:
                 probe.after_backward(model)
 

@@ -1,6 +1,6 @@
 """Activation sparsity on SmolLM2-135M: decode speed of TEAL thresholds and ReLU-fication vs dense and int8.
 
-    .venv/bin/python bench/activation_sparsity.py --kernels                 # the one-row product alone (~2 min)
+    .venv/bin/python bench/activation_sparsity.py --kernels                 # one-row products and one-token MLPs alone (~3 min)
     .venv/bin/python bench/activation_sparsity.py RUN [RUN ...]             # whole models, decode interleaved
 
 ``--kernels``: one-row products at SmolLM2's shapes, the input at several densities, for dense fp32
@@ -35,7 +35,7 @@ from tunelab.compress.calibration import read_texts, token_chunks  # noqa: E402
 from tunelab.compress.int8_dynamic import DynamicInt8Linear  # noqa: E402
 from tunelab.compress.measure import interleaved_speed  # noqa: E402
 from tunelab.compress.sparse_kernels import sparse_decode_kernels  # noqa: E402
-from tunelab.compress.sparse_layers import SparseInputLinear  # noqa: E402
+from tunelab.compress.sparse_layers import SparseGatedMLP, SparseInputLinear  # noqa: E402
 from tunelab.compress.store import load_compressed  # noqa: E402
 from tunelab.hardware import cpu_model_name  # noqa: E402
 
@@ -77,7 +77,44 @@ def kernels(rounds: int) -> None:
             f"rounds (the kernels taking turns), {torch.get_num_threads()} thread(s). CPU: {cpu_model_name()}. x dense > 1 means "
             "faster than the dense fp32 product. gather: PyTorch's embedding_bag over the active rows; fused: tunelab's C++ kernel "
             "(threshold, gather and accumulate in one call, compress/sparse_kernels.py).")
-    _write("activation_sparsity_kernels", {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "rows": rows}, note, lines)
+    mlp_rows, mlp_lines = gated_mlp_kernels(rounds)
+    _write("activation_sparsity_kernels", {"cpu": cpu_model_name(), "threads": torch.get_num_threads(), "rows": rows, "gated_mlp": mlp_rows},
+           note + "\n\nThe whole ReLU-fied MLP for one token (576→1536→576: gate, up, down), gates set so the stated fraction of "
+           "channels is open; dense: three F.linear (or three dynamic-int8 layers); gated: SparseGatedMLP's kernel.", lines + [""] + mlp_lines)
+
+
+def gated_mlp_kernels(rounds: int) -> tuple[list[dict], list[str]]:
+    """Microseconds per one-token MLP, dense vs ``SparseGatedMLP`` (fp32 and int8 rows), at several open fractions."""
+    fused = sparse_decode_kernels()
+    hidden, intermediate = SHAPES["gate/up (576→1536)"]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, hidden, generator=generator)
+    rows, lines = [], ["| MLP channels open | dense fp32 µs | dynamic int8 µs | gated fp32 (x dense) | gated int8 (x dense) |", "|---:|---:|---:|---:|---:|"]
+    for open_fraction in (1.0, 0.5, 0.35, 0.2, 0.1):
+        mlps = []
+        for _ in range(COPIES):
+            mlp = torch.nn.Module()
+            mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(hidden, intermediate, bias=False) for _ in range(2))
+            mlp.down_proj = torch.nn.Linear(intermediate, hidden, bias=False)
+            with torch.no_grad():  # row c's sign makes channel c open (gate > 0) for the first open_fraction of channels
+                gate = mlp.gate_proj.weight @ x[0]
+                wanted = torch.where(torch.arange(intermediate) < open_fraction * intermediate, 1.0, -1.0)
+                mlp.gate_proj.weight.mul_((gate.sign() * wanted)[:, None])
+            mlps.append(mlp)
+        int8 = [[DynamicInt8Linear.from_linear(getattr(m, p)) for p in ("gate_proj", "up_proj", "down_proj")] for m in mlps]
+        gated = {w: [SparseGatedMLP.from_mlp(m, "relu", w) for m in mlps] for w in ("fp32", "int8")}
+        timings = _per_call({
+            "dense_fp32": lambda x, k: mlps[k].down_proj(F.relu(mlps[k].gate_proj(x)) * mlps[k].up_proj(x)),
+            "dynamic_int8": lambda x, k: int8[k][2](F.relu(int8[k][0](x)) * int8[k][1](x)),
+            "gated_fp32": lambda x, k: fused.relu_gated_mlp(x[0], gated["fp32"][k].gate_weight, gated["fp32"][k].up_weight, gated["fp32"][k].down_weight_t, False),
+            "gated_int8": lambda x, k: fused.relu_gated_mlp_u8(x[0], gated["int8"][k].gate_rows, gated["int8"][k].up_rows, gated["int8"][k].down_rows_t, False),
+        }, x, rounds)
+        rows.append({"open": open_fraction, **timings})
+        dense = timings["dense_fp32"]
+        lines.append(f"| {open_fraction:.0%} | {dense:.0f} | {timings['dynamic_int8']:.0f} | "
+                     + " | ".join(f"{timings[k]:.0f} ({dense / timings[k]:.2f}x)" for k in ("gated_fp32", "gated_int8")) + " |")
+        print(lines[-1], flush=True)
+    return rows, lines
 
 
 @torch.no_grad()

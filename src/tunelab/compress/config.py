@@ -94,19 +94,19 @@ class SparsifyStep(Section):
     sparsify: Literal["activations", "gated-mlp"] = Field(
         description="activations: inputs of the target linears below a per-layer magnitude threshold count as zero (TEAL); "
         "batch-1 decoding reads only the weight rows of the rest. gated-mlp: a ReLU-fied model's MLPs compute only the "
-        "channels their gate opens (exact; no other option applies)."
+        "channels their gate opens (exact; of the options, only weights applies)."
     )
     sparsity: float = Field(
         0.5, ge=0, lt=1, description="Fraction of each layer's inputs (the smallest, on compress.calibration text) skipped; "
         "0: exact zeros only (a ReLU-fied model's MLP, see method.activation), the same function."
     )
-    weights: Literal["fp32", "int8"] = Field("fp32", description="int8: the weight rows in 8 bits (a scale and offset per input feature).")
+    weights: Literal["fp32", "int8"] = Field("fp32", description="int8: the weight rows in 8 bits (a scale and offset per input feature; per channel for gated-mlp).")
     targets: list[str] = Field(default_factory=list, description="Regexes of linear layer names; empty: every linear except the output head.")
 
 
     @model_validator(mode="after")
     def _gated_mlp_takes_no_options(self) -> SparsifyStep:
-        used = [name for name in ("sparsity", "weights", "targets") if name in self.model_fields_set]
+        used = [name for name in ("sparsity", "targets") if name in self.model_fields_set]
         if self.sparsify == "gated-mlp" and used:
             raise ValueError(f"option(s) {', '.join(used)} do not apply to sparsify: gated-mlp (it skips exactly the channels a ReLU gate closes)")
         return self

@@ -72,9 +72,10 @@ def sparsify_activations(
     return report
 
 
-def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None) -> dict[str, Any]:
-    """Replace every gated MLP of a ReLU-fied model by :class:`SparseGatedMLP` (the same function);
-    with ``chunks``, report the fraction of intermediate channels that are zero on that text."""
+def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None, weights: WeightFormat = "fp32") -> dict[str, Any]:
+    """Replace every gated MLP of a ReLU-fied model by :class:`SparseGatedMLP` (the same function,
+    up to int8 rounding with ``weights="int8"``); with ``chunks``, report the fraction of
+    intermediate channels that are zero on that text."""
     act, mlps = mlp_activation(model), gated_mlps(model)
     if act not in RELU_FAMILY or not mlps:
         raise UserError(f"sparsify: gated-mlp needs a ReLU-fied gated MLP; this model's MLP activation is {act or 'not a gated MLP'}",
@@ -82,12 +83,12 @@ def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None) ->
     if any(m.gate_proj.bias is not None or m.up_proj.bias is not None or m.down_proj.bias is not None for m in mlps.values()):
         raise UserError("sparsify: gated-mlp supports MLPs without biases (Llama-style)", where="compress.variants",
                         hint="use sparsify: activations with sparsity: 0 and targets: [down_proj]")
-    report: dict[str, Any] = {"sparsified_mlps": len(mlps)}
+    report: dict[str, Any] = {"sparsified_mlps": len(mlps), "weights": weights}
     if chunks is not None:
         _, zeros = input_magnitude_quantiles(model, {name: m.down_proj for name, m in mlps.items()}, chunks, 0.0)
         report["activation_sparsity"] = sum(zeros.values()) / len(zeros)
     for name, mlp in mlps.items():
-        set_module(model, name, SparseGatedMLP.from_mlp(mlp, act))
+        set_module(model, name, SparseGatedMLP.from_mlp(mlp, act, weights))
     return report
 
 

@@ -7,7 +7,8 @@ per-sample weights, reads only the active rows but pays per row and parallelises
 a Python dispatch, ~210 per SmolLM2 token). Here one call thresholds the input, collects the
 active features and accumulates ``Σⱼ xⱼ·Wᵀ[j]`` four rows at a time into an output block that
 stays in L1, with the output columns split over PyTorch's threads (``at::parallel_for``). The ReLU-fied MLP is one call too:
-the gate densely, the ``up`` dot products of the open channels, and the ``downᵀ`` rows they weight.
+the gate densely, the ``up`` dot products of the open channels, and the ``downᵀ`` rows they weight
+(in fp32, or all three in the int8 row format below).
 
 The int8 path reads fbgemm's row-wise format (``embedding_bag_byte_prepack``: ``out`` codes, then
 a float scale and offset per row), so layers saved before the kernel existed load unchanged.
@@ -154,6 +155,46 @@ float row_coefficients(const uint8_t* rows, int64_t stride, int64_t width, const
   return constant;
 }
 
+// Σ_k code[k]·x[k] over one row of uint8 codes: the dot product behind a row-wise int8 row's
+// s·(q·x) + o·Σx. Four accumulators, so the FMA latency is hidden at SmolLM2's 576 columns.
+float dot_u8(const uint8_t* __restrict__ codes, const float* __restrict__ x, int64_t n) {
+  int64_t k = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  auto widen = [&](int64_t at) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + at)))); };
+  for (; k + 64 <= n; k += 64) {
+    a0 = _mm512_fmadd_ps(widen(k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(widen(k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(widen(k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(widen(k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(widen(k), _mm512_loadu_ps(x + k), a0);
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  auto widen = [&](int64_t at) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + at)))); };
+  for (; k + 16 <= n; k += 16) {
+    a0 = _mm256_fmadd_ps(widen(k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(widen(k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  const __m256 both = _mm256_add_ps(a0, a1);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, both);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; k < n; ++k) sum += float(codes[k]) * x[k];
+  return sum;
+}
+
+// One row-wise int8 row (``width`` codes, then its float scale and offset) times x, given Σx.
+float row_dot_u8(const uint8_t* row, int64_t width, const float* x, float x_sum) {
+  float scale, offset;
+  std::memcpy(&scale, row + width, sizeof(float));
+  std::memcpy(&offset, row + width + sizeof(float), sizeof(float));
+  return scale * dot_u8(row, x, width) + offset * x_sum;
+}
+
 void check_row(const torch::Tensor& x, int64_t features) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(0) == features,
               "expected one contiguous float32 row of ", features, " features");
@@ -228,9 +269,47 @@ torch::Tensor relu_gated_mlp(const torch::Tensor& x, const torch::Tensor& gate_w
   });
   return out;
 }
+
+// The same MLP with every weight in fbgemm's row-wise uint8 format, [intermediate, hidden + 8]:
+// the gate's rows are dotted with x one channel at a time (all of them), then the open channels'
+// rows of up and of downᵀ, so a closed channel costs a quarter of its fp32 bytes for the gate only.
+torch::Tensor relu_gated_mlp_u8(const torch::Tensor& x, const torch::Tensor& gate_rows, const torch::Tensor& up_rows,
+                                const torch::Tensor& down_rows_t, bool squared) {
+  const int64_t intermediate = gate_rows.size(0), stride = gate_rows.size(1), hidden = stride - 8;
+  check_row(x, hidden);
+  for (const auto* w : {&gate_rows, &up_rows, &down_rows_t})
+    TORCH_CHECK(w->scalar_type() == torch::kByte && w->is_contiguous() && w->size(0) == intermediate && w->size(1) == stride,
+                "MLP weight rows: contiguous uint8 [intermediate, hidden + 8]");
+  const float* xs = x.data_ptr<float>();
+  float x_sum = 0.f;
+  for (int64_t k = 0; k < hidden; ++k) x_sum += xs[k];
+  std::vector<float> gate(intermediate);
+  const uint8_t* gates = gate_rows.data_ptr<uint8_t>();
+  at::parallel_for(0, intermediate, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) gate[c] = row_dot_u8(gates + c * stride, hidden, xs, x_sum);
+  });
+  Active open = collect(gate.data(), intermediate, 0.f, true);  // relu: open where gate > 0
+  const int64_t count = static_cast<int64_t>(open.index.size());
+  const uint8_t* up = up_rows.data_ptr<uint8_t>();
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) {
+      const float g = open.value[a];
+      open.value[a] = (squared ? g * g : g) * row_dot_u8(up + open.index[a] * stride, hidden, xs, x_sum);
+    }
+  });
+  const uint8_t* down = down_rows_t.data_ptr<uint8_t>();
+  std::vector<float> coef;
+  const float constant = row_coefficients(down, stride, hidden, open, coef);
+  auto out = torch::empty({hidden}, x.options());
+  float* result = out.data_ptr<float>();
+  at::parallel_for(0, hidden, kGrain, [&](int64_t begin, int64_t end) {
+    accumulate_u8(down, stride, open.index.data(), coef.data(), constant, count, result, begin, end);
+  });
+  return out;
+}
 """
 
-_FUNCTIONS = ["sparse_input_f32", "sparse_input_u8", "relu_gated_mlp"]
+_FUNCTIONS = ["sparse_input_f32", "sparse_input_u8", "relu_gated_mlp", "relu_gated_mlp_u8"]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 

@@ -120,24 +120,40 @@ RELU_FAMILY = ("relu", "relu2")
 
 class SparseGatedMLP(nn.Module):
     """``down(act(gate(x)) · up(x))`` for ``act`` in the ReLU family, computing for one token only the
-    channels whose gate is positive: the gate densely, then those rows of ``up`` and ``downᵀ``."""
+    channels whose gate is positive: the gate densely, then those rows of ``up`` and ``downᵀ``.
+    ``weights="int8"`` keeps all three in fbgemm's row-wise 8-bit format (a float scale and offset
+    per channel's row), a quarter of the bytes each token reads."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str = "relu"):
+    #: The buffers of each weight format, all [intermediate, hidden(+8)]: a channel's row is contiguous.
+    _BUFFERS = {"fp32": {"gate": "gate_weight", "up": "up_weight", "down_t": "down_weight_t"},
+                "int8": {"gate": "gate_rows", "up": "up_rows", "down_t": "down_rows_t"}}
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "relu", weights: WeightFormat = "fp32"):
         super().__init__()
         if act not in RELU_FAMILY:
             raise ValueError(f"SparseGatedMLP needs an activation that is zero for non-positive inputs, not {act!r}")
-        self.hidden, self.intermediate, self.act = hidden, intermediate, act
-        for name in ("gate_weight", "up_weight", "down_weight_t"):  # all [intermediate, hidden]: a channel's row is contiguous
-            self.register_buffer(name, torch.zeros(intermediate, hidden))
+        self.hidden, self.intermediate, self.act, self.weights = hidden, intermediate, act, weights
+        for buffer in self._BUFFERS[weights].values():
+            if weights == "int8":  # [intermediate, hidden + 8]: codes, then a float scale and offset per row
+                self.register_buffer(buffer, torch.zeros(intermediate, hidden + 8, dtype=torch.uint8))
+            else:
+                self.register_buffer(buffer, torch.zeros(intermediate, hidden))
         self._offsets = torch.zeros(1, dtype=torch.long)
 
     @classmethod
-    def from_mlp(cls, mlp: nn.Module, act: str) -> SparseGatedMLP:
-        layer = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features, act)
-        layer.gate_weight = mlp.gate_proj.weight.detach().float().clone()
-        layer.up_weight = mlp.up_proj.weight.detach().float().clone()
-        layer.down_weight_t = mlp.down_proj.weight.detach().float().t().contiguous()
+    def from_mlp(cls, mlp: nn.Module, act: str, weights: WeightFormat = "fp32") -> SparseGatedMLP:
+        layer = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features, act, weights)
+        rows = {"gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down_t": mlp.down_proj.weight.t()}
+        for name, weight in rows.items():
+            weight = weight.detach().float().contiguous()
+            packed = torch.ops.quantized.embedding_bag_byte_prepack(weight) if weights == "int8" else weight.clone()
+            setattr(layer, cls._BUFFERS[weights][name], packed)
         return layer
+
+    def channel_rows(self, name: str) -> torch.Tensor:
+        """``gate``, ``up`` or ``down_t`` as floats ``[intermediate, hidden]`` (int8 rows dequantized)."""
+        stored = getattr(self, self._BUFFERS[self.weights][name])
+        return torch.ops.quantized.embedding_bag_byte_unpack(stored) if self.weights == "int8" else stored
 
     def _activate(self, gate: torch.Tensor) -> torch.Tensor:
         gate = torch.relu(gate)
@@ -148,26 +164,34 @@ class SparseGatedMLP(nn.Module):
         if rows.shape[0] == 1:
             out = self._decode_row(rows[0]).unsqueeze(0)
         else:
-            out = (self._activate(rows @ self.gate_weight.t()) * (rows @ self.up_weight.t())) @ self.down_weight_t
+            gate, up, down_t = (self.channel_rows(name) for name in ("gate", "up", "down_t"))
+            out = (self._activate(rows @ gate.t()) * (rows @ up.t())) @ down_t
         return out.view(*x.shape[:-1], self.hidden).to(x.dtype)
 
     def _decode_row(self, row: torch.Tensor) -> torch.Tensor:
         """One token: the fused kernel, or PyTorch's gather where it could not be built."""
         kernels = sparse_decode_kernels()
+        squared = self.act == "relu2"
+        if kernels is not None and self.weights == "int8":
+            return kernels.relu_gated_mlp_u8(row, self.gate_rows, self.up_rows, self.down_rows_t, squared)
         if kernels is not None:
-            return kernels.relu_gated_mlp(row, self.gate_weight, self.up_weight, self.down_weight_t, self.act == "relu2")
-        gate = self.gate_weight @ row
+            return kernels.relu_gated_mlp(row, self.gate_weight, self.up_weight, self.down_weight_t, squared)
+        gate = self.channel_rows("gate") @ row
         active = (gate > 0).nonzero().squeeze(1)
-        up = F.embedding(active, self.up_weight) @ row
+        up = F.embedding(active, self.channel_rows("up")) @ row
         values = self._activate(gate.index_select(0, active)) * up
+        if self.weights == "int8":
+            return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                self.down_rows_t, active, self._offsets, False, 0, False, values, None, False
+            )[0]
         return F.embedding_bag(active, self.down_weight_t, self._offsets, mode="sum", per_sample_weights=values)[0]
 
     def linear_weights(self) -> list[torch.Tensor]:
         """The three projections' weights as ``nn.Linear`` holds them (for parameter counts)."""
-        return [self.gate_weight, self.up_weight, self.down_weight_t.t()]
+        return [self.channel_rows("gate"), self.channel_rows("up"), self.channel_rows("down_t").t()]
 
     def describe(self) -> dict[str, Any]:
-        return {"format": "sparse-gated-mlp", "hidden": self.hidden, "intermediate": self.intermediate, "act": self.act}
+        return {"format": "sparse-gated-mlp", "hidden": self.hidden, "intermediate": self.intermediate, "act": self.act, "weights": self.weights}
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, intermediate={self.intermediate}, act={self.act}"
+        return f"hidden={self.hidden}, intermediate={self.intermediate}, act={self.act}, weights={self.weights}"

@@ -27,7 +27,7 @@ def apply_steps(
             model, report = quantize(model, step.quantize, group_size=step.group_size, bits=step.bits, activations=step.activations,
                                      smooth=step.smooth, targets=step.targets, keep=step.keep, keep_sensitive=step.keep_sensitive, chunks=chunks)
         elif isinstance(step, SparsifyStep) and step.sparsify == "gated-mlp":
-            report = sparsify_gated_mlps(model, chunks)
+            report = sparsify_gated_mlps(model, chunks, weights=step.weights)
         elif isinstance(step, SparsifyStep):
             report = sparsify_activations(model, step.sparsity, weights=step.weights, targets=step.targets, chunks=chunks)
         elif step.prune in STRUCTURED:

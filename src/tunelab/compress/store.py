@@ -119,7 +119,7 @@ def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
     if layer["format"] == "dynamic-int8" and layer.get("activations", "per-tensor") == "per-tensor":  # torch.ao (older manifests say nothing)
         return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
     if layer["format"] == "sparse-gated-mlp":
-        return SparseGatedMLP(layer["hidden"], layer["intermediate"], layer["act"])
+        return SparseGatedMLP(layer["hidden"], layer["intermediate"], layer["act"], layer.get("weights", "fp32"))
     if layer["format"] == "sparse-input":
         return SparseInputLinear(layer["in_features"], layer["out_features"], bias=layer["bias"], weights=layer["weights"])
     if layer["format"] == "dynamic-int8":

@@ -10,6 +10,12 @@ offered: it would leave a model plain ``transformers`` cannot rebuild from its c
 
 The activation is written to the config (``hidden_act``), so the trained model saves, reloads and
 exports as an ordinary model of its architecture; an adapter run re-applies it to the base on load.
+
+A sudden swap is a large shock (SmolLM2's perplexity goes from ~10 to ~16,000), which the recovery
+must undo first. ``anneal`` makes it gradual instead: the MLPs compute ``x·sigmoid(βx)``, which is
+SiLU at β = 1 and tends to ReLU as β grows, and β rises geometrically from 1 to ``anneal_beta``
+over that fraction of the run's optimizer steps (``ReLUAnnealing``, a callback); from then on
+the MLPs compute ReLU exactly. At step 0 the model is the one it started from.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.activations import ACT2FN
 
 from tunelab.config_base import Section
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
+from tunelab.train.callbacks import Callback, TrainState, register_callback
 
 
 class ActivationConfig(Section):
@@ -32,6 +40,31 @@ class ActivationConfig(Section):
     mlp: Literal["relu", "relu2"] = Field(
         "relu", description="relu: max(0, x); relu2: its square (Primer). Both make exact zeros wherever the gate is negative."
     )
+    anneal: float = Field(
+        0.0, ge=0, le=1, description="Fraction of the run's optimizer steps over which SiLU turns into ReLU (x·sigmoid(βx), "
+        "β rising from 1 to anneal_beta); 0 swaps at once. relu only.",
+    )
+    anneal_beta: float = Field(64.0, gt=1, description="β at the end of the anneal, where the MLPs switch to exact ReLU (x·sigmoid(64x) is within 0.005 of it).")
+
+    @model_validator(mode="after")
+    def _anneal_to_relu(self) -> ActivationConfig:
+        if self.anneal and self.mlp != "relu":
+            raise ValueError(f"anneal turns SiLU into relu; it has no path to {self.mlp} (use mlp: relu, or anneal: 0)")
+        return self
+
+
+class AnnealedReLU(nn.Module):
+    """``x·sigmoid(βx)``: SiLU at β = 1, ReLU in the limit, which ``beta = inf`` computes exactly."""
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if self.beta == float("inf") else x * torch.sigmoid(self.beta * x)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}"
 
 
 def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
@@ -49,8 +82,9 @@ def _text_config(model: nn.Module):  # noqa: ANN202 (a transformers PretrainedCo
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def replace_mlp_activation(model: nn.Module, name: str) -> nn.Module:
-    """Put ``ACT2FN[name]`` in every gated MLP and record it in the config's ``hidden_act``."""
+def replace_mlp_activation(model: nn.Module, name: str, annealed: bool = False) -> nn.Module:
+    """Put ``ACT2FN[name]`` (an ``AnnealedReLU`` at β = 1 when ``annealed``) in every gated MLP and
+    record ``name`` in the config's ``hidden_act``: what the model computes once trained."""
     mlps = gated_mlps(model)
     if mlp_activation(model) is None or not mlps:
         kind = getattr(model.config, "model_type", "this")
@@ -58,7 +92,7 @@ def replace_mlp_activation(model: nn.Module, name: str) -> nn.Module:
                         where="method.activation", hint="remove method.activation from the recipe")
     _text_config(model).hidden_act = name
     for module in mlps.values():
-        module.act_fn = ACT2FN[name]
+        module.act_fn = AnnealedReLU() if annealed else ACT2FN[name]
     return model
 
 
@@ -69,7 +103,38 @@ class ActivationMethod(Method):
     order = 8  # before adapters wrap the model
 
     def apply(self, model: nn.Module, cfg: ActivationConfig, ctx: MethodContext) -> nn.Module:
-        return replace_mlp_activation(model, cfg.mlp)
+        return replace_mlp_activation(model, cfg.mlp, annealed=cfg.anneal > 0)
 
     def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:
         return replace_mlp_activation(model, cfg["mlp"] if isinstance(cfg, dict) else cfg.mlp)
+
+
+class ReLUAnnealing(Callback):
+    """Sets β of every ``AnnealedReLU`` before each optimizer step: ``anneal_beta ** (step / span)``
+    over the first ``span`` steps, then exact ReLU. A function of the step alone, so a resumed run
+    continues on the same schedule."""
+
+    def __init__(self, fraction: float, final_beta: float):
+        self.fraction, self.final_beta = fraction, final_beta
+
+    def beta(self, step: int, total: int) -> float:
+        span = max(1, round(self.fraction * total))
+        return float("inf") if step >= span else self.final_beta ** (step / span)
+
+    def on_step_start(self, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> None:
+        self._set(state.model, self.beta(state.step, state.max_steps))
+
+    def on_train_end(self, state: TrainState) -> None:
+        self._set(state.model, float("inf"))  # what the config's hidden_act says the model computes
+
+    @staticmethod
+    def _set(model: nn.Module, beta: float) -> None:
+        for module in model.modules():
+            if isinstance(module, AnnealedReLU):
+                module.beta = beta
+
+
+@register_callback("relu_annealing")
+def _relu_annealing(recipe: Any, cfg: object) -> Callback | None:
+    chosen = getattr(recipe.method, "activation", None)
+    return ReLUAnnealing(chosen.anneal, chosen.anneal_beta) if chosen is not None and chosen.anneal > 0 else None

@@ -275,6 +275,7 @@ def test_annealing_starts_at_the_silu_model_and_ends_at_exact_relu(tmp_path, mon
     betas = [ReLUAnnealing(0.5, 64.0).beta(step, 20) for step in range(20)]
     assert betas[0] == 1.0 and all(a < b for a, b in zip(betas[:9], betas[1:10], strict=True)) and betas[9] < 64.0
     assert betas[10:] == [float("inf")] * 10
+    assert ReLUAnnealing(1.0, 64.0).beta(19, 20) == float("inf") > ReLUAnnealing(1.0, 64.0).beta(18, 20)  # the last step is exact ReLU
 
     seen: list[float] = []
     step_start = ReLUAnnealing.on_step_start
@@ -308,8 +309,15 @@ def test_annealing_starts_at_the_silu_model_and_ends_at_exact_relu(tmp_path, mon
     assert abs(swapped.eval_before["eval_loss"] - silu.eval_before["eval_loss"]) > 1e-3  # a sudden swap jumps
 
 
-def test_annealing_is_for_relu_only():
+def test_annealing_is_for_relu_from_silu_only(tmp_path):
     from tunelab.methods.activation import ActivationConfig
 
     with pytest.raises(ValueError, match="no path to relu2"):
         ActivationConfig(mlp="relu2", anneal=0.5)
+    data = write_chat_data(tmp_path / "d.jsonl")
+    (tmp_path / "relu").mkdir()
+    train(tmp_path / "relu", f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{activation: {{mlp: relu}}}}\n"
+          "train: {max_steps: 1, batch_size: 8, precision: fp32}\n")
+    with pytest.raises(UserError, match="anneal starts from SiLU"):  # a model that is ReLU already
+        train(tmp_path, f"model: {{name: {tmp_path / 'relu' / 'run'}}}\ndata: {{train: {data}}}\n"
+              "method: {activation: {mlp: relu, anneal: 0.5}}\ntrain: {max_steps: 1}\n")

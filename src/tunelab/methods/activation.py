@@ -15,7 +15,8 @@ A sudden swap is a large shock (SmolLM2's perplexity goes from ~10 to ~16,000), 
 must undo first. ``anneal`` makes it gradual instead: the MLPs compute ``x·sigmoid(βx)``, which is
 SiLU at β = 1 and tends to ReLU as β grows, and β rises geometrically from 1 to ``anneal_beta``
 over that fraction of the run's optimizer steps (``ReLUAnnealing``, a callback); from then on
-the MLPs compute ReLU exactly. At step 0 the model is the one it started from.
+the MLPs compute ReLU exactly (the last step at least, so the run ends on the function it saves).
+At step 0 the model is the one it started from, which is why the anneal needs a SiLU model.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class ActivationMethod(Method):
     order = 8  # before adapters wrap the model
 
     def apply(self, model: nn.Module, cfg: ActivationConfig, ctx: MethodContext) -> nn.Module:
+        current = mlp_activation(model)
+        if cfg.anneal and current not in ("silu", "swish"):
+            raise UserError(f"anneal starts from SiLU (x·sigmoid(x)); this model's MLP activation is {current}",
+                            where="method.activation.anneal", hint="set anneal: 0 to swap the activation at once")
         return replace_mlp_activation(model, cfg.mlp, annealed=cfg.anneal > 0)
 
     def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:
@@ -118,7 +123,7 @@ class ReLUAnnealing(Callback):
         self.fraction, self.final_beta = fraction, final_beta
 
     def beta(self, step: int, total: int) -> float:
-        span = max(1, round(self.fraction * total))
+        span = max(1, min(round(self.fraction * total), total - 1))  # the last step always trains the exact ReLU it saves
         return float("inf") if step >= span else self.final_beta ** (step / span)
 
     def on_step_start(self, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> None:

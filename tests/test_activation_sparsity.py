@@ -265,8 +265,9 @@ def test_gated_mlp_sparsity_needs_a_relufied_model():
 
 
 def test_annealing_starts_at_the_silu_model_and_ends_at_exact_relu(tmp_path, monkeypatch):
-    from tunelab.methods.activation import AnnealedReLU, ReLUAnnealing
+    from tunelab.methods.activation import AnnealedReLU
     from tunelab.models import load_run
+    from tunelab.train.relu_annealing import ReLUAnnealing
 
     x = torch.linspace(-6, 6, 97)
     torch.testing.assert_close(AnnealedReLU(1.0)(x), nn.functional.silu(x), rtol=0, atol=1e-6)

@@ -172,6 +172,12 @@ def _sparse_and_dense_ddp_gradients(rank: int, out: str) -> None:
         grads[sparse] = grad.coalesce().to_dense() if grad.is_sparse else grad
     if rank == 0:
         torch.save(grads, out)
+    # Drop DDP's reducer while the default group still holds the process group, then let gloo's
+    # worker threads finish with the sparse all-reduce (its last reference, dropped on a worker,
+    # needs the GIL): otherwise the reducer's deallocation at return can destroy the group, whose
+    # destructor joins those workers while holding the GIL, and the process hangs (torch 2.13).
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -33,10 +33,11 @@ from tunelab.evaluate.config import EvalConfig
 from tunelab.methods import METHODS
 from tunelab.methods.config import MethodConfig, TaskConfig
 from tunelab.models.config import ModelConfig
-from tunelab.train import (  # noqa: F401  (register the samplers, NEFTune, SWA and EMA)
+from tunelab.train import (  # noqa: F401  (register the samplers, NEFTune, SWA, EMA and ReLU annealing)
     curriculum,
     importance,
     neftune,
+    relu_annealing,
     task_mix,
     weight_average,
 )

@@ -14,7 +14,7 @@ exports as an ordinary model of its architecture; an adapter run re-applies it t
 A sudden swap is a large shock (SmolLM2's perplexity goes from ~10 to ~16,000), which the recovery
 must undo first. ``anneal`` makes it gradual instead: the MLPs compute ``x·sigmoid(βx)``, which is
 SiLU at β = 1 and tends to ReLU as β grows, and β rises geometrically from 1 to ``anneal_beta``
-over that fraction of the run's optimizer steps (``ReLUAnnealing``, a callback); from then on
+over that fraction of the run's optimizer steps (``train.relu_annealing``, a callback); from then on
 the MLPs compute ReLU exactly (the last step at least, so the run ends on the function it saves).
 At step 0 the model is the one it started from, which is why the anneal needs a SiLU model.
 """
@@ -32,7 +32,6 @@ from transformers.activations import ACT2FN
 from tunelab.config_base import Section
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
-from tunelab.train.callbacks import Callback, TrainState, register_callback
 
 
 class ActivationConfig(Section):
@@ -113,33 +112,3 @@ class ActivationMethod(Method):
     def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:
         return replace_mlp_activation(model, cfg["mlp"] if isinstance(cfg, dict) else cfg.mlp)
 
-
-class ReLUAnnealing(Callback):
-    """Sets β of every ``AnnealedReLU`` before each optimizer step: ``anneal_beta ** (step / span)``
-    over the first ``span`` steps, then exact ReLU. A function of the step alone, so a resumed run
-    continues on the same schedule."""
-
-    def __init__(self, fraction: float, final_beta: float):
-        self.fraction, self.final_beta = fraction, final_beta
-
-    def beta(self, step: int, total: int) -> float:
-        span = max(1, min(round(self.fraction * total), total - 1))  # the last step always trains the exact ReLU it saves
-        return float("inf") if step >= span else self.final_beta ** (step / span)
-
-    def on_step_start(self, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> None:
-        self._set(state.model, self.beta(state.step, state.max_steps))
-
-    def on_train_end(self, state: TrainState) -> None:
-        self._set(state.model, float("inf"))  # what the config's hidden_act says the model computes
-
-    @staticmethod
-    def _set(model: nn.Module, beta: float) -> None:
-        for module in model.modules():
-            if isinstance(module, AnnealedReLU):
-                module.beta = beta
-
-
-@register_callback("relu_annealing")
-def _relu_annealing(recipe: Any, cfg: object) -> Callback | None:
-    chosen = getattr(recipe.method, "activation", None)
-    return ReLUAnnealing(chosen.anneal, chosen.anneal_beta) if chosen is not None and chosen.anneal > 0 else None

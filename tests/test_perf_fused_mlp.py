@@ -29,15 +29,16 @@ def adapted(dropout: float = 0.0, activation: str | None = None, seed: int = 1) 
     return model
 
 
+@pytest.mark.parametrize("input_needs_grad", [True, False])  # False: the first block's MLP, with attention frozen
 @pytest.mark.parametrize("kind", ["silu", "relu"])
-def test_the_hand_written_backward_is_the_gradient(kind):
+def test_the_hand_written_backward_is_the_gradient(kind, input_needs_grad):
     g = torch.Generator().manual_seed(0)
     hidden, inner, r = 6, 10, 3
 
     def t(*shape, grad=True):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
-    tensors = (t(2, 3, hidden), t(inner, hidden, grad=False), t(r, hidden), t(inner, r), t(inner, hidden, grad=False), t(r, hidden),
+    tensors = (t(2, 3, hidden, grad=input_needs_grad), t(inner, hidden, grad=False), t(r, hidden), t(inner, r), t(inner, hidden, grad=False), t(r, hidden),
                t(inner, r), t(hidden, inner, grad=False), t(r, inner), t(hidden, r))
     settings = (kind, torch.float64, (0.7, 1.3, 0.5))
     assert torch.autograd.gradcheck(lambda *inputs: _FusedLoraMLP.apply(*inputs, settings), tensors, atol=1e-6, rtol=1e-4)

@@ -11,7 +11,8 @@ from tunelab.train.fused_projections import _FusedLoraProjections, fused_project
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
 
-def test_the_hand_written_backward_is_the_gradient():
+@pytest.mark.parametrize("input_needs_grad", [True, False])  # False: the first block, below which nothing learns
+def test_the_hand_written_backward_is_the_gradient(input_needs_grad):
     g = torch.Generator().manual_seed(0)
     hidden, r = 6, 3
 
@@ -20,7 +21,7 @@ def test_the_hand_written_backward_is_the_gradient():
 
     weights = [w for out in (6, 2, 2) for w in (t(out, hidden, grad=False), t(r, hidden), t(out, r))]
     settings = (torch.float64, (0.7, 1.3, 0.5))
-    assert torch.autograd.gradcheck(lambda x, *ws: _FusedLoraProjections.apply(x, settings, *ws), (t(2, 3, hidden), *weights), atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda x, *ws: _FusedLoraProjections.apply(x, settings, *ws), (t(2, 3, hidden, grad=input_needs_grad), *weights), atol=1e-6, rtol=1e-4)
 
 
 def test_a_model_trains_the_same_through_the_fused_projections(monkeypatch):

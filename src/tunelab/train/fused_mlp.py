@@ -91,8 +91,10 @@ class _FusedLoraMLP(torch.autograd.Function):
         d_bg, d_bu = (d_gate.t() @ low_g) * sg, (d_up.t() @ low_u) * su
         d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
         d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
-        d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au)
-        grads = (d_x.view(*grad_out.shape[:-1], x2.shape[-1]), None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd)
+        d_x = None
+        if ctx.needs_input_grad[0]:  # none for an input that needs none (the first block's, with attention frozen)
+            d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au).view(*grad_out.shape[:-1], x2.shape[-1])
+        grads = (d_x, None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd)
         return (*(g.to(t) if g is not None and needed else None for g, t, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
 
 

@@ -63,12 +63,14 @@ class _FusedLoraProjections(torch.autograd.Function):
         d_ups = [(d.t() @ part) * s for d, part, s in zip(d_outs, lows, scales)]
         d_low = torch.cat([(d @ b) * s for d, b, s in zip(d_outs, ups, scales)], dim=1)
         d_downs = (d_low.t() @ x2).split(ctx.ranks)
-        d_x = d_outs[0] @ frozen[0]
-        for d, w in zip(d_outs[1:], frozen[1:]):
-            d_x.addmm_(d, w)
-        d_x.addmm_(d_low, down)
+        d_x = None
+        if ctx.needs_input_grad[0]:  # not for the first block's input: the embeddings' output needs none
+            d_x = d_outs[0] @ frozen[0]
+            for d, w in zip(d_outs[1:], frozen[1:]):
+                d_x.addmm_(d, w)
+            d_x = d_x.addmm_(d_low, down).view(*grads[0].shape[:-1], x2.shape[-1])
         per_weight = [g for d_down, d_up in zip(d_downs, d_ups) for g in (None, d_down, d_up)]
-        wanted = (d_x.view(*grads[0].shape[:-1], x2.shape[-1]), *per_weight)
+        wanted = (d_x, *per_weight)
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
         cast = [g.to(t) if g is not None and need else None for g, t, need in zip(wanted, ctx.dtypes, needs)]
         return (cast[0], None, *cast[1:])

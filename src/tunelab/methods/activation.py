@@ -17,6 +17,17 @@ SiLU at β = 1 and tends to ReLU as β grows, and β rises geometrically from 1 
 over that fraction of the run's optimizer steps (``train.relu_annealing``, a callback); from then on
 the MLPs compute ReLU exactly (the last step at least, so the run ends on the function it saves).
 At step 0 the model is the one it started from, which is why the anneal needs a SiLU model.
+
+``floor`` takes the other way round the shock. Most of what a swap destroys is the SiLU's negative
+lobe: summed over the ~60% of channels a negative gate closes, those small negative values carry
+much of the MLP's output (SmolLM2 with zero there instead: perplexity 13,550 against 49; with each
+channel's mean there: 77; docs/activation_sparsity.md). A floored ReLU gives a closed channel a
+constant per channel, ``c`` (its mean SiLU output on negative gates, calibrated on the first batch
+the model reads, then trained), so ``down((relu(g) + c·[g ≤ 0])·up(x))`` is
+``down(((g - c)·[g > 0])·up(x)) + (down·diag(c)·up)·x``: exact zeros on the closed channels plus
+one dense hidden×hidden product, which batch-1 decoding can still skip the closed rows around.
+``hidden_act`` stays ``relu``; the floors are saved beside the model (``activation_floors.safetensors``)
+and only tunelab rebuilds them, so a floored run does not export or compress as a plain model.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -45,11 +58,17 @@ class ActivationConfig(Section):
         "β rising from 1 to anneal_beta); 0 swaps at once. relu only.",
     )
     anneal_beta: float = Field(64.0, gt=1, description="β at the end of the anneal, where the MLPs switch to exact ReLU (x·sigmoid(64x) is within 0.005 of it).")
+    floor: bool = Field(
+        False, description="A closed channel (gate ≤ 0) outputs a trained constant of its own instead of 0, first its mean SiLU "
+        "output there (calibrated on the first batch): the swap then keeps most of the model. relu only, swapped at once.",
+    )
 
     @model_validator(mode="after")
     def _anneal_to_relu(self) -> ActivationConfig:
         if self.anneal and self.mlp != "relu":
             raise ValueError(f"anneal turns SiLU into relu; it has no path to {self.mlp} (use mlp: relu, or anneal: 0)")
+        if self.floor and (self.mlp != "relu" or self.anneal):
+            raise ValueError("floor is for mlp: relu swapped at once (anneal: 0): the floors are what keeps the swap small")
         return self
 
 
@@ -67,6 +86,47 @@ class AnnealedReLU(nn.Module):
         return f"beta={self.beta:g}"
 
 
+class FlooredReLU(nn.Module):
+    """``x`` where ``x > 0``, else the channel's ``floor``. The floors start as NaN and the first
+    forward sets them from its own input: each channel's mean of ``silu(x)`` over its ``x ≤ 0``
+    (0 for a channel that never closes there), the constant closest in squared error to what the
+    SiLU model put there. A loaded or resumed model has its floors already and keeps them."""
+
+    FLOORS_FILE = "activation_floors.safetensors"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.floor = nn.Parameter(torch.full((channels,), float("nan")))
+        self._calibrated = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._calibrated:
+            if torch.isnan(self.floor).any():
+                self.calibrate(x)
+            self._calibrated = True
+        return torch.where(x > 0, x, self.floor.to(x.dtype))
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the floors from gate values ``x`` (any leading shape)."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UserError("method.activation.floor calibrates on one process's first batch; data-parallel processes would disagree",
+                            where="method.activation.floor", hint="calibrate in a single-process run first, then train that run in parallel")
+        gates = x.detach().reshape(-1, x.shape[-1]).float()
+        closed = gates <= 0
+        counts = closed.sum(0)
+        means = (F.silu(gates) * closed).sum(0) / counts.clamp(min=1)
+        self.floor.copy_(torch.where(counts > 0, means, torch.zeros_like(means)).to(self.floor.dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.floor.numel()}"
+
+
+def floored_relus(model: nn.Module) -> list[FlooredReLU]:
+    """The model's floored ReLUs in module order (one per gated MLP)."""
+    return [m for m in model.modules() if isinstance(m, FlooredReLU)]
+
+
 def gated_mlps(model: nn.Module) -> dict[str, nn.Module]:
     """Llama-style gated MLPs by name: ``down(act(gate(x)) · up(x))`` with the activation in ``act_fn``."""
     return {name: m for name, m in model.named_modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))}
@@ -82,9 +142,10 @@ def _text_config(model: nn.Module):  # noqa: ANN202 (a transformers PretrainedCo
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def replace_mlp_activation(model: nn.Module, name: str, annealed: bool = False) -> nn.Module:
-    """Put ``ACT2FN[name]`` (an ``AnnealedReLU`` at β = 1 when ``annealed``) in every gated MLP and
-    record ``name`` in the config's ``hidden_act``: what the model computes once trained."""
+def replace_mlp_activation(model: nn.Module, name: str, annealed: bool = False, floor: bool = False) -> nn.Module:
+    """Put ``ACT2FN[name]`` (an ``AnnealedReLU`` at β = 1 when ``annealed``, an uncalibrated
+    ``FlooredReLU`` when ``floor``) in every gated MLP and record ``name`` in the config's
+    ``hidden_act``: what the model computes once trained (on its open channels, when floored)."""
     mlps = gated_mlps(model)
     if mlp_activation(model) is None or not mlps:
         kind = getattr(model.config, "model_type", "this")
@@ -92,7 +153,10 @@ def replace_mlp_activation(model: nn.Module, name: str, annealed: bool = False) 
                         where="method.activation", hint="remove method.activation from the recipe")
     _text_config(model).hidden_act = name
     for module in mlps.values():
-        module.act_fn = AnnealedReLU() if annealed else ACT2FN[name]
+        if floor:
+            module.act_fn = FlooredReLU(module.up_proj.out_features)
+        else:
+            module.act_fn = AnnealedReLU() if annealed else ACT2FN[name]
     return model
 
 
@@ -101,14 +165,42 @@ class ActivationMethod(Method):
     key = "activation"
     Config = ActivationConfig
     order = 8  # before adapters wrap the model
+    mergeable = False  # nothing to fold; save() writes the floors next to whatever holds the weights
 
     def apply(self, model: nn.Module, cfg: ActivationConfig, ctx: MethodContext) -> nn.Module:
         current = mlp_activation(model)
-        if cfg.anneal and current not in ("silu", "swish"):
-            raise UserError(f"anneal starts from SiLU (x·sigmoid(x)); this model's MLP activation is {current}",
-                            where="method.activation.anneal", hint="set anneal: 0 to swap the activation at once")
-        return replace_mlp_activation(model, cfg.mlp, annealed=cfg.anneal > 0)
+        for option, on in (("anneal", cfg.anneal > 0), ("floor", cfg.floor)):
+            if on and current not in ("silu", "swish"):
+                raise UserError(f"{option} starts from SiLU (x·sigmoid(x)); this model's MLP activation is {current}",
+                                where=f"method.activation.{option}", hint="set anneal: 0 and floor: false to swap the activation as it is")
+        return replace_mlp_activation(model, cfg.mlp, annealed=cfg.anneal > 0, floor=cfg.floor)
+
+    def added_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(floored_relus(model))
+
+    def save(self, model: nn.Module, cfg: Any, directory: Path) -> list[str]:
+        floors = floored_relus(model)
+        if not floors:
+            return []
+        save_file({str(i): act.floor.detach().float().contiguous() for i, act in enumerate(floors)}, str(directory / FlooredReLU.FLOORS_FILE))
+        return [FlooredReLU.FLOORS_FILE]
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Refused for floored MLPs: a plain model's config says ``relu``, which without the floors
+        is a different model (export, compression and a stage trained on top all start here)."""
+        if floored_relus(model):
+            raise UserError("this model's MLPs have floored ReLUs (method.activation.floor), which a plain model cannot hold",
+                            where="method.activation.floor",
+                            hint="evaluate, generate and serve it with tunelab; for a model to export, compress or train further, recover with floor: false")
+        return model
 
     def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:
-        return replace_mlp_activation(model, cfg["mlp"] if isinstance(cfg, dict) else cfg.mlp)
+        chosen = cfg if isinstance(cfg, dict) else cfg.model_dump()
+        model = replace_mlp_activation(model, chosen["mlp"], floor=chosen.get("floor", False))
+        floors = floored_relus(model)
+        if floors:
+            saved = load_file(str(directory / FlooredReLU.FLOORS_FILE))
+            for i, act in enumerate(floors):
+                act.floor.data.copy_(saved[str(i)])
+        return model
 

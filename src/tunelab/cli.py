@@ -9,6 +9,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import traceback
@@ -17,6 +18,15 @@ import click
 
 from tunelab import __version__
 from tunelab.errors import UserError
+
+
+def _report(exc: UserError) -> None:
+    """The error's one line on stderr; a process that cannot wind down normally ends here."""
+    click.echo(f"error: {exc.one_line()}", err=True)
+    if exc.ends_process_now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
 
 
 class _Group(click.Group):
@@ -31,7 +41,7 @@ class _Group(click.Group):
         except UserError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"error: {exc.one_line()}", err=True)
+            _report(exc)
             ctx.exit(exc.exit_code)
 
 
@@ -62,7 +72,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=True)
     except UserError as exc:  # raised outside a subcommand (e.g. while parsing)
-        click.echo(f"error: {exc.one_line()}", err=True)
+        _report(exc)
         sys.exit(exc.exit_code)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tunelab.errors import UserError
+from tunelab.errors import PeerLost
 
 #: What a collective's error says when a process on the other end died or stopped answering
 #: (gloo's TCP pairs, NCCL, the rendezvous store).
@@ -104,7 +104,7 @@ def lost_peers_reported(world: World, run_dir: Path) -> Iterator[None]:
         if not world.distributed or not _PEER_LOST.search(str(exc)):
             raise
         said = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0])[:200]  # drop gloo's source-file prefix
-        raise UserError(
+        raise PeerLost(
             f"rank {world.rank}: another process of this job stopped or stopped answering ({said})",
             hint=f"its own log says why; continue from the last checkpoint with the same launcher: ... -m tunelab.cli train --resume {run_dir}",
         ) from None

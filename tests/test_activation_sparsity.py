@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -86,6 +89,7 @@ def test_the_kernel_splits_real_shapes_over_threads_and_equals_the_dense_product
             row = _sparse_row(fan_in, 1.0, seed)
             expected = (torch.relu(row @ gate.t()) * (row @ up.t())) @ down_t
             torch.testing.assert_close(mlp(row), expected, rtol=1e-4, atol=1e-5)
+            _assert_floored_mlp_decodes_as_it_computes(_gated_mlp(fan_in, fan_out, seed), weights, row)
     finally:
         torch.set_num_threads(previous)
 
@@ -97,6 +101,20 @@ def _gated_mlp(hidden: int, intermediate: int, seed: int) -> nn.Module:
     mlp.gate_proj, mlp.up_proj = nn.Linear(hidden, intermediate, bias=False), nn.Linear(hidden, intermediate, bias=False)
     mlp.down_proj = nn.Linear(intermediate, hidden, bias=False)
     return mlp
+
+
+def _assert_floored_mlp_decodes_as_it_computes(mlp: nn.Module, weights: str, row: torch.Tensor) -> None:
+    """A floored ReLU MLP (closed channels output their floor) as a SparseGatedMLP: the one-row
+    split form (open channels less their floors, plus the folded product) equals the floored MLP
+    of the layer's own weights (int8: dequantized; the fold, quantized on its own, within rounding)."""
+    floor = torch.randn(mlp.up_proj.out_features, generator=torch.Generator().manual_seed(7)) * 0.2
+    layer = SparseGatedMLP.from_mlp(mlp, "relu", weights, floor=floor)
+    gate_w, up_w, down_t = (layer.channel_rows(name) for name in ("gate", "up", "down_t"))
+    gate = row @ gate_w.t()
+    exact = (torch.where(gate > 0, gate, floor) * (row @ up_w.t())) @ down_t
+    tolerance = 1e-6 if weights == "fp32" else 0.01
+    assert ((layer(row) - exact).norm() / exact.norm()).item() < tolerance  # one row: the split form
+    assert ((layer(torch.cat([row, row]))[:1] - exact).norm() / exact.norm()).item() < 1e-6  # several rows: the floored MLP itself
 
 
 def test_int8_gated_mlp_rows_are_within_int8_rounding_of_the_weights(decode_path):
@@ -256,6 +274,34 @@ def test_an_int8_relufied_mlp_model_decodes_as_it_scores_and_reloads(tmp_path, d
         assert torch.equal(reloaded(input_ids=IDS).logits, logits)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_floored_relu_model_decodes_only_open_channels_as_the_floored_model_and_reloads(tmp_path, weights, decode_path):
+    loaded = load_model("tiny-llama", seed=0)
+    model = replace_mlp_activation(loaded.model, "relu", floor=True).eval()
+    with torch.no_grad():
+        model(input_ids=IDS)  # the first forward calibrates the floors
+        reference = model(input_ids=IDS).logits
+        tokens = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
+    report = sparsify_gated_mlps(model, calibration_chunks(32, 2, loaded.tokenizer), weights=weights)
+    layers = [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
+    assert report["floored"] and 0.3 < report["activation_sparsity"] < 0.7 and len(layers) == 2
+    assert all(m.floored and (m.floor != 0).any() for m in layers)
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        if weights == "fp32":
+            torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+            assert torch.equal(model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False), tokens)  # one token at a time
+        else:
+            assert ((logits - reference).norm() / reference.norm()).item() < 0.01
+            decoded = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
+            assert torch.equal(model(input_ids=decoded).logits[0, 5:-1].argmax(-1), decoded[0, 6:])  # decoding = scoring
+    save_compressed(model, loaded.tokenizer, tmp_path / "m")
+    reloaded, _, manifest = load_compressed(tmp_path / "m")
+    assert all(d["floored"] for d in manifest["layers"].values())
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, logits)
+
+
 def test_gated_mlp_sparsity_needs_a_relufied_model():
     with pytest.raises(UserError, match="MLP activation is silu"):
         sparsify_gated_mlps(load_model("tiny-llama", seed=0).model)
@@ -381,13 +427,51 @@ def test_a_floored_relu_swap_starts_nearer_the_silu_model_trains_and_reloads_wit
     assert model.config.hidden_act == "relu" and manifest["method"]["activation"]["floor"] is True
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, final.logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(UserError, match="floored ReLUs"):  # export, compress and later stages need a plain model
+    with pytest.raises(UserError, match="floored ReLUs"):  # export and later stages need a plain model
         merge_methods(model)
     if not adapter:
         silu, swapped = run("silu", "", 1), run("swapped", "{mlp: relu}", 1)
         jump = abs(swapped.eval_before["eval_loss"] - silu.eval_before["eval_loss"])
         assert abs(floored.eval_before["eval_loss"] - silu.eval_before["eval_loss"]) < 0.7 * jump  # 0.57 measured (SmolLM2: far more)
     assert isinstance(acts[0], FlooredReLU)
+
+
+def test_tunelab_compress_keeps_a_floored_runs_floors_and_decodes_them_sparsely(tmp_path):
+    from click.testing import CliRunner
+
+    from tunelab.cli import cli
+    from tunelab.models import load_run
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+    train(tmp_path, f"model: {{name: tiny-llama}}\ndata: {{train: {data}, val_fraction: 0.0}}\nmethod: {{activation: {{mlp: relu, floor: true}}}}\n"
+          "train: {lr: 0.003, max_steps: 6, batch_size: 8, precision: fp32, eval_before: false}\n")
+    examples = Path(__file__).resolve().parent.parent / "examples" / "data" / "heldout"
+    recipe = tmp_path / "compress.yaml"
+    recipe.write_text(f"model: {{name: tiny-llama}}\ncompress:\n  heldout: {examples / 'fortunes.txt'}\n  heldout_texts: 4\n"
+                      f"  calibration: {examples / 'calibration.txt'}\n  calibration_chunks: 2\n  max_length: 32\n  prefill_tokens: 16\n"
+                      "  decode_tokens: 4\n  repeats: 1\n  keep_models: true\n  variants:\n"
+                      "    - {name: int8, steps: [{quantize: dynamic-int8}]}\n    - {name: gated, steps: [{sparsify: gated-mlp}]}\n"
+                      "    - {name: gated-int8, steps: [{sparsify: gated-mlp, weights: int8}]}\n")
+    result = CliRunner().invoke(cli, ["compress", str(tmp_path / "run"), "--recipe", str(recipe), "--output", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    trained, _, _ = load_run(tmp_path / "run")
+    with torch.no_grad():
+        reference = trained(input_ids=IDS).logits
+    formats = {}
+    for variant in ("original", "int8", "gated", "gated-int8"):
+        model, _, manifest = load_compressed(tmp_path / "c" / "compressed" / variant)
+        formats[variant] = {d["format"] for d in manifest["layers"].values()}
+        with torch.no_grad():
+            logits = model(input_ids=IDS).logits
+        limit = 1e-6 if variant in ("original", "gated") else 0.02
+        assert ((logits - reference).norm() / reference.norm()).item() < limit, variant
+    assert formats["original"] == {"floored-relu"} and "floored-relu" in formats["int8"] and formats["gated"] == {"sparse-gated-mlp"}
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]}
+    assert rows["gated"]["steps"][0]["floored"] and 0.2 < rows["gated"]["steps"][0]["activation_sparsity"] < 0.8
+    assert abs(rows["gated"]["perplexity"] / rows["original"]["perplexity"] - 1) < 1e-4
+    refused = CliRunner().invoke(cli, ["compress", str(tmp_path / "run"), "compress.variants=[{name: a, steps: [{prune: mlp, sparsity: 0.25}]}]",
+                                       "--recipe", str(recipe), "--output", str(tmp_path / "c2")])
+    assert refused.exit_code == 2 and "cannot keep the floors" in refused.output, refused.output
 
 
 def test_floors_are_for_relu_swapped_at_once_from_silu():

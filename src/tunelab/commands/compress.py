@@ -40,7 +40,7 @@ def compress_command(source: str | None, overrides: tuple[str, ...], recipe_path
     configure_threads(config.threads)
     if run_dir is not None:
         loaded = load_model(str(run_dir))
-        model, tokenizer = merge_methods(loaded.model), loaded.tokenizer  # compression works on plain weights
+        model, tokenizer = merge_methods(loaded.model, for_compression=True), loaded.tokenizer  # compression works on plain weights
         label = f"run {run_dir}"
     else:
         loaded = load_model(source or recipe.model.name, seed=recipe.seed)

@@ -125,6 +125,19 @@ def input_magnitude_quantiles(
     return thresholds, below
 
 
+def closed_fractions(model: nn.Module, activations: Mapping[str, nn.Module], chunks: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """Per ReLU-family activation module, the fraction of its inputs at or below 0 on the
+    calibration tokens: the channels it closes (exact zeros, or a floored ReLU's floors)."""
+    closed = {name: [0, 0] for name in activations}
+
+    def record(name: str, inputs: torch.Tensor) -> None:
+        closed[name][0] += int((inputs <= 0).sum())
+        closed[name][1] += inputs.numel()
+
+    _forward_recording_inputs(model, activations, chunks, batch_size, record)
+    return {name: count / max(1, total) for name, (count, total) in closed.items()}
+
+
 def taylor_importance(
     model: nn.Module,
     layers: Mapping[str, nn.Module],

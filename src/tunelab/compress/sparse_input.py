@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.compress.calibration import input_magnitude_quantiles
+from tunelab.activations import FlooredReLU
+from tunelab.compress.calibration import closed_fractions, input_magnitude_quantiles
 from tunelab.compress.modules import set_module
 from tunelab.compress.sparse_layers import (
     RELU_FAMILY,
@@ -74,8 +75,8 @@ def sparsify_activations(
 
 def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None, weights: WeightFormat = "fp32") -> dict[str, Any]:
     """Replace every gated MLP of a ReLU-fied model by :class:`SparseGatedMLP` (the same function,
-    up to int8 rounding with ``weights="int8"``); with ``chunks``, report the fraction of
-    intermediate channels that are zero on that text."""
+    up to int8 rounding with ``weights="int8"``; a floored ReLU's floors go with it); with
+    ``chunks``, report the fraction of intermediate channels that are closed on that text."""
     act, mlps = mlp_activation(model), gated_mlps(model)
     if act not in RELU_FAMILY or not mlps:
         raise UserError(f"sparsify: gated-mlp needs a ReLU-fied gated MLP; this model's MLP activation is {act or 'not a gated MLP'}",
@@ -84,11 +85,14 @@ def sparsify_gated_mlps(model: nn.Module, chunks: torch.Tensor | None = None, we
         raise UserError("sparsify: gated-mlp supports MLPs without biases (Llama-style)", where="compress.variants",
                         hint="use sparsify: activations with sparsity: 0 and targets: [down_proj]")
     report: dict[str, Any] = {"sparsified_mlps": len(mlps), "weights": weights}
+    floors = {name: m.act_fn.floor for name, m in mlps.items() if isinstance(m.act_fn, FlooredReLU)}
+    if floors:
+        report["floored"] = True
     if chunks is not None:
-        _, zeros = input_magnitude_quantiles(model, {name: m.down_proj for name, m in mlps.items()}, chunks, 0.0)
-        report["activation_sparsity"] = sum(zeros.values()) / len(zeros)
+        closed = closed_fractions(model, {name: m.act_fn for name, m in mlps.items()}, chunks)
+        report["activation_sparsity"] = sum(closed.values()) / len(closed)
     for name, mlp in mlps.items():
-        set_module(model, name, SparseGatedMLP.from_mlp(mlp, act, weights))
+        set_module(model, name, SparseGatedMLP.from_mlp(mlp, act, weights, floor=floors.get(name)))
     return report
 
 

@@ -8,7 +8,8 @@ a Python dispatch, ~210 per SmolLM2 token). Here one call thresholds the input, 
 active features and accumulates ``Σⱼ xⱼ·Wᵀ[j]`` four rows at a time into an output block that
 stays in L1, with the output columns split over PyTorch's threads (``at::parallel_for``). The ReLU-fied MLP is one call too:
 the gate densely, the ``up`` dot products of the open channels, and the ``downᵀ`` rows they weight
-(in fp32, or all three in the int8 row format below).
+(in fp32, or all three in the int8 row format below); for a floored ReLU, the open channels' values
+less their floors plus the folded ``down·diag(floor)·up`` product, in the same call.
 
 The int8 path reads fbgemm's row-wise format (``embedding_bag_byte_prepack``: ``out`` codes, then
 a float scale and offset per row), so layers saved before the kernel existed load unchanged.
@@ -236,16 +237,32 @@ torch::Tensor sparse_input_u8(const torch::Tensor& x, const torch::Tensor& weigh
   return out;
 }
 
+// ``floor`` (empty, or [intermediate]) and ``fold`` (empty, or [hidden, hidden]) describe a floored
+// ReLU (method.activation.floor): a closed channel outputs its constant c instead of 0, so
+// down((act(g)·[g > 0] + c·[g ≤ 0]) ⊙ up·x) = down((act(g) - c)·[g > 0] ⊙ up·x) + (down·diag(c)·up)·x:
+// the open channels' values less their floor, plus one dense hidden×hidden product.
+static void check_floor(const torch::Tensor& floor, const torch::Tensor& fold, int64_t intermediate, int64_t hidden, int64_t fold_width) {
+  TORCH_CHECK((floor.numel() == 0) == (fold.numel() == 0), "floor and fold come together");
+  if (floor.numel() == 0) return;
+  TORCH_CHECK(floor.dim() == 1 && floor.scalar_type() == torch::kFloat && floor.is_contiguous() && floor.size(0) == intermediate,
+              "floor: contiguous float32 [intermediate]");
+  TORCH_CHECK(fold.dim() == 2 && fold.is_contiguous() && fold.size(0) == hidden && fold.size(1) == fold_width,
+              "fold: contiguous [hidden, ", fold_width, "]");
+}
+
 // down(act(gate·x) ⊙ up·x) for one token of a ReLU-fied MLP: all weights [intermediate, hidden]
 // (down given transposed), act = relu (squared: relu²). Only the channels with a positive gate
-// read their row of up and of downᵀ.
+// read their row of up and of downᵀ. Floored (see check_floor): fold is float32 [hidden, hidden].
 torch::Tensor relu_gated_mlp(const torch::Tensor& x, const torch::Tensor& gate_weight, const torch::Tensor& up_weight,
-                             const torch::Tensor& down_weight_t, bool squared) {
+                             const torch::Tensor& down_weight_t, bool squared, const torch::Tensor& floor, const torch::Tensor& fold) {
   const int64_t intermediate = gate_weight.size(0), hidden = gate_weight.size(1);
   check_row(x, hidden);
   for (const auto* w : {&gate_weight, &up_weight, &down_weight_t})
     TORCH_CHECK(w->scalar_type() == torch::kFloat && w->is_contiguous() && w->size(0) == intermediate && w->size(1) == hidden,
                 "MLP weights: contiguous float32 [intermediate, hidden]");
+  check_floor(floor, fold, intermediate, hidden, hidden);
+  TORCH_CHECK(fold.numel() == 0 || fold.scalar_type() == torch::kFloat, "fold: float32");
+  const float* floors = floor.numel() ? floor.data_ptr<float>() : nullptr;
   const torch::Tensor gate = at::mv(gate_weight, x);
   const Active open = collect(gate.data_ptr<float>(), intermediate, 0.f, true);  // relu: open where gate > 0
   const int64_t count = static_cast<int64_t>(open.index.size());
@@ -258,14 +275,22 @@ torch::Tensor relu_gated_mlp(const torch::Tensor& x, const torch::Tensor& gate_w
       float dot = 0.f;
       for (int64_t k = 0; k < hidden; ++k) dot += row[k] * xs[k];
       const float g = open.value[a];
-      value[a] = (squared ? g * g : g) * dot;
+      value[a] = ((squared ? g * g : g) - (floors ? floors[open.index[a]] : 0.f)) * dot;
     }
   });
   auto out = torch::empty({hidden}, x.options());
   float* result = out.data_ptr<float>();
   const float* down = down_weight_t.data_ptr<float>();
+  const float* folded = fold.numel() ? fold.data_ptr<float>() : nullptr;
   at::parallel_for(0, hidden, kGrain, [&](int64_t begin, int64_t end) {
     accumulate_f32(down, hidden, open.index.data(), value.data(), count, result, begin, end);
+    if (!folded) return;
+    for (int64_t k = begin; k < end; ++k) {
+      const float* __restrict__ row = folded + k * hidden;
+      float dot = 0.f;
+      for (int64_t j = 0; j < hidden; ++j) dot += row[j] * xs[j];
+      result[k] += dot;
+    }
   });
   return out;
 }
@@ -273,13 +298,17 @@ torch::Tensor relu_gated_mlp(const torch::Tensor& x, const torch::Tensor& gate_w
 // The same MLP with every weight in fbgemm's row-wise uint8 format, [intermediate, hidden + 8]:
 // the gate's rows are dotted with x one channel at a time (all of them), then the open channels'
 // rows of up and of downᵀ, so a closed channel costs a quarter of its fp32 bytes for the gate only.
+// Floored (see check_floor): fold is in the same row-wise format, [hidden, hidden + 8].
 torch::Tensor relu_gated_mlp_u8(const torch::Tensor& x, const torch::Tensor& gate_rows, const torch::Tensor& up_rows,
-                                const torch::Tensor& down_rows_t, bool squared) {
+                                const torch::Tensor& down_rows_t, bool squared, const torch::Tensor& floor, const torch::Tensor& fold) {
   const int64_t intermediate = gate_rows.size(0), stride = gate_rows.size(1), hidden = stride - 8;
   check_row(x, hidden);
   for (const auto* w : {&gate_rows, &up_rows, &down_rows_t})
     TORCH_CHECK(w->scalar_type() == torch::kByte && w->is_contiguous() && w->size(0) == intermediate && w->size(1) == stride,
                 "MLP weight rows: contiguous uint8 [intermediate, hidden + 8]");
+  check_floor(floor, fold, intermediate, hidden, stride);
+  TORCH_CHECK(fold.numel() == 0 || fold.scalar_type() == torch::kByte, "fold: uint8 rows");
+  const float* floors = floor.numel() ? floor.data_ptr<float>() : nullptr;
   const float* xs = x.data_ptr<float>();
   float x_sum = 0.f;
   for (int64_t k = 0; k < hidden; ++k) x_sum += xs[k];
@@ -294,7 +323,7 @@ torch::Tensor relu_gated_mlp_u8(const torch::Tensor& x, const torch::Tensor& gat
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t a = begin; a < end; ++a) {
       const float g = open.value[a];
-      open.value[a] = (squared ? g * g : g) * row_dot_u8(up + open.index[a] * stride, hidden, xs, x_sum);
+      open.value[a] = ((squared ? g * g : g) - (floors ? floors[open.index[a]] : 0.f)) * row_dot_u8(up + open.index[a] * stride, hidden, xs, x_sum);
     }
   });
   const uint8_t* down = down_rows_t.data_ptr<uint8_t>();
@@ -302,8 +331,11 @@ torch::Tensor relu_gated_mlp_u8(const torch::Tensor& x, const torch::Tensor& gat
   const float constant = row_coefficients(down, stride, hidden, open, coef);
   auto out = torch::empty({hidden}, x.options());
   float* result = out.data_ptr<float>();
+  const uint8_t* folded = fold.numel() ? fold.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, hidden, kGrain, [&](int64_t begin, int64_t end) {
     accumulate_u8(down, stride, open.index.data(), coef.data(), constant, count, result, begin, end);
+    if (!folded) return;
+    for (int64_t k = begin; k < end; ++k) result[k] += row_dot_u8(folded + k * stride, hidden, xs, x_sum);
   });
   return out;
 }

@@ -2,7 +2,8 @@
 
 Pruned (masked or physically shrunk) and NF4 models are ordinary Hugging Face directories: they
 reload with plain ``transformers`` (NF4 needs bitsandbytes installed). Packed weight-only, dynamic
-int8 and sparse-input layers have no ``transformers`` equivalent, so tunelab writes the config, the
+int8 and sparse-input layers, and floored ReLUs (``method.activation.floor``), have no
+``transformers`` equivalent, so tunelab writes the config, the
 tokenizer, the tensors and a manifest ``tunelab_compression.json`` naming each quantized layer;
 :func:`load_compressed` rebuilds the architecture without allocating float weights (so the
 reloaded model is as small in RAM as on disk) and loads the tensors into it. The manifest's
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab import atomic
+from tunelab.activations import FlooredReLU
 from tunelab.compress.int8_dynamic import DynamicInt8Linear
 from tunelab.compress.modules import set_module
 from tunelab.compress.qlinear import QuantLinear, QuantSpec
@@ -38,12 +40,15 @@ def _torch_ao_dynamic_linear() -> type:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Description of every tunelab-managed quantized layer, by name."""
+    """Description of every layer plain ``transformers`` cannot rebuild from the config (tunelab's
+    quantized and sparse layers, floored ReLUs), by name."""
     torch_ao = _torch_ao_dynamic_linear()
     found: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, DynamicInt8Linear, SparseInputLinear, SparseGatedMLP)):
             found[name] = module.describe()
+        elif isinstance(module, FlooredReLU):  # the config says relu; the floors live here
+            found[name] = {"format": "floored-relu", "channels": module.floor.numel()}
         elif isinstance(module, torch_ao):
             found[name] = {"format": "dynamic-int8", "activations": "per-tensor", "in_features": module.in_features,
                            "out_features": module.out_features, "bias": module.bias() is not None}
@@ -118,8 +123,10 @@ def _model_class(config: Any) -> type:
 def _empty_layer(layer: dict[str, Any], name: str) -> nn.Module:
     if layer["format"] == "dynamic-int8" and layer.get("activations", "per-tensor") == "per-tensor":  # torch.ao (older manifests say nothing)
         return _torch_ao_dynamic_linear()(layer["in_features"], layer["out_features"], bias_=layer["bias"])
+    if layer["format"] == "floored-relu":
+        return FlooredReLU(layer["channels"])
     if layer["format"] == "sparse-gated-mlp":
-        return SparseGatedMLP(layer["hidden"], layer["intermediate"], layer["act"], layer.get("weights", "fp32"))
+        return SparseGatedMLP(layer["hidden"], layer["intermediate"], layer["act"], layer.get("weights", "fp32"), layer.get("floored", False))
     if layer["format"] == "sparse-input":
         return SparseInputLinear(layer["in_features"], layer["out_features"], bias=layer["bias"], weights=layer["weights"])
     if layer["format"] == "dynamic-int8":

@@ -27,7 +27,8 @@ the model reads, then trained), so ``down((relu(g) + c·[g ≤ 0])·up(x))`` is
 ``down(((g - c)·[g > 0])·up(x)) + (down·diag(c)·up)·x``: exact zeros on the closed channels plus
 one dense hidden×hidden product, which batch-1 decoding can still skip the closed rows around.
 ``hidden_act`` stays ``relu``; the floors are saved beside the model (``activation_floors.safetensors``)
-and only tunelab rebuilds them, so a floored run does not export or compress as a plain model.
+and only tunelab rebuilds them, so a floored run does not export as a plain model; ``tunelab compress``
+keeps them (``compress.store``) and ``sparsify: gated-mlp`` decodes them (``SparseGatedMLP``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from tunelab.activations import FlooredReLU
 from tunelab.config_base import Section
 from tunelab.errors import UserError
 from tunelab.methods.base import Method, MethodContext, register_method
@@ -84,42 +85,6 @@ class AnnealedReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}"
-
-
-class FlooredReLU(nn.Module):
-    """``x`` where ``x > 0``, else the channel's ``floor``. The floors start as NaN and the first
-    forward sets them from its own input: each channel's mean of ``silu(x)`` over its ``x ≤ 0``
-    (0 for a channel that never closes there), the constant closest in squared error to what the
-    SiLU model put there. A loaded or resumed model has its floors already and keeps them."""
-
-    FLOORS_FILE = "activation_floors.safetensors"
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.floor = nn.Parameter(torch.full((channels,), float("nan")))
-        self._calibrated = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._calibrated:
-            if torch.isnan(self.floor).any():
-                self.calibrate(x)
-            self._calibrated = True
-        return torch.where(x > 0, x, self.floor.to(x.dtype))
-
-    @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
-        """Set the floors from gate values ``x`` (any leading shape)."""
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise UserError("method.activation.floor calibrates on one process's first batch; data-parallel processes would disagree",
-                            where="method.activation.floor", hint="calibrate in a single-process run first, then train that run in parallel")
-        gates = x.detach().reshape(-1, x.shape[-1]).float()
-        closed = gates <= 0
-        counts = closed.sum(0)
-        means = (F.silu(gates) * closed).sum(0) / counts.clamp(min=1)
-        self.floor.copy_(torch.where(counts > 0, means, torch.zeros_like(means)).to(self.floor.dtype))
-
-    def extra_repr(self) -> str:
-        return f"channels={self.floor.numel()}"
 
 
 def floored_relus(model: nn.Module) -> list[FlooredReLU]:
@@ -166,6 +131,7 @@ class ActivationMethod(Method):
     Config = ActivationConfig
     order = 8  # before adapters wrap the model
     mergeable = False  # nothing to fold; save() writes the floors next to whatever holds the weights
+    compressible_unmerged = True  # the compressed-model store keeps floored ReLUs; gated-mlp decodes them
 
     def apply(self, model: nn.Module, cfg: ActivationConfig, ctx: MethodContext) -> nn.Module:
         current = mlp_activation(model)
@@ -187,11 +153,12 @@ class ActivationMethod(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Refused for floored MLPs: a plain model's config says ``relu``, which without the floors
-        is a different model (export, compression and a stage trained on top all start here)."""
+        is a different model (export and a stage trained on top start here; compression does not
+        merge this method, see ``compressible_unmerged``)."""
         if floored_relus(model):
             raise UserError("this model's MLPs have floored ReLUs (method.activation.floor), which a plain model cannot hold",
                             where="method.activation.floor",
-                            hint="evaluate, generate and serve it with tunelab; for a model to export, compress or train further, recover with floor: false")
+                            hint="evaluate, generate, serve and compress it with tunelab; for a model to export or train further, recover with floor: false")
         return model
 
     def load(self, model: nn.Module, cfg: Any, directory: Path, ctx: MethodContext) -> nn.Module:

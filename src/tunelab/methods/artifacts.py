@@ -27,11 +27,14 @@ def base_weights_trained(model: torch.nn.Module, methods: list[Method]) -> bool:
     return any(p.requires_grad and id(p) not in owned for p in model.parameters())
 
 
-def merge_methods(model: torch.nn.Module) -> torch.nn.Module:
+def merge_methods(model: torch.nn.Module, *, for_compression: bool = False) -> torch.nn.Module:
     """``model`` with whatever any method added folded into the base weights (a plain model);
-    a clear error when something added cannot be merged (bottleneck adapters, soft prompts)."""
+    a clear error when something added cannot be merged (bottleneck adapters, soft prompts).
+    ``for_compression`` leaves in place what compression carries as it is (floored ReLUs)."""
     for key in sorted(METHODS.names(), key=lambda k: METHODS.get(k).order, reverse=True):
-        model = METHODS.get(key).merge(model)
+        method = METHODS.get(key)
+        if not (for_compression and method.compressible_unmerged):
+            model = method.merge(model)
     return model
 
 

@@ -43,6 +43,9 @@ class Method:
     order: ClassVar[int] = 50
     #: False when the added modules cannot be folded into the base weights (export refuses then).
     mergeable: ClassVar[bool] = True
+    #: True when what this method added survives ``tunelab compress`` as it is (the compressed-model
+    #: store saves and rebuilds it), so compression does not ask for ``merge``.
+    compressible_unmerged: ClassVar[bool] = False
 
     def apply(self, model: torch.nn.Module, cfg: Any, ctx: MethodContext) -> torch.nn.Module:
         """Prepare ``model`` for training; return it (or the wrapper that replaces it)."""

@@ -239,7 +239,7 @@ def _run(
         if recipe.compress.variants:
             from tunelab.compress.run import run_compression, task_evaluation
 
-            plain = merge_methods(model)  # compression works on plain weights
+            plain = merge_methods(model, for_compression=True)  # compression works on plain weights
             run_compression(plain, prepared.tokenizer, recipe.compress, run_dir / "compress", source=str(run_dir), seed=recipe.seed,
                             evaluation=task_evaluation(recipe), trained_run=run_dir, echo=say)
             say((run_dir / "compress" / "compress.md").read_text())

@@ -133,7 +133,8 @@ def _per_call(kernels: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
 
 
 def models(runs: list[Path]) -> tuple[dict[str, torch.nn.Module], dict[str, dict], object]:
-    """Every kept variant of every run, named ``<run>/<variant>``, and its compress.json row."""
+    """Every kept variant of every run, named ``<run>/<variant>`` (``<run>/<output>/<variant>`` for an
+    output directory other than ``compress``), and its compress.json row."""
     loaded, rows, tokenizer = {}, {}, None
     for run in runs:
         table = json.loads((run / "compress.json").read_text())
@@ -141,7 +142,7 @@ def models(runs: list[Path]) -> tuple[dict[str, torch.nn.Module], dict[str, dict
             directory = run / "compressed" / row["variant"]
             if not directory.exists():
                 raise SystemExit(f"{directory} is missing: compress the run with keep_models: true")
-            name = f"{(run.parent if run.name == 'compress' else run).name}/{row['variant']}"
+            name = f"{run.parent.name if run.name == 'compress' else f'{run.parent.name}/{run.name}'}/{row['variant']}"
             loaded[name], tokenizer, _ = load_compressed(directory)
             rows[name] = row
     return loaded, rows, tokenizer

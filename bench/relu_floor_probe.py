@@ -12,9 +12,9 @@ activation replaced, no training in between:
   instead (``relu>0, floor`` is what ``FlooredReLU`` starts as).
 
 Floors are calibrated on the first 48 reviews of ``rt_sentiment_distill_more.jsonl``; perplexity
-is over every token of its last 64 rows (chat format); task accuracy is the quickstart's choice
-between "negative" and "positive" on ``rt_cls_test.jsonl`` (the sum of the answer's token
-log-probabilities). "closed" is the fraction of gate values at or below ``t`` on the calibration
+is tunelab's (``tunelab.evaluate.perplexity``) over its last 64 rows in chat format; task accuracy
+is the quickstart's evaluation (its recipe's ``eval:`` section, scored by ``tunelab.evaluate``) on
+``rt_cls_test.jsonl``. "closed" is the fraction of gate values at or below ``t`` on the calibration
 text: the MLP channels a sparse decode skips. Writes bench/results/relu_floor_probe.{md,json}.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,13 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.evaluate.items import read_items
+from tunelab.evaluate.perplexity import perplexity
+from tunelab.evaluate.runner import evaluate_loaded
+from tunelab.evaluate.setup import resolve_setup
 from tunelab.hardware import cpu_model_name
 from tunelab.methods.activation import gated_mlps
 from tunelab.models import load_model
+from tunelab.recipe import load_recipe
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = EXAMPLES / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
-QUESTION = "Is this review positive or negative?"
 
 
 class Activation(nn.Module):
@@ -75,33 +79,6 @@ def closed_means(model: nn.Module, mlps: list[nn.Module], texts: list[list[int]]
     return [s / c.clamp(min=1) for s, c in zip(sums, counts, strict=True)], float(sum(c.sum() for c in counts)) / tokens
 
 
-def perplexity(model: nn.Module, texts: list[list[int]]) -> float:
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for ids in texts:
-            row = torch.tensor([ids])
-            total += F.cross_entropy(model(input_ids=row).logits[0, :-1].float(), row[0, 1:], reduction="sum").item()
-            tokens += len(ids) - 1
-    return math.exp(total / tokens)
-
-
-def accuracy(model: nn.Module, tokenizer, items: list[dict]) -> float:
-    correct = 0
-    with torch.no_grad():
-        for item in items:
-            user = {"role": "user", "content": f"Review: {item['text']}\n{QUESTION}"}
-            prompt = tokenizer.apply_chat_template([user], tokenize=True, add_generation_prompt=True, return_dict=False)
-            scores = []
-            for choice in ("negative", "positive"):
-                full = torch.tensor([tokenizer.apply_chat_template([user, {"role": "assistant", "content": choice}], tokenize=True, return_dict=False)])
-                answer = len(tokenizer(choice, add_special_tokens=False)["input_ids"])
-                logprobs = F.log_softmax(model(input_ids=full).logits[0, :-1].float(), -1)
-                span = slice(len(prompt) - 1, len(prompt) - 1 + answer)
-                scores.append(logprobs[span].gather(1, full[0, 1:][span, None]).sum().item())
-            correct += ("negative", "positive")[scores[1] > scores[0]] == item["label"]
-    return correct / len(items)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a SiLU model: run directory, alias or HF directory")
@@ -113,15 +90,16 @@ def main() -> None:
     mlps = list(gated_mlps(model).values())
     original = [m.act_fn for m in mlps]
     rows = [json.loads(line) for line in (DATA / "rt_sentiment_distill_more.jsonl").read_text().splitlines()]
-    encode = lambda row: tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)  # noqa: E731
-    calibration, heldout = [encode(r) for r in rows[:48]], [encode(r) for r in rows[-64:]]
-    items = [json.loads(line) for line in (DATA / "rt_cls_test.jsonl").read_text().splitlines()]
+    calibration = [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False) for r in rows[:48]]
+    heldout = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows[-64:]]
+    task = resolve_setup(load_recipe(EXAMPLES / "quickstart.yaml"), {"data": str(DATA / "rt_cls_test.jsonl")})
+    items = read_items(task.data)
 
     def measure(name: str, make: Callable[[int], nn.Module] | None, closed: float | None, with_accuracy: bool) -> dict:
         for i, mlp in enumerate(mlps):
             mlp.act_fn = make(i) if make else original[i]
-        row = {"activation": name, "closed": closed, "perplexity": perplexity(model, heldout),
-               "task_accuracy": accuracy(model, tokenizer, items) if with_accuracy else None}
+        accuracy = evaluate_loaded(task, items, model, tokenizer).scores["accuracy"] if with_accuracy else None
+        row = {"activation": name, "closed": closed, "perplexity": perplexity(model, tokenizer, heldout)["perplexity"], "task_accuracy": accuracy}
         print(json.dumps(row), flush=True)
         return row
 

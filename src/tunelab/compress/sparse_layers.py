@@ -33,6 +33,9 @@ WeightFormat = Literal["fp32", "int8"]
 #: dense product at every density for gate/up and q/o, so it has no such switch.
 DENSE_ABOVE = 0.5
 
+#: "No floor" for the kernels' optional tensor arguments.
+_NONE = torch.empty(0)
+
 
 class SparseInputLinear(nn.Module):
     """A Linear whose inputs at or below ``threshold`` in magnitude count as zero (see ``compress.sparse_input``)."""
@@ -231,7 +234,3 @@ class SparseGatedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, intermediate={self.intermediate}, act={self.act}, weights={self.weights}, floored={self.floored}"
-
-
-#: "No floor" for the kernels' optional tensor arguments.
-_NONE = torch.empty(0)

@@ -469,6 +469,8 @@ def test_tunelab_compress_keeps_a_floored_runs_floors_and_decodes_them_sparsely(
     rows = {row["variant"]: row for row in json.loads((tmp_path / "c" / "compress.json").read_text())["rows"]}
     assert rows["gated"]["steps"][0]["floored"] and 0.2 < rows["gated"]["steps"][0]["activation_sparsity"] < 0.8
     assert abs(rows["gated"]["perplexity"] / rows["original"]["perplexity"] - 1) < 1e-4
+    closed = f"{100 * rows['gated']['steps'][0]['activation_sparsity']:.0f}% of MLP channels"
+    assert f"| gated | {rows['gated']['params'] / 1e6:.1f}M | {closed} |" in (tmp_path / "c" / "compress.md").read_text()
     refused = CliRunner().invoke(cli, ["compress", str(tmp_path / "run"), "compress.variants=[{name: a, steps: [{prune: mlp, sparsity: 0.25}]}]",
                                        "--recipe", str(recipe), "--output", str(tmp_path / "c2")])
     assert refused.exit_code == 2 and "cannot keep the floors" in refused.output, refused.output

@@ -46,11 +46,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _sparsity(steps: list[dict[str, Any]]) -> str:
-    """The last step's sparsity: of the pruned layers' weights, or of the linear layers' inputs
-    (activation sparsity on the calibration text)."""
-    for step in reversed(steps):
+    """Each step's sparsity, in order: of the pruned layers' weights, of the MLP channels a
+    ReLU gate closes (gated-mlp), or of the linear layers' inputs (activation sparsity on the
+    calibration text)."""
+    parts = []
+    for step in steps:
         if "activation_sparsity" in step:
-            return f"{100 * step['activation_sparsity']:.0f}% of inputs"
-        if "sparsity" in step:
-            return f"{100 * step['sparsity']:.0f}% of weights"
-    return "-"
+            kind = "MLP channels" if "sparsified_mlps" in step else "inputs"
+            parts.append(f"{100 * step['activation_sparsity']:.0f}% of {kind}")
+        elif "sparsity" in step:
+            parts.append(f"{100 * step['sparsity']:.0f}% of weights")
+    return " + ".join(parts) or "-"

@@ -148,7 +148,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
                                   fused_loss=workload.uses("fused_loss"), shared_prefix=workload.uses("shared_prefix"))
     pad_id = loaded.tokenizer.pad_token_id or 0
     shared = objective.shared_prefix and workload.uses("packing")
-    collate = (lambda examples: collate_packed(examples, shared)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
+    drop_tail = objective.drops_unsupervised_tail and workload.uses("unsupervised_tail")
+    collate = (lambda examples: collate_packed(examples, shared, drop_unsupervised_tail=drop_tail)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
     clock = StepClock(profiler, workload.device)
 
     class Clock(Callback):

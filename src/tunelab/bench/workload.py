@@ -22,8 +22,9 @@ LEVERS = {
     "fused_loss": "LM head + cross-entropy in row chunks, the [tokens, vocab] logits never whole",
     "varlen": "attention per packed example instead of one block-diagonal mask",
     "shared_prefix": "a batch's common unsupervised prompt prefix held once per packed row",
+    "unsupervised_tail": "each example's tokens after its last supervised one left out of packed rows",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
-    "bucketing": "packed rows padded to a multiple of 64 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
+    "bucketing": "packed rows padded to a multiple of 16 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
     "fused_mlp": "a LoRA-adapted gated MLP as one function with a hand-written backward",
     "fused_qkv": "LoRA-adapted q/k/v projections as one function (one down-projection matmul for the three)",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
@@ -31,7 +32,8 @@ LEVERS = {
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
-DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv")
+DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "unsupervised_tail", "low_precision_frozen",
+                  "bucketing", "fused_mlp", "fused_qkv")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 

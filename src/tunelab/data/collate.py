@@ -45,6 +45,13 @@ def _first_supervised(example: Example) -> int:
     return next((i for i, label in enumerate(example.labels) if i > 0 and label != IGNORE_INDEX), len(example.labels))
 
 
+def supervised_end(example: Example) -> int:
+    """How many leading tokens of ``example`` its loss can read: up to and including its last
+    supervised token (the whole example when none is supervised)."""
+    last = next((i for i in range(len(example.labels) - 1, 0, -1) if example.labels[i] != IGNORE_INDEX), None)
+    return len(example.labels) if last is None else last + 1
+
+
 def shared_prefix_length(examples: Sequence[Example]) -> int:
     """How many leading tokens all ``examples`` have in common and none supervises.
 
@@ -71,7 +78,8 @@ def prefix_groups(examples: Sequence[Example], group_size: int | None) -> list[S
     return [examples[i : i + group_size] for i in range(0, len(examples), group_size)]
 
 
-def collate_packed(examples: Sequence[Example], share_prefix: bool = False, group_size: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Sequence[Example], share_prefix: bool = False, group_size: int | None = None,
+                   drop_unsupervised_tail: bool = False) -> dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``position_ids``, each ``[1, total_tokens]``; no attention mask.
 
     Each example's first label is ``IGNORE_INDEX``: models shift labels left by one inside, so the
@@ -82,6 +90,13 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     ``segment_prefix`` (``[S]``: for a suffix, the index of the prefix segment it continues; -1
     for a prefix or a whole example) and ``example_tokens`` (the examples' own token count, ``[1]``,
     for throughput figures).
+
+    With ``drop_unsupervised_tail``, each example ends at its last supervised token
+    (``supervised_end``): the tokens after it predict nothing that carries loss, and under causal
+    attention no earlier position reads them, so a loss over supervised tokens is the same without
+    them. Chat templates leave one or more there (ChatML's newline after ``<|im_end|>``: 1 of ~45
+    tokens per example on the benchmark's short rows). Only for objectives that read nothing else
+    (``CausalLMObjective.drops_unsupervised_tail``); ``example_tokens`` still counts every token.
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
@@ -104,10 +119,11 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
             prefix_of.append(-1)
         prefix_index = len(prefix_of) - 1 if prefix else -1
         for example in group:
-            input_ids += example.input_ids[prefix:]
-            labels += [IGNORE_INDEX, *example.labels[prefix + 1 :]]
-            positions += range(prefix, len(example.input_ids))
-            weights += [example.weight] * (len(example.input_ids) - prefix)
+            end = supervised_end(example) if drop_unsupervised_tail else len(example.input_ids)
+            input_ids += example.input_ids[prefix:end]
+            labels += [IGNORE_INDEX, *example.labels[prefix + 1 : end]]
+            positions += range(prefix, end)
+            weights += [example.weight] * (end - prefix)
             bounds.append(len(input_ids))
             prefix_of.append(prefix_index)
     batch = {
@@ -121,7 +137,9 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     if any(p >= 0 for p in prefix_of):
         batch["segment_bounds"] = torch.tensor(bounds, dtype=torch.int32)
         batch["segment_prefix"] = torch.tensor(prefix_of, dtype=torch.long)
-        batch["example_tokens"] = torch.tensor([sum(len(e.input_ids) for e in examples)])
+    held = sum(len(e.input_ids) for e in examples)
+    if held != len(input_ids):
+        batch["example_tokens"] = torch.tensor([held])
     return batch
 
 
@@ -140,7 +158,7 @@ def pad_packed_row(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, t
         starts = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist()
         out["segment_bounds"] = torch.tensor([*starts, length], dtype=torch.int32)
         out["segment_prefix"] = torch.full((len(starts),), -1, dtype=torch.long)
-        out["example_tokens"] = torch.tensor([length])
+        out.setdefault("example_tokens", torch.tensor([length]))  # a row whose tails were dropped already counts its examples
     out["segment_bounds"] = torch.cat([out["segment_bounds"], torch.tensor([length + pad], dtype=torch.int32)])
     out["segment_prefix"] = torch.cat([out["segment_prefix"], torch.tensor([PADDING_SEGMENT])])
     out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_zeros(1, pad)], dim=1)

@@ -54,7 +54,8 @@ class Objective(Protocol):
     # unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective whose
     # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes
     # within each run of that many examples instead of across the batch (a preference pair's two
-    # answers).
+    # answers). ``drops_unsupervised_tail: bool``: True says the loss reads only positions that
+    # predict a supervised token, so a packed row may end each example at its last supervised token.
     #
     # Optional: ``row_padding: bool``. True says the objective reads a packed row that ends in a
     # padding segment (``tunelab.data.collate.pad_packed_row``: no example, no loss); the trainer

@@ -145,7 +145,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         max_grad_norm=workload.max_grad_norm, eval_before=False, save_every=workload.steps,
     )
     objective = CausalLMObjective(model, sliced_logits=workload.uses("sliced_logits"), varlen=workload.uses("varlen"),
-                                  fused_loss=workload.uses("fused_loss"), shared_prefix=workload.uses("shared_prefix"))
+                                  fused_loss=workload.uses("fused_loss"), shared_prefix=workload.uses("shared_prefix"),
+                                  sliced_last_mlp=workload.uses("sliced_last_mlp"))
     pad_id = loaded.tokenizer.pad_token_id or 0
     shared = objective.shared_prefix and workload.uses("packing")
     drop_tail = objective.drops_unsupervised_tail and workload.uses("unsupervised_tail")

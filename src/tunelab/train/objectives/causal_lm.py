@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ import transformers.modeling_utils
 
 from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
 from tunelab.train.distributed import unwrap as unwrap_ddp
+from tunelab.train.last_block import last_gated_mlp, mlp_at, read_positions
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 from tunelab.train.packing_check import packs_exactly
@@ -107,13 +109,16 @@ class CausalLMObjective:
     name = "causal_lm"
 
     def __init__(self, model: torch.nn.Module, *, sliced_logits: bool = True, varlen: bool = True, fused_loss: bool = True,
-                 shared_prefix: bool = False):
-        """``sliced_logits``/``varlen``/``fused_loss``/``shared_prefix`` exist so the benchmark can
-        measure each lever switched off. ``shared_prefix`` asks for packed rows that hold the
-        batch's common unsupervised prefix once (``collate_packed(share_prefix=True)``); it needs
-        per-example attention, so ``self.shared_prefix`` says whether the model got it."""
+                 shared_prefix: bool = False, sliced_last_mlp: bool = True):
+        """``sliced_logits``/``varlen``/``fused_loss``/``shared_prefix``/``sliced_last_mlp`` exist so
+        the benchmark can measure each lever switched off. ``shared_prefix`` asks for packed rows
+        that hold the batch's common unsupervised prefix once (``collate_packed(share_prefix=True)``);
+        it needs per-example attention, so ``self.shared_prefix`` says whether the model got it."""
         self.prompt_learning = is_prompt_learning(model)
         self.sliced_logits = sliced_logits and not self.prompt_learning and _accepts_logits_to_keep(model)
+        # The last block's MLP only where the loss reads it (``tunelab.train.last_block``): the
+        # positions are the sliced head's, so only where those are the model's own.
+        self.sliced_last_mlp = sliced_last_mlp and self.sliced_logits
         # Looked up once: a DDP wrapper added later holds the same modules.
         self.head = fusable_head(model) if fused_loss and self.sliced_logits else None
         self.fused_loss = self.head is not None
@@ -136,13 +141,21 @@ class CausalLMObjective:
     def _packed_attention(self, batch: dict[str, torch.Tensor]) -> bool:
         return self.varlen and "position_ids" in batch and "attention_mask" not in batch
 
-    def attention_scope(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
-        """Per-example attention for a packed ``batch``, for as long as the context lasts.
+    @contextlib.contextmanager
+    def attention_scope(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Per-example attention for a packed ``batch`` and the last block's MLP at the positions
+        the loss reads, for as long as the context lasts.
 
         The trainer holds it over the backward pass as well: activation checkpointing re-runs
-        the forward there, and it must attend exactly as the first forward did.
+        the forward there, and it must compute exactly as the first forward did.
         """
-        return varlen_attention(model) if self._packed_attention(batch) else contextlib.nullcontext()
+        with contextlib.ExitStack() as scope:
+            if self._packed_attention(batch):
+                scope.enter_context(varlen_attention(model))
+            last_mlp = last_gated_mlp(model) if self.sliced_last_mlp else None
+            if last_mlp is not None:
+                scope.enter_context(mlp_at(last_mlp, read_positions(batch["labels"])))
+            yield
 
     def supervised_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [N, vocab], targets [N], picked [B, T-1])`` at the N positions whose next token is

@@ -1,0 +1,72 @@
+"""The last decoder block's MLP computed only at the positions a loss reads.
+
+A causal-LM loss over supervised tokens reads the model's last hidden state only at the positions
+that predict one (``CausalLMObjective``'s sliced head). Every block but the last must run at every
+position: later blocks' attention reads their keys and values. The last block's MLP, though, feeds
+nothing but the final norm and the head, position by position, so at the other positions its
+output is never read. On chat SFT rows that is most of them (the short benchmark workload: 16 of
+~380 positions per step read), and the MLP is ~3/4 of a SmolLM2 block's matmul work, so computing
+it only where it is read skips about 1/40 of a step's matmuls. At the skipped positions the block
+outputs its attention's residual (the MLP's output taken as zero): a value no loss term reads.
+
+Only for a gated MLP (``gate_proj``/``up_proj``/``down_proj`` with a SiLU or ReLU ``act_fn``, the
+family ``tunelab.train.fused_mlp`` computes), whose output at a position depends on that position's
+input alone; a mixture-of-experts layer (routing capacity, auxiliary outputs) keeps its forward.
+The patch is held for as long as the objective's attention scope, which the trainer keeps over the
+backward pass too: activation checkpointing re-runs the block's forward there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.methods.peft_adapters import unwrap_peft
+from tunelab.train.distributed import unwrap as unwrap_ddp
+from tunelab.train.fused_mlp import ACTIVATIONS
+
+
+def last_gated_mlp(model: nn.Module) -> nn.Module | None:
+    """The gated MLP of ``model``'s last decoder block (through DDP and peft wrappers), or None."""
+    inner = unwrap_peft(unwrap_ddp(model))
+    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    mlp = getattr(layers[-1], "mlp", None)
+    gated = mlp is not None and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    return mlp if gated and type(getattr(mlp, "act_fn", None)) in ACTIVATIONS else None
+
+
+def read_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: True at the positions whose next token carries loss (the ones a causal-LM loss reads)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+@contextlib.contextmanager
+def mlp_at(mlp: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Run ``mlp`` only at the ``True`` positions of ``keep`` (``[B, T]``) while the context lasts;
+    its output elsewhere is zero. Calls of another shape, or with extra arguments, run it whole."""
+    own = mlp.__dict__.get("forward")  # an instance patch already there (``fused_mlps``), kept under ours
+    whole = mlp.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or x.shape[:-1] != keep.shape:
+            return whole(x, *args, **kwargs)
+        picked = whole(x[keep])
+        return picked.new_zeros(*keep.shape, picked.shape[-1]).index_put((keep,), picked)
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own

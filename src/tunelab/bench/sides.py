@@ -149,8 +149,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
                                   sliced_last_mlp=workload.uses("sliced_last_mlp"))
     pad_id = loaded.tokenizer.pad_token_id or 0
     shared = objective.shared_prefix and workload.uses("packing")
-    drop_tail = objective.drops_unsupervised_tail and workload.uses("unsupervised_tail")
-    collate = (lambda examples: collate_packed(examples, shared, drop_unsupervised_tail=drop_tail)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
+    unread = objective.drops_unread_inputs and workload.uses("unread_inputs")
+    collate = (lambda examples: collate_packed(examples, shared, drop_unread_inputs=unread)) if workload.uses("packing") else (lambda examples: collate_padded(examples, pad_id))
     clock = StepClock(profiler, workload.device)
 
     class Clock(Callback):

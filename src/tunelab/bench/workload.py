@@ -22,7 +22,7 @@ LEVERS = {
     "fused_loss": "LM head + cross-entropy in row chunks, the [tokens, vocab] logits never whole",
     "varlen": "attention per packed example instead of one block-diagonal mask",
     "shared_prefix": "a batch's common unsupervised prompt prefix held once per packed row",
-    "unsupervised_tail": "each example's tokens after its last supervised one left out of packed rows",
+    "unread_inputs": "packed rows without the inputs no target reads: each example's tail and its last supervised token",
     "sliced_last_mlp": "the last block's MLP only at the positions the loss reads",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
     "bucketing": "packed rows padded to a multiple of 16 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
@@ -33,7 +33,7 @@ LEVERS = {
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
-DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "unsupervised_tail", "sliced_last_mlp",
+DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "unread_inputs", "sliced_last_mlp",
                   "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"

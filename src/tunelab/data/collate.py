@@ -79,7 +79,7 @@ def prefix_groups(examples: Sequence[Example], group_size: int | None) -> list[S
 
 
 def collate_packed(examples: Sequence[Example], share_prefix: bool = False, group_size: int | None = None,
-                   drop_unsupervised_tail: bool = False) -> dict[str, torch.Tensor]:
+                   drop_unread_inputs: bool = False) -> dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``position_ids``, each ``[1, total_tokens]``; no attention mask.
 
     Each example's first label is ``IGNORE_INDEX``: models shift labels left by one inside, so the
@@ -91,12 +91,18 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     for a prefix or a whole example) and ``example_tokens`` (the examples' own token count, ``[1]``,
     for throughput figures).
 
-    With ``drop_unsupervised_tail``, each example ends at its last supervised token
-    (``supervised_end``): the tokens after it predict nothing that carries loss, and under causal
-    attention no earlier position reads them, so a loss over supervised tokens is the same without
-    them. Chat templates leave one or more there (ChatML's newline after ``<|im_end|>``: 1 of ~45
-    tokens per example on the benchmark's short rows). Only for objectives that read nothing else
-    (``CausalLMObjective.drops_unsupervised_tail``); ``example_tokens`` still counts every token.
+    With ``drop_unread_inputs``, the row leaves out the input tokens that no supervised target
+    reads. Each example ends at its last supervised token (``supervised_end``): the tokens after it
+    predict nothing that carries loss and, under causal attention, no earlier position reads them
+    (ChatML's newline after ``<|im_end|>``). That last token is itself only a target: the position
+    before it predicts it and nothing reads its input. So it is left out too, and its label goes to
+    the next segment's first label slot, the one position ``t`` reads as ``labels[t + 1]`` and that
+    the layout otherwise leaves empty (with its example's weight beside it); the row's last example
+    keeps it, having no next slot. A loss over supervised tokens is the same to the bit; on the
+    benchmark's short chat rows 2 of ~45 tokens per example go. Only for objectives whose loss
+    reads nothing else (``CausalLMObjective.drops_unread_inputs``: a moved label sits in the next
+    example's segment, which per-example accounting such as ``example_index`` would misread);
+    ``example_tokens`` still counts every token the examples hold.
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
@@ -107,25 +113,34 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False, grou
     positions: list[int] = []
     weights: list[float] = []
     bounds, prefix_of = [0], []
+    carried: tuple[int, float] | None = None  # a moved label and its weight, for the next segment's first slot
+    placed = 0
     for group in prefix_groups(examples, group_size):
         # An image's placeholder tokens are the same ids whatever the image: never shared.
         prefix = shared_prefix_length(group) if share_prefix and not any(e.pixel_values is not None for e in group) else 0
         if prefix:
             input_ids += group[0].input_ids[:prefix]
-            labels += [IGNORE_INDEX] * prefix
+            first, weight = carried or (IGNORE_INDEX, 1.0)  # 1.0: never read unless a label was moved here
+            labels += [first] + [IGNORE_INDEX] * (prefix - 1)
             positions += range(prefix)
-            weights += [1.0] * prefix  # never read: no prefix token is supervised
+            weights += [weight] + [1.0] * (prefix - 1)
             bounds.append(len(input_ids))
             prefix_of.append(-1)
+            carried = None
         prefix_index = len(prefix_of) - 1 if prefix else -1
         for example in group:
-            end = supervised_end(example) if drop_unsupervised_tail else len(example.input_ids)
-            input_ids += example.input_ids[prefix:end]
-            labels += [IGNORE_INDEX, *example.labels[prefix + 1 : end]]
-            positions += range(prefix, end)
-            weights += [example.weight] * (end - prefix)
+            placed += 1
+            end = supervised_end(example) if drop_unread_inputs else len(example.input_ids)
+            moves = drop_unread_inputs and placed < len(examples) and end - 1 > prefix and example.labels[end - 1] != IGNORE_INDEX
+            stop = end - 1 if moves else end
+            first, weight = carried or (IGNORE_INDEX, example.weight)
+            input_ids += example.input_ids[prefix:stop]
+            labels += [first, *example.labels[prefix + 1 : stop]]
+            positions += range(prefix, stop)
+            weights += [weight] + [example.weight] * (stop - prefix - 1)
             bounds.append(len(input_ids))
             prefix_of.append(prefix_index)
+            carried = (example.labels[end - 1], example.weight) if moves else None
     batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),

@@ -117,18 +117,18 @@ def _example_shape(recipe: Recipe, data_section: DataConfig) -> str:
 
 
 def _causal_lm_collate(objective: Objective, recipe: Recipe, pad_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
-    """Packed rows (with the shared prefix held once and each example's unsupervised tail left out
-    when the objective reads that layout) or right-padded ones; preference pairs become their two
+    """Packed rows (with the shared prefix held once and the inputs no target reads left out, when
+    the objective reads that layout) or right-padded ones; preference pairs become their two
     sequences first. Pipeline stages send fixed-shape activations (``strategy: pp``): padded rows there."""
     packed = objective.collation == "packed" and recipe.data.packing and recipe.train.distributed.strategy != "pp"
     share_prefix = bool(getattr(objective, "shared_prefix", False))
     group_size = getattr(objective, "prefix_group", None)
-    drop_tail = bool(getattr(objective, "drops_unsupervised_tail", False))
+    drop_unread = bool(getattr(objective, "drops_unread_inputs", False))
 
     def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         if examples and examples[0].group_labels is not None:
             examples = preference_sequences(examples)
-        return collate_packed(examples, share_prefix, group_size, drop_tail) if packed else collate_padded(examples, pad_id)
+        return collate_packed(examples, share_prefix, group_size, drop_unread) if packed else collate_padded(examples, pad_id)
 
     return collate
 

@@ -54,8 +54,9 @@ class Objective(Protocol):
     # unsupervised prefix once (``collate_packed(share_prefix=True)``); only an objective whose
     # attention scope understands that layout may say so. ``prefix_group: int`` shares prefixes
     # within each run of that many examples instead of across the batch (a preference pair's two
-    # answers). ``drops_unsupervised_tail: bool``: True says the loss reads only positions that
-    # predict a supervised token, so a packed row may end each example at its last supervised token.
+    # answers). ``drops_unread_inputs: bool``: True says the loss reads only positions that
+    # predict a supervised token, so a packed row may leave out the inputs no target reads and move
+    # labels into the slots the layout leaves free (``collate_packed(drop_unread_inputs=True)``).
     #
     # Optional: ``row_padding: bool``. True says the objective reads a packed row that ends in a
     # padding segment (``tunelab.data.collate.pad_packed_row``: no example, no loss); the trainer

@@ -131,9 +131,9 @@ class CausalLMObjective:
         self.shared_prefix = shared_prefix and self.varlen
         #: Per-example attention reads a padding segment as no example (``pad_packed_row``).
         self.row_padding = self.varlen
-        #: Its loss reads only positions that predict a supervised token, so packed rows may end
-        #: each example at its last supervised token (``collate_packed(drop_unsupervised_tail=True)``).
-        self.drops_unsupervised_tail = True
+        #: Its loss reads only positions that predict a supervised token (each through its own
+        #: label slot), so packed rows may leave out inputs no target reads (``collate_packed``).
+        self.drops_unread_inputs = True
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

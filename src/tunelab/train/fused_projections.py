@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunelab.methods.peft_adapters import LoraParts, lora_parts
-from tunelab.train.fused_mlp import _up_grad
+from tunelab.train.fused_mlp import adapter_up_grad
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 
@@ -61,7 +61,7 @@ class _FusedLoraProjections(torch.autograd.Function):
         frozen, ups = rest[:count], rest[count:]
         d_outs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         lows = low.split(ctx.ranks, dim=1)
-        d_ups = [_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]
+        d_ups = [adapter_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]
         d_low = torch.cat([(d @ b) * s for d, b, s in zip(d_outs, ups, scales)], dim=1)
         d_downs = (d_low.t() @ x2).split(ctx.ranks)
         d_x = None

@@ -43,7 +43,8 @@ def last_gated_mlp(model: nn.Module) -> nn.Module | None:
 
 
 def read_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T]``: True at the positions whose next token carries loss (the ones a causal-LM loss reads)."""
+    """``[B, T]``: True at the positions whose next token carries loss (the ones a causal-LM loss
+    reads): where the sliced head computes logits and the last block's MLP runs."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100
     return keep

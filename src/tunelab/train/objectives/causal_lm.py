@@ -186,9 +186,7 @@ class CausalLMObjective:
         targets = labels[:, 1:][supervised_next]
         with self.attention_scope(model, batch):
             if self.sliced_logits:
-                keep = torch.zeros_like(labels, dtype=torch.bool)
-                keep[:, :-1] = supervised_next
-                out, logits = _sliced_forward(model, inputs, keep, use_cache=False, output_hidden_states=hidden_states)
+                out, logits = _sliced_forward(model, inputs, read_positions(labels), use_cache=False, output_hidden_states=hidden_states)
             else:
                 out = model(**inputs, use_cache=False, output_hidden_states=hidden_states)
                 full = out.logits[:, -labels.shape[1] :]  # drop virtual-token positions of prompt learning

@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 
 from tunelab.data import Example, collate_packed, collate_padded
 from tunelab.models import load_model
-from tunelab.train.objectives import causal_lm
+from tunelab.train.objectives import causal_lm, fused_cross_entropy
 from tunelab.train.objectives.causal_lm import CausalLMObjective, fusable_head
-from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
+from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy, reused_buffers
 
 
 @pytest.mark.parametrize("head_trains", [False, True])
@@ -35,6 +35,47 @@ def test_fused_equals_plain_cross_entropy_in_value_and_gradients(head_trains, we
     assert torch.allclose(hidden.grad, hidden_ref.grad, atol=1e-5)
     if head_trains:
         assert torch.allclose(weight.grad, weight_ref.grad, atol=1e-5)
+
+
+def test_hits_count_the_first_maximal_class_only_as_argmax_does():
+    """Argmax is taken only where the target reaches the row's maximum; a tie with an earlier
+    class is argmax's first maximal index, so that row is a miss."""
+    weight = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    weight[9] = weight[4]  # classes 4 and 9 score alike on every input
+    hidden = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    top = F.linear(hidden, weight).argmax(-1)
+    targets = torch.where(top == 4, torch.where(torch.arange(40) % 2 == 0, 4, 9), top)  # ties: half first, half second
+    targets[::5] = (targets[::5] + 1) % 12  # and some plain misses
+    with torch.no_grad():
+        _, correct = fused_linear_cross_entropy(hidden, weight, targets)
+    assert (top == 4).any() and int(correct) == int((F.linear(hidden, weight).argmax(-1) == targets).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_buffers_give_the_same_losses_and_gradients_and_are_dropped_on_exit(dtype):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(300, 16, generator=g).to(dtype)
+    calls = [(torch.randn(n, 16, generator=g).to(dtype), torch.randint(0, 300, (n,), generator=g)) for n in (50, 130, 20)]
+
+    def run():
+        out = []
+        for hidden, targets in calls:
+            hidden = hidden.clone().requires_grad_()
+            loss, correct = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+            loss.backward()
+            out.append((loss.detach(), int(correct), hidden.grad))
+        return out
+
+    fresh = run()
+    with reused_buffers():
+        kept = run()
+        held = {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._buffers.items()}
+        assert {name for name, _, _ in held} == ({"logits"} if dtype == torch.float32 else {"logits", "scores"}) | {"probabilities"}
+        run()  # the same row counts again: nothing reallocated
+        assert {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._buffers.items()} == held
+    assert fused_cross_entropy._buffers is None
+    for (loss_a, hits_a, grad_a), (loss_b, hits_b, grad_b) in zip(fresh, kept):
+        assert torch.equal(loss_a, loss_b) and hits_a == hits_b and torch.equal(grad_a, grad_b)
 
 
 def test_fused_without_gradients_returns_the_loss_only():

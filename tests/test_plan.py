@@ -156,11 +156,11 @@ def test_the_activation_rules_match_what_autograd_saves(method, precision, seq):
 def test_the_planner_s_copies_of_engine_constants_are_the_engine_s():
     from tunelab.methods.config import LoraConfig
     from tunelab.plan import layer_activations, loss_memory
-    from tunelab.train.objectives.fused_cross_entropy import DEFAULT_CHUNK_ROWS
+    from tunelab.train.objectives.fused_cross_entropy import DEFAULT_CHUNK_ROWS, ROW_STEP
     from tunelab.train.varlen_attention import MATH_BELOW
 
     assert layer_activations.MATH_BELOW == MATH_BELOW
-    assert loss_memory.CHUNK_ROWS == DEFAULT_CHUNK_ROWS
+    assert (loss_memory.CHUNK_ROWS, loss_memory.ROW_STEP) == (DEFAULT_CHUNK_ROWS, ROW_STEP)
     defaults = Settings()
     assert (defaults.adapter_rank, defaults.adapter_dropout) == (LoraConfig().r, LoraConfig().dropout)
 

@@ -3,9 +3,9 @@
 The engine has two paths (``train/objectives/causal_lm.py``). The fused path computes the head
 and the cross-entropy in chunks of ``CHUNK_ROWS`` supervised positions inside the forward pass,
 storing the gradients it will hand back (with respect to the hidden states, and to the head's
-weight when it trains): one chunk's ``[rows, vocab]`` fp32 logits exist at a time (each chunk is
-one function call, so the previous chunk's probabilities are freed first), plus PyTorch's
-``logsumexp`` temporary of the same size. The logits path (under FSDP, whose sharded head is
+weight when it trains): one chunk's ``[rows, vocab]`` buffers exist at a time, the logits in the
+matmul's dtype, their fp32 copy under autocast, and the fp32 softmax (the trainer keeps them
+from step to step, sized to the largest chunk seen, rounded up to 64 rows). The logits path (under FSDP, whose sharded head is
 whole only inside the model's forward) computes ``[supervised, vocab]`` logits in the model,
 upcasts them to fp32 and keeps the log-softmax for the backward, which then allocates two more
 fp32 tensors of that size (the gradients of the loss and of the log-softmax).
@@ -20,6 +20,8 @@ from tunelab.plan.architecture import Architecture
 #: Rows per chunk of the fused loss (``tunelab.train.objectives.fused_cross_entropy.DEFAULT_CHUNK_ROWS``;
 #: a test keeps the two equal).
 CHUNK_ROWS = 512
+#: The kept buffers' row rounding (``fused_cross_entropy.ROW_STEP``; the same test).
+ROW_STEP = 64
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,10 @@ def loss_memory(
         rows = min(CHUNK_ROWS, supervised)
         grad_hidden = residual_bytes * h * supervised if hidden_requires_grad else 0
         grad_weight = 4 * V * h if head_trains else 0  # fp32, accumulated chunk by chunk
-        chunk = 4 * rows * V  # one chunk's fp32 logits, turned into probabilities in place
-        # A chunk's logits, then logsumexp's temporary of the same size, or (a trainable head)
-        # the product added into grad_weight.
-        inside = chunk + max(chunk, (compute_bytes * rows * V if autocast else 0) + (4 * V * h if head_trains else 0))
+        rows = -(-rows // ROW_STEP) * ROW_STEP  # the buffers the trainer keeps
+        # A chunk's logits (fp32 without autocast), their fp32 scores under autocast, the fp32
+        # softmax, and with a trainable head the product added into grad_weight.
+        inside = (compute_bytes if autocast else 4) * rows * V + (4 * rows * V if autocast else 0) + 4 * rows * V + (4 * V * h if head_trains else 0)
         casts = 2 * compute_bytes * V * h if autocast and head_weight_bytes != compute_bytes else 0
         return LossMemory(
             saved=index + grad_hidden + grad_weight + head_copy,

@@ -33,7 +33,7 @@ from tunelab.train.example_scores import example_losses, timed_losses
 from tunelab.train.fused_mlp import fused_mlps
 from tunelab.train.fused_projections import fused_projections
 from tunelab.train.grad_compression import bucket_cap_mb, register_compression
-from tunelab.train.objectives import Objective, accumulate
+from tunelab.train.objectives import Objective, accumulate, fused_cross_entropy
 from tunelab.train.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from tunelab.train.samplers import (
     Sampler,
@@ -148,6 +148,8 @@ class Trainer:
     fuse_mlp: bool = True
     #: Run LoRA-adapted q/k/v projections as one function per attention module (``fused_projections``).
     fuse_qkv: bool = True
+    #: Keep the fused loss's ``[rows, vocab]`` buffers from step to step (``fused_cross_entropy.reused_buffers``).
+    reuse_loss_buffers: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -354,6 +356,8 @@ class Trainer:
         # shards (DTensors) keep the modules' own MLP and projections
         fusable = not self.compile and not self.sharded
         with contextlib.ExitStack() as fused:
+            if self.reuse_loss_buffers:
+                fused.enter_context(fused_cross_entropy.reused_buffers())
             if self.fuse_mlp and fusable:
                 fused.enter_context(fused_mlps(self.model))
             if self.fuse_qkv and fusable:

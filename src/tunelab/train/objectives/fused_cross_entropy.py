@@ -16,22 +16,75 @@ trainer's objectives return; the gradient is exact for any scalar that is a mult
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-import torch.nn.functional as F
 
 #: Rows per chunk: 512 x 49k fp32 logits = 100 MB transient. Measured on SmolLM2's head (2048 tokens,
 #: AVX2 EPYC, fp32): 512 rows as fast as 1024 at half the memory (287 vs 575 MB); 256 rows 5% slower.
 DEFAULT_CHUNK_ROWS = 512
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss, the probabilities (fp32, in place of the logits) and the argmax of one chunk."""
-    logits = F.linear(hidden.to(_matmul_dtype(weight)), weight).float()
-    predicted = logits.argmax(-1)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    loss = log_norm - logits.gather(1, targets[:, None]).squeeze(1)
-    probabilities = logits.sub_(log_norm[:, None]).exp_()
-    return loss, probabilities, predicted
+@contextlib.contextmanager
+def reused_buffers() -> Iterator[None]:
+    """Keep the chunks' ``[rows, vocab]`` buffers from one call to the next while inside.
+
+    Why: glibc maps every allocation above 32 MB fresh from the OS and unmaps it when freed, so
+    a new tensor that size page-faults on each 4 kB it writes, every time; the fp32 scores of
+    230 positions over SmolLM2's vocabulary are 45 MB. Measured on the AVX-512 BF16 EPYC (230
+    rows, bf16): the loss around the head's matmul took 46 ms with fresh tensors and 10 ms in
+    kept buffers (bench/README.md, session 33). The trainer holds this over ``fit``; outside it
+    each call allocates its own, so nothing is kept once training ends.
+    """
+    global _buffers
+    outer = _buffers
+    _buffers = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _buffers = outer
+
+
+_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] | None = None
+#: Kept buffers grow in steps of this many rows, so a run's varying row counts reallocate rarely.
+ROW_STEP = 64
+
+
+def _buffer(name: str, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[rows, vocab]`` tensor to overwrite: a kept one inside ``reused_buffers``, else new."""
+    if _buffers is None:
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    key = (name, dtype, device)
+    held = _buffers.get(key)
+    if held is None or held.shape[0] < rows or held.shape[1] != vocab:
+        _buffers.pop(key, None)  # freed before its successor exists
+        held = _buffers[key] = torch.empty(-(-rows // ROW_STEP) * ROW_STEP, vocab, dtype=dtype, device=device)
+    return held[:rows]
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's per-row loss, its softmax (fp32, to be turned into the logits' gradient in
+    place), its argmax hits and the ``dtype`` buffer the logits were computed in (free to reuse).
+
+    Four passes over the ``[rows, vocab]`` scores besides the two matmuls: the fp32 copy, its
+    maximum, the softmax (one fused kernel) and the probabilities' maximum. The log-normaliser
+    comes from the last, ``log Σ exp(s - max) = -log p_max``, so no ``logsumexp`` temporary is
+    made, and the argmax is taken only on the rows whose target reaches the maximum: a row is a
+    hit exactly when its target is the *first* maximal class, which only such rows can have.
+    """
+    rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+    logits = _buffer("logits", rows, vocab, dtype, device)
+    with torch.autocast(device.type, enabled=False):  # the dtypes are chosen: autocast's, or the weight's
+        torch.mm(hidden.to(dtype), weight.to(dtype).t(), out=logits)
+    scores = logits if dtype == torch.float32 else _buffer("scores", rows, vocab, torch.float32, device).copy_(logits)
+    top = scores.amax(-1)
+    target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+    at_top = torch.nonzero(target_scores == top).squeeze(1)
+    hits = (scores[at_top].argmax(-1) == targets[at_top]).sum()
+    probabilities = torch.ops.aten._softmax.out(scores, -1, False, out=_buffer("probabilities", rows, vocab, torch.float32, device))
+    loss = top - probabilities.amax(-1).log() - target_scores
+    return loss, probabilities, hits, logits
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None, rows: slice,
@@ -39,17 +92,17 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, to
     """Rows ``rows``: their summed (weighted) loss and argmax hits; their gradients written into
     ``grad_hidden[rows]`` and added into ``grad_weight`` when those are asked for."""
     h, t = hidden[rows], targets[rows]
-    loss, grad_logits, predicted = _chunk_loss(h, weight, t)
+    loss, grad_logits, hits, spare = _chunk_loss(h, weight, t, dtype)
     w = None if token_weights is None else token_weights[rows].float()
     loss_sum = loss.sum() if w is None else (loss * w).sum()
-    hits = (predicted == t).sum()
     if grad_hidden is None and grad_weight is None:
         return loss_sum, hits
     # d(sum_i w_i * loss_i)/d logits_i = w_i * (softmax_i - onehot(t_i))
     grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
     if w is not None:
         grad_logits.mul_(w[:, None])
-    grad_logits = grad_logits.to(dtype)
+    if grad_logits.dtype != dtype:
+        grad_logits = spare.copy_(grad_logits)  # the logits' buffer, read by nothing since the fp32 copy
     if grad_hidden is not None:
         grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
     if grad_weight is not None:

@@ -110,6 +110,7 @@ def reference_attention(query, key, value, bounds, prefix_of):
     ([26, 9, 40, 3, 63], [-1, 0, 0, 0, 0]),  # a shared prefix and its suffixes: one padded call
     ([30, 140, 5, 12, 100], [-1, 0, -1, -1, 0]),  # suffixes past MATH_BELOW with their prefix, and whole examples
     ([200, 7], [-1, -1]),  # a long example first, then a short one
+    ([20, 121, 9, 33, 20, 2], [-1, -1, -1, -1, -1, -1]),  # short segments of unlike lengths: padded groups, outputs reordered
 ])
 def test_padded_short_segments_equal_each_segment_alone(lengths, prefix_of):
     """The short segments' single padded call and the long ones' own calls give, in row order,
@@ -128,7 +129,7 @@ def test_padded_short_segments_equal_each_segment_alone(lengths, prefix_of):
     want = torch.autograd.grad(expected, (q, k, v), upstream)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
     layout = row_layout(bounds, prefix_of, torch.device("cpu"))
-    assert layout.segments == sum(1 for n, p in zip(lengths, prefix_of) if n + (lengths[p] if p >= 0 else 0) < 128)
+    assert sum(group.segments for group in layout.groups) == sum(1 for n, p in zip(lengths, prefix_of) if n + (lengths[p] if p >= 0 else 0) < 128)
 
 
 @pytest.mark.parametrize("lengths,prefix_of", [
@@ -156,7 +157,8 @@ def test_a_padding_segment_is_not_attended(lengths, prefix_of):
     want = torch.autograd.grad(alone, (q, k, v), upstream[:, :real])
     assert all(torch.allclose(a[:, :, :real], b[:, :, :real], atol=1e-12) and not a[:, :, real:].any() for a, b in zip(got, want))
     with_padding, without = row_layout(padded_bounds, padded_prefix, torch.device("cpu")), row_layout(bounds, prefix_of, torch.device("cpu"))
-    assert (with_padding.segments, with_padding.longest, with_padding.skipped) == (without.segments, without.longest, 60)
+    shapes = [[(group.segments, group.longest, group.widest) for group in layout.groups] for layout in (with_padding, without)]
+    assert shapes[0] == shapes[1] and (with_padding.skipped, without.skipped) == (60, 0)
 
 
 def test_a_bidirectional_tower_inside_the_model_keeps_plain_attention():
@@ -172,3 +174,29 @@ def test_a_bidirectional_tower_inside_the_model_keeps_plain_attention():
     tower.is_causal = False
     out, _ = varlen_sdpa(tower, q, k, v, None, cu_seq_lens_q=torch.tensor([0, 30, 95]))
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2), atol=1e-6)
+
+
+def test_segments_of_unlike_lengths_get_their_own_padded_call_when_that_costs_less():
+    """One call pads every segment to the longest; another call costs ``CALL_COST_PAIRS``."""
+    import itertools
+    import random
+
+    from tunelab.train.varlen_attention import CALL_COST_PAIRS, group_segments
+
+    def cost(groups, shapes):
+        return sum(CALL_COST_PAIRS + len(g) * max(shapes[i][0] for i in g) * max(shapes[i][1] for i in g) for g in groups)
+
+    chat = [(20, 20)] * 7 + [(121, 121)]  # seven short examples and a long one: 7.8 vs 2.4 ms on SmolLM2
+    assert sorted(map(sorted, group_segments(chat))) == [list(range(7)), [7]]
+    assert group_segments([(20, 46)] * 8) == [list(range(8))]  # alike: one call
+    rng = random.Random(0)
+    for _ in range(50):  # the least cost over every split of the key-sorted segments into runs
+        shapes = [(q, q + rng.choice([0, 26])) for q in (rng.randint(1, 127) for _ in range(rng.randint(1, 8)))]
+        order = sorted(range(len(shapes)), key=lambda i: (shapes[i][1], shapes[i][0]))
+        splits = (
+            [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))]
+            for r in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), r)
+        )
+        chosen = group_segments(shapes)
+        assert sorted(i for g in chosen for i in g) == list(range(len(shapes)))
+        assert cost(chosen, shapes) == min(cost(s, shapes) for s in splits)

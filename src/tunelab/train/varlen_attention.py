@@ -18,12 +18,13 @@ cost per call, most of it in backward. Measured in one process, alternating, one
 (bench/README.md): on SmolLM2 chat examples of ~70 tokens the whole LoRA step was 14% faster with
 the math kernel; on tiny-llama-20m byte-level examples of 150-190 tokens flash was 10% faster.
 ``MATH_BELOW`` sits between the two. The short segments of a row (every one whose keys, prefix
-included, number fewer than ``MATH_BELOW``) go through *one* padded attention: queries and keys
+included, number fewer than ``MATH_BELOW``) go through a few padded attentions: queries and keys
 gathered into ``[segments, heads, longest, dim]`` with a mask that lets each query see exactly its
 own keys. Per call, not per FLOP, is what short segments cost: a SmolLM2 shared-prefix row (a
 26-token prefix, 8 suffixes of 20-63 tokens) attends forward+backward in 9.4 ms with one padded
 sdpa math call instead of 12-13 ms per-segment with the math kernel and 15-18 ms with flash
-(2 threads, bf16). The padded attention is written out (``_short_segments``: fp32 scores, the
+(2 threads, bf16). One call for all, though, pads every segment to the longest: segments of
+similar widths share a call, and ``group_segments`` weighs a call's fixed cost against the padding. The padded attention is written out (``_short_segments``: fp32 scores, the
 values' product in the inputs' dtype), faster again than sdpa's math kernel, which does both
 products in fp32 (flash with a mask: 2x slower than math). The layout is built once per row and
 reused by every layer.
@@ -56,19 +57,14 @@ MATH_BELOW = 128  # tokens; see the module docstring
 
 
 @dataclass(frozen=True)
-class RowLayout:
-    """Where a packed row's segments go: the short ones into one padded batch, the long ones alone.
+class PaddedGroup:
+    """Short segments attended by one padded call.
 
-    ``query_index``/``key_index`` pick, for each short segment, its ``longest`` queries and
-    ``widest`` keys (its prefix's, then its own; padding repeats token 0 and is masked out),
-    ``hidden`` is True where a query must not see a key: each real query sees its prefix and
-    causally its own keys, a padding query key 0 only (so no softmax row is empty); it is built
-    once per row, so no layer makes its own copy. ``rows`` picks the real queries' outputs back out.
-    ``long`` holds ``(start, end, prefix start, prefix end)`` for segments attended one by one,
-    ``skipped`` the tokens of padding segments (``collate.PADDING_SEGMENT``), which no token
-    attends to and whose outputs carry no loss: they are not attended (their output is zero)
-    rather than set the padded batch's ``longest``. ``order`` (when the outputs do not come out
-    in row order) puts them back.
+    ``query_index``/``key_index`` pick, for each segment, its ``longest`` queries and ``widest``
+    keys (its prefix's, then its own; padding repeats token 0 and is masked out), ``hidden`` is
+    True where a query must not see a key: each real query sees its prefix and causally its own
+    keys, a padding query key 0 only (so no softmax row is empty); it is built once per row, so
+    no layer makes its own copy. ``rows`` picks the real queries' outputs back out.
     """
 
     segments: int
@@ -78,11 +74,77 @@ class RowLayout:
     key_index: torch.Tensor
     hidden: torch.Tensor
     rows: torch.Tensor
+    #: the gathers and bias per (query heads, key/value heads, scores' dtype): see ``_head_index``
+    by_heads: dict[tuple[int, int, torch.dtype], _HeadIndex] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where a packed row's segments go: the short ones into padded groups, the long ones alone.
+
+    ``groups`` are the padded calls (``group_segments`` chooses them), ``long`` holds ``(start,
+    end, prefix start, prefix end)`` for segments attended one by one, ``skipped`` the tokens of
+    padding segments (``collate.PADDING_SEGMENT``), which no token attends to and whose outputs
+    carry no loss: they are not attended (their output is zero) rather than widen a group.
+    ``order`` (when the outputs do not come out in row order) puts them back.
+    """
+
+    groups: tuple[PaddedGroup, ...]
     long: tuple[tuple[int, int, int, int], ...]
     skipped: int
     order: torch.Tensor | None
-    #: the gathers and bias per (query heads, key/value heads, scores' dtype): see ``_head_index``
-    by_heads: dict[tuple[int, int, torch.dtype], _HeadIndex] = field(default_factory=dict, compare=False)
+
+
+#: What one more padded call costs, in query-key pairs per head: measured on SmolLM2 (9 heads,
+#: bf16, 2 threads, forward + backward), a call's fixed cost is ~0.5 ms and a pair ~7 ns per head.
+CALL_COST_PAIRS = 8192
+
+
+def group_segments(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Split segments of ``(queries, keys)`` shapes into padded groups of least total cost.
+
+    A group costs ``CALL_COST_PAIRS`` plus its padded area, segments x longest x widest: one
+    group for all pads a row's 20-token examples to its one 121-token example (7.8 ms forward +
+    backward on SmolLM2) where two groups take 2.4 ms. Segments sorted by keys, then the best
+    split into consecutive runs by dynamic programming (a row holds tens of segments at most).
+    """
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][1], shapes[i][0]))
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: least cost of the first j sorted segments
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        longest = 0
+        for i in range(j - 1, -1, -1):  # the last group holds sorted segments i..j-1
+            longest = max(longest, shapes[order[i]][0])
+            cost = best[i] + CALL_COST_PAIRS + (j - i) * longest * shapes[order[j - 1]][1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _padded_group(segments: list[tuple[int, int, int, int]], device: torch.device) -> PaddedGroup:
+    """The padded call for ``segments`` (``(start, end, prefix start, prefix end)``)."""
+    longest = max(e - s for s, e, _, _ in segments)
+    widest = max(pe - ps + e - s for s, e, ps, pe in segments)
+    query_index = torch.zeros(len(segments), longest, dtype=torch.long)
+    key_index = torch.zeros(len(segments), widest, dtype=torch.long)
+    mask = torch.zeros(len(segments), 1, longest, widest, dtype=torch.bool)
+    mask[:, :, :, 0] = True  # padding queries see key 0; real ones are set below
+    rows = []
+    query, key = torch.arange(longest)[:, None], torch.arange(widest)[None, :]
+    for i, (s, e, ps, pe) in enumerate(segments):
+        length, prefix = e - s, pe - ps
+        query_index[i, :length] = torch.arange(s, e)
+        key_index[i, :prefix] = torch.arange(ps, pe)
+        key_index[i, prefix : prefix + length] = torch.arange(s, e)
+        real = query < length
+        mask[i, 0] = torch.where(real, (key < prefix) | ((key >= prefix) & (key - prefix <= query)), mask[i, 0])
+        rows.append(torch.arange(length) + i * longest)
+    return PaddedGroup(len(segments), longest, widest, query_index.view(-1).to(device), key_index.view(-1).to(device),
+                       (~mask[:, :, None]).to(device), torch.cat(rows).to(device))
 
 
 def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:
@@ -96,33 +158,14 @@ def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) ->
             continue
         ps, pe = (bounds[prefix_of[segment]], bounds[prefix_of[segment] + 1]) if prefix_of[segment] >= 0 else (s, s)
         (short if pe - ps + e - s < MATH_BELOW else long).append((s, e, ps, pe))
-    longest = max((e - s for s, e, _, _ in short), default=0)
-    widest = max((pe - ps + e - s for s, e, ps, pe in short), default=0)
-    query_index = torch.zeros(len(short), longest, dtype=torch.long)
-    key_index = torch.zeros(len(short), widest, dtype=torch.long)
-    mask = torch.zeros(len(short), 1, longest, widest, dtype=torch.bool)
-    if short:
-        mask[:, :, :, 0] = True  # padding queries see key 0; real ones are set below
-    rows, places = [], []
-    query, key = torch.arange(longest)[:, None], torch.arange(widest)[None, :]
-    for i, (s, e, ps, pe) in enumerate(short):
-        length, prefix = e - s, pe - ps
-        query_index[i, :length] = torch.arange(s, e)
-        key_index[i, :prefix] = torch.arange(ps, pe)
-        key_index[i, prefix : prefix + length] = torch.arange(s, e)
-        real = query < length
-        mask[i, 0] = torch.where(real, (key < prefix) | ((key >= prefix) & (key - prefix <= query)), mask[i, 0])
-        rows.append(torch.arange(length) + i * longest)
-        places.append(torch.arange(s, e))
+    members = [[short[i] for i in group] for group in group_segments([(e - s, pe - ps + e - s) for s, e, ps, pe in short])]
+    groups = tuple(_padded_group(group, device) for group in members)
+    places = [torch.arange(s, e) for group in members for s, e, _, _ in group]
     places += [torch.arange(s, e) for s, e, _, _ in long] + [torch.arange(s, e) for s, e in padding]
     order = torch.empty(bounds[-1], dtype=torch.long)
     order[torch.cat(places)] = torch.arange(bounds[-1])
     in_row_order = bool(torch.equal(order, torch.arange(bounds[-1])))
-    return RowLayout(
-        len(short), longest, widest, query_index.view(-1).to(device), key_index.view(-1).to(device), (~mask[:, :, None]).to(device),
-        torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device), tuple(long),
-        sum(e - s for s, e in padding), None if in_row_order else order.to(device),
-    )
+    return RowLayout(groups, tuple(long), sum(e - s for s, e in padding), None if in_row_order else order.to(device))
 
 
 _last_layout: dict[tuple, RowLayout] = {}  # the row being computed: every layer shares its layout
@@ -137,7 +180,7 @@ def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -
 
 
 class _HeadIndex(NamedTuple):
-    """A row layout's gathers for one head count: flat row indices into the token-major ``[T ×
+    """A padded group's gathers for one head count: flat row indices into the token-major ``[T ×
     heads, dim]`` queries and ``[T × key/value heads, dim]`` keys/values that land them directly
     in the padded batch's order, the padded outputs' rows back in ``[real tokens × heads]``
     order, and ``hidden`` as an additive bias. Built once per row: one ``index_select`` per tensor
@@ -149,24 +192,24 @@ class _HeadIndex(NamedTuple):
     bias: torch.Tensor
 
 
-def _head_index(layout: RowLayout, heads: int, kv_heads: int, dtype: torch.dtype) -> _HeadIndex:
-    """The gathers and the ``[segments × kv heads, groups × longest, widest]`` bias (-inf where
+def _head_index(group: PaddedGroup, heads: int, kv_heads: int, dtype: torch.dtype) -> _HeadIndex:
+    """The gathers and the ``[segments × kv heads, sharing × longest, widest]`` bias (-inf where
     hidden) for ``heads`` query heads sharing ``kv_heads`` key/value heads. Query heads sharing a
     key/value head are consecutive (transformers' ``repeat_kv``), so stacking them along the query
     axis is an order of the gather, not a copy of the keys."""
     key = (heads, kv_heads, dtype)
-    if key not in layout.by_heads:
-        n, longest, widest, groups = layout.segments, layout.longest, layout.widest, heads // kv_heads
-        device = layout.hidden.device
+    if key not in group.by_heads:
+        n, longest, widest, sharing = group.segments, group.longest, group.widest, heads // kv_heads
+        device = group.hidden.device
         head, kv_head = torch.arange(heads, device=device), torch.arange(kv_heads, device=device)
-        queries = layout.query_index.view(n, 1, longest) * heads + head.view(1, heads, 1)  # (segment, head, query)
-        keys = layout.key_index.view(n, 1, widest) * kv_heads + kv_head.view(1, kv_heads, 1)  # (segment, kv head, key)
-        segment, place = layout.rows // longest, layout.rows % longest
+        queries = group.query_index.view(n, 1, longest) * heads + head.view(1, heads, 1)  # (segment, head, query)
+        keys = group.key_index.view(n, 1, widest) * kv_heads + kv_head.view(1, kv_heads, 1)  # (segment, kv head, key)
+        segment, place = group.rows // longest, group.rows % longest
         outputs = (segment[:, None] * heads + head[None, :]) * longest + place[:, None]  # (token, head)
-        bias = torch.zeros(layout.hidden.shape, dtype=dtype, device=device).masked_fill_(layout.hidden, float("-inf"))
-        bias = bias.expand(n, kv_heads, groups, longest, widest).reshape(n * kv_heads, groups * longest, widest)
-        layout.by_heads[key] = _HeadIndex(queries.reshape(-1), keys.reshape(-1), outputs.reshape(-1), bias)
-    return layout.by_heads[key]
+        bias = torch.zeros(group.hidden.shape, dtype=dtype, device=device).masked_fill_(group.hidden, float("-inf"))
+        bias = bias.expand(n, kv_heads, sharing, longest, widest).reshape(n * kv_heads, sharing * longest, widest)
+        group.by_heads[key] = _HeadIndex(queries.reshape(-1), keys.reshape(-1), outputs.reshape(-1), bias)
+    return group.by_heads[key]
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
@@ -175,9 +218,9 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     return x[0].transpose(0, 1).reshape(-1, x.shape[3])
 
 
-def _short_segments(layout: RowLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _short_segments(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     dropout: float, scaling: float | None) -> torch.Tensor:
-    """One padded attention for every short segment: ``[tokens, heads, dim]`` in segment order.
+    """One padded attention for a group of short segments: ``[tokens, heads, dim]`` in segment order.
 
     Written out rather than sdpa's math kernel, which upcasts bf16 inputs to fp32 for both
     products. Here the scores are computed in fp32 (what sets the softmax's accuracy) by one
@@ -187,12 +230,12 @@ def _short_segments(layout: RowLayout, query: torch.Tensor, key: torch.Tensor, v
     "Session 24"), and the bias with the direct gathers ~25% faster again ("Session 25").
     """
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
-    index = _head_index(layout, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
-    batch, rows = layout.segments * kv_heads, heads // kv_heads * layout.longest  # [segments × kv heads, groups × longest queries]
+    index = _head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
+    batch, rows = group.segments * kv_heads, heads // kv_heads * group.longest  # [segments × kv heads, sharing × longest queries]
     with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
         q = _token_major(query).index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
-        k = _token_major(key).index_select(0, index.keys).view(batch, layout.widest, dim).to(index.bias.dtype)
-        v = _token_major(value).index_select(0, index.keys).view(batch, layout.widest, dim)
+        k = _token_major(key).index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
+        v = _token_major(value).index_select(0, index.keys).view(batch, group.widest, dim)
         scores = torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=dim**-0.5 if scaling is None else scaling)
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
         out = torch.bmm(probs.to(value.dtype), v)
@@ -222,7 +265,7 @@ def varlen_sdpa(
     layout = _layout_for(bounds, prefix_of, query.device)
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
-    parts = [_short_segments(layout, query, key, value, p, scaling)] if layout.segments else []
+    parts = [_short_segments(group, query, key, value, p, scaling) for group in layout.groups]
     for s, e, ps, pe in layout.long:
         if pe > ps:  # a suffix: its own keys after its prefix's, bottom-right-aligned causal mask
             keys = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)

@@ -25,6 +25,7 @@ from tunelab.data import Example, batch_tokens, pad_packed_row
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
 from tunelab.train import checkpoint, frozen_precision, pipeline_parallel, process_layout, shape_buckets, sharded_checkpoint, sharding, tensor_parallel
+from tunelab.train.bit_dropout import bit_dropout
 from tunelab.train.callbacks import Callback, TrainState
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
@@ -150,6 +151,8 @@ class Trainer:
     fuse_qkv: bool = True
     #: Keep the fused loss's ``[rows, vocab]`` buffers from step to step (``fused_cross_entropy.reused_buffers``).
     reuse_loss_buffers: bool = True
+    #: LoRA dropout masks from random bits instead of ``bernoulli_`` (``bit_dropout``): the same dropout, ~3-5x cheaper masks.
+    bit_dropout: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -358,6 +361,8 @@ class Trainer:
         with contextlib.ExitStack() as fused:
             if self.reuse_loss_buffers:
                 fused.enter_context(fused_cross_entropy.reused_buffers())
+            if self.bit_dropout:
+                fused.enter_context(bit_dropout(self.model))
             if self.fuse_mlp and fusable:
                 fused.enter_context(fused_mlps(self.model))
             if self.fuse_qkv and fusable:

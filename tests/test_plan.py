@@ -107,6 +107,7 @@ def _saved_by_autograd(name, method, seq, batch, bf16):
     from tunelab.methods import apply_methods
     from tunelab.methods.config import MethodConfig
     from tunelab.train import frozen_precision
+    from tunelab.train.bit_dropout import bit_dropout
     from tunelab.train.fused_mlp import fused_mlps
     from tunelab.train.fused_projections import fused_projections
     from tunelab.train.objectives.causal_lm import CausalLMObjective
@@ -129,13 +130,13 @@ def _saved_by_autograd(name, method, seq, batch, bf16):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with (fused_mlps(model), fused_projections(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    with (bit_dropout(model), fused_mlps(model), fused_projections(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           objective.attention_scope(model, batch_), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):  # the trainer's fused layers, where they apply
         objective(model, batch_)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "lora-all-linear"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora-all-linear", "lora-all-linear-dropout"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("seq", [256, 64])  # the memory-efficient attention kernel, and the written-out one below 128 tokens
 def test_the_activation_rules_match_what_autograd_saves(method, precision, seq):
@@ -144,13 +145,16 @@ def test_the_activation_rules_match_what_autograd_saves(method, precision, seq):
     (``train/fused_projections.py``, which saves what peft's layers save plus the three adapters'
     stacked down-projection); the rest of such a block is estimated within 9% (measured 0.957x in
     fp32 at 64 tokens to 1.057x in bf16 at 256: with the fp32 residual stream the rules count one
-    compute-dtype copy of the input per attention adapter, where the fused q/k/v casts it once),
-    the other methods within 3% (0.971-1.006x)."""
-    sections = {"full": {}, "lora": {"lora": {"r": 16}}, "lora-all-linear": {"lora": {"r": 16, "target_modules": "all-linear", "dropout": 0.0}}}
-    saved = _saved_by_autograd("tiny-llama", sections[method], seq, 2, precision == "bf16")
-    targets = {"adapter_targets": "all-linear", "adapter_dropout": 0.0} if method == "lora-all-linear" else {}
-    result = estimate(arch("tiny-llama", layers=2), Settings(method=method.removesuffix("-all-linear"), seq=seq, batch=2, precision=precision, **targets))
-    assert result.activations_plain == pytest.approx(saved, rel=0.09 if targets else 0.03)
+    compute-dtype copy of the input per attention adapter, where the fused q/k/v casts it once);
+    with LoRA dropout (the trainer's boolean masks, peft's layers: 0.941-0.991x) within 9% too;
+    the other methods within 3.5% (0.969-1.006x: default LoRA's 0.969 dropped below 0.97 when its
+    dropout masks became booleans, as a small fixed part the rules miss weighs more)."""
+    dropout = 0.1 if method == "lora-all-linear-dropout" else 0.0
+    sections = {"full": {}, "lora": {"lora": {"r": 16}}, "lora-all-linear": {"lora": {"r": 16, "target_modules": "all-linear", "dropout": dropout}}}
+    saved = _saved_by_autograd("tiny-llama", sections[method.removesuffix("-dropout")], seq, 2, precision == "bf16")
+    targets = {"adapter_targets": "all-linear", "adapter_dropout": dropout} if method.startswith("lora-all-linear") else {}
+    result = estimate(arch("tiny-llama", layers=2), Settings(method=method.removesuffix("-dropout").removesuffix("-all-linear"), seq=seq, batch=2, precision=precision, **targets))
+    assert result.activations_plain == pytest.approx(saved, rel=0.09 if targets else 0.035)
 
 
 def test_the_planner_s_copies_of_engine_constants_are_the_engine_s():

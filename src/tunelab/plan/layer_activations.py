@@ -97,8 +97,8 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
                     keep(per_block=cd * _split_params(arch, name, tp))
             if name in rules.adapters:
                 if rules.dropout > 0:
-                    if needs_grad:  # the dropout mask, for the input's gradient
-                        keep(in_bytes * width_in)
+                    if needs_grad:  # the dropout mask, for the input's gradient (booleans: train/bit_dropout.py)
+                        keep(width_in)
                     keep((cd if copy else in_bytes) * width_in)  # the dropped input, for lora_A's gradient
                 elif copy:
                     keep(cd * width_in)

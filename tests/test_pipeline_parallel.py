@@ -19,6 +19,11 @@ from tests.distributed_helpers import FULL, LORA, final_tensors, load_distribute
 from tunelab.errors import UserError
 from tunelab.train.pipeline_parallel import stage_sizes
 
+#: How far a LoRA weight may end from the one-process run's. Adam's normalised steps at lr 0.01 turn
+#: float-order differences of the gradients into weight differences: tiny Llama's second-stage
+#: ``q_proj.lora_B`` ended 8.0e-6 away with the fused loss of session 32 and 1.16e-5 with session
+#: 33's (one softmax kernel instead of ``logsumexp``, another rounding order), the losses equal to 1e-6.
+LORA_ATOL = 3e-5
 #: One process trains on padded rows too (stages exchange fixed shapes): the same arithmetic.
 PADDED = ("data.packing=false", "train.fuse_mlp=false", "train.fuse_qkv=false")  # computed like the stages: padded rows, peft's layers
 
@@ -58,7 +63,7 @@ def test_two_stages_train_what_one_process_trains(tmp_path, one_process, model, 
     one = one_process(model, method)
     piped = train(tmp_path, "pp", 2, model=model, method=method, accum=2, strategy="pp", extra=(f"train.distributed.pp.schedule={schedule}", *extra))
     # Adam at lr 0.01 amplifies float-order differences in full fine-tuning (docs/scaling_out.md)
-    assert_same_run(one, piped, weights_atol=1e-4 if method == FULL else 1e-5)
+    assert_same_run(one, piped, weights_atol=1e-4 if method == FULL else LORA_ATOL)
     if method == FULL:  # each stage keeps Adam's moments of its own blocks only
         assert summary(piped)["optimizer_state_bytes"] < 0.75 * summary(one)["optimizer_state_bytes"]
     assert len(summary(piped)["peak_rss_bytes_per_process"]) == 2 and len(summary(one)["peak_rss_bytes_per_process"]) == 1
@@ -73,7 +78,7 @@ def test_example_weights_reach_the_last_stage(tmp_path):
     weighted = ("data.weight_column=w",)
     one = train(tmp_path, "one", 1, accum=2, strategy="ddp", data=data, extra=(*PADDED, *weighted))
     piped = train(tmp_path, "pp", 2, accum=2, strategy="pp", data=data, extra=weighted)
-    assert_same_run(one, piped, weights_atol=1e-5)
+    assert_same_run(one, piped, weights_atol=LORA_ATOL)
 
 
 def test_a_pipeline_checkpoint_finishes_on_one_plain_process(tmp_path, one_process):
@@ -86,7 +91,7 @@ def test_a_pipeline_checkpoint_finishes_on_one_plain_process(tmp_path, one_proce
     straight = final_tensors(one_process("tiny-llama", LORA))
     resumed = final_tensors(half)
     for key, value in straight.items():
-        assert torch.allclose(resumed[key], value, atol=1e-5), key
+        assert torch.allclose(resumed[key], value, atol=LORA_ATOL), key
 
 
 def test_pipeline_refusals_are_one_line(tmp_path):

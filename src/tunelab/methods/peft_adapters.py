@@ -109,6 +109,12 @@ def lora_parts(layer: torch.nn.Module) -> LoraParts | None:
     return LoraParts(base.weight, a.weight, b.weight, float(layer.scaling[name]), p)
 
 
+def lora_dropouts(model: torch.nn.Module) -> list[tuple[torch.nn.ModuleDict, str]]:
+    """Where each LoRA adapter of ``model`` keeps its input dropout: (its layer's module dict, the
+    adapter's name), for a trainer that swaps the dropout module (``train/bit_dropout.py``)."""
+    return [(module.lora_dropout, name) for module in model.modules() if isinstance(module, LoraLayer) for name in module.lora_dropout]
+
+
 def lora_config_like(config: peft.LoraConfig, r: int | None, alpha: float | None) -> peft.LoraConfig:
     """A copy of ``config`` (same layers, dropout, variant) with rank ``r`` and alpha ``alpha`` where given."""
     copied = copy.deepcopy(config)

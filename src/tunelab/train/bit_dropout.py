@@ -23,8 +23,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
+
+from tunelab.methods.peft_adapters import lora_dropouts
 
 BITS = 16
 
@@ -55,7 +56,7 @@ class _BitDropout(torch.autograd.Function):
 
 class BitDropout(nn.Dropout):
     """``nn.Dropout`` with the mask from ``keep_mask``; an ``nn.Dropout`` to whoever checks (the
-    fused LoRA functions read its ``p`` and call it)."""
+    fused LoRA functions read its ``p`` and step aside while it drops)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -68,13 +69,11 @@ def bit_dropout(model: nn.Module) -> Iterator[int]:
     """Give every LoRA adapter of ``model`` whose input dropout is an ``nn.Dropout`` a
     ``BitDropout`` with the same ``p`` while the context lasts; yields how many."""
     swapped: list[tuple[nn.ModuleDict, str, nn.Module]] = []
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for name, dropout in module.lora_dropout.items():
-            if type(dropout) is nn.Dropout and dropout.p > 0:
-                module.lora_dropout[name] = BitDropout(dropout.p).train(dropout.training)
-                swapped.append((module.lora_dropout, name, dropout))
+    for holder, name in lora_dropouts(model):
+        dropout = holder[name]
+        if type(dropout) is nn.Dropout and dropout.p > 0:
+            holder[name] = BitDropout(dropout.p).train(dropout.training)
+            swapped.append((holder, name, dropout))
     try:
         yield len(swapped)
     finally:

@@ -1,5 +1,7 @@
 """The chunked LM-head + cross-entropy: the same loss and gradients as the plain path."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,11 +71,16 @@ def test_kept_buffers_give_the_same_losses_and_gradients_and_are_dropped_on_exit
     fresh = run()
     with reused_buffers():
         kept = run()
-        held = {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._buffers.items()}
+        held = {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._held().items()}
         assert {name for name, _, _ in held} == ({"logits"} if dtype == torch.float32 else {"logits", "scores"}) | {"probabilities"}
         run()  # the same row counts again: nothing reallocated
-        assert {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._buffers.items()} == held
-    assert fused_cross_entropy._buffers is None
+        assert {key: buffer.data_ptr() for key, buffer in fused_cross_entropy._held().items()} == held
+        other_thread = []
+        worker = threading.Thread(target=lambda: other_thread.append(fused_cross_entropy._held()))
+        worker.start()
+        worker.join()
+        assert other_thread == [None]  # another thread (the service's other job) has its own, none here
+    assert fused_cross_entropy._held() is None
     for (loss_a, hits_a, grad_a), (loss_b, hits_b, grad_b) in zip(fresh, kept):
         assert torch.equal(loss_a, loss_b) and hits_a == hits_b and torch.equal(grad_a, grad_b)
 

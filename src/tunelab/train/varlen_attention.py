@@ -40,6 +40,7 @@ positions.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -168,15 +169,14 @@ def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) ->
     return RowLayout(groups, tuple(long), sum(e - s for s, e in padding), None if in_row_order else order.to(device))
 
 
-_last_layout: dict[tuple, RowLayout] = {}  # the row being computed: every layer shares its layout
+_last_layout = threading.local()  # per thread (the service trains a job per thread), the row being computed: every layer shares its layout
 
 
 def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:
     key = (tuple(bounds), tuple(prefix_of), str(device))
-    if key not in _last_layout:
-        _last_layout.clear()
-        _last_layout[key] = row_layout(bounds, prefix_of, device)
-    return _last_layout[key]
+    if getattr(_last_layout, "key", None) != key:
+        _last_layout.key, _last_layout.layout = key, row_layout(bounds, prefix_of, device)
+    return _last_layout.layout
 
 
 class _HeadIndex(NamedTuple):

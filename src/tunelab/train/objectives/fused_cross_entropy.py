@@ -17,6 +17,7 @@ trainer's objectives return; the gradient is exact for any scalar that is a mult
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -35,31 +36,39 @@ def reused_buffers() -> Iterator[None]:
     230 positions over SmolLM2's vocabulary are 45 MB. Measured on the AVX-512 BF16 EPYC (230
     rows, bf16): the loss around the head's matmul took 46 ms with fresh tensors and 10 ms in
     kept buffers (bench/README.md, session 33). The trainer holds this over ``fit``; outside it
-    each call allocates its own, so nothing is kept once training ends.
+    each call allocates its own, so nothing is kept once training ends. Per thread: the service
+    trains one job per worker thread, each with its own buffers.
     """
-    global _buffers
-    outer = _buffers
-    _buffers = {} if outer is None else outer
+    outer = _held()
+    _local.buffers = {} if outer is None else outer
     try:
         yield
     finally:
-        _buffers = outer
+        _local.buffers = outer
 
 
-_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] | None = None
+_local = threading.local()
+
+
+def _held() -> dict[tuple[str, torch.dtype, torch.device], torch.Tensor] | None:
+    """This thread's kept buffers; None outside ``reused_buffers``."""
+    return getattr(_local, "buffers", None)
+
+
 #: Kept buffers grow in steps of this many rows, so a run's varying row counts reallocate rarely.
 ROW_STEP = 64
 
 
 def _buffer(name: str, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A ``[rows, vocab]`` tensor to overwrite: a kept one inside ``reused_buffers``, else new."""
-    if _buffers is None:
+    buffers = _held()
+    if buffers is None:
         return torch.empty(rows, vocab, dtype=dtype, device=device)
     key = (name, dtype, device)
-    held = _buffers.get(key)
+    held = buffers.get(key)
     if held is None or held.shape[0] < rows or held.shape[1] != vocab:
-        _buffers.pop(key, None)  # freed before its successor exists
-        held = _buffers[key] = torch.empty(-(-rows // ROW_STEP) * ROW_STEP, vocab, dtype=dtype, device=device)
+        buffers.pop(key, None)  # freed before its successor exists
+        held = buffers[key] = torch.empty(-(-rows // ROW_STEP) * ROW_STEP, vocab, dtype=dtype, device=device)
     return held[:rows]
 
 

@@ -5,8 +5,8 @@ and the cross-entropy in chunks of ``CHUNK_ROWS`` supervised positions inside th
 storing the gradients it will hand back (with respect to the hidden states, and to the head's
 weight when it trains): one chunk's ``[rows, vocab]`` buffers exist at a time, the logits in the
 matmul's dtype, their fp32 copy under autocast, and the fp32 softmax (the trainer keeps them
-from step to step, sized to the largest chunk seen, rounded up to 64 rows). The logits path (under FSDP, whose sharded head is
-whole only inside the model's forward) computes ``[supervised, vocab]`` logits in the model,
+from step to step, sized to the largest chunk seen, rounded up to 64 rows). The logits path
+(under FSDP, whose sharded head is whole only inside the model's forward) computes ``[supervised, vocab]`` logits in the model,
 upcasts them to fp32 and keeps the log-softmax for the backward, which then allocates two more
 fp32 tensors of that size (the gradients of the loss and of the log-softmax).
 """

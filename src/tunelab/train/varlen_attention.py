@@ -24,9 +24,10 @@ own keys. Per call, not per FLOP, is what short segments cost: a SmolLM2 shared-
 26-token prefix, 8 suffixes of 20-63 tokens) attends forward+backward in 9.4 ms with one padded
 sdpa math call instead of 12-13 ms per-segment with the math kernel and 15-18 ms with flash
 (2 threads, bf16). One call for all, though, pads every segment to the longest: segments of
-similar widths share a call, and ``group_segments`` weighs a call's fixed cost against the padding. The padded attention is written out (``_short_segments``: fp32 scores, the
-values' product in the inputs' dtype), faster again than sdpa's math kernel, which does both
-products in fp32 (flash with a mask: 2x slower than math). The layout is built once per row and
+similar widths share a call, and ``group_segments`` weighs a call's fixed cost against the
+padding. The padded attention is written out (``_short_segments``: fp32 scores, the values'
+product in the inputs' dtype), faster again than sdpa's math kernel, which does both products in
+fp32 (flash with a mask: 2x slower than math). The layout is built once per row and
 reused by every layer.
 
 A row laid out with shared prefixes (``collate_packed(share_prefix=True)``) arrives with the

@@ -50,7 +50,19 @@ def test_busy_cores_counts_other_processes_not_this_one(monkeypatch):
     monkeypatch.setattr(hardware, "_cpu_ticks", lambda: next(cpu))
     monkeypatch.setattr(hardware, "_own_ticks", lambda: next(own))
     monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
-    assert hardware.busy_cores(interval=0) == pytest.approx(1.0)
+    assert hardware.busy_cores(interval=0, samples=1) == pytest.approx(1.0)
+
+
+def test_a_burst_in_one_sample_does_not_decide_the_threads(monkeypatch):
+    """Busy in the first quarter second, idle in the next: the least busy sample counts."""
+    cpu = iter([(0, 0), (200, 200), (200, 200), (210, 400)])  # 2 cores: 2.0 busy, then 0.1
+    monkeypatch.setattr(hardware, "_cpu_ticks", lambda: next(cpu))
+    monkeypatch.setattr(hardware, "_own_ticks", lambda: 0)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: None)
+    hardware._last_busy[0] = -1e9
+    assert hardware.busy_cores(interval=0.25) == pytest.approx(0.1)
+    hardware._last_busy[0] = -1e9
 
 
 def test_a_finished_process_leaves_its_cores_to_the_next_run():

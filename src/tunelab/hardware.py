@@ -259,19 +259,49 @@ def _own_ticks() -> int:
     return int(after_name[11]) + int(after_name[12])  # fields 14 and 15: utime, stime
 
 
-def busy_cores(interval: float = 0.25) -> float | None:
+@dataclass(frozen=True)
+class CpuSample:
+    """Clock ticks at one moment: all CPUs' busy and total ticks, and this process's own."""
+
+    busy: int
+    total: int
+    own: int
+
+    @staticmethod
+    def now() -> CpuSample | None:
+        """The counters now; None where /proc is unavailable (not Linux)."""
+        try:
+            return CpuSample(*_cpu_ticks(), _own_ticks())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others_busy_since(self, earlier: CpuSample) -> float:
+        """How many cores other processes kept busy between ``earlier`` and this sample."""
+        total = self.total - earlier.total
+        if total <= 0:
+            return 0.0
+        return max(0.0, (self.busy - earlier.busy - (self.own - earlier.own)) / total * (os.cpu_count() or 1))
+
+
+def busy_cores(interval: float = 0.25, samples: int = 3) -> float | None:
     """How many cores other processes keep busy now, sampled over ``interval`` seconds; None
-    where /proc/stat is unavailable (then the caller falls back to the load average)."""
+    where /proc/stat is unavailable (then the caller falls back to the load average). A sample
+    that finds cores busy is repeated, up to ``samples`` in all, and the least busy one counts:
+    a process that keeps a core busy does so in every sample, while a burst (a command starting,
+    a process exiting) that filled one quarter second would otherwise decide a whole run's threads."""
     if interval and time.monotonic() - _last_busy[0] < 10:
         return _last_busy[1]  # one process starting several stages does not wait a quarter second each time
-    try:
-        busy0, total0, own0 = *_cpu_ticks(), _own_ticks()
+    busy: float | None = None
+    for _ in range(max(1, samples)):
+        before = CpuSample.now()
         time.sleep(interval)
-        busy1, total1, own1 = *_cpu_ticks(), _own_ticks()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    busy = max(0.0, (busy1 - busy0 - (own1 - own0)) / total * (os.cpu_count() or 1)) if total > 0 else 0.0
+        after = CpuSample.now()
+        if before is None or after is None:
+            return None
+        sampled = after.others_busy_since(before)
+        busy = sampled if busy is None else min(busy, sampled)
+        if busy < 0.5:  # rounds to no busy core: no need to look again
+            break
     if interval:
         _last_busy[:] = [time.monotonic(), busy]
     return busy
@@ -279,6 +309,18 @@ def busy_cores(interval: float = 0.25) -> float | None:
 
 #: (monotonic time, value) of the last ``busy_cores`` sample.
 _last_busy: list[float] = [-1e9, 0.0]
+
+
+def threads_for(busy: float) -> int:
+    """The threads to use when other processes keep ``busy`` cores busy: the cores left to this process."""
+    cores = len(os.sched_getaffinity(0))
+    return min(cores, max(1, round(cores - busy)))
+
+
+def threads_are_automatic(threads: int | None = None) -> bool:
+    """Whether the thread count is tunelab's to choose: neither ``threads`` nor ``OMP_NUM_THREADS`` set it."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    return threads is None and not (env and env.isdigit())
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -290,7 +332,8 @@ def configure_threads(threads: int | None = None) -> int:
     sampled from /proc/stat over a quarter second, not read from the load average: the 1-minute
     load average still counts a process that has just finished (tunelab's side of the throughput
     benchmark took 1 thread from the load the Trainer side had left, on two idle cores, and
-    measured 1.03x the Trainer instead of 1.39x).
+    measured 1.03x the Trainer instead of 1.39x). Training keeps following the free cores step
+    by step (``train/free_cores.py``).
     ``OMP_NUM_THREADS`` or an explicit ``threads`` wins.
     """
     if threads is None:
@@ -298,11 +341,10 @@ def configure_threads(threads: int | None = None) -> int:
         if env and env.isdigit():
             threads = int(env)
         else:
-            cores = len(os.sched_getaffinity(0))
             busy = busy_cores()
             if busy is None:
                 busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-            threads = min(cores, max(1, round(cores - busy)))
+            threads = threads_for(busy)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 

@@ -28,7 +28,7 @@ from tunelab.bench.measure import (
 )
 from tunelab.bench.workload import Workload, WorkloadData, build_workload_data
 from tunelab.data import Example, collate_packed
-from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision
+from tunelab.hardware import PrecisionChoice, configure_threads, resolve_precision, threads_are_automatic
 from tunelab.train.objectives import accumulate
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
@@ -129,6 +129,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     from tunelab.methods.config import LoraConfig, MethodConfig
     from tunelab.train.callbacks import Callback
     from tunelab.train.config import TrainConfig
+    from tunelab.train.free_cores import FreeCoreThreads
     from tunelab.train.loop import Trainer
 
     start = time.perf_counter()
@@ -166,7 +167,9 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
 
     trainer = Trainer(
         model=model, objective=objective, train=data.train, validation=[], cfg=cfg, collate=collate, precision=precision,
-        run_dir=workdir / "tunelab-run", seed=workload.seed, callbacks=[Clock()], show_progress=False, device=torch.device(workload.device),
+        run_dir=workdir / "tunelab-run", seed=workload.seed,
+        callbacks=[Clock(), *([FreeCoreThreads()] if threads_are_automatic(workload.threads) else [])],  # as `tunelab train` has
+        show_progress=False, device=torch.device(workload.device),
         low_precision_frozen=workload.uses("low_precision_frozen"), compile=workload.uses("compile"), bucket_rows=workload.uses("bucketing"),
         fuse_mlp=workload.uses("fused_mlp"), fuse_qkv=workload.uses("fused_qkv"), reuse_loss_buffers=workload.uses("loss_buffers"),
     )

@@ -478,7 +478,7 @@ class Trainer:
                     record = {
                         "type": "train", "step": state.step, "total_steps": self.total_steps, "epoch": round(step / self.steps_per_epoch, 4),
                         "loss": last_loss, **_step_accuracy(self.objective, step_stats),
-                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
+                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen, "threads": torch.get_num_threads(),
                         "elapsed_s": time.perf_counter() - started, **self._describe_sampler(step), **comm,
                     }
                     self._log(record)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import tunelab.compress.callbacks  # noqa: F401  (registers gradual pruning, lottery ticket, QAT)
+import tunelab.train.free_cores  # noqa: F401  (registers the thread count that follows the free cores)
 from tunelab import atomic
 from tunelab.data.build import losses_summary
 from tunelab.errors import UserError
@@ -53,7 +54,6 @@ from tunelab.rundir import (
 )
 from tunelab.train.callbacks import Callback, callbacks_for
 from tunelab.train.distributed import World, init_world, lost_peers_reported, shutdown
-from tunelab.train.process_layout import data_parallel_size
 from tunelab.train.loop import (
     CancelToken,
     EventSink,
@@ -64,6 +64,7 @@ from tunelab.train.loop import (
 from tunelab.train.preflight import check_trainable
 from tunelab.train.prepare import prepare
 from tunelab.train.prepared import Prepared
+from tunelab.train.process_layout import data_parallel_size
 from tunelab.train.resume_rules import extends_schedule, resume_changes
 from tunelab.train.stages import run_stages
 from tunelab.train.weight_average import load_into

@@ -19,7 +19,7 @@ def bench_group() -> None:
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model name (packaged alias, tiny alias, HF dir).")
 @click.option("--steps", type=int, default=12, show_default=True, help="Optimizer steps per side (the first is warm-up).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step.")
-@click.option("--threads", type=int, default=None, help="CPU threads for both sides (default: every core).")
+@click.option("--threads", type=int, default=None, help="CPU threads for both sides (default: the cores other processes leave free, as `tunelab train` chooses).")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Run both sides this many times; report medians.")
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Train both sides with this many seeds (data order, adapter init); losses are compared as means over them.")

@@ -152,7 +152,7 @@ class TrainConfig(Section):
     tf32: bool | None = Field(
         None, description="fp32 matmuls on TF32 tensor cores (Ampere+ GPUs); default: on where supported. false: IEEE fp32. CPUs ignore it."
     )
-    threads: int | None = Field(None, gt=0, description="CPU threads; default: every core this process may use.")
+    threads: int | None = Field(None, gt=0, description="CPU threads; default: the cores other processes leave free, followed step by step.")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")
     fuse_mlp: bool = Field(True, description="Run LoRA-adapted gated MLPs as one function with a hand-written backward (less memory, faster); false: peft's own layers.")

@@ -31,11 +31,16 @@ from tunelab.train.fused_mlp import ACTIVATIONS
 
 
 def last_gated_mlp(model: nn.Module) -> nn.Module | None:
-    """The gated MLP of ``model``'s last decoder block (through DDP and peft wrappers), or None."""
+    """The gated MLP of ``model``'s last decoder block (through DDP and peft wrappers), or None.
+
+    None for a block compiled with ``torch.compile`` (``train.compile``): with the patch inside
+    compiled SmolLM2 blocks in bf16, every call after the first computed a loss 1.3% below the
+    eager one on the same batch and weights (0.9% with the patch itself kept eager), while the
+    compiled blocks without it stay within 0.12% of eager (in fp32, with the patch, equal to 1e-7)."""
     inner = unwrap_peft(unwrap_ddp(model))
     decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or getattr(layers[-1], "_compiled_call_impl", None) is not None:
         return None
     mlp = getattr(layers[-1], "mlp", None)
     gated = mlp is not None and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))

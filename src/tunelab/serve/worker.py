@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import queue
 import threading
 import traceback
@@ -182,7 +181,6 @@ class JobWorker:
             train["batch_size"] = hyper["batch_size"]
         else:
             train.setdefault("batch_size", auto_batch_size(count_examples(training_file)))
-        train.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, self.settings.workers)))
         data = {"train": str(training_file), **defaults.get("data", {})}
         if job["validation_file"]:
             data["validation"] = str(self._path(job["validation_file"]))

@@ -3,8 +3,9 @@
 The thread count chosen at start (``hardware.configure_threads``) is right only while the machine
 stays as it was: a job that starts beside a 2-thread run on 2 cores makes every GEMM wait for a
 descheduled thread (~15x slower steps, measured on the 2-core CI machine), and a run that started
-beside a busy process keeps 1 thread after that process ends (the throughput benchmark's first
-seed once trained at 1 thread on two idle cores: 416 tokens/s against 600-680 on the other seeds).
+beside a busy process keeps 1 thread after that process ends (the throughput benchmark's tunelab
+side, started while a test ran for a few seconds, trained all 12 steps at 1 thread: 402 tokens/s
+against 595-696 at 2 threads).
 So between steps this callback reads how many cores other processes used since it last looked
 (``/proc/stat`` counters, no waiting) and moves the thread count to the cores left, once two
 consecutive windows of at least ``WINDOW_S`` seconds agree. It acts only where tunelab chose the

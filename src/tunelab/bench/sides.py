@@ -165,10 +165,11 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
             if probe is not None:
                 probe.after_backward(model)
 
+    free_cores = [FreeCoreThreads()] if threads_are_automatic(workload.threads) else []  # as `tunelab train` has
     trainer = Trainer(
         model=model, objective=objective, train=data.train, validation=[], cfg=cfg, collate=collate, precision=precision,
         run_dir=workdir / "tunelab-run", seed=workload.seed,
-        callbacks=[Clock(), *([FreeCoreThreads()] if threads_are_automatic(workload.threads) else [])],  # as `tunelab train` has
+        callbacks=[Clock(), *free_cores],
         show_progress=False, device=torch.device(workload.device),
         low_precision_frozen=workload.uses("low_precision_frozen"), compile=workload.uses("compile"), bucket_rows=workload.uses("bucketing"),
         fuse_mlp=workload.uses("fused_mlp"), fuse_qkv=workload.uses("fused_qkv"), reuse_loss_buffers=workload.uses("loss_buffers"),
@@ -178,7 +179,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
     peaks = training_peaks(workload.device)
     losses = [r["loss"] for r in result.history if r.get("type") == "train"]
     eval_loss = heldout_loss(model, data.validation, precision, workload.batch_size, workload.device)
-    return _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, peaks, shared)
+    report = _report(workload, data, model_shape(model), clock, losses, eval_loss, precision, setup, peaks, shared)
+    return {**report, "thread_changes": [list(change) for cb in free_cores for change in cb.changes]}  # (step, from, to)
 
 
 def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile | None = None, probe: Probe | None = None) -> dict[str, Any]:

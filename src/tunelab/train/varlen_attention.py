@@ -215,13 +215,16 @@ def _head_index(group: PaddedGroup, heads: int, kv_heads: int, dtype: torch.dtyp
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[1, heads, T, dim]`` as ``[T × heads, dim]``: a view for a projection's output reshaped
-    and transposed (how transformers lays out q/k/v), a copy otherwise."""
-    return x[0].transpose(0, 1).reshape(-1, x.shape[3])
+    and transposed (how transformers lays out q/k/v), a copy otherwise. Taken once per layer, not
+    per padded group, and by ``squeeze`` rather than ``x[0]``: the backward of a select allocates
+    a zero tensor of the whole input and copies into it, once per call."""
+    return x.squeeze(0).transpose(0, 1).reshape(-1, x.shape[3])
 
 
 def _short_segments(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    dropout: float, scaling: float | None) -> torch.Tensor:
-    """One padded attention for a group of short segments: ``[tokens, heads, dim]`` in segment order.
+                    heads: int, kv_heads: int, dropout: float, scaling: float | None) -> torch.Tensor:
+    """One padded attention for a group of short segments: ``[tokens, heads, dim]`` in segment order,
+    from the row's token-major ``[T × heads, dim]`` queries, keys and values (``_token_major``).
 
     Written out rather than sdpa's math kernel, which upcasts bf16 inputs to fp32 for both
     products. Here the scores are computed in fp32 (what sets the softmax's accuracy) by one
@@ -230,13 +233,13 @@ def _short_segments(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, 
     against an fp64 reference, 1.6x faster forward+backward on a SmolLM2 row (bench/README.md,
     "Session 24"), and the bias with the direct gathers ~25% faster again ("Session 25").
     """
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    dim = query.shape[1]
     index = _head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
     batch, rows = group.segments * kv_heads, heads // kv_heads * group.longest  # [segments × kv heads, sharing × longest queries]
     with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
-        q = _token_major(query).index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
-        k = _token_major(key).index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
-        v = _token_major(value).index_select(0, index.keys).view(batch, group.widest, dim)
+        q = query.index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
+        k = key.index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
+        v = value.index_select(0, index.keys).view(batch, group.widest, dim)
         scores = torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=dim**-0.5 if scaling is None else scaling)
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
         out = torch.bmm(probs.to(value.dtype), v)
@@ -266,7 +269,8 @@ def varlen_sdpa(
     layout = _layout_for(bounds, prefix_of, query.device)
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
-    parts = [_short_segments(group, query, key, value, p, scaling) for group in layout.groups]
+    rows = [_token_major(t) for t in (query, key, value)] if layout.groups else []  # [T × heads, dim]
+    parts = [_short_segments(group, *rows, query.shape[1], key.shape[1], p, scaling) for group in layout.groups]
     for s, e, ps, pe in layout.long:
         if pe > ps:  # a suffix: its own keys after its prefix's, bottom-right-aligned causal mask
             keys = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)

@@ -24,9 +24,19 @@ from tunelab import atomic
 from tunelab.data import Example, batch_tokens, pad_packed_row
 from tunelab.errors import UserError
 from tunelab.hardware import PrecisionChoice
-from tunelab.train import checkpoint, frozen_precision, pipeline_parallel, process_layout, shape_buckets, sharded_checkpoint, sharding, tensor_parallel
+from tunelab.train import (
+    checkpoint,
+    frozen_precision,
+    pipeline_parallel,
+    process_layout,
+    shape_buckets,
+    sharded_checkpoint,
+    sharding,
+    tensor_parallel,
+)
 from tunelab.train.bit_dropout import bit_dropout
 from tunelab.train.callbacks import Callback, TrainState
+from tunelab.train.chunked_rope import chunked_rotate_half
 from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
@@ -153,6 +163,8 @@ class Trainer:
     reuse_loss_buffers: bool = True
     #: LoRA dropout masks from random bits instead of ``bernoulli_`` (``bit_dropout``): the same dropout, ~3-5x cheaper masks.
     bit_dropout: bool = True
+    #: RoPE's ``rotate_half`` by ``chunk`` (``chunked_rope``): the same values, a backward without two whole-size zero tensors.
+    chunked_rope: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -363,6 +375,8 @@ class Trainer:
                 fused.enter_context(fused_cross_entropy.reused_buffers())
             if self.bit_dropout:
                 fused.enter_context(bit_dropout(self.model))
+            if self.chunked_rope:
+                fused.enter_context(chunked_rotate_half(self.model))
             if self.fuse_mlp and fusable:
                 fused.enter_context(fused_mlps(self.model))
             if self.fuse_qkv and fusable:

@@ -80,14 +80,14 @@ def test_only_where_tunelab_chooses_the_threads(monkeypatch):
 
 
 def test_a_real_busy_process_takes_a_thread_while_it_runs():
-    """The real /proc counters: a busy loop beside a 2-thread 'training' loop of matmuls."""
+    """The real /proc counters: a busy loop beside a 'training' loop of matmuls on every core."""
     cores = len(os.sched_getaffinity(0))
     idle = hardware.CpuSample.now()
     time.sleep(0.3)
-    if cores != 2 or idle is None or (hardware.CpuSample.now().others_busy_since(idle)) > 0.3:
-        pytest.skip("needs exactly 2 cores and an otherwise idle machine")
+    if cores < 2 or idle is None or (hardware.CpuSample.now().others_busy_since(idle)) > 0.3:
+        pytest.skip("needs 2+ cores and an otherwise idle machine: the test measures another process's load")
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(cores)
     callback = FreeCoreThreads(window_s=0.3)
     state = SimpleNamespace(model=torch.nn.Linear(2, 2), step=0)
     a = torch.randn(256, 256)
@@ -105,11 +105,11 @@ def test_a_real_busy_process_takes_a_thread_while_it_runs():
         loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             train_for(2.0)
-            assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == cores - 1
         finally:
             loop.kill()
             loop.wait()
         train_for(2.0)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(threads)

@@ -79,7 +79,7 @@ def test_kept_buffers_give_the_same_losses_and_gradients_and_are_dropped_on_exit
         worker = threading.Thread(target=lambda: other_thread.append(fused_cross_entropy._held()))
         worker.start()
         worker.join()
-        assert other_thread == [None]  # another thread (the service's other job) has its own, none here
+        assert other_thread == [None]  # another thread has its own, none here
     assert fused_cross_entropy._held() is None
     for (loss_a, hits_a, grad_a), (loss_b, hits_b, grad_b) in zip(fresh, kept):
         assert torch.equal(loss_a, loss_b) and hits_a == hits_b and torch.equal(grad_a, grad_b)

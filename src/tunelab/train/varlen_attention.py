@@ -170,7 +170,7 @@ def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) ->
     return RowLayout(groups, tuple(long), sum(e - s for s, e in padding), None if in_row_order else order.to(device))
 
 
-_last_layout = threading.local()  # per thread (the service trains a job per thread), the row being computed: every layer shares its layout
+_last_layout = threading.local()  # per thread (a process may train in several), the row being computed: every layer shares its layout
 
 
 def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:

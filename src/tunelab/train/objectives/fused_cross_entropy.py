@@ -35,9 +35,9 @@ def reused_buffers() -> Iterator[None]:
     a new tensor that size page-faults on each 4 kB it writes, every time; the fp32 scores of
     230 positions over SmolLM2's vocabulary are 45 MB: its ``.float()`` took 13 ms fresh and 1 ms
     in a kept buffer (AVX-512 BF16 EPYC). With ``_chunk_loss``'s fewer passes the work around
-    the head's matmul fell from 46 ms to 10 ms for 230 rows (bench/README.md, session 33). The trainer holds this over ``fit``; outside it
-    each call allocates its own, so nothing is kept once training ends. Per thread: the service
-    trains one job per worker thread, each with its own buffers.
+    the head's matmul fell from 46 ms to 10 ms for 230 rows (bench/README.md, session 33). The
+    trainer holds this over ``fit``; outside it each call allocates its own, so nothing is kept
+    once training ends. Per thread: a process training in several threads keeps one set each.
     """
     outer = _held()
     _local.buffers = {} if outer is None else outer

@@ -30,13 +30,15 @@ LEVERS = {
     "fused_qkv": "LoRA-adapted q/k/v projections as one function (one down-projection matmul for the three)",
     "loss_buffers": "the fused loss's [rows, vocab] buffers kept from step to step instead of allocated (and page-faulted) anew",
     "chunked_rope": "RoPE's rotate_half by chunk: the same values, a backward without two whole-size zero tensors per call",
+    "fused_blocks": "each decoder block's attention and MLP halves (norm, LoRA projections, RoPE, attention, residual) as two functions with hand-written backwards",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
     "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
 }
 #: The levers tunelab's engine uses by default (compile is opt-in: its one-time cost is minutes;
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
 DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "unread_inputs", "sliced_last_mlp",
-                  "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv", "loss_buffers", "chunked_rope")
+                  "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv", "loss_buffers", "chunked_rope",
+                  "fused_blocks")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 

@@ -61,48 +61,63 @@ def adapter_up_grad(d_out: torch.Tensor, low: torch.Tensor, scale: float) -> tor
     return (low.t() @ d_out).t() * scale
 
 
+def mlp_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], settings: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The MLP's ``[tokens, hidden]`` output for the flattened ``x`` and what ``mlp_backward`` needs;
+    ``weights`` are ``(W, A, B)`` of gate, up and down, ``settings`` ``(activation, dtype, scales)``."""
+    kind, dtype, (sg, su, sd) = settings
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in weights)
+    low_g, low_u = x2 @ ag.t(), x2 @ au.t()  # [tokens, r]
+    # in place: an out-of-place addmm first copies its [tokens, intermediate] summand
+    gate = (x2 @ wg.t()).addmm_(low_g, bg.t(), alpha=sg)
+    up = (x2 @ wu.t()).addmm_(low_u, bu.t(), alpha=su)
+    h = _activation(kind, gate) * up
+    low_d = h @ ad.t()
+    out = (h @ wd.t()).addmm_(low_d, bd.t(), alpha=sd)
+    return out, (x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
+
+
+def mlp_backward(saved: tuple[torch.Tensor, ...], settings: tuple, grad_out: torch.Tensor, input_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """``(d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd)`` in the compute dtype from the output's gradient;
+    ``d_x`` (``[tokens, hidden]``) None unless ``input_grad``."""
+    kind, dtype, (sg, su, sd) = settings
+    x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd = saved
+    d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+    act = _activation(kind, gate)
+    h = act * up
+    # down_proj and its adapter
+    d_bd = adapter_up_grad(d_out, low_d, sd)
+    d_low_d = (d_out @ bd) * sd
+    d_ad = d_low_d.t() @ h
+    d_h = (d_out @ wd).addmm_(d_low_d, ad)
+    # the gate's activation and the product with up, rounded where autograd's own nodes round
+    d_up = d_h * act
+    d_gate = _activation_backward(kind, d_h * up, gate)
+    # gate_proj's and up_proj's adapters, and the input
+    d_bg, d_bu = adapter_up_grad(d_gate, low_g, sg), adapter_up_grad(d_up, low_u, su)
+    d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
+    d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
+    d_x = None
+    if input_grad:  # none for an input that needs none (the first block's, with attention frozen)
+        d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au)
+    return d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd
+
+
 class _FusedLoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, settings):  # type: ignore[override]
         inputs = (x, wg, ag, bg, wu, au, bu, wd, ad, bd)
-        kind, dtype, (sg, su, sd) = settings
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
-        wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in (wg, ag, bg, wu, au, bu, wd, ad, bd))
-        low_g, low_u = x2 @ ag.t(), x2 @ au.t()  # [tokens, r]
-        # in place: an out-of-place addmm first copies its [tokens, intermediate] summand
-        gate = (x2 @ wg.t()).addmm_(low_g, bg.t(), alpha=sg)
-        up = (x2 @ wu.t()).addmm_(low_u, bu.t(), alpha=su)
-        h = _activation(kind, gate) * up
-        low_d = h @ ad.t()
-        out = (h @ wd.t()).addmm_(low_d, bd.t(), alpha=sd)
+        out, saved = mlp_forward(x, inputs[1:], settings)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in inputs]
-        ctx.save_for_backward(x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
-        return out.view(*shape[:-1], out.shape[-1])
+        ctx.save_for_backward(*saved)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        kind, dtype, (sg, su, sd) = ctx.settings
-        x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
-        d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        act = _activation(kind, gate)
-        h = act * up
-        # down_proj and its adapter
-        d_bd = adapter_up_grad(d_out, low_d, sd)
-        d_low_d = (d_out @ bd) * sd
-        d_ad = d_low_d.t() @ h
-        d_h = (d_out @ wd).addmm_(d_low_d, ad)
-        # the gate's activation and the product with up, rounded where autograd's own nodes round
-        d_up = d_h * act
-        d_gate = _activation_backward(kind, d_h * up, gate)
-        # gate_proj's and up_proj's adapters, and the input
-        d_bg, d_bu = adapter_up_grad(d_gate, low_g, sg), adapter_up_grad(d_up, low_u, su)
-        d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
-        d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
-        d_x = None
-        if ctx.needs_input_grad[0]:  # none for an input that needs none (the first block's, with attention frozen)
-            d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au).view(*grad_out.shape[:-1], x2.shape[-1])
+        d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd = mlp_backward(ctx.saved_tensors, ctx.settings, grad_out, ctx.needs_input_grad[0])
+        if d_x is not None:
+            d_x = d_x.view(*grad_out.shape[:-1], d_x.shape[-1])
         grads = (d_x, None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd)
         return (*(g.to(t) if g is not None and needed else None for g, t, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
 

@@ -34,43 +34,61 @@ from tunelab.train.fused_mlp import adapter_up_grad
 NAMES = ("q_proj", "k_proj", "v_proj")
 
 
+def projections_forward(x: torch.Tensor, dtype: torch.dtype, scales: tuple[float, ...], weights: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``[x W_iᵀ + s_i (x A_iᵀ) B_iᵀ]`` for the ``(W_i, A_i, B_i)`` triples of ``weights``, as
+    ``[tokens, out_i]`` products in ``dtype``, and what ``projections_backward`` needs."""
+    frozen, downs, ups = weights[0::3], weights[1::3], weights[2::3]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    down = torch.cat(downs).to(dtype)  # [projections × r, in]
+    low = x2 @ down.t()
+    lows = low.split([a.shape[0] for a in downs], dim=1)
+    frozen, ups = [w.to(dtype) for w in frozen], [b.to(dtype) for b in ups]
+    outs = [(x2 @ w.t()).addmm_(part, b.t(), alpha=s) for w, part, b, s in zip(frozen, lows, ups, scales)]
+    return outs, (x2, low, down, *frozen, *ups)
+
+
+def projections_backward(saved: tuple[torch.Tensor, ...], scales: tuple[float, ...], ranks: list[int], d_outs: list[torch.Tensor],
+                         input_grad: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The input's gradient (``[tokens, in]``, None unless ``input_grad``) and the adapters' weight
+    gradients ``[d_A_0, d_B_0, d_A_1, ...]`` (in the compute dtype) from the outputs' gradients."""
+    count = len(scales)
+    x2, low, down, *rest = saved
+    frozen, ups = rest[:count], rest[count:]
+    d_outs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in d_outs]
+    lows = low.split(ranks, dim=1)
+    d_ups = [adapter_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]
+    d_low = torch.cat([(d @ b) * s for d, b, s in zip(d_outs, ups, scales)], dim=1)
+    d_downs = (d_low.t() @ x2).split(ranks)
+    d_x = None
+    if input_grad:
+        d_x = d_outs[0] @ frozen[0]
+        for d, w in zip(d_outs[1:], frozen[1:]):
+            d_x.addmm_(d, w)
+        d_x = d_x.addmm_(d_low, down)
+    return d_x, [g for d_down, d_up in zip(d_downs, d_ups) for g in (d_down, d_up)]
+
+
 class _FusedLoraProjections(torch.autograd.Function):
     """``y_i = x W_iᵀ + s_i (x A_iᵀ) B_iᵀ`` for every ``(W_i, A_i, B_i)`` sharing the input ``x``."""
 
     @staticmethod
     def forward(ctx, x, settings, *weights):  # type: ignore[override]
         dtype, scales = settings
-        frozen, downs, ups = weights[0::3], weights[1::3], weights[2::3]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        down = torch.cat(downs).to(dtype)  # [projections × r, in]
-        low = x2 @ down.t()
-        lows = low.split([a.shape[0] for a in downs], dim=1)
-        frozen, ups = [w.to(dtype) for w in frozen], [b.to(dtype) for b in ups]
-        outs = [(x2 @ w.t()).addmm_(part, b.t(), alpha=s) for w, part, b, s in zip(frozen, lows, ups, scales)]
+        outs, saved = projections_forward(x, dtype, scales, weights)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in (x, *weights)]
-        ctx.ranks = [a.shape[0] for a in downs]
-        ctx.save_for_backward(x2, low, down, *frozen, *ups)
+        ctx.ranks = [a.shape[0] for a in weights[1::3]]
+        ctx.save_for_backward(*saved)
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        dtype, scales = ctx.settings
-        count = len(scales)
-        x2, low, down, *rest = ctx.saved_tensors
-        frozen, ups = rest[:count], rest[count:]
-        d_outs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
-        lows = low.split(ctx.ranks, dim=1)
-        d_ups = [adapter_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]
-        d_low = torch.cat([(d @ b) * s for d, b, s in zip(d_outs, ups, scales)], dim=1)
-        d_downs = (d_low.t() @ x2).split(ctx.ranks)
-        d_x = None
-        if ctx.needs_input_grad[0]:  # not for the first block's input: the embeddings' output needs none
-            d_x = d_outs[0] @ frozen[0]
-            for d, w in zip(d_outs[1:], frozen[1:]):
-                d_x.addmm_(d, w)
-            d_x = d_x.addmm_(d_low, down).view(*grads[0].shape[:-1], x2.shape[-1])
-        per_weight = [g for d_down, d_up in zip(d_downs, d_ups) for g in (None, d_down, d_up)]
+        _, scales = ctx.settings
+        # no input gradient for the first block's input: the embeddings' output needs none
+        d_x, adapter_grads = projections_backward(ctx.saved_tensors, scales, ctx.ranks, list(grads), ctx.needs_input_grad[0])
+        if d_x is not None:
+            d_x = d_x.view(*grads[0].shape[:-1], d_x.shape[-1])
+        per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
         wanted = (d_x, *per_weight)
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
         cast = [g.to(t) if g is not None and need else None for g, t, need in zip(wanted, ctx.dtypes, needs)]

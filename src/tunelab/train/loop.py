@@ -41,6 +41,7 @@ from tunelab.train.compile import compile_blocks
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import World, unwrap, wrap_model
 from tunelab.train.example_scores import example_losses, timed_losses
+from tunelab.train.fused_block import fused_blocks
 from tunelab.train.fused_mlp import fused_mlps
 from tunelab.train.fused_projections import fused_projections
 from tunelab.train.grad_compression import bucket_cap_mb, register_compression
@@ -165,6 +166,8 @@ class Trainer:
     bit_dropout: bool = True
     #: RoPE's ``rotate_half`` by ``chunk`` (``chunked_rope``): the same values, a backward without two whole-size zero tensors.
     chunked_rope: bool = True
+    #: Run LoRA-adapted Llama-family decoder blocks as two functions with hand-written backwards (``fused_block``).
+    fuse_blocks: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -381,6 +384,8 @@ class Trainer:
                 fused.enter_context(fused_mlps(self.model))
             if self.fuse_qkv and fusable:
                 fused.enter_context(fused_projections(self.model))
+            if self.fuse_blocks and fusable:
+                fused.enter_context(fused_blocks(self.model))
             cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
             original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
             if self.compile:

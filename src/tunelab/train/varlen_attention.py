@@ -233,17 +233,30 @@ def _short_segments(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, 
     against an fp64 reference, 1.6x faster forward+backward on a SmolLM2 row (bench/README.md,
     "Session 24"), and the bias with the direct gathers ~25% faster again ("Session 25").
     """
-    dim = query.shape[1]
-    index = _head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
-    batch, rows = group.segments * kv_heads, heads // kv_heads * group.longest  # [segments × kv heads, sharing × longest queries]
     with torch.autocast(query.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
-        q = query.index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
-        k = key.index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
-        v = value.index_select(0, index.keys).view(batch, group.widest, dim)
-        scores = torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=dim**-0.5 if scaling is None else scaling)
+        index, q, k, v = gather_group(group, query, key, value, heads, kv_heads)
+        scores = torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=attention_scale(query.shape[1], scaling))
         probs = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
         out = torch.bmm(probs.to(value.dtype), v)
-    return out.view(-1, dim).index_select(0, index.outputs).view(-1, heads, dim)
+    return out.view(-1, out.shape[-1]).index_select(0, index.outputs).view(-1, heads, out.shape[-1])
+
+
+def attention_scale(dim: int, scaling: float | None) -> float:
+    """The scores' scale: the module's own, or sdpa's default ``dim ** -0.5``."""
+    return dim**-0.5 if scaling is None else scaling
+
+
+def gather_group(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 heads: int, kv_heads: int) -> tuple[_HeadIndex, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A padded group's gathers and its ``[segments × kv heads, sharing × longest, dim]`` queries and
+    ``[segments × kv heads, widest, dim]`` keys (both in the scores' dtype, at least fp32) and values
+    (their own dtype), from the row's token-major queries, keys and values."""
+    index = _head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
+    batch, rows, dim = group.segments * kv_heads, heads // kv_heads * group.longest, query.shape[1]
+    q = query.index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
+    k = key.index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
+    v = value.index_select(0, index.keys).view(batch, group.widest, dim)
+    return index, q, k, v
 
 
 @torch.compiler.disable  # the per-example loop depends on the data; compiled blocks call it eagerly

@@ -1,0 +1,336 @@
+"""A LoRA-adapted decoder block as two autograd functions with hand-written backwards.
+
+A Llama-family block on a packed row, with every projection LoRA-adapted, runs ~190 operators
+forward and ~270 backward in eager PyTorch (counted with a ``TorchDispatchMode``, SmolLM2), each
+paying a dispatch, most an autograd node, many a copy: the norms' fp32 intermediates, RoPE's
+halves, the head transposes, the casts, the gradients summed from every branch that read a
+tensor. On short rows, where the matmuls are small, that fixed part is a third of the step
+(bench/README.md, "Session 34"). Here each half of the block is one function:
+
+- ``_AttentionHalf``: ``h + o_proj(attention(rope(q, k), v))`` with ``q, k, v`` the adapted
+  projections of ``rms_norm(h)``: the q/k/v products of ``fused_projections``, RoPE on the
+  token-major heads, the padded per-segment attention of ``varlen_attention`` (its gathers and
+  masks), and o_proj through the same projection function.
+- ``_MlpHalf``: ``h + mlp(rms_norm(h))`` with ``fused_mlp``'s products.
+
+Each saves what its backward needs (the input, the norm's reciprocal RMS, the projections'
+rank-r intermediates, the attention's gathered queries, keys, values and probabilities) and
+computes the gradients by the chain rule written out, in the dtypes the unfused block uses (the
+residual stream and the attention scores in fp32, products in the autocast dtype).
+
+It applies where it computes what the block computes: a decoder layer with ``input_layernorm``,
+``self_attn`` (q/k/v/o), ``post_attention_layernorm`` and a gated ``mlp``, every projection a plain
+LoRA layer ``lora_parts`` accepts, frozen norms, and the layer's own forward equal to this one on a
+probe packed row (measured at install, in fp32). At call time it also needs a packed row under
+``varlen_attention`` whose segments all go to padded groups (no segment long enough for sdpa's
+kernel), no cache, no attention dropout, no LoRA dropout; anything else runs the layer's own
+forward. A last block whose MLP ``last_block`` slices to the read positions keeps that MLP: only
+its attention half is fused.
+
+Measured on SmolLM2-135M LoRA (bench/README.md, "Session 35").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.data.collate import PADDING_SEGMENT
+from tunelab.methods.peft_adapters import LoraParts, lora_parts, unwrap_peft
+from tunelab.train.fused_mlp import ACTIVATIONS, PROBE_TOLERANCE, fused_forward, mlp_backward, mlp_forward
+from tunelab.train.fused_projections import projections_backward, projections_forward
+from tunelab.train.varlen_attention import NAME, RowLayout, _head_index, _layout_for, attention_scale, gather_group
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' RMSNorm (``weight · (x / rms(x))`` computed in fp32, rounded to ``x``'s dtype
+    before the weight) and the reciprocal RMS ``[tokens, 1]`` its backward needs."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * r).to(x.dtype), r
+
+
+def rms_norm_backward(d_y: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``d_x`` of ``rms_norm``: ``r (g - x̂ · mean(g x̂))`` with ``g = d_y · weight`` and ``x̂ = x r``."""
+    g = (d_y * weight).float()
+    xhat = x.float() * r
+    return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` on ``[tokens, heads, dim]`` with ``[tokens, 1, dim]`` angles."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rope``'s input gradient: ``d cos + rotate_halfᵀ(d sin)``, where ``rotate_halfᵀ(y) = (y₂, -y₁)``."""
+    first, second = (d * sin).chunk(2, dim=-1)
+    return d * cos + torch.cat((second, -first), dim=-1)
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One call's fixed inputs to ``_AttentionHalf``: the row's layout and the block's shapes."""
+
+    layout: RowLayout
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    eps: float
+    dtype: torch.dtype
+    scales: tuple[float, ...]  # q, k, v, o adapters
+
+
+def _attention_forward(plan: _Attention, q_rows: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The row's ``[tokens, heads, dim]`` attention output from token-major queries, keys and values,
+    every segment through its padded group (``varlen_attention._short_segments``), and the
+    tensors ``_attention_backward`` needs, four per group."""
+    parts, saved = [], []
+    for group in plan.layout.groups:
+        index, q, k, v = gather_group(group, q_rows, k_rows, v_rows, plan.heads, plan.kv_heads)
+        probs = torch.softmax(torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=plan.scale), dim=-1)
+        out = torch.bmm(probs.to(v.dtype), v)
+        parts.append(out.view(-1, plan.head_dim).index_select(0, index.outputs).view(-1, plan.heads, plan.head_dim))
+        saved += [q, k, v, probs]
+    if plan.layout.skipped:  # padding segments: attended by nothing, their output zero
+        parts.append(v_rows.new_zeros(plan.layout.skipped, plan.heads, plan.head_dim))
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return (out.index_select(0, plan.layout.order) if plan.layout.order is not None else out), saved
+
+
+def _attention_backward(plan: _Attention, saved: list[torch.Tensor], d_out: torch.Tensor,
+                        d_q: torch.Tensor, d_k: torch.Tensor, d_v: torch.Tensor) -> None:
+    """Add ``_attention_forward``'s input gradients into the token-major ``d_q``, ``d_k``, ``d_v``
+    (zeros on entry) from ``d_out`` (``[tokens, heads, dim]``, row order)."""
+    if plan.layout.order is not None:  # a permutation: each segment-order row receives one row's gradient
+        d_out = torch.empty_like(d_out).index_copy_(0, plan.layout.order, d_out)
+    start = 0
+    for number, group in enumerate(plan.layout.groups):
+        q, k, v, probs = saved[4 * number : 4 * number + 4]
+        index = _head_index(group, plan.heads, plan.kv_heads, probs.dtype)
+        tokens = group.rows.shape[0]
+        d_part = d_out[start : start + tokens].reshape(-1, plan.head_dim)
+        start += tokens
+        # the padded outputs: the real queries' gradients, zero for padding queries (which see key 0)
+        d_padded = d_part.new_zeros(q.shape[0] * q.shape[1], plan.head_dim).index_copy_(0, index.outputs, d_part).view(q.shape[0], q.shape[1], -1)
+        d_probs = torch.bmm(d_padded, v.transpose(1, 2)).float()
+        d_v.index_add_(0, index.keys, torch.bmm(probs.to(v.dtype).transpose(1, 2), d_padded).view(-1, plan.head_dim))
+        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).mul_(plan.scale)
+        d_q.index_add_(0, index.queries, torch.bmm(d_scores, k).view(-1, plan.head_dim).to(d_q.dtype))
+        d_k.index_add_(0, index.keys, torch.bmm(d_scores.transpose(1, 2), q).view(-1, plan.head_dim).to(d_k.dtype))
+
+
+class _AttentionHalf(torch.autograd.Function):
+    """``h + o_proj(attention(rope(q, k), v))`` with q/k/v the adapted projections of ``rms_norm(h)``."""
+
+    @staticmethod
+    def forward(ctx, h, cos, sin, plan, norm_weight, *weights):  # type: ignore[override]
+        tokens, heads, kv_heads, dim = h.shape[1], plan.heads, plan.kv_heads, plan.head_dim
+        x = h.view(tokens, -1)
+        normed, r = rms_norm(x, norm_weight, plan.eps)
+        (q, k, v), saved_qkv = projections_forward(normed, plan.dtype, plan.scales[:3], weights[:9])
+        cos, sin = cos.view(tokens, 1, dim), sin.view(tokens, 1, dim)
+        q_rows = rope(q.view(tokens, heads, dim), cos, sin).view(-1, dim)
+        k_rows = rope(k.view(tokens, kv_heads, dim), cos, sin).view(-1, dim)
+        attended, saved_attention = _attention_forward(plan, q_rows, k_rows, v.view(-1, dim))
+        (o,), saved_o = projections_forward(attended.view(tokens, -1), plan.dtype, plan.scales[3:], weights[9:])
+        ctx.plan = plan
+        ctx.dtypes = [t.dtype for t in weights]
+        ctx.row_dtypes = (q_rows.dtype, k_rows.dtype, v.dtype)
+        ctx.counts = (len(saved_qkv), len(saved_o))
+        ctx.ranks = [a.shape[0] for a in weights[1::3]]  # q, k, v, o
+        ctx.save_for_backward(x, r, norm_weight, cos, sin, *saved_qkv, *saved_o, *saved_attention)
+        return (x + o).view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        plan = ctx.plan
+        x, r, norm_weight, cos, sin, *rest = ctx.saved_tensors
+        saved_qkv, saved_o = rest[: ctx.counts[0]], rest[ctx.counts[0] : sum(ctx.counts)]
+        saved_attention = rest[sum(ctx.counts) :]
+        tokens, dim = x.shape[0], plan.head_dim
+        d = grad.reshape(tokens, -1)
+        d_attended, o_grads = projections_backward(saved_o, plan.scales[3:], ctx.ranks[3:], [d], True)
+        q_dtype, k_dtype, v_dtype = ctx.row_dtypes
+        d_q = x.new_zeros(tokens * plan.heads, dim, dtype=q_dtype)
+        d_k = x.new_zeros(tokens * plan.kv_heads, dim, dtype=k_dtype)
+        d_v = x.new_zeros(tokens * plan.kv_heads, dim, dtype=v_dtype)
+        _attention_backward(plan, saved_attention, d_attended.view(tokens, plan.heads, dim), d_q, d_k, d_v)
+        d_q = rope_backward(d_q.view(tokens, plan.heads, dim), cos, sin).view(tokens, -1)
+        d_k = rope_backward(d_k.view(tokens, plan.kv_heads, dim), cos, sin).view(tokens, -1)
+        d_normed, qkv_grads = projections_backward(saved_qkv, plan.scales[:3], ctx.ranks[:3], [d_q, d_k, d_v.view(tokens, -1)], ctx.needs_input_grad[0])
+        d_h = None
+        if ctx.needs_input_grad[0]:
+            d_h = (d + rms_norm_backward(d_normed, x, r, norm_weight)).view(grad.shape)
+        adapter_grads = qkv_grads + o_grads
+        per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
+        return (d_h, None, None, None, None, *(g.to(t) if g is not None and need else None
+                                               for g, t, need in zip(per_weight, ctx.dtypes, ctx.needs_input_grad[5:])))
+
+
+class _MlpHalf(torch.autograd.Function):
+    """``h + mlp(rms_norm(h))`` with ``fused_mlp``'s products and backward."""
+
+    @staticmethod
+    def forward(ctx, h, settings, eps, norm_weight, *weights):  # type: ignore[override]
+        x = h.reshape(-1, h.shape[-1])
+        normed, r = rms_norm(x, norm_weight, eps)
+        out, saved = mlp_forward(normed, weights, settings)
+        ctx.settings = settings
+        ctx.dtypes = [t.dtype for t in weights]
+        ctx.save_for_backward(x, r, norm_weight, *saved)
+        return (x + out).view(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, r, norm_weight, *saved = ctx.saved_tensors
+        d = grad.reshape(x.shape)
+        d_normed, *adapter_grads = mlp_backward(tuple(saved), ctx.settings, d, ctx.needs_input_grad[0])
+        d_h = (d + rms_norm_backward(d_normed, x, r, norm_weight)).view(grad.shape) if ctx.needs_input_grad[0] else None
+        per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
+        return (d_h, None, None, None, *(g.to(t) if g is not None and need else None
+                                         for g, t, need in zip(per_weight, ctx.dtypes, ctx.needs_input_grad[4:])))
+
+
+def _weights(parts: list[LoraParts]) -> list[torch.Tensor]:
+    return [t for p in parts for t in (p.weight, p.a, p.b)]
+
+
+def _norm_eps(norm: nn.Module) -> float | None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    return float(eps) if isinstance(eps, float) and isinstance(weight, torch.Tensor) and not weight.requires_grad else None
+
+
+class _FusedLayer:
+    """A decoder layer's patched forward: the two fused halves when the call allows them, else the
+    layer's own forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def _attention_parts(self) -> list[LoraParts] | None:
+        parts = [lora_parts(getattr(self.layer.self_attn, name)) for name in ATTENTION]
+        return parts if all(p is not None and p.dropout == 0 for p in parts) else None  # type: ignore[misc]
+
+    def _mlp_parts(self) -> list[LoraParts] | None:
+        mlp = self.layer.mlp
+        patch = vars(mlp).get("forward")
+        if patch is not None and getattr(patch, "__func__", None) is not fused_forward:
+            return None  # another patch (the last block's sliced MLP) decides what the MLP computes
+        parts = [lora_parts(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
+        return parts if all(p is not None and p.dropout == 0 for p in parts) else None  # type: ignore[misc]
+
+    def _plan(self, hidden: torch.Tensor, parts: list[LoraParts], kwargs: dict[str, Any]) -> _Attention | None:
+        attention = self.layer.self_attn
+        bounds = kwargs.get("cu_seq_lens_q")
+        if (bounds is None or attention.config._attn_implementation != NAME or hidden.shape[0] != 1
+                or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+                or kwargs.get("position_embeddings") is None or (attention.training and attention.attention_dropout)):
+            return None
+        prefix = kwargs.get("segment_prefix")
+        bounds_list = bounds.tolist()
+        if bounds_list[-1] != hidden.shape[1]:
+            return None
+        layout = _layout_for(bounds_list, prefix.tolist() if prefix is not None else [-1] * (len(bounds_list) - 1), hidden.device)
+        if layout.long or not layout.groups:
+            return None  # a segment for sdpa's own kernel: the layer's own forward
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        q, k = parts[0].weight, parts[1].weight
+        dim = attention.head_dim
+        return _Attention(layout, q.shape[0] // dim, k.shape[0] // dim, dim, attention_scale(dim, attention.scaling),
+                          _norm_eps(self.layer.input_layernorm), dtype, tuple(p.scale for p in parts))  # type: ignore[arg-type]
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layer = self.layer
+        parts = None if args or kwargs.get("attention_mask") is not None else self._attention_parts()
+        plan = self._plan(hidden_states, parts, kwargs) if parts is not None else None
+        if plan is None:
+            return type(layer).forward(layer, hidden_states, *args, **kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        with torch.autocast(hidden_states.device.type, enabled=False):  # the functions cast to ``plan.dtype`` themselves
+            hidden = _AttentionHalf.apply(hidden_states, cos, sin, plan, layer.input_layernorm.weight, *_weights(parts))
+        mlp_parts = self._mlp_parts()
+        if mlp_parts is None:
+            return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        settings = (ACTIVATIONS[type(layer.mlp.act_fn)], plan.dtype, tuple(p.scale for p in mlp_parts))
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return _MlpHalf.apply(hidden, settings, _norm_eps(layer.post_attention_layernorm), layer.post_attention_layernorm.weight, *_weights(mlp_parts))
+
+
+def candidates(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of ``model`` shaped like a Llama block with every projection a LoRA layer
+    ``lora_parts`` accepts and frozen RMS norms."""
+    found = []
+    for module in unwrap_peft(model).modules():
+        attention, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+        norms = [getattr(module, name, None) for name in ("input_layernorm", "post_attention_layernorm")]
+        if attention is None or mlp is None or any(n is None or _norm_eps(n) is None for n in norms):
+            continue
+        projections = [getattr(attention, name, None) for name in ATTENTION] + [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if type(getattr(mlp, "act_fn", None)) not in ACTIVATIONS or not isinstance(getattr(attention, "head_dim", None), int):
+            continue
+        if all(p is not None and lora_parts(p) is not None for p in projections) and not any(
+            m._forward_hooks or m._forward_pre_hooks for m in (module, attention, mlp, *norms)
+        ):
+            found.append(module)
+    return found
+
+
+def _computes_the_same(layer: nn.Module) -> bool:
+    """Whether the fused halves equal ``layer``'s own forward on a probe packed row (fp32, no grad,
+    eval): two examples, the second continuing the first as a shared prefix, and a padding segment."""
+    weight = layer.input_layernorm.weight
+    if weight.dtype != torch.float32:
+        return False  # probed as loaded, before the trainer lowers the frozen weights' precision
+    g = torch.Generator().manual_seed(0)
+    dim = layer.self_attn.head_dim
+    hidden = torch.randn(1, 9, weight.shape[0], generator=g).to(weight.device)
+    angles = torch.randn(1, 9, dim // 2, generator=g).repeat(1, 1, 2).to(weight.device)
+    kwargs = {"position_embeddings": (angles.cos(), angles.sin()), "position_ids": None,
+              "cu_seq_lens_q": torch.tensor([0, 3, 7, 9], dtype=torch.int32, device=weight.device),
+              "segment_prefix": torch.tensor([-1, 0, PADDING_SEGMENT], device=weight.device)}
+    config = layer.self_attn.config
+    previous, was_training = config._attn_implementation, layer.training
+    config._attn_implementation = NAME
+    layer.eval()
+    try:
+        with torch.no_grad():
+            own = type(layer).forward(layer, hidden, **kwargs)
+            fused = _FusedLayer(layer)(hidden, **kwargs)
+    finally:
+        config._attn_implementation = previous
+        layer.train(was_training)
+    real = slice(0, 7)  # the padding segment's output is never read
+    own, fused = own[:, real], fused[:, real]
+    return bool((own - fused).abs().max() <= PROBE_TOLERANCE * max(1.0, float(own.abs().max())))
+
+
+@contextlib.contextmanager
+def fused_blocks(model: nn.Module) -> Iterator[int]:
+    """Run ``model``'s eligible decoder layers through the two fused halves while the context lasts;
+    yields how many. One probe per distinct layer class decides whether its forward is the block
+    these functions compute."""
+    verdicts: dict[type, bool] = {}
+    patched = []
+    for layer in candidates(model):
+        if type(layer) not in verdicts:
+            verdicts[type(layer)] = _computes_the_same(layer)
+        if verdicts[type(layer)]:
+            layer.forward = _FusedLayer(layer)
+            patched.append(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward

@@ -39,4 +39,7 @@ if [ "$want_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
       || echo "setup: chromium could not be installed; the review-page browser test will be skipped"
   fi
 fi
+# tunelab's C++ kernels for training (train/block_kernels.py) are built per CPU, once (~30 s), into
+# the cache; built here so the first training does not pay it. Without g++ training uses PyTorch's operators.
+.venv/bin/python -c "from tunelab.train.block_kernels import block_kernels; block_kernels()" 2>&1 | sed 's/^/setup: /'
 echo "setup: ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -8,7 +8,6 @@ from tests.test_perf_fused_mlp import adapted
 from tests.test_perf_shared_prefix import chat_like, loss_and_grads
 from tunelab.data import collate_packed
 from tunelab.data.collate import pad_packed_row
-from tunelab.train import fused_block
 from tunelab.train.fused_block import _AttentionHalf, _MlpHalf, fused_blocks
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
@@ -100,18 +99,3 @@ def test_a_block_whose_forward_differs_keeps_its_own():
         layer.__class__ = ScaledResidual
     with fused_blocks(model) as patched:
         assert patched == 0
-
-
-def test_the_norm_and_rope_backwards_are_the_gradients():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(8, generator=g, dtype=torch.float64)
-    d = torch.randn(5, 8, generator=g, dtype=torch.float64)
-    y, r = fused_block.rms_norm(x, weight, 1e-6)
-    (expected,) = torch.autograd.grad(y, x, d)
-    assert torch.allclose(fused_block.rms_norm_backward(d, x.detach(), r.detach(), weight), expected, atol=1e-12)
-    q = torch.randn(5, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    angles = torch.randn(5, 1, 4, generator=g, dtype=torch.float64).repeat(1, 1, 2)
-    d = torch.randn(5, 3, 8, generator=g, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(fused_block.rope(q, angles.cos(), angles.sin()), q, d)
-    assert torch.allclose(fused_block.rope_backward(d, angles.cos(), angles.sin()), expected, atol=1e-12)

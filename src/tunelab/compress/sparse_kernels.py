@@ -14,31 +14,17 @@ less their floors plus the folded ``down·diag(floor)·up`` product, in the same
 The int8 path reads fbgemm's row-wise format (``embedding_bag_byte_prepack``: ``out`` codes, then
 a float scale and offset per row), so layers saved before the kernel existed load unchanged.
 
-Compiled with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (g++, and ninja from pip) into
-``<tunelab cache>/kernels/<name>``, where the name carries a hash of the CPU's flags and the torch
-version: the CPU changes between machines and a binary built for AVX-512 must not run elsewhere.
-The first build takes ~30-60 s and says so; later processes load it in milliseconds. If it cannot
-be built (no compiler), :func:`sparse_decode_kernels` returns None once, with a warning, and the
-layers keep PyTorch's gather.
+Built for this machine's CPU on first use (``tunelab.native_build``); where it cannot be built (no
+compiler), :func:`sparse_decode_kernels` returns None once, with a warning, and the layers keep
+PyTorch's gather.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
-import torch
-
-logger = logging.getLogger(__name__)
+from tunelab.native_build import build_extension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -342,54 +328,10 @@ torch::Tensor relu_gated_mlp_u8(const torch::Tensor& x, const torch::Tensor& gat
 """
 
 _FUNCTIONS = ["sparse_input_f32", "sparse_input_u8", "relu_gated_mlp", "relu_gated_mlp_u8"]
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-
-
-def _build_name() -> str:
-    """The extension's name: the source, the flags, the CPU's feature flags and the torch version."""
-    from tunelab.hardware import cpu_flags
-
-    key = "|".join([_SOURCE, " ".join(_FLAGS), " ".join(sorted(cpu_flags())), torch.__version__])
-    return f"tunelab_sparse_decode_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def _environment_bin_on_path() -> Iterator[None]:
-    """torch looks for ``ninja`` on PATH; the pip-installed one sits beside this Python, which is not
-    on PATH when the environment is not activated (``.venv/bin/tunelab ...``)."""
-    previous = os.environ.get("PATH", "")
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{previous}"
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = previous
 
 
 @functools.cache
 def sparse_decode_kernels() -> ModuleType | None:
     """The compiled kernels (built on first use in this machine's cache), or None if they cannot be built."""
-    from torch.utils.cpp_extension import load_inline
-
-    from tunelab.models.cache import cache_root
-
-    if shutil.which("g++") is None:  # torch would try c++ and print a page of warnings first
-        logger.warning("no C++ compiler (g++) on PATH: sparse decoding uses PyTorch's gather, not the fused kernel")
-        return None
-    name = _build_name()
-    directory = cache_root() / "kernels" / name
-    first_build = not any(directory.glob("*.so"))
-    if first_build:
-        logger.warning("building the sparse decoding kernel for this CPU (once, ~30-60 s) in %s", directory)
-    started = time.perf_counter()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with _environment_bin_on_path():
-            module = load_inline(name, cpp_sources=[_SOURCE], functions=_FUNCTIONS, extra_cflags=_FLAGS,
-                                 extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
-    except Exception as error:  # no compiler, no ninja, no headers: the PyTorch gather still works
-        logger.warning("the sparse decoding kernel could not be built (%s); decoding uses PyTorch's gather instead",
-                       str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
-        return None
-    if first_build:
-        logger.warning("built the sparse decoding kernel in %.0f s", time.perf_counter() - started)
-    return module
+    return build_extension("tunelab_sparse_decode", _SOURCE, _FUNCTIONS, "sparse decoding kernel",
+                           "sparse decoding uses PyTorch's gather, not the fused kernel")

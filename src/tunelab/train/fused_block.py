@@ -42,38 +42,12 @@ from torch import nn
 
 from tunelab.data.collate import PADDING_SEGMENT
 from tunelab.methods.peft_adapters import LoraParts, lora_parts, unwrap_peft
+from tunelab.train.block_kernels import block_kernels, rms_norm, rms_norm_backward, rope, rope_backward
 from tunelab.train.fused_mlp import ACTIVATIONS, PROBE_TOLERANCE, fused_forward, mlp_backward, mlp_forward
 from tunelab.train.fused_projections import projections_backward, projections_forward
 from tunelab.train.varlen_attention import NAME, RowLayout, _head_index, _layout_for, attention_scale, gather_group
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' RMSNorm (``weight · (x / rms(x))`` computed in fp32, rounded to ``x``'s dtype
-    before the weight) and the reciprocal RMS ``[tokens, 1]`` its backward needs."""
-    xf = x.float()
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (xf * r).to(x.dtype), r
-
-
-def rms_norm_backward(d_y: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``d_x`` of ``rms_norm``: ``r (g - x̂ · mean(g x̂))`` with ``g = d_y · weight`` and ``x̂ = x r``."""
-    g = (d_y * weight).float()
-    xhat = x.float() * r
-    return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x cos + rotate_half(x) sin`` on ``[tokens, heads, dim]`` with ``[tokens, 1, dim]`` angles."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
-
-
-def rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rope``'s input gradient: ``d cos + rotate_halfᵀ(d sin)``, where ``rotate_halfᵀ(y) = (y₂, -y₁)``."""
-    first, second = (d * sin).chunk(2, dim=-1)
-    return d * cos + torch.cat((second, -first), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -136,9 +110,9 @@ class _AttentionHalf(torch.autograd.Function):
     def forward(ctx, h, cos, sin, plan, norm_weight, *weights):  # type: ignore[override]
         tokens, heads, kv_heads, dim = h.shape[1], plan.heads, plan.kv_heads, plan.head_dim
         x = h.view(tokens, -1)
-        normed, r = rms_norm(x, norm_weight, plan.eps)
+        normed, r = rms_norm(x, norm_weight, plan.eps, plan.dtype)
         (q, k, v), saved_qkv = projections_forward(normed, plan.dtype, plan.scales[:3], weights[:9])
-        cos, sin = cos.view(tokens, 1, dim), sin.view(tokens, 1, dim)
+        cos, sin = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
         q_rows = rope(q.view(tokens, heads, dim), cos, sin).view(-1, dim)
         k_rows = rope(k.view(tokens, kv_heads, dim), cos, sin).view(-1, dim)
         attended, saved_attention = _attention_forward(plan, q_rows, k_rows, v.view(-1, dim))
@@ -165,12 +139,12 @@ class _AttentionHalf(torch.autograd.Function):
         d_k = x.new_zeros(tokens * plan.kv_heads, dim, dtype=k_dtype)
         d_v = x.new_zeros(tokens * plan.kv_heads, dim, dtype=v_dtype)
         _attention_backward(plan, saved_attention, d_attended.view(tokens, plan.heads, dim), d_q, d_k, d_v)
-        d_q = rope_backward(d_q.view(tokens, plan.heads, dim), cos, sin).view(tokens, -1)
-        d_k = rope_backward(d_k.view(tokens, plan.kv_heads, dim), cos, sin).view(tokens, -1)
+        d_q = rope_backward(d_q.view(tokens, plan.heads, dim), cos, sin, plan.dtype).view(tokens, -1)
+        d_k = rope_backward(d_k.view(tokens, plan.kv_heads, dim), cos, sin, plan.dtype).view(tokens, -1)
         d_normed, qkv_grads = projections_backward(saved_qkv, plan.scales[:3], ctx.ranks[:3], [d_q, d_k, d_v.view(tokens, -1)], ctx.needs_input_grad[0])
         d_h = None
         if ctx.needs_input_grad[0]:
-            d_h = (d + rms_norm_backward(d_normed, x, r, norm_weight)).view(grad.shape)
+            d_h = rms_norm_backward(d_normed, x, r, norm_weight, d).view(grad.shape)
         adapter_grads = qkv_grads + o_grads
         per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
         return (d_h, None, None, None, None, *(g.to(t) if g is not None and need else None
@@ -183,7 +157,7 @@ class _MlpHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, settings, eps, norm_weight, *weights):  # type: ignore[override]
         x = h.reshape(-1, h.shape[-1])
-        normed, r = rms_norm(x, norm_weight, eps)
+        normed, r = rms_norm(x, norm_weight, eps, settings[1])
         out, saved = mlp_forward(normed, weights, settings)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in weights]
@@ -195,7 +169,7 @@ class _MlpHalf(torch.autograd.Function):
         x, r, norm_weight, *saved = ctx.saved_tensors
         d = grad.reshape(x.shape)
         d_normed, *adapter_grads = mlp_backward(tuple(saved), ctx.settings, d, ctx.needs_input_grad[0])
-        d_h = (d + rms_norm_backward(d_normed, x, r, norm_weight)).view(grad.shape) if ctx.needs_input_grad[0] else None
+        d_h = rms_norm_backward(d_normed, x, r, norm_weight, d).view(grad.shape) if ctx.needs_input_grad[0] else None
         per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
         return (d_h, None, None, None, *(g.to(t) if g is not None and need else None
                                          for g, t, need in zip(per_weight, ctx.dtypes, ctx.needs_input_grad[4:])))
@@ -329,6 +303,8 @@ def fused_blocks(model: nn.Module) -> Iterator[int]:
         if verdicts[type(layer)]:
             layer.forward = _FusedLayer(layer)
             patched.append(layer)
+    if patched:
+        block_kernels()  # built (once per CPU) before the first step rather than inside it
     try:
         yield len(patched)
     finally:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from tunelab.methods.peft_adapters import lora_parts
+from tunelab.train.block_kernels import silu_mul, silu_mul_backward
 
 ACTIVATIONS = {nn.SiLU: "silu", SiLUActivation: "silu", nn.ReLU: "relu"}
 #: The probe's largest accepted difference from the module's own forward (fp32; rounding ~1e-7).
@@ -71,7 +72,7 @@ def mlp_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], settings: tu
     # in place: an out-of-place addmm first copies its [tokens, intermediate] summand
     gate = (x2 @ wg.t()).addmm_(low_g, bg.t(), alpha=sg)
     up = (x2 @ wu.t()).addmm_(low_u, bu.t(), alpha=su)
-    h = _activation(kind, gate) * up
+    h = silu_mul(gate, up) if kind == "silu" else _activation(kind, gate) * up
     low_d = h @ ad.t()
     out = (h @ wd.t()).addmm_(low_d, bd.t(), alpha=sd)
     return out, (x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
@@ -83,16 +84,17 @@ def mlp_backward(saved: tuple[torch.Tensor, ...], settings: tuple, grad_out: tor
     kind, dtype, (sg, su, sd) = settings
     x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd = saved
     d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-    act = _activation(kind, gate)
-    h = act * up
     # down_proj and its adapter
     d_bd = adapter_up_grad(d_out, low_d, sd)
     d_low_d = (d_out @ bd) * sd
-    d_ad = d_low_d.t() @ h
     d_h = (d_out @ wd).addmm_(d_low_d, ad)
-    # the gate's activation and the product with up, rounded where autograd's own nodes round
-    d_up = d_h * act
-    d_gate = _activation_backward(kind, d_h * up, gate)
+    # the gate's activation and the product with up (recomputed), rounded where autograd's own nodes round
+    if kind == "silu":
+        h, d_gate, d_up = silu_mul_backward(d_h, gate, up)
+    else:
+        act = _activation(kind, gate)
+        h, d_up, d_gate = act * up, d_h * act, _activation_backward(kind, d_h * up, gate)
+    d_ad = d_low_d.t() @ h
     # gate_proj's and up_proj's adapters, and the input
     d_bg, d_bu = adapter_up_grad(d_gate, low_g, sg), adapter_up_grad(d_up, low_u, su)
     d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su

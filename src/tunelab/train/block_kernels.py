@@ -1,0 +1,314 @@
+"""One-pass C++ kernels for the elementwise work of a fused decoder block (``fused_block``,
+``fused_mlp``), with PyTorch fallbacks that compute the same.
+
+Each of these is several PyTorch operators, each a pass over a ``[tokens, width]`` tensor with its
+own dispatch, allocation and, for mixed dtypes or broadcasts, a slow TensorIterator loop: RMSNorm
+forward is six (square, mean, add, rsqrt, two products) plus the cast the projections make, its
+backward seven; RoPE's ``x cos + rotate_half(x) sin`` on bf16 heads and fp32 angles is five, each
+~100 µs on SmolLM2's ``[352, 9, 64]`` queries (profiled, bench/README.md, "Session 35"); the
+MLP's ``silu(gate) · up`` two forward and four backward. Here each is one loop over the rows that
+reads its inputs once and writes its outputs once, rounding to bf16 where the PyTorch version
+rounds (``silu`` before the product, each gradient once), in fp32 otherwise.
+
+Built for this machine's CPU on first use (``tunelab.native_build``); without a compiler, or for
+tensors the kernels do not take (not contiguous, other dtypes), the PyTorch formulas run instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.native_build import build_extension
+
+_SOURCE = r"""
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// float -> bf16, round to nearest even; NaN stays NaN (what c10::BFloat16 does)
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : rounded;
+}
+
+inline void put(float* p, float v) { *p = v; }
+inline void put(uint16_t* p, float v) { *p = to_bf16(v); }
+inline float round_as(float, float v) { return v; }
+inline float round_as(uint16_t, float v) { return widen(to_bf16(v)); }
+
+template <typename T> T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+std::vector<float> as_floats(const at::Tensor& t) {
+  auto f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+template <typename O>
+void norm_rows(const float* __restrict__ x, const float* __restrict__ w, float eps, O* __restrict__ out, float* __restrict__ r, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xr = x + t * width;
+      float sum = 0.f;
+      for (int64_t j = 0; j < width; ++j) sum += xr[j] * xr[j];
+      float rr = 1.f / std::sqrt(sum / float(width) + eps);
+      r[t] = rr;
+      O* o = out + t * width;
+      for (int64_t j = 0; j < width; ++j) put(o + j, w[j] * (xr[j] * rr));
+    }
+  });
+}
+
+template <typename D>
+void norm_backward_rows(const D* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ r, const float* __restrict__ w,
+                        const float* __restrict__ dres, float* __restrict__ dx,
+                        int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const D* d = dy + t * width;
+      const float* xr = x + t * width;
+      float rr = r[t], dot = 0.f;
+      for (int64_t j = 0; j < width; ++j) dot += widen(d[j]) * w[j] * (xr[j] * rr);
+      dot /= float(width);
+      const float* res = dres + t * width;
+      float* o = dx + t * width;
+      for (int64_t j = 0; j < width; ++j) o[j] = res[j] + rr * (widen(d[j]) * w[j] - (xr[j] * rr) * dot);
+    }
+  });
+}
+
+// x cos + rotate_half(x) sin per head; rotate_half(x) = (-x2, x1)
+template <typename I>
+void rope_rows(const I* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin, float* __restrict__ out,
+               int64_t tokens, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * dim;
+      const float* s = sin + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const I* q = x + (t * heads + h) * dim;
+        float* o = out + (t * heads + h) * dim;
+        for (int64_t i = 0; i < half; ++i) o[i] = widen(q[i]) * c[i] - widen(q[i + half]) * s[i];
+        for (int64_t i = half; i < dim; ++i) o[i] = widen(q[i]) * c[i] + widen(q[i - half]) * s[i];
+      }
+    }
+  });
+}
+
+// d cos + rotate_half^T(d sin); rotate_half^T(y) = (y2, -y1)
+template <typename O>
+void rope_backward_rows(const float* __restrict__ d, const float* __restrict__ cos, const float* __restrict__ sin, O* __restrict__ out,
+                        int64_t tokens, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * dim;
+      const float* s = sin + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* g = d + (t * heads + h) * dim;
+        O* o = out + (t * heads + h) * dim;
+        for (int64_t i = 0; i < half; ++i) put(o + i, g[i] * c[i] + g[i + half] * s[i + half]);
+        for (int64_t i = half; i < dim; ++i) put(o + i, g[i] * c[i] - g[i - half] * s[i - half]);
+      }
+    }
+  });
+}
+
+inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
+
+template <typename T>
+void silu_mul_flat(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h, int64_t n) {
+  at::parallel_for(0, n, 8192, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float g = widen(gate[i]);
+      float act = round_as(T(), g * sigmoid(g));
+      put(h + i, act * widen(up[i]));
+    }
+  });
+}
+
+// h = act·up (recomputed), d_up = d_h·act, d_gate = silu'(gate)·(d_h·up), each rounded once; in blocks of
+// three simple loops, which GCC vectorizes (one loop with six streams it does not)
+template <typename T>
+void silu_mul_backward_flat(const T* __restrict__ dh, const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h,
+                            T* __restrict__ dgate, T* __restrict__ dup, int64_t n) {
+  at::parallel_for(0, n, 8192, [=](int64_t begin, int64_t end) {
+    constexpr int64_t kBlock = 256;
+    for (int64_t start = begin; start < end; start += kBlock) {
+      const int64_t count = std::min(kBlock, end - start);
+      float sig[kBlock], act[kBlock];
+      const T* __restrict__ g = gate + start;
+      for (int64_t i = 0; i < count; ++i) {
+        float x = widen(g[i]);
+        sig[i] = sigmoid(x);
+        act[i] = round_as(T(), x * sig[i]);
+      }
+      const T* __restrict__ u = up + start;
+      const T* __restrict__ d = dh + start;
+      T* __restrict__ ho = h + start;
+      T* __restrict__ uo = dup + start;
+      for (int64_t i = 0; i < count; ++i) {
+        put(ho + i, act[i] * widen(u[i]));
+        put(uo + i, widen(d[i]) * act[i]);
+      }
+      T* __restrict__ go = dgate + start;
+      for (int64_t i = 0; i < count; ++i) {
+        float x = widen(g[i]);
+        float du = round_as(T(), widen(d[i]) * widen(u[i]));
+        put(go + i, du * sig[i] * (1.f + x * (1.f - sig[i])));
+      }
+    }
+  });
+}
+
+bool low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+}  // namespace
+
+std::vector<at::Tensor> rms_norm_forward(at::Tensor x, at::Tensor weight, double eps, bool to_bf16_out) {
+  auto w = as_floats(weight);
+  int64_t rows = x.size(0), width = x.size(1);
+  auto out = at::empty({rows, width}, x.options().dtype(to_bf16_out ? at::kBFloat16 : at::kFloat));
+  auto r = at::empty({rows, 1}, x.options());
+  if (to_bf16_out) norm_rows(ptr<float>(x), w.data(), float(eps), ptr<uint16_t>(out), ptr<float>(r), rows, width);
+  else norm_rows(ptr<float>(x), w.data(), float(eps), ptr<float>(out), ptr<float>(r), rows, width);
+  return {out, r};
+}
+
+at::Tensor rms_norm_backward(at::Tensor d_y, at::Tensor x, at::Tensor r, at::Tensor weight, at::Tensor d_residual) {
+  auto w = as_floats(weight);
+  int64_t rows = x.size(0), width = x.size(1);
+  auto d_x = at::empty_like(x);
+  if (low(d_y)) norm_backward_rows(ptr<uint16_t>(d_y), ptr<float>(x), ptr<float>(r), w.data(), ptr<float>(d_residual), ptr<float>(d_x), rows, width);
+  else norm_backward_rows(ptr<float>(d_y), ptr<float>(x), ptr<float>(r), w.data(), ptr<float>(d_residual), ptr<float>(d_x), rows, width);
+  return d_x;
+}
+
+at::Tensor rope_forward(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  if (low(x)) rope_rows(ptr<uint16_t>(x), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), x.size(0), x.size(1), x.size(2));
+  else rope_rows(ptr<float>(x), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), x.size(0), x.size(1), x.size(2));
+  return out;
+}
+
+at::Tensor rope_backward(at::Tensor d, at::Tensor cos, at::Tensor sin, bool to_bf16_out) {
+  auto out = at::empty(d.sizes(), d.options().dtype(to_bf16_out ? at::kBFloat16 : at::kFloat));
+  if (to_bf16_out) rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<uint16_t>(out), d.size(0), d.size(1), d.size(2));
+  else rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), d.size(0), d.size(1), d.size(2));
+  return out;
+}
+
+at::Tensor silu_mul(at::Tensor gate, at::Tensor up) {
+  auto h = at::empty_like(gate);
+  if (low(gate)) silu_mul_flat(ptr<uint16_t>(gate), ptr<uint16_t>(up), ptr<uint16_t>(h), gate.numel());
+  else silu_mul_flat(ptr<float>(gate), ptr<float>(up), ptr<float>(h), gate.numel());
+  return h;
+}
+
+std::vector<at::Tensor> silu_mul_backward(at::Tensor d_h, at::Tensor gate, at::Tensor up) {
+  auto h = at::empty_like(gate), d_gate = at::empty_like(gate), d_up = at::empty_like(gate);
+  if (low(gate)) silu_mul_backward_flat(ptr<uint16_t>(d_h), ptr<uint16_t>(gate), ptr<uint16_t>(up), ptr<uint16_t>(h), ptr<uint16_t>(d_gate), ptr<uint16_t>(d_up), gate.numel());
+  else silu_mul_backward_flat(ptr<float>(d_h), ptr<float>(gate), ptr<float>(up), ptr<float>(h), ptr<float>(d_gate), ptr<float>(d_up), gate.numel());
+  return {h, d_gate, d_up};
+}
+"""
+
+_FUNCTIONS = ["rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "silu_mul", "silu_mul_backward"]
+
+
+@functools.cache
+def block_kernels() -> ModuleType | None:
+    """The compiled kernels (built on first use in this machine's cache), or None if they cannot be built."""
+    return build_extension("tunelab_block", _SOURCE, _FUNCTIONS, "fused block kernels",
+                           "fused blocks use PyTorch's operators for norms, RoPE and the MLP's activation")
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _takes(*tensors: torch.Tensor) -> ModuleType | None:
+    """The kernels, when every tensor is a contiguous CPU fp32/bf16 tensor; else None."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _FLOATS for t in tensors):
+        return None
+    return block_kernels()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' RMSNorm of the ``[tokens, width]`` ``x`` (``weight · (x / rms(x))`` in fp32, rounded
+    to ``x``'s dtype before the weight), in ``dtype``, and the reciprocal RMS ``[tokens, 1]``."""
+    kernels = _takes(x, weight) if x.dtype == torch.float32 and dtype in _FLOATS else None
+    if kernels is not None:
+        out, r = kernels.rms_norm_forward(x, weight, eps, dtype == torch.bfloat16)
+        return out, r
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (xf * r).to(x.dtype)).to(dtype), r
+
+
+def rms_norm_backward(d_y: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, d_residual: torch.Tensor) -> torch.Tensor:
+    """``d_residual`` plus ``rms_norm``'s input gradient ``r (g - x̂ · mean(g x̂))``, ``g = d_y · weight``, ``x̂ = x r``."""
+    kernels = _takes(d_y, x, weight, d_residual) if x.dtype == d_residual.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.rms_norm_backward(d_y, x, r, weight, d_residual)
+    g = d_y.float() * weight  # in fp32, as autograd multiplies the widened gradient by the weight
+    xhat = x.float() * r
+    return d_residual + (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` on ``[tokens, heads, dim]`` with ``[tokens, dim]`` fp32 angles, in fp32."""
+    kernels = _takes(x, cos, sin) if cos.dtype == sin.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.rope_forward(x, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rope``'s input gradient in ``dtype``: ``d cos + rotate_halfᵀ(d sin)``, where ``rotate_halfᵀ(y) = (y₂, -y₁)``."""
+    kernels = _takes(d, cos, sin) if d.dtype == cos.dtype == sin.dtype == torch.float32 and dtype in _FLOATS else None
+    if kernels is not None:
+        return kernels.rope_backward(d, cos, sin, dtype == torch.bfloat16)
+    first, second = (d * sin.unsqueeze(1)).chunk(2, dim=-1)
+    return (d * cos.unsqueeze(1) + torch.cat((second, -first), dim=-1)).to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) · up``, the activation rounded to the inputs' dtype before the product."""
+    kernels = _takes(gate, up) if gate.dtype == up.dtype else None
+    if kernels is not None:
+        return kernels.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def silu_mul_backward(d_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, d_gate, d_up)`` for ``h = silu(gate) · up`` and its gradient ``d_h``: the product
+    recomputed, ``d_up = d_h · silu(gate)``, ``d_gate = silu'(gate) · (d_h · up)``."""
+    kernels = _takes(d_h, gate, up) if d_h.dtype == gate.dtype == up.dtype else None
+    if kernels is not None:
+        h, d_gate, d_up = kernels.silu_mul_backward(d_h, gate, up)
+        return h, d_gate, d_up
+    act = F.silu(gate)
+    return act * up, torch.ops.aten.silu_backward(d_h * up, gate), d_h * act

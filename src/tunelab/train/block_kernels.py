@@ -117,8 +117,8 @@ void rope_rows(const I* __restrict__ x, const float* __restrict__ cos, const flo
 }
 
 // d cos + rotate_half^T(d sin); rotate_half^T(y) = (y2, -y1)
-template <typename O>
-void rope_backward_rows(const float* __restrict__ d, const float* __restrict__ cos, const float* __restrict__ sin, O* __restrict__ out,
+template <typename I, typename O>
+void rope_backward_rows(const I* __restrict__ d, const float* __restrict__ cos, const float* __restrict__ sin, O* __restrict__ out,
                         int64_t tokens, int64_t heads, int64_t dim) {
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, 8, [=](int64_t begin, int64_t end) {
@@ -126,10 +126,10 @@ void rope_backward_rows(const float* __restrict__ d, const float* __restrict__ c
       const float* c = cos + t * dim;
       const float* s = sin + t * dim;
       for (int64_t h = 0; h < heads; ++h) {
-        const float* g = d + (t * heads + h) * dim;
+        const I* g = d + (t * heads + h) * dim;
         O* o = out + (t * heads + h) * dim;
-        for (int64_t i = 0; i < half; ++i) put(o + i, g[i] * c[i] + g[i + half] * s[i + half]);
-        for (int64_t i = half; i < dim; ++i) put(o + i, g[i] * c[i] - g[i - half] * s[i - half]);
+        for (int64_t i = 0; i < half; ++i) put(o + i, widen(g[i]) * c[i] + widen(g[i + half]) * s[i + half]);
+        for (int64_t i = half; i < dim; ++i) put(o + i, widen(g[i]) * c[i] - widen(g[i - half]) * s[i - half]);
       }
     }
   });
@@ -214,8 +214,11 @@ at::Tensor rope_forward(at::Tensor x, at::Tensor cos, at::Tensor sin) {
 
 at::Tensor rope_backward(at::Tensor d, at::Tensor cos, at::Tensor sin, bool to_bf16_out) {
   auto out = at::empty(d.sizes(), d.options().dtype(to_bf16_out ? at::kBFloat16 : at::kFloat));
-  if (to_bf16_out) rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<uint16_t>(out), d.size(0), d.size(1), d.size(2));
-  else rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), d.size(0), d.size(1), d.size(2));
+  const int64_t tokens = d.size(0), heads = d.size(1), dim = d.size(2);
+  if (low(d) && to_bf16_out) rope_backward_rows(ptr<uint16_t>(d), ptr<float>(cos), ptr<float>(sin), ptr<uint16_t>(out), tokens, heads, dim);
+  else if (low(d)) rope_backward_rows(ptr<uint16_t>(d), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), tokens, heads, dim);
+  else if (to_bf16_out) rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<uint16_t>(out), tokens, heads, dim);
+  else rope_backward_rows(ptr<float>(d), ptr<float>(cos), ptr<float>(sin), ptr<float>(out), tokens, heads, dim);
   return out;
 }
 
@@ -287,10 +290,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``rope``'s input gradient in ``dtype``: ``d cos + rotate_halfᵀ(d sin)``, where ``rotate_halfᵀ(y) = (y₂, -y₁)``."""
-    kernels = _takes(d, cos, sin) if d.dtype == cos.dtype == sin.dtype == torch.float32 and dtype in _FLOATS else None
+    """``rope``'s input gradient in ``dtype`` from ``d`` (fp32 or bf16), computed in fp32: ``d cos + rotate_halfᵀ(d sin)``, where ``rotate_halfᵀ(y) = (y₂, -y₁)``."""
+    kernels = _takes(d, cos, sin) if cos.dtype == sin.dtype == torch.float32 and dtype in _FLOATS else None
     if kernels is not None:
         return kernels.rope_backward(d, cos, sin, dtype == torch.bfloat16)
+    d = d.float()
     first, second = (d * sin.unsqueeze(1)).chunk(2, dim=-1)
     return (d * cos.unsqueeze(1) + torch.cat((second, -first), dim=-1)).to(dtype)
 

@@ -64,37 +64,50 @@ class _Attention:
     scales: tuple[float, ...]  # q, k, v, o adapters
 
 
+def _rows(plan: _Attention, padded: list[torch.Tensor]) -> torch.Tensor:
+    """The row's ``[tokens, heads, dim]`` from each padded group's ``[segments × kv heads, sharing ×
+    longest, dim]`` query-side tensor (the attention's output, or its queries' gradient): the real
+    queries picked out, zeros for padding segments, back in row order."""
+    scores = torch.promote_types(padded[0].dtype, torch.float32)  # the key gather_group built the index under
+    parts = [x.view(-1, plan.head_dim).index_select(0, _head_index(group, plan.heads, plan.kv_heads, scores).outputs).view(-1, plan.heads, plan.head_dim)
+             for group, x in zip(plan.layout.groups, padded)]
+    if plan.layout.skipped:  # padding segments: attended by nothing, their output zero
+        parts.append(padded[0].new_zeros(plan.layout.skipped, plan.heads, plan.head_dim))
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out.index_select(0, plan.layout.order) if plan.layout.order is not None else out
+
+
 def _attention_forward(plan: _Attention, q_rows: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The row's ``[tokens, heads, dim]`` attention output from token-major queries, keys and values,
     every segment through its padded group (``varlen_attention._short_segments``), and the
     tensors ``_attention_backward`` needs, four per group."""
-    parts, saved = [], []
+    outs, saved = [], []
     for group in plan.layout.groups:
         index, q, k, v = gather_group(group, q_rows, k_rows, v_rows, plan.heads, plan.kv_heads)
         probs = torch.softmax(torch.baddbmm(index.bias, q, k.transpose(-1, -2), alpha=plan.scale), dim=-1)
-        out = torch.bmm(probs.to(v.dtype), v)
-        parts.append(out.view(-1, plan.head_dim).index_select(0, index.outputs).view(-1, plan.heads, plan.head_dim))
+        outs.append(torch.bmm(probs.to(v.dtype), v))
         saved += [q, k, v, probs]
-    if plan.layout.skipped:  # padding segments: attended by nothing, their output zero
-        parts.append(v_rows.new_zeros(plan.layout.skipped, plan.heads, plan.head_dim))
-    out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return (out.index_select(0, plan.layout.order) if plan.layout.order is not None else out), saved
+    return _rows(plan, outs), saved
 
 
 def _attention_backward(plan: _Attention, saved: list[torch.Tensor], d_out: torch.Tensor,
-                        d_q: torch.Tensor, d_k: torch.Tensor, d_v: torch.Tensor) -> None:
-    """Add ``_attention_forward``'s input gradients into the token-major ``d_q``, ``d_k``, ``d_v``
-    (zeros on entry) from ``d_out`` (``[tokens, heads, dim]``, row order)."""
+                        d_k: torch.Tensor, d_v: torch.Tensor) -> torch.Tensor:
+    """The queries' token-major gradient ``[tokens, heads, dim]`` from ``d_out`` (``[tokens, heads,
+    dim]``, row order), and the keys' and values' added into ``d_k``, ``d_v`` (zeros on entry).
+
+    A query sits in one padded slot (padding slots, which see key 0 alone, get a zero gradient),
+    so its gradient is gathered from the slots as the forward gathers the outputs; a key or value
+    can sit in several (a prefix's, in every segment continuing it), so theirs are added up."""
     if plan.layout.order is not None:  # a permutation: each segment-order row receives one row's gradient
         d_out = torch.empty_like(d_out).index_copy_(0, plan.layout.order, d_out)
-    start = 0
+    start, d_queries = 0, []
     for number, group in enumerate(plan.layout.groups):
         q, k, v, probs = saved[4 * number : 4 * number + 4]
         index = _head_index(group, plan.heads, plan.kv_heads, probs.dtype)
         tokens = group.rows.shape[0]
         d_part = d_out[start : start + tokens].reshape(-1, plan.head_dim)
         start += tokens
-        # the padded outputs: the real queries' gradients, zero for padding queries (which see key 0)
+        # the padded outputs: the real queries' gradients, zero for padding queries
         d_padded = d_part.new_zeros(q.shape[0] * q.shape[1], plan.head_dim).index_copy_(0, index.outputs, d_part).view(q.shape[0], q.shape[1], -1)
         d_probs = torch.bmm(d_padded, v.transpose(1, 2)).float()
         d_v.index_add_(0, index.keys, torch.bmm(probs.to(v.dtype).transpose(1, 2), d_padded).view(-1, plan.head_dim))
@@ -103,8 +116,9 @@ def _attention_backward(plan: _Attention, saved: list[torch.Tensor], d_out: torc
         # product): bf16 products ~1.4x faster than fp32 here, with the gradients' error against an
         # fp32 step unchanged (bench/README.md, "Session 35")
         d_scores, q, k = d_scores.to(v.dtype), q.to(v.dtype), k.to(v.dtype)
-        d_q.index_add_(0, index.queries, torch.bmm(d_scores, k).view(-1, plan.head_dim).to(d_q.dtype))
+        d_queries.append(torch.bmm(d_scores, k))
         d_k.index_add_(0, index.keys, torch.bmm(d_scores.transpose(1, 2), q).view(-1, plan.head_dim).to(d_k.dtype))
+    return _rows(plan, d_queries)
 
 
 class _AttentionHalf(torch.autograd.Function):
@@ -123,7 +137,7 @@ class _AttentionHalf(torch.autograd.Function):
         (o,), saved_o = projections_forward(attended.view(tokens, -1), plan.dtype, plan.scales[3:], weights[9:])
         ctx.plan = plan
         ctx.dtypes = [t.dtype for t in weights]
-        ctx.row_dtypes = (q_rows.dtype, k_rows.dtype, v.dtype)
+        ctx.row_dtypes = (k_rows.dtype, v.dtype)
         ctx.counts = (len(saved_qkv), len(saved_o))
         ctx.ranks = [a.shape[0] for a in weights[1::3]]  # q, k, v, o
         ctx.save_for_backward(x, r, norm_weight, cos, sin, *saved_qkv, *saved_o, *saved_attention)
@@ -138,12 +152,11 @@ class _AttentionHalf(torch.autograd.Function):
         tokens, dim = x.shape[0], plan.head_dim
         d = grad.reshape(tokens, -1)
         d_attended, o_grads = projections_backward(saved_o, plan.scales[3:], ctx.ranks[3:], [d], True)
-        q_dtype, k_dtype, v_dtype = ctx.row_dtypes
-        d_q = x.new_zeros(tokens * plan.heads, dim, dtype=q_dtype)
+        k_dtype, v_dtype = ctx.row_dtypes
         d_k = x.new_zeros(tokens * plan.kv_heads, dim, dtype=k_dtype)
         d_v = x.new_zeros(tokens * plan.kv_heads, dim, dtype=v_dtype)
-        _attention_backward(plan, saved_attention, d_attended.view(tokens, plan.heads, dim), d_q, d_k, d_v)
-        d_q = rope_backward(d_q.view(tokens, plan.heads, dim), cos, sin, plan.dtype).view(tokens, -1)
+        d_q = _attention_backward(plan, saved_attention, d_attended.view(tokens, plan.heads, dim), d_k, d_v)
+        d_q = rope_backward(d_q, cos, sin, plan.dtype).view(tokens, -1)
         d_k = rope_backward(d_k.view(tokens, plan.kv_heads, dim), cos, sin, plan.dtype).view(tokens, -1)
         d_normed, qkv_grads = projections_backward(saved_qkv, plan.scales[:3], ctx.ranks[:3], [d_q, d_k, d_v.view(tokens, -1)], ctx.needs_input_grad[0])
         d_h = None

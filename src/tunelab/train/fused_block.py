@@ -16,7 +16,9 @@ tensor. On short rows, where the matmuls are small, that fixed part is a third o
 Each saves what its backward needs (the input, the norm's reciprocal RMS, the projections'
 rank-r intermediates, the attention's gathered queries, keys, values and probabilities) and
 computes the gradients by the chain rule written out, in the dtypes the unfused block uses (the
-residual stream and the attention scores in fp32, products in the autocast dtype).
+residual stream and the attention scores in fp32, products in the autocast dtype; the scores'
+gradient meets q and k in that dtype too). The norms, RoPE and the MLP's ``silu(gate) · up``
+run as one-pass C++ kernels (``block_kernels``) where they can be built.
 
 It applies where it computes what the block computes: a decoder layer with ``input_layernorm``,
 ``self_attn`` (q/k/v/o), ``post_attention_layernorm`` and a gated ``mlp``, every projection a plain
@@ -45,7 +47,7 @@ from tunelab.methods.peft_adapters import LoraParts, lora_parts, unwrap_peft
 from tunelab.train.block_kernels import block_kernels, rms_norm, rms_norm_backward, rope, rope_backward
 from tunelab.train.fused_mlp import ACTIVATIONS, PROBE_TOLERANCE, fused_forward, mlp_backward, mlp_forward
 from tunelab.train.fused_projections import projections_backward, projections_forward
-from tunelab.train.varlen_attention import NAME, RowLayout, _head_index, _layout_for, attention_scale, gather_group
+from tunelab.train.varlen_attention import NAME, RowLayout, attention_scale, gather_group, head_index, layout_for
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -69,7 +71,7 @@ def _rows(plan: _Attention, padded: list[torch.Tensor]) -> torch.Tensor:
     longest, dim]`` query-side tensor (the attention's output, or its queries' gradient): the real
     queries picked out, zeros for padding segments, back in row order."""
     scores = torch.promote_types(padded[0].dtype, torch.float32)  # the key gather_group built the index under
-    parts = [x.view(-1, plan.head_dim).index_select(0, _head_index(group, plan.heads, plan.kv_heads, scores).outputs).view(-1, plan.heads, plan.head_dim)
+    parts = [x.view(-1, plan.head_dim).index_select(0, head_index(group, plan.heads, plan.kv_heads, scores).outputs).view(-1, plan.heads, plan.head_dim)
              for group, x in zip(plan.layout.groups, padded)]
     if plan.layout.skipped:  # padding segments: attended by nothing, their output zero
         parts.append(padded[0].new_zeros(plan.layout.skipped, plan.heads, plan.head_dim))
@@ -103,7 +105,7 @@ def _attention_backward(plan: _Attention, saved: list[torch.Tensor], d_out: torc
     start, d_queries = 0, []
     for number, group in enumerate(plan.layout.groups):
         q, k, v, probs = saved[4 * number : 4 * number + 4]
-        index = _head_index(group, plan.heads, plan.kv_heads, probs.dtype)
+        index = head_index(group, plan.heads, plan.kv_heads, probs.dtype)
         tokens = group.rows.shape[0]
         d_part = d_out[start : start + tokens].reshape(-1, plan.head_dim)
         start += tokens
@@ -232,7 +234,7 @@ class _FusedLayer:
         bounds_list = bounds.tolist()
         if bounds_list[-1] != hidden.shape[1]:
             return None
-        layout = _layout_for(bounds_list, prefix.tolist() if prefix is not None else [-1] * (len(bounds_list) - 1), hidden.device)
+        layout = layout_for(bounds_list, prefix.tolist() if prefix is not None else [-1] * (len(bounds_list) - 1), hidden.device)
         if layout.long or not layout.groups:
             return None  # a segment for sdpa's own kernel: the layer's own forward
         device = hidden.device.type

@@ -76,7 +76,7 @@ class PaddedGroup:
     key_index: torch.Tensor
     hidden: torch.Tensor
     rows: torch.Tensor
-    #: the gathers and bias per (query heads, key/value heads, scores' dtype): see ``_head_index``
+    #: the gathers and bias per (query heads, key/value heads, scores' dtype): see ``head_index``
     by_heads: dict[tuple[int, int, torch.dtype], _HeadIndex] = field(default_factory=dict, compare=False)
 
 
@@ -173,7 +173,7 @@ def row_layout(bounds: list[int], prefix_of: list[int], device: torch.device) ->
 _last_layout = threading.local()  # per thread (a process may train in several), the row being computed: every layer shares its layout
 
 
-def _layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:
+def layout_for(bounds: list[int], prefix_of: list[int], device: torch.device) -> RowLayout:
     key = (tuple(bounds), tuple(prefix_of), str(device))
     if getattr(_last_layout, "key", None) != key:
         _last_layout.key, _last_layout.layout = key, row_layout(bounds, prefix_of, device)
@@ -193,7 +193,7 @@ class _HeadIndex(NamedTuple):
     bias: torch.Tensor
 
 
-def _head_index(group: PaddedGroup, heads: int, kv_heads: int, dtype: torch.dtype) -> _HeadIndex:
+def head_index(group: PaddedGroup, heads: int, kv_heads: int, dtype: torch.dtype) -> _HeadIndex:
     """The gathers and the ``[segments × kv heads, sharing × longest, widest]`` bias (-inf where
     hidden) for ``heads`` query heads sharing ``kv_heads`` key/value heads. Query heads sharing a
     key/value head are consecutive (transformers' ``repeat_kv``), so stacking them along the query
@@ -251,7 +251,7 @@ def gather_group(group: PaddedGroup, query: torch.Tensor, key: torch.Tensor, val
     """A padded group's gathers and its ``[segments × kv heads, sharing × longest, dim]`` queries and
     ``[segments × kv heads, widest, dim]`` keys (both in the scores' dtype, at least fp32) and values
     (their own dtype), from the row's token-major queries, keys and values."""
-    index = _head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
+    index = head_index(group, heads, kv_heads, torch.promote_types(query.dtype, torch.float32))
     batch, rows, dim = group.segments * kv_heads, heads // kv_heads * group.longest, query.shape[1]
     q = query.index_select(0, index.queries).view(batch, rows, dim).to(index.bias.dtype)
     k = key.index_select(0, index.keys).view(batch, group.widest, dim).to(index.bias.dtype)
@@ -279,7 +279,7 @@ def varlen_sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     segment_prefix = kwargs.get("segment_prefix")
     prefix_of = segment_prefix.tolist() if segment_prefix is not None else [-1] * (len(bounds) - 1)  # type: ignore[union-attr]
-    layout = _layout_for(bounds, prefix_of, query.device)
+    layout = layout_for(bounds, prefix_of, query.device)
     p = dropout if module.training else 0.0
     gqa = key.shape[1] != query.shape[1]
     rows = [_token_major(t) for t in (query, key, value)] if layout.groups else []  # [T × heads, dim]

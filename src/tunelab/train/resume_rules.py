@@ -21,7 +21,7 @@ from tunelab.train import auto_settings
 #: steps, and checkpoints hold full-size tensors either way, so a run may switch between them.
 SAFE_ON_RESUME = (
     "train.threads", "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
-    "train.eval_every", "train.compile", "train.fuse_mlp", "train.fuse_qkv", "train.distributed.strategy", "train.distributed.fsdp.", "train.distributed.tp.", "train.distributed.pp.", "eval.", "compress.", "output_dir",
+    "train.eval_every", "train.compile", "train.fuse_mlp", "train.fuse_qkv", "train.fuse_blocks", "train.distributed.strategy", "train.distributed.fsdp.", "train.distributed.tp.", "train.distributed.pp.", "eval.", "compress.", "output_dir",
 )
 
 

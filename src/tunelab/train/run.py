@@ -205,7 +205,7 @@ def _run(
         trainer = Trainer(
             model=model, objective=prepared.objective, train=data.train, validation=data.validation, cfg=prepared.train_cfg,
             collate=prepared.collate, precision=precision, run_dir=run_dir, seed=recipe.seed, world=world,
-            callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile, fuse_mlp=recipe.train.fuse_mlp, fuse_qkv=recipe.train.fuse_qkv,
+            callbacks=[*callbacks_for(recipe), *extra_callbacks], device=device, show_progress=show_progress, compile=recipe.train.compile, fuse_mlp=recipe.train.fuse_mlp, fuse_qkv=recipe.train.fuse_qkv, fuse_blocks=recipe.train.fuse_blocks,
             sampler=prepared.sampler, events=trackers.chain(events), cancel=cancel, uses_all_parameters=prepared.uses_all_parameters,
         )
     except TooFewExamples as exc:

@@ -15,6 +15,7 @@ def formulas(monkeypatch):
     def run(function, *args):
         with monkeypatch.context() as m:
             m.setattr(bk, "_takes", lambda *tensors: None)
+            m.setattr(bk, "block_kernels", lambda: None)
             return function(*args)
 
     return run
@@ -51,6 +52,14 @@ def test_the_kernels_equal_the_formulas(dtype, formulas):
     assert torch.allclose(bk.silu_mul(gate, up), formulas(bk.silu_mul, gate, up), **tolerance)
     for mine, theirs in zip(bk.silu_mul_backward(d_h, gate, up), formulas(bk.silu_mul_backward, d_h, gate, up)):
         assert torch.allclose(mine, theirs, **tolerance)
+
+
+@pytest.mark.parametrize("count", [1, 6, 4096, 201 * 97])  # whole 64-bit words and a partial last one
+@pytest.mark.parametrize("seed", [0, -(2**63), 2**63 - 1, 12345])
+def test_dropout_bits_equal_the_formula(count, seed, formulas):
+    dropped = 3277  # p = 0.05
+    keep = bk.keep_bits(count, seed, dropped, torch.device("cpu"))
+    assert keep.dtype == torch.bool and torch.equal(keep, formulas(bk.keep_bits, count, seed, dropped, torch.device("cpu")))
 
 
 def test_the_formulas_backwards_are_the_gradients():

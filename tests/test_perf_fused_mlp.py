@@ -9,6 +9,7 @@ from tests.test_perf_shared_prefix import chat_like, loss_and_grads
 from tunelab.data import collate_packed
 from tunelab.models import load_model
 from tunelab.train import fused_mlp
+from tunelab.train.bit_dropout import bit_dropout
 from tunelab.train.fused_mlp import _FusedLoraMLP, candidates, fused_mlps
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
@@ -29,9 +30,20 @@ def adapted(dropout: float = 0.0, activation: str | None = None, seed: int = 1) 
     return model
 
 
+def relative_error(grads, reference):
+    """The largest difference of any gradient from its reference, relative to that reference's largest value."""
+    return max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in reference.items())
+
+
+def reseeded(function, seed=0):
+    """``function`` drawing the same dropout masks at every call (gradcheck calls it many times)."""
+    return lambda *inputs: (torch.manual_seed(seed), function(*inputs))[1]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])  # LoRA dropout: each adapter's input through a fixed mask
 @pytest.mark.parametrize("input_needs_grad", [True, False])  # False: the first block's MLP, with attention frozen
 @pytest.mark.parametrize("kind", ["silu", "relu"])
-def test_the_hand_written_backward_is_the_gradient(kind, input_needs_grad):
+def test_the_hand_written_backward_is_the_gradient(kind, input_needs_grad, rate):
     g = torch.Generator().manual_seed(0)
     hidden, inner, r = 6, 10, 3
 
@@ -40,8 +52,8 @@ def test_the_hand_written_backward_is_the_gradient(kind, input_needs_grad):
 
     tensors = (t(2, 3, hidden, grad=input_needs_grad), t(inner, hidden, grad=False), t(r, hidden), t(inner, r), t(inner, hidden, grad=False), t(r, hidden),
                t(inner, r), t(hidden, inner, grad=False), t(r, inner), t(hidden, r))
-    settings = (kind, torch.float64, (0.7, 1.3, 0.5))
-    assert torch.autograd.gradcheck(lambda *inputs: _FusedLoraMLP.apply(*inputs, settings), tensors, atol=1e-6, rtol=1e-4)
+    settings = (kind, torch.float64, (0.7, 1.3, 0.5), rate)
+    assert torch.autograd.gradcheck(reseeded(lambda *inputs: _FusedLoraMLP.apply(*inputs, settings)), tensors, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -76,9 +88,28 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_peft():
     assert error(fused_grads) <= 1.5 * error(peft_grads)
 
 
-def test_with_lora_dropout_training_keeps_peft_s_forward_and_its_random_draws(monkeypatch):
-    """Dropout masks drawn by peft keep a run's random stream that of the unfused model (pipeline
-    stages are compared with one process); eval, where dropout is off, is fused."""
+def test_with_bit_dropout_it_draws_the_masks_the_unfused_mlp_draws():
+    """A fused and an unfused step with one seed drop the same elements (pipeline stages are
+    compared with one process), and the masks matter."""
+    model = adapted(dropout=0.3)
+    objective = CausalLMObjective(model, shared_prefix=True)
+    batch = collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
+    with bit_dropout(model):
+        torch.manual_seed(4)
+        loss, _, grads = loss_and_grads(objective, model, batch)
+        with fused_mlps(model):
+            torch.manual_seed(4)
+            fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
+            torch.manual_seed(5)
+            other = loss_and_grads(objective, model, batch)[0]
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert relative_error(fused_grads, grads) < 1e-5  # the dropout scale folded into the adapter's: rounding apart
+    assert other.item() != pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_with_peft_s_own_dropout_training_keeps_peft_s_forward_and_its_random_draws(monkeypatch):
+    """Masks drawn by peft's ``nn.Dropout`` (``bit_dropout`` off) cannot be drawn here: the
+    module's own forward keeps them; eval, where dropout is off, is fused."""
     model = adapted(dropout=0.5)
     mlp = model.base_model.model.model.layers[0].mlp
     x = torch.randn(1, 5, mlp.gate_proj.base_layer.weight.shape[1])

@@ -4,15 +4,17 @@ backward, and step aside wherever they would not."""
 import pytest
 import torch
 
-from tests.test_perf_fused_mlp import adapted
+from tests.test_perf_fused_mlp import adapted, relative_error, reseeded
 from tests.test_perf_shared_prefix import chat_like, loss_and_grads
 from tunelab.data import collate_packed
+from tunelab.train.bit_dropout import bit_dropout
 from tunelab.train.fused_projections import _FusedLoraProjections, fused_projections
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])  # LoRA dropout: each adapter's input through its own fixed mask
 @pytest.mark.parametrize("input_needs_grad", [True, False])  # False: the first block, below which nothing learns
-def test_the_hand_written_backward_is_the_gradient(input_needs_grad):
+def test_the_hand_written_backward_is_the_gradient(input_needs_grad, rate):
     g = torch.Generator().manual_seed(0)
     hidden, r = 6, 3
 
@@ -20,8 +22,9 @@ def test_the_hand_written_backward_is_the_gradient(input_needs_grad):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
     weights = [w for out in (6, 2, 2) for w in (t(out, hidden, grad=False), t(r, hidden), t(out, r))]
-    settings = (torch.float64, (0.7, 1.3, 0.5))
-    assert torch.autograd.gradcheck(lambda x, *ws: _FusedLoraProjections.apply(x, settings, *ws), (t(2, 3, hidden, grad=input_needs_grad), *weights), atol=1e-6, rtol=1e-4)
+    settings = (torch.float64, (0.7, 1.3, 0.5), rate)
+    assert torch.autograd.gradcheck(reseeded(lambda x, *ws: _FusedLoraProjections.apply(x, settings, *ws)), (t(2, 3, hidden, grad=input_needs_grad), *weights),
+                                    atol=1e-6, rtol=1e-4)
 
 
 def test_a_model_trains_the_same_through_the_fused_projections(monkeypatch):
@@ -58,7 +61,21 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_peft():
     assert error(fused_grads) <= 1.5 * error(peft_grads)
 
 
-def test_keys_from_another_input_a_hooked_layer_and_dropout_take_peft_s_forward():
+def test_with_bit_dropout_it_draws_the_masks_the_unfused_projections_draw():
+    model = adapted(dropout=0.3)
+    objective = CausalLMObjective(model, shared_prefix=True)
+    batch = collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
+    with bit_dropout(model):
+        torch.manual_seed(4)
+        loss, _, grads = loss_and_grads(objective, model, batch)
+        with fused_projections(model):
+            torch.manual_seed(4)
+            fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert relative_error(fused_grads, grads) < 1e-5  # the dropout scale folded into the adapter's: rounding apart
+
+
+def test_keys_from_another_input_a_hooked_layer_and_peft_s_dropout_take_peft_s_forward():
     model = adapted(dropout=0.5)
     attention = model.base_model.model.model.layers[0].self_attn
     x, other = torch.randn(1, 5, attention.q_proj.base_layer.weight.shape[1]), torch.randn(1, 5, attention.q_proj.base_layer.weight.shape[1])
@@ -68,7 +85,7 @@ def test_keys_from_another_input_a_hooked_layer_and_dropout_take_peft_s_forward(
         assert torch.allclose(k_other, type(attention.k_proj).forward(attention.k_proj, other), atol=1e-6)
         assert torch.allclose(q, type(attention.q_proj).forward(attention.q_proj, x), atol=1e-6)
         assert torch.allclose(v, type(attention.v_proj).forward(attention.v_proj, x), atol=1e-6)
-        model.train()  # dropout on: peft's layers and their random draws
+        model.train()  # peft's nn.Dropout on (no bit_dropout): peft's layers and their random draws
         torch.manual_seed(3)
         trained = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
         torch.manual_seed(3)

@@ -210,9 +210,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def save(result: dict[str, Any], directory: Path) -> Path:
-    """``train_throughput_<model>.json`` for the short workload (the name it always had), ``..._<workload>.json`` otherwise."""
+    """``train_throughput_<model>.json`` for the short workload (the name it always had), ``..._<workload>.json``
+    otherwise, ``..._dropout<p>`` added for a run with LoRA dropout."""
     workload = result["workload"]
     suffix = "" if workload.get("name", "short") == "short" else f"_{workload['name']}"
+    if workload.get("lora_dropout"):
+        suffix += f"_dropout{workload['lora_dropout']:g}"
     path = directory / f"train_throughput_{workload['model']}{suffix}.json"
     atomic.write_json(path, result)
     return path

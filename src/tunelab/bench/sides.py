@@ -134,7 +134,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
 
     start = time.perf_counter()
     precision, loaded, data = _setup(workload, workdir)
-    lora = LoraConfig(r=workload.lora_r, alpha=workload.lora_alpha, dropout=0.0, target_modules="all-linear")
+    lora = LoraConfig(r=workload.lora_r, alpha=workload.lora_alpha, dropout=workload.lora_dropout, target_modules="all-linear")
     model = apply_methods(loaded.model, MethodConfig(lora=lora), model_task="causal-lm", tokenizer_dir=loaded.details.get("directory"))
     model.to(workload.device)
     if probe is not None:
@@ -173,7 +173,7 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         show_progress=False, device=torch.device(workload.device),
         low_precision_frozen=workload.uses("low_precision_frozen"), compile=workload.uses("compile"), bucket_rows=workload.uses("bucketing"),
         fuse_mlp=workload.uses("fused_mlp"), fuse_qkv=workload.uses("fused_qkv"), reuse_loss_buffers=workload.uses("loss_buffers"),
-        chunked_rope=workload.uses("chunked_rope"), fuse_blocks=workload.uses("fused_blocks"),
+        chunked_rope=workload.uses("chunked_rope"), fuse_blocks=workload.uses("fused_blocks"), bit_dropout=workload.uses("bit_dropout"),
     )
     setup = time.perf_counter() - start
     result = trainer.fit()
@@ -191,7 +191,7 @@ def run_hf(workload: Workload, workdir: Path, profiler: torch.profiler.profile |
 
     start = time.perf_counter()
     precision, loaded, data = _setup(workload, workdir)
-    lora = LoraConfig(r=workload.lora_r, lora_alpha=workload.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=workload.lora_r, lora_alpha=workload.lora_alpha, lora_dropout=workload.lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
     if probe is not None:
         probe.prepare(model)

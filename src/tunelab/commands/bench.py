@@ -28,6 +28,8 @@ def bench_group() -> None:
 @click.option("--profile", "profile_steps", type=int, default=0, help="Profile this many steps of each side (top-10 table).")
 @click.option("--workload", "workload_names", type=click.Choice(["short", "long", "both"]), default="both", show_default=True,
               help="short: chat rows with 2-token answers; long: raw text, every token supervised.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="LoRA dropout on both sides (the shipped recipes use 0.05; the published figures 0).")
 @click.option("--quick", is_flag=True, help="CI smoke test: tiny-llama, 3 steps of 4 examples.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where both sides train (cuda: bench/gpu_check.sh).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
@@ -35,7 +37,7 @@ def bench_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for train_throughput_<model>.json (relative to the current directory).")
 def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, seeds: int, ablate: tuple[str, ...],
-                use_compile: bool, profile_steps: int, workload_names: str, quick: bool, device: str, precision: str, out: Path) -> None:
+                use_compile: bool, profile_steps: int, workload_names: str, lora_dropout: float, quick: bool, device: str, precision: str, out: Path) -> None:
     """Train the same LoRA on the same data both ways, per workload; print the tables and one result line each."""
     from tunelab.bench.runner import format_table, result_line, run_benchmark, save
     from tunelab.bench.workload import DEFAULT_LEVERS, LEVERS, WORKLOADS, Workload
@@ -62,7 +64,7 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
     names = ["short", "long"] if workload_names == "both" else [workload_names]
     lines = []
     for name in names:
-        workload = Workload.named(name, threads=threads, levers=on, device=device, precision=precision, **settings)
+        workload = Workload.named(name, threads=threads, levers=on, device=device, precision=precision, lora_dropout=lora_dropout, **settings)
         click.echo(f"\nworkload {name}: {WORKLOADS[name].about}")
         result = run_benchmark(workload, repeats=repeats, seeds=seeds, ablate=levers, profile_steps=profile_steps)
         for side, table in result.get("profiles", {}).items():

@@ -70,13 +70,16 @@ def merge_adapters(model: torch.nn.Module, adapter_names: list[str] | None = Non
 
 @dataclass(frozen=True)
 class LoraParts:
-    """One adapted projection: frozen ``weight``, adapter ``a``/``b``, ``scale`` and dropout ``p``."""
+    """One adapted projection: frozen ``weight``, adapter ``a``/``b``, ``scale``, dropout ``p`` (0 in
+    eval) and the module that drops the adapter's input (a fused function draws its masks only where
+    it can draw them as that module would: ``tunelab.train.bit_dropout.fused_rate``)."""
 
     weight: torch.Tensor
     a: torch.nn.Parameter
     b: torch.nn.Parameter
     scale: float
     dropout: float
+    dropper: torch.nn.Module
 
 
 def lora_parts(layer: torch.nn.Module) -> LoraParts | None:
@@ -106,7 +109,7 @@ def lora_parts(layer: torch.nn.Module) -> LoraParts | None:
         p = 0.0
     else:
         return None
-    return LoraParts(base.weight, a.weight, b.weight, float(layer.scaling[name]), p)
+    return LoraParts(base.weight, a.weight, b.weight, float(layer.scaling[name]), p, dropout)
 
 
 def lora_dropouts(model: torch.nn.Module) -> list[tuple[torch.nn.ModuleDict, str]]:

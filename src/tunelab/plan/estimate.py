@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunelab.plan.architecture import Architecture
+from tunelab.plan.architecture import BLOCK_LINEARS, Architecture
 from tunelab.plan.layer_activations import (
+    MATH_BELOW,
     BlockRules,
     backward_working_bytes,
     block_activations,
@@ -98,12 +99,15 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
     full = s.method == "full"
     frozen_cast = s.autocast and s.data_shards == 1 and not full
     residual = 4  # fp32 even when the frozen weights are cast (the embedding's output is widened)
+    adapters = adapted_linears(arch, s)
+    fusable = not full and s.data_shards == 1 and s.tensor_parallel == 1  # the trainer's fused LoRA functions apply
     rules = BlockRules(
-        trainable=full, adapters=adapted_linears(arch, s), rank=s.adapter_rank, dropout=s.adapter_dropout,
+        trainable=full, adapters=adapters, rank=s.adapter_rank, dropout=s.adapter_dropout,
         autocast=s.autocast, compute_bytes=s.compute_bytes, residual_bytes=residual,
         tensor_parallel=s.tensor_parallel, seq=s.seq,
-        fused_mlp=not full and s.data_shards == 1 and s.tensor_parallel == 1 and s.adapter_dropout == 0
-        and {"gate_proj", "up_proj", "down_proj"} <= adapted_linears(arch, s),
+        fused_mlp=fusable and {"gate_proj", "up_proj", "down_proj"} <= adapters,
+        fused_qkv=fusable and {"q_proj", "k_proj", "v_proj"} <= adapters,
+        fused_block=fusable and adapters == frozenset(BLOCK_LINEARS) and s.seq < MATH_BELOW,
     )
     rows = microbatch_rows(s)
     tokens = rows * s.seq

@@ -46,9 +46,14 @@ class BlockRules:
     residual_bytes: int  # bytes of the residual stream (fp32: train/frozen_precision.py keeps it so)
     tensor_parallel: int = 1
     seq: int = 2048  # tokens per example (picks the attention kernel)
-    #: The MLP runs as one function (``train/fused_mlp.py``: LoRA without dropout on its three
-    #: projections, weights not split over processes).
+    #: The MLP runs as one function (``train/fused_mlp.py``: LoRA on its three projections,
+    #: weights not split over processes).
     fused_mlp: bool = False
+    #: q/k/v run as one function (``train/fused_projections.py``: LoRA on the three, not split).
+    fused_qkv: bool = False
+    #: The block runs as two functions (``train/fused_block.py``: LoRA on every linear layer, not
+    #: split, every example shorter than ``MATH_BELOW``).
+    fused_block: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,26 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
     def keep(per_token: float = 0.0, per_block: float = 0.0) -> None:
         saved["per_token"] += per_token
         saved["per_block"] += per_block
+
+    if rules.autocast:  # each adapter's A and B cast to the compute dtype, kept for the backward pass
+        for name in rules.adapters:
+            width_in, width_out = arch.linear_shape(name)
+            split_in, split_out = (1, tp) if name in COLUMN_PARALLEL else (tp, 1)
+            keep(per_block=cd * rules.rank * (width_in // split_in + width_out // split_out))
+
+    def fused_projections(count: int, width_in: int) -> None:
+        """What ``count`` adapted projections computed by one function keep: their input once in the
+        compute dtype, each adapter's rank-r product and, with dropout, its boolean mask."""
+        keep(cd * width_in + count * cd * rules.rank + (count * width_in if rules.dropout > 0 else 0))
+
+    if rules.fused_block:
+        # each half keeps its fp32 input and 1/rms whatever needs a gradient (the first block's too)
+        keep(2 * (4 * h + 4))
+        fused_projections(3, h)
+        keep(4 * (q + kv + heads * rules.seq) + cd * kv)  # padded fp32 queries, keys, probabilities and the values
+        fused_projections(1, q)
+        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))  # the MLP, as below
+        return BlockActivations(saved["per_token"], saved["per_block"], True)
 
     def rms_norm(needs_grad: bool) -> bool:
         if needs_grad:  # the fp32 view (or copy) of the input and 1/rms, for the input's gradient
@@ -111,8 +136,11 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
 
     x_grad = input_requires_grad
     y_grad = rms_norm(x_grad)
-    qkv = linears(("q_proj", "k_proj", "v_proj"), h, res, y_grad)
-    attention_grad = any(qkv.values())
+    if rules.fused_qkv:
+        fused_projections(3, h)
+        attention_grad = True
+    else:
+        attention_grad = any(linears(("q_proj", "k_proj", "v_proj"), h, res, y_grad).values())
     if attention_grad:
         if rules.seq < MATH_BELOW:  # fp32 query and keys, fp32 probabilities, and the values' product's inputs
             keep(4 * (q + kv + heads * rules.seq) + cd * kv + (cd * heads * rules.seq if cd != 4 else 0))
@@ -121,8 +149,8 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
     o_grad = linears(("o_proj",), q, cd, attention_grad)["o_proj"]
     mid_grad = x_grad or o_grad
     y2_grad = rms_norm(mid_grad)
-    if rules.fused_mlp:  # its input in the compute dtype, gate, up and the three rank-r products
-        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank)
+    if rules.fused_mlp:  # its input in the compute dtype, gate, up, the three rank-r products, the three masks
+        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
         return BlockActivations(saved["per_token"], saved["per_block"], True)
     mlp = linears(("gate_proj", "up_proj"), h, res, y2_grad)
     if mlp["gate_proj"]:

@@ -1,43 +1,56 @@
-"""LoRA dropout with masks made from random bits: the same Bernoulli dropout, ~3-5x cheaper.
+"""LoRA dropout with masks made from random bits: the same Bernoulli dropout, far cheaper masks.
 
 peft drops each adapter's input with ``nn.Dropout``, whose CPU mask comes from ``bernoulli_``,
 one draw of torch's generator per element. On the AVX-512 BF16 EPYC (2 threads) that is 1.4 ms for
 a ``[368, 576]`` input and 4.8 ms for ``[368, 1536]``: the seven adapters of one SmolLM2 block
 spend ~13 ms a step drawing masks, and a LoRA step with dropout 0.05 took 1,148 ms against 811 ms
-with none; with these masks 1,008 ms, and the quickstart trained in 59 s instead of 75 s
-(bench/README.md, session 33). Here a mask is 16 random bits per element, drawn 64 at a
-time by ``random_`` on ``int64`` over its full range, an element kept where its bits are at least
-``p · 2¹⁶`` above the minimum: a Bernoulli draw with ``p`` rounded to a multiple of 2⁻¹⁶ (0.05
-becomes 0.050003), the kept values scaled by the reciprocal of the rounded keep probability, so
-the expectation is the input's, as ``nn.Dropout``'s is. 0.96 ms for ``[368, 1536]``. The mask
-is kept as booleans for the backward pass (``nn.Dropout`` keeps it in the input's dtype).
+with none (bench/README.md, session 33). Here a mask is 16 random bits per element, an element
+kept where its bits are at least ``p · 2¹⁶`` above the minimum: a Bernoulli draw with ``p``
+rounded to a multiple of 2⁻¹⁶ (0.05 becomes 0.050003), the kept values scaled by the reciprocal
+of the rounded keep probability, so the expectation is the input's, as ``nn.Dropout``'s is. The
+bits are splitmix64's output function of a counter (four elements per 64-bit word) from a seed
+that is one draw of torch's default generator per mask (``block_kernels.keep_bits``: one C++
+pass, or the same words in wrapping int64 arithmetic without a compiler). Drawing the words with
+``random_`` instead (sessions 33-35) took 2.1 ms for ``[368, 576]`` and 1.8 ms for ``[368, 1536]``
+on the AMX Xeon; the kernel takes 0.14 and 0.32 ms (bench/README.md, session 36). The mask is
+kept as booleans for the backward pass (``nn.Dropout`` keeps it in the input's dtype).
 
-The draws come from torch's default generator, so a seeded run repeats itself and activation
-checkpointing, which restores the generator's state, recomputes the same masks. They are not
-``nn.Dropout``'s draws: a run with ``bit_dropout`` and one without see different masks.
+Because each mask's seed is drawn from torch's default generator, a seeded run repeats itself and
+activation checkpointing, which restores the generator's state, recomputes the same masks. They
+are not ``nn.Dropout``'s draws: a run with ``bit_dropout`` and one without see different masks.
+
+The fused LoRA functions (``fused_projections``, ``fused_mlp``, ``fused_block``) draw the same
+masks themselves: one ``keep_mask`` per adapter, in the order the unfused modules call their
+dropouts, so a fused and an unfused step with one seed drop the same elements. They fold the
+scale into the adapter's (``scale · keep_scale``) and apply the mask to the input in the compute
+dtype (``masked``), keeping the booleans for the backward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from tunelab.methods.peft_adapters import lora_dropouts
+from tunelab.methods.peft_adapters import LoraParts, lora_dropouts
+from tunelab.train.block_kernels import keep_bits
 
 BITS = 16
+
+
+def keep_scale(p: float) -> float:
+    """The factor that keeps a dropped input's expectation: the reciprocal of the keep probability
+    with ``p`` rounded to a multiple of 2⁻¹⁶ as ``keep_mask`` rounds it."""
+    return 2**BITS / (2**BITS - round(p * 2**BITS))
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """A boolean mask keeping each element with probability ``1 - p`` (``p`` rounded to a
     multiple of 2⁻¹⁶), and the scale that keeps the expectation."""
-    count = shape.numel()
-    dropped = round(p * 2**BITS)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    bits = words.view(torch.int16)[:count].view(shape)
-    return bits >= dropped - 2 ** (BITS - 1), 2**BITS / (2**BITS - dropped)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))  # one draw of the default generator
+    return keep_bits(shape.numel(), seed, round(p * 2**BITS), device).view(shape), keep_scale(p)
 
 
 class _BitDropout(torch.autograd.Function):
@@ -80,3 +93,31 @@ def bit_dropout(model: nn.Module) -> Iterator[int]:
         for holder, name, dropout in swapped:
             dropout.train(holder[name].training)
             holder[name] = dropout
+
+
+def fused_rate(parts: Sequence[LoraParts]) -> float | None:
+    """The dropout rate a fused function applies to the inputs of all of ``parts`` (0.0: none), or
+    None where it cannot draw their masks as their own modules would: rates that differ, or a
+    dropout that is not a ``BitDropout`` (peft's ``nn.Dropout`` draws with ``bernoulli_``; with
+    ``bit_dropout`` off, the unfused modules keep those draws)."""
+    rates = {p.dropout for p in parts}
+    if len(rates) != 1:
+        return None
+    rate = rates.pop()
+    return rate if rate == 0 or all(type(p.dropper) is BitDropout for p in parts) else None
+
+
+def draw_keep(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """A ``keep_mask`` for ``x`` as a ``BitDropout`` of rate ``p`` would draw it (None for ``p`` 0)."""
+    return keep_mask(x.shape, p, x.device)[0] if p else None
+
+
+def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the elements ``keep`` drops zeroed (``x`` itself without a mask); the scale is the
+    caller's, folded into the adapter's."""
+    return x if keep is None else torch.where(keep, x, 0)
+
+
+def add_masked_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``out += masked(a @ b, keep)`` in place: an adapter's share of its input's gradient."""
+    return out.addmm_(a, b) if keep is None else out.add_(torch.where(keep, a @ b, 0))

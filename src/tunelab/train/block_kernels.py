@@ -182,6 +182,16 @@ void silu_mul_backward_flat(const T* __restrict__ dh, const T* __restrict__ gate
   });
 }
 
+// splitmix64's output function: a bijection of 64-bit words whose outputs for consecutive
+// counters pass BigCrush
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
+
 bool low(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 }  // namespace
@@ -229,6 +239,27 @@ at::Tensor silu_mul(at::Tensor gate, at::Tensor up) {
   return h;
 }
 
+// element i kept where the 16-bit lane i % 4 of mix64(seed + (i / 4) · golden), read as a signed
+// integer, is at least dropped - 2^15 (the fallback's comparison; P(keep) = 1 - dropped / 2^16)
+at::Tensor keep_bits(int64_t count, int64_t seed, int64_t dropped) {
+  auto keep = at::empty({count}, at::TensorOptions().dtype(at::kBool));
+  auto* out = reinterpret_cast<uint8_t*>(keep.data_ptr());
+  const uint64_t base = uint64_t(seed);
+  const int16_t threshold = int16_t(dropped - 32768);
+  const int64_t words = count / 4;
+  at::parallel_for(0, words, 16384, [=](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const uint64_t z = mix64(base + uint64_t(w) * kGolden);
+      for (int lane = 0; lane < 4; ++lane) out[4 * w + lane] = int16_t(uint16_t(z >> (16 * lane))) >= threshold;
+    }
+  });
+  if (count % 4) {
+    const uint64_t z = mix64(base + uint64_t(words) * kGolden);
+    for (int64_t i = 4 * words; i < count; ++i) out[i] = int16_t(uint16_t(z >> (16 * (i - 4 * words)))) >= threshold;
+  }
+  return keep;
+}
+
 std::vector<at::Tensor> silu_mul_backward(at::Tensor d_h, at::Tensor gate, at::Tensor up) {
   auto h = at::empty_like(gate), d_gate = at::empty_like(gate), d_up = at::empty_like(gate);
   if (low(gate)) silu_mul_backward_flat(ptr<uint16_t>(d_h), ptr<uint16_t>(gate), ptr<uint16_t>(up), ptr<uint16_t>(h), ptr<uint16_t>(d_gate), ptr<uint16_t>(d_up), gate.numel());
@@ -237,7 +268,7 @@ std::vector<at::Tensor> silu_mul_backward(at::Tensor d_h, at::Tensor gate, at::T
 }
 """
 
-_FUNCTIONS = ["rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "silu_mul", "silu_mul_backward"]
+_FUNCTIONS = ["rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "silu_mul", "silu_mul_backward", "keep_bits"]
 
 
 @functools.cache
@@ -316,3 +347,32 @@ def silu_mul_backward(d_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
         return h, d_gate, d_up
     act = F.silu(gate)
     return act * up, torch.ops.aten.silu_backward(d_h * up, gate), d_h * act
+
+
+def _signed(word: int) -> int:
+    """A 64-bit word as the int64 value with the same bits (PyTorch's integers are signed)."""
+    return word - 2**64 if word >= 2**63 else word
+
+
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """``z >> bits`` as on unsigned words (PyTorch shifts int64 arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def keep_bits(count: int, seed: int, dropped: int, device: torch.device) -> torch.Tensor:
+    """``count`` booleans, element ``i`` True where the 16-bit lane ``i % 4`` of
+    ``mix64(seed + (i // 4) · golden)`` (splitmix64's output function of a counter), read as a
+    signed integer, is at least ``dropped - 2¹⁵``: each False with probability ``dropped / 2¹⁶``. One pass in the
+    kernel; the fallback computes the same words with wrapping int64 arithmetic."""
+    kernels = block_kernels() if device.type == "cpu" else None
+    if kernels is not None:
+        return kernels.keep_bits(count, seed, dropped)
+    z = torch.arange((count + 3) // 4, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(seed)
+    for shift, factor in zip((30, 27), _MIX):
+        z = (z ^ _shift_right(z, shift)) * factor
+    z = z ^ _shift_right(z, 31)
+    return z.view(torch.int16)[:count] >= dropped - 2**15  # lanes read as signed: shift the threshold with them

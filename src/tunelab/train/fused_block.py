@@ -25,8 +25,9 @@ It applies where it computes what the block computes: a decoder layer with ``inp
 LoRA layer ``lora_parts`` accepts, frozen norms, and the layer's own forward equal to this one on a
 probe packed row (measured at install, in fp32). At call time it also needs a packed row under
 ``varlen_attention`` whose segments all go to padded groups (no segment long enough for sdpa's
-kernel), no cache, no attention dropout, no LoRA dropout; anything else runs the layer's own
-forward. A last block whose MLP ``last_block`` slices to the read positions keeps that MLP: only
+kernel), no cache, no attention dropout, and LoRA dropout, if any, through ``bit_dropout`` (its
+masks drawn here in the unfused layers' order: q, k, v, o, gate, up, down); anything else runs the
+layer's own forward. A last block whose MLP ``last_block`` slices to the read positions keeps that MLP: only
 its attention half is fused.
 
 Measured on SmolLM2-135M LoRA (bench/README.md, "Session 35").
@@ -44,6 +45,7 @@ from torch import nn
 
 from tunelab.data.collate import PADDING_SEGMENT
 from tunelab.methods.peft_adapters import LoraParts, lora_parts, unwrap_peft
+from tunelab.train.bit_dropout import fused_rate
 from tunelab.train.block_kernels import block_kernels, rms_norm, rms_norm_backward, rope, rope_backward
 from tunelab.train.fused_mlp import ACTIVATIONS, PROBE_TOLERANCE, fused_forward, mlp_backward, mlp_forward
 from tunelab.train.fused_projections import projections_backward, projections_forward
@@ -64,6 +66,7 @@ class _Attention:
     eps: float
     dtype: torch.dtype
     scales: tuple[float, ...]  # q, k, v, o adapters
+    rate: float  # their inputs' dropout (bit_dropout's masks)
 
 
 def _rows(plan: _Attention, padded: list[torch.Tensor]) -> torch.Tensor:
@@ -131,12 +134,12 @@ class _AttentionHalf(torch.autograd.Function):
         tokens, heads, kv_heads, dim = h.shape[1], plan.heads, plan.kv_heads, plan.head_dim
         x = h.view(tokens, -1)
         normed, r = rms_norm(x, norm_weight, plan.eps, plan.dtype)
-        (q, k, v), saved_qkv = projections_forward(normed, plan.dtype, plan.scales[:3], weights[:9])
+        (q, k, v), saved_qkv = projections_forward(normed, plan.dtype, plan.scales[:3], weights[:9], plan.rate)
         cos, sin = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
         q_rows = rope(q.view(tokens, heads, dim), cos, sin).view(-1, dim)
         k_rows = rope(k.view(tokens, kv_heads, dim), cos, sin).view(-1, dim)
         attended, saved_attention = _attention_forward(plan, q_rows, k_rows, v.view(-1, dim))
-        (o,), saved_o = projections_forward(attended.view(tokens, -1), plan.dtype, plan.scales[3:], weights[9:])
+        (o,), saved_o = projections_forward(attended.view(tokens, -1), plan.dtype, plan.scales[3:], weights[9:], plan.rate)
         ctx.plan = plan
         ctx.dtypes = [t.dtype for t in weights]
         ctx.row_dtypes = (k_rows.dtype, v.dtype)
@@ -153,14 +156,15 @@ class _AttentionHalf(torch.autograd.Function):
         saved_attention = rest[sum(ctx.counts) :]
         tokens, dim = x.shape[0], plan.head_dim
         d = grad.reshape(tokens, -1)
-        d_attended, o_grads = projections_backward(saved_o, plan.scales[3:], ctx.ranks[3:], [d], True)
+        d_attended, o_grads = projections_backward(saved_o, plan.scales[3:], ctx.ranks[3:], [d], True, plan.rate)
         k_dtype, v_dtype = ctx.row_dtypes
         d_k = x.new_zeros(tokens * plan.kv_heads, dim, dtype=k_dtype)
         d_v = x.new_zeros(tokens * plan.kv_heads, dim, dtype=v_dtype)
         d_q = _attention_backward(plan, saved_attention, d_attended.view(tokens, plan.heads, dim), d_k, d_v)
         d_q = rope_backward(d_q, cos, sin, plan.dtype).view(tokens, -1)
         d_k = rope_backward(d_k.view(tokens, plan.kv_heads, dim), cos, sin, plan.dtype).view(tokens, -1)
-        d_normed, qkv_grads = projections_backward(saved_qkv, plan.scales[:3], ctx.ranks[:3], [d_q, d_k, d_v.view(tokens, -1)], ctx.needs_input_grad[0])
+        d_normed, qkv_grads = projections_backward(saved_qkv, plan.scales[:3], ctx.ranks[:3], [d_q, d_k, d_v.view(tokens, -1)],
+                                                   ctx.needs_input_grad[0], plan.rate)
         d_h = None
         if ctx.needs_input_grad[0]:
             d_h = rms_norm_backward(d_normed, x, r, norm_weight, d).view(grad.shape)
@@ -213,7 +217,7 @@ class _FusedLayer:
 
     def _attention_parts(self) -> list[LoraParts] | None:
         parts = [lora_parts(getattr(self.layer.self_attn, name)) for name in ATTENTION]
-        return parts if all(p is not None and p.dropout == 0 for p in parts) else None  # type: ignore[misc]
+        return parts if all(p is not None for p in parts) and fused_rate(parts) is not None else None  # type: ignore[arg-type]
 
     def _mlp_parts(self) -> list[LoraParts] | None:
         mlp = self.layer.mlp
@@ -221,7 +225,7 @@ class _FusedLayer:
         if patch is not None and getattr(patch, "__func__", None) is not fused_forward:
             return None  # another patch (the last block's sliced MLP) decides what the MLP computes
         parts = [lora_parts(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
-        return parts if all(p is not None and p.dropout == 0 for p in parts) else None  # type: ignore[misc]
+        return parts if all(p is not None for p in parts) and fused_rate(parts) is not None else None  # type: ignore[arg-type]
 
     def _plan(self, hidden: torch.Tensor, parts: list[LoraParts], kwargs: dict[str, Any]) -> _Attention | None:
         attention = self.layer.self_attn
@@ -242,7 +246,7 @@ class _FusedLayer:
         q, k = parts[0].weight, parts[1].weight
         dim = attention.head_dim
         return _Attention(layout, q.shape[0] // dim, k.shape[0] // dim, dim, attention_scale(dim, attention.scaling),
-                          _norm_eps(self.layer.input_layernorm), dtype, tuple(p.scale for p in parts))  # type: ignore[arg-type]
+                          _norm_eps(self.layer.input_layernorm), dtype, tuple(p.scale for p in parts), fused_rate(parts))  # type: ignore[arg-type]
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
@@ -256,7 +260,7 @@ class _FusedLayer:
         mlp_parts = self._mlp_parts()
         if mlp_parts is None:
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        settings = (ACTIVATIONS[type(layer.mlp.act_fn)], plan.dtype, tuple(p.scale for p in mlp_parts))
+        settings = (ACTIVATIONS[type(layer.mlp.act_fn)], plan.dtype, tuple(p.scale for p in mlp_parts), fused_rate(mlp_parts))
         with torch.autocast(hidden_states.device.type, enabled=False):
             return _MlpHalf.apply(hidden, settings, _norm_eps(layer.post_attention_layernorm), layer.post_attention_layernorm.weight, *_weights(mlp_parts))
 

@@ -14,9 +14,11 @@ adapter (no DoRA or other variant, not merged, adapters enabled, no forward hook
 its parts), frozen bias-free base weights, a SiLU or ReLU activation, and the module's own
 forward equal to ``down(act(gate(x)) · up(x))`` on a probe input (measured at install, as
 ``packing_check`` measures packing, so an MLP whose forward differs keeps it). Anything else at
-call time (a disabled adapter for a DPO reference pass, a merged one, LoRA dropout in training,
-extra arguments) takes the module's own forward: with dropout, peft's own masks keep a run's
-random draws those of the unfused model (pipeline stages compare against one process).
+call time (a disabled adapter for a DPO reference pass, a merged one, peft's own ``nn.Dropout``
+in training, extra arguments) takes the module's own forward. LoRA dropout through
+``bit_dropout`` is computed here: the masks drawn as the unfused adapters draw them (gate's,
+up's, down's), so a fused and an unfused run see the same random stream (pipeline stages compare
+against one process), and kept as booleans.
 
 Measured on SmolLM2-135M LoRA (bench/README.md, "Session 24").
 """
@@ -32,6 +34,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from tunelab.methods.peft_adapters import lora_parts
+from tunelab.train.bit_dropout import add_masked_product, draw_keep, fused_rate, keep_scale, masked
 from tunelab.train.block_kernels import silu_mul, silu_mul_backward
 
 ACTIVATIONS = {nn.SiLU: "silu", SiLUActivation: "silu", nn.ReLU: "relu"}
@@ -62,46 +65,53 @@ def adapter_up_grad(d_out: torch.Tensor, low: torch.Tensor, scale: float) -> tor
     return (low.t() @ d_out).t() * scale
 
 
-def mlp_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], settings: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def mlp_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], settings: tuple) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """The MLP's ``[tokens, hidden]`` output for the flattened ``x`` and what ``mlp_backward`` needs;
-    ``weights`` are ``(W, A, B)`` of gate, up and down, ``settings`` ``(activation, dtype, scales)``."""
-    kind, dtype, (sg, su, sd) = settings
+    ``weights`` are ``(W, A, B)`` of gate, up and down, ``settings`` ``(activation, dtype, scales,
+    dropout rate)``. With dropout each adapter draws its mask (``bit_dropout.draw_keep``) when the
+    unfused MLP's would: gate's, up's, then down's on the product."""
+    kind, dtype, scales, rate = settings
+    sg, su, sd = (s * keep_scale(rate) for s in scales) if rate else scales
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in weights)
-    low_g, low_u = x2 @ ag.t(), x2 @ au.t()  # [tokens, r]
+    keep_g, keep_u = draw_keep(x2, rate), draw_keep(x2, rate)
+    low_g, low_u = masked(x2, keep_g) @ ag.t(), masked(x2, keep_u) @ au.t()  # [tokens, r]
     # in place: an out-of-place addmm first copies its [tokens, intermediate] summand
     gate = (x2 @ wg.t()).addmm_(low_g, bg.t(), alpha=sg)
     up = (x2 @ wu.t()).addmm_(low_u, bu.t(), alpha=su)
     h = silu_mul(gate, up) if kind == "silu" else _activation(kind, gate) * up
-    low_d = h @ ad.t()
+    keep_d = draw_keep(h, rate)
+    low_d = masked(h, keep_d) @ ad.t()
     out = (h @ wd.t()).addmm_(low_d, bd.t(), alpha=sd)
-    return out, (x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd)
+    return out, (x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd, keep_g, keep_u, keep_d)
 
 
-def mlp_backward(saved: tuple[torch.Tensor, ...], settings: tuple, grad_out: torch.Tensor, input_grad: bool) -> tuple[torch.Tensor | None, ...]:
+def mlp_backward(saved: tuple[torch.Tensor | None, ...], settings: tuple, grad_out: torch.Tensor, input_grad: bool) -> tuple[torch.Tensor | None, ...]:
     """``(d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd)`` in the compute dtype from the output's gradient;
     ``d_x`` (``[tokens, hidden]``) None unless ``input_grad``."""
-    kind, dtype, (sg, su, sd) = settings
-    x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd = saved
+    kind, dtype, scales, rate = settings
+    sg, su, sd = (s * keep_scale(rate) for s in scales) if rate else scales
+    x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd, keep_g, keep_u, keep_d = saved
     d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
     # down_proj and its adapter
     d_bd = adapter_up_grad(d_out, low_d, sd)
     d_low_d = (d_out @ bd) * sd
-    d_h = (d_out @ wd).addmm_(d_low_d, ad)
+    d_h = add_masked_product(d_out @ wd, d_low_d, ad, keep_d)
     # the gate's activation and the product with up (recomputed), rounded where autograd's own nodes round
     if kind == "silu":
         h, d_gate, d_up = silu_mul_backward(d_h, gate, up)
     else:
         act = _activation(kind, gate)
         h, d_up, d_gate = act * up, d_h * act, _activation_backward(kind, d_h * up, gate)
-    d_ad = d_low_d.t() @ h
+    d_ad = d_low_d.t() @ masked(h, keep_d)
     # gate_proj's and up_proj's adapters, and the input
     d_bg, d_bu = adapter_up_grad(d_gate, low_g, sg), adapter_up_grad(d_up, low_u, su)
     d_low_g, d_low_u = (d_gate @ bg) * sg, (d_up @ bu) * su
-    d_ag, d_au = d_low_g.t() @ x2, d_low_u.t() @ x2
+    d_ag, d_au = d_low_g.t() @ masked(x2, keep_g), d_low_u.t() @ masked(x2, keep_u)
     d_x = None
     if input_grad:  # none for an input that needs none (the first block's, with attention frozen)
-        d_x = (d_gate @ wg).addmm_(d_up, wu).addmm_(d_low_g, ag).addmm_(d_low_u, au)
+        d_x = (d_gate @ wg).addmm_(d_up, wu)
+        d_x = add_masked_product(add_masked_product(d_x, d_low_g, ag, keep_g), d_low_u, au, keep_u)
     return d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd
 
 
@@ -127,12 +137,13 @@ class _FusedLoraMLP(torch.autograd.Function):
 def fused_forward(mlp: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     """``mlp``'s forward through ``_FusedLoraMLP`` when its projections allow it right now."""
     parts = [lora_parts(mlp.gate_proj), lora_parts(mlp.up_proj), lora_parts(mlp.down_proj)]
-    if args or kwargs or any(p is None or p.dropout > 0 for p in parts):
+    rate = None if args or kwargs or any(p is None for p in parts) else fused_rate(parts)  # type: ignore[arg-type]
+    if rate is None:
         return type(mlp).forward(mlp, x, *args, **kwargs)
     gate, up, down = parts
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    settings = (ACTIVATIONS[type(mlp.act_fn)], dtype, (gate.scale, up.scale, down.scale))
+    settings = (ACTIVATIONS[type(mlp.act_fn)], dtype, (gate.scale, up.scale, down.scale), rate)
     with torch.autocast(device, enabled=False):  # the function casts to ``dtype`` itself
         return _FusedLoraMLP.apply(x, gate.weight, gate.a, gate.b, up.weight, up.a, up.b, down.weight, down.a, down.b, settings)
 

@@ -8,13 +8,16 @@ states, so their three rank-r down-projections are one matmul (``[tokens, 3r]``)
 folded into an in-place ``addmm_`` on the base product, and the backward is written out: the three
 down-projections' weight gradients are one matmul and the input's gradient one chain of ``addmm_``.
 What is saved is what peft saves (the input, the rank-r products, the weights in the compute dtype).
+With LoRA dropout (``bit_dropout``'s masks, drawn here in q, k, v order as the unfused layers draw
+them) each adapter reads its own masked input, so the down-projections are three products and
+each mask is kept as booleans.
 
 The attention module calls ``q_proj``, ``k_proj`` and ``v_proj`` itself, so the fused call is
 made by ``q_proj``: its patched forward computes all three and leaves k and v for the next two
 calls, which take them only when they are handed the very same input tensor (a cross-attention's
 keys come from elsewhere and are computed as before). Anything ``fused_mlp`` steps aside for
-(a disabled or merged adapter, dropout in training, a hook, extra arguments) takes peft's own
-forward here too.
+(a disabled or merged adapter, peft's own ``nn.Dropout`` draws in training, a hook, extra
+arguments) takes peft's own forward here too.
 
 Measured on SmolLM2-135M LoRA (bench/README.md, "Session 25").
 """
@@ -29,42 +32,60 @@ import torch
 from torch import nn
 
 from tunelab.methods.peft_adapters import LoraParts, lora_parts
+from tunelab.train.bit_dropout import add_masked_product, draw_keep, fused_rate, keep_scale, masked
 from tunelab.train.fused_mlp import adapter_up_grad
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 
 
-def projections_forward(x: torch.Tensor, dtype: torch.dtype, scales: tuple[float, ...], weights: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """``[x W_iᵀ + s_i (x A_iᵀ) B_iᵀ]`` for the ``(W_i, A_i, B_i)`` triples of ``weights``, as
-    ``[tokens, out_i]`` products in ``dtype``, and what ``projections_backward`` needs."""
+def projections_forward(x: torch.Tensor, dtype: torch.dtype, scales: tuple[float, ...], weights: tuple[torch.Tensor, ...],
+                        rate: float = 0.0) -> tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]]:
+    """``[x W_iᵀ + s_i (drop_i(x) A_iᵀ) B_iᵀ]`` for the ``(W_i, A_i, B_i)`` triples of ``weights``, as
+    ``[tokens, out_i]`` products in ``dtype``, and what ``projections_backward`` needs. With a dropout
+    ``rate`` each adapter draws its own mask (``bit_dropout.draw_keep``, in the triples' order)."""
     frozen, downs, ups = weights[0::3], weights[1::3], weights[2::3]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     down = torch.cat(downs).to(dtype)  # [projections × r, in]
-    low = x2 @ down.t()
+    keeps = [draw_keep(x2, rate) for _ in downs] if rate else []
+    if rate:  # one input per adapter: one down-product each
+        low = torch.cat([masked(x2, keep) @ a.t() for keep, a in zip(keeps, down.split([a.shape[0] for a in downs]))], dim=1)
+        scales = tuple(s * keep_scale(rate) for s in scales)
+    else:
+        low = x2 @ down.t()
     lows = low.split([a.shape[0] for a in downs], dim=1)
     frozen, ups = [w.to(dtype) for w in frozen], [b.to(dtype) for b in ups]
     outs = [(x2 @ w.t()).addmm_(part, b.t(), alpha=s) for w, part, b, s in zip(frozen, lows, ups, scales)]
-    return outs, (x2, low, down, *frozen, *ups)
+    return outs, (x2, low, down, *frozen, *ups, *keeps)
 
 
-def projections_backward(saved: tuple[torch.Tensor, ...], scales: tuple[float, ...], ranks: list[int], d_outs: list[torch.Tensor],
-                         input_grad: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def projections_backward(saved: tuple[torch.Tensor | None, ...], scales: tuple[float, ...], ranks: list[int], d_outs: list[torch.Tensor],
+                         input_grad: bool, rate: float = 0.0) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """The input's gradient (``[tokens, in]``, None unless ``input_grad``) and the adapters' weight
     gradients ``[d_A_0, d_B_0, d_A_1, ...]`` (in the compute dtype) from the outputs' gradients."""
     count = len(scales)
     x2, low, down, *rest = saved
-    frozen, ups = rest[:count], rest[count:]
+    frozen, ups, keeps = rest[:count], rest[count : 2 * count], rest[2 * count :]
+    if rate:
+        scales = tuple(s * keep_scale(rate) for s in scales)
     d_outs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in d_outs]
     lows = low.split(ranks, dim=1)
     d_ups = [adapter_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]
     d_low = torch.cat([(d @ b) * s for d, b, s in zip(d_outs, ups, scales)], dim=1)
-    d_downs = (d_low.t() @ x2).split(ranks)
+    if rate:
+        d_lows, a_parts = d_low.split(ranks, dim=1), down.split(ranks)
+        d_downs = [d.t() @ masked(x2, keep) for d, keep in zip(d_lows, keeps)]
+    else:
+        d_downs = (d_low.t() @ x2).split(ranks)
     d_x = None
     if input_grad:
         d_x = d_outs[0] @ frozen[0]
         for d, w in zip(d_outs[1:], frozen[1:]):
             d_x.addmm_(d, w)
-        d_x = d_x.addmm_(d_low, down)
+        if rate:
+            for d, a, keep in zip(d_lows, a_parts, keeps):
+                add_masked_product(d_x, d, a, keep)
+        else:
+            d_x.addmm_(d_low, down)
     return d_x, [g for d_down, d_up in zip(d_downs, d_ups) for g in (d_down, d_up)]
 
 
@@ -73,8 +94,8 @@ class _FusedLoraProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, settings, *weights):  # type: ignore[override]
-        dtype, scales = settings
-        outs, saved = projections_forward(x, dtype, scales, weights)
+        dtype, scales, rate = settings
+        outs, saved = projections_forward(x, dtype, scales, weights, rate)
         ctx.settings = settings
         ctx.dtypes = [t.dtype for t in (x, *weights)]
         ctx.ranks = [a.shape[0] for a in weights[1::3]]
@@ -83,9 +104,9 @@ class _FusedLoraProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        _, scales = ctx.settings
+        _, scales, rate = ctx.settings
         # no input gradient for the first block's input: the embeddings' output needs none
-        d_x, adapter_grads = projections_backward(ctx.saved_tensors, scales, ctx.ranks, list(grads), ctx.needs_input_grad[0])
+        d_x, adapter_grads = projections_backward(ctx.saved_tensors, scales, ctx.ranks, list(grads), ctx.needs_input_grad[0], rate)
         if d_x is not None:
             d_x = d_x.view(*grads[0].shape[:-1], d_x.shape[-1])
         per_weight = [g for d_down, d_up in zip(adapter_grads[0::2], adapter_grads[1::2]) for g in (None, d_down, d_up)]
@@ -95,11 +116,12 @@ class _FusedLoraProjections(torch.autograd.Function):
         return (cast[0], None, *cast[1:])
 
 
-def fused_projections_call(parts: list[LoraParts], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every projection of ``parts`` applied to ``x`` through ``_FusedLoraProjections``."""
+def fused_projections_call(parts: list[LoraParts], x: torch.Tensor, rate: float) -> tuple[torch.Tensor, ...]:
+    """Every projection of ``parts`` applied to ``x`` through ``_FusedLoraProjections``, their
+    adapters' inputs dropped at ``rate``."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    settings = (dtype, tuple(p.scale for p in parts))
+    settings = (dtype, tuple(p.scale for p in parts), rate)
     weights = [t for p in parts for t in (p.weight, p.a, p.b)]
     with torch.autocast(device, enabled=False):  # the function casts to ``dtype`` itself
         return _FusedLoraProjections.apply(x, settings, *weights)
@@ -117,9 +139,10 @@ class _SharedInputGroup:
         self.pending.clear()
         self.input = None
         parts = [lora_parts(layer) for layer in self.layers]
-        if args or kwargs or any(p is None or p.dropout > 0 for p in parts):
+        rate = None if args or kwargs or any(p is None for p in parts) else fused_rate(parts)  # type: ignore[arg-type]
+        if rate is None:
             return type(self.layers[0]).forward(self.layers[0], x, *args, **kwargs)
-        outs = fused_projections_call(parts, x)  # type: ignore[arg-type]
+        outs = fused_projections_call(parts, x, rate)  # type: ignore[arg-type]
         self.input, self.pending = x, dict(enumerate(outs))
         return self.pending.pop(0)
 

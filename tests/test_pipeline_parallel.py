@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import FULL, LORA, final_tensors, load_distributed_settings, records, train
+from tests.distributed_helpers import FULL, LORA, UNFUSED, final_tensors, load_distributed_settings, records, train
 from tunelab.errors import UserError
 from tunelab.train.pipeline_parallel import stage_sizes
 
@@ -25,7 +25,7 @@ from tunelab.train.pipeline_parallel import stage_sizes
 #: 33's (one softmax kernel instead of ``logsumexp``, another rounding order), the losses equal to 1e-6.
 LORA_ATOL = 3e-5
 #: One process trains on padded rows too (stages exchange fixed shapes): the same arithmetic.
-PADDED = ("data.packing=false", "train.fuse_mlp=false", "train.fuse_qkv=false")  # computed like the stages: padded rows, peft's layers
+PADDED = ("data.packing=false", *UNFUSED)  # computed like the stages: padded rows, peft's layers
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_a_pipeline_checkpoint_finishes_on_one_plain_process(tmp_path, one_proce
     half = train(tmp_path, "half", 2, steps=2, accum=2, strategy="pp")
     last = sorted((half / "checkpoints").iterdir())[-1]
     assert len(list((last / "sharded").glob("*.distcp"))) == 2
-    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", "train.fuse_mlp=false", "train.fuse_qkv=false"))
+    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", *UNFUSED))
     straight = final_tensors(one_process("tiny-llama", LORA))
     resumed = final_tensors(half)
     for key, value in straight.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import FULL, LORA, final_tensors, load_distributed_settings, records, train
+from tests.distributed_helpers import FULL, LORA, UNFUSED, final_tensors, load_distributed_settings, records, train
 from tunelab.errors import UserError
 
 CASES = [("tiny-llama", LORA), ("tiny-llama", FULL), ("tiny-bloom", LORA), ("tiny-bloom", FULL)]
@@ -26,10 +26,8 @@ def one_process(tmp_path_factory):
 
     def run(model: str, method: str) -> Path:
         if (model, method) not in done:
-            # the blocks computed as tensor parallelism computes them: unfused (a fused block's float
-            # order differs, and Adam at lr 0.01 amplifies that past the tolerance below)
-            done[(model, method)] = train(tmp_path_factory.mktemp("one"), "one", 1, model=model, method=method, bs=8, strategy="ddp",
-                                          extra=("train.fuse_blocks=false",))
+            # computed as tensor parallelism computes it: Adam at lr 0.01 amplifies another float order past the tolerance below
+            done[(model, method)] = train(tmp_path_factory.mktemp("one"), "one", 1, model=model, method=method, bs=8, strategy="ddp", extra=UNFUSED)
         return done[(model, method)]
 
     return run
@@ -62,7 +60,7 @@ def test_a_tensor_parallel_checkpoint_finishes_on_one_plain_process(tmp_path, on
     one process finishing the run (the same global batch: tp processes share theirs) end where
     the uninterrupted one-process run does."""
     half = train(tmp_path, "half", 2, steps=2, bs=8, strategy="tp")
-    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", "train.fuse_blocks=false"))
+    train(tmp_path, "resumed", 1, extra=("--resume", str(half), "train.max_steps=4", "train.distributed.strategy=ddp", *UNFUSED))
     straight = final_tensors(one_process("tiny-llama", LORA))
     resumed = final_tensors(half)
     for key, value in straight.items():

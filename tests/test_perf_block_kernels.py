@@ -62,6 +62,18 @@ def test_dropout_bits_equal_the_formula(count, seed, formulas):
     assert keep.dtype == torch.bool and torch.equal(keep, formulas(bk.keep_bits, count, seed, dropped, torch.device("cpu")))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_masking_equals_the_formulas(dtype, formulas, monkeypatch):
+    x, y, out = randn(37, 96, dtype=dtype), randn(37, 96, dtype=dtype, seed=1), randn(37, 96, dtype=dtype, seed=2)
+    keep = randn(37, 96, seed=3) > -1.0
+    expected = [formulas(bk.masked_scale, x, keep, scale) for scale in (1.0, 1 / 0.95)] + [formulas(bk.masked_add_, out.clone(), y, keep)]
+    assert torch.equal(expected[0], torch.where(keep, x, 0))  # scale 1: the kept values exactly
+    with monkeypatch.context() as m:
+        m.setattr(torch, "where", None)  # the kernels, not the formulas, compute these
+        kernels = [bk.masked_scale(x, keep, scale) for scale in (1.0, 1 / 0.95)] + [bk.masked_add_(out.clone(), y, keep)]
+    assert all(torch.equal(a, b) for a, b in zip(kernels, expected))
+
+
 def test_the_formulas_backwards_are_the_gradients():
     x = randn(5, 8, dtype=torch.float64).requires_grad_()
     weight = randn(8, dtype=torch.float64, seed=1)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tunelab.methods.peft_adapters import LoraParts, lora_dropouts
-from tunelab.train.block_kernels import keep_bits
+from tunelab.train.block_kernels import keep_bits, masked_add_, masked_scale
 
 BITS = 16
 
@@ -59,12 +59,12 @@ class _BitDropout(torch.autograd.Function):
         keep, scale = keep_mask(x.shape, p, x.device)
         ctx.scale = scale
         ctx.save_for_backward(keep)
-        return torch.where(keep, x, 0).mul_(scale)
+        return masked_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None
+        return masked_scale(grad.contiguous(), keep, ctx.scale), None
 
 
 class BitDropout(nn.Dropout):
@@ -115,9 +115,9 @@ def draw_keep(x: torch.Tensor, p: float) -> torch.Tensor | None:
 def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``x`` with the elements ``keep`` drops zeroed (``x`` itself without a mask); the scale is the
     caller's, folded into the adapter's."""
-    return x if keep is None else torch.where(keep, x, 0)
+    return x if keep is None else masked_scale(x, keep)
 
 
 def add_masked_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``out += masked(a @ b, keep)`` in place: an adapter's share of its input's gradient."""
-    return out.addmm_(a, b) if keep is None else out.add_(torch.where(keep, a @ b, 0))
+    return out.addmm_(a, b) if keep is None else masked_add_(out, a @ b, keep)

@@ -92,13 +92,18 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
         compute dtype, each adapter's rank-r product and, with dropout, its boolean mask."""
         keep(cd * width_in + count * cd * rules.rank + (count * width_in if rules.dropout > 0 else 0))
 
+    def fused_mlp() -> None:
+        """What the fused gated MLP keeps: its input in the compute dtype, gate, up, the three
+        rank-r products and, with dropout, the three boolean masks."""
+        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
+
     if rules.fused_block:
         # each half keeps its fp32 input and 1/rms whatever needs a gradient (the first block's too)
         keep(2 * (4 * h + 4))
         fused_projections(3, h)
         keep(4 * (q + kv + heads * rules.seq) + cd * kv)  # padded fp32 queries, keys, probabilities and the values
         fused_projections(1, q)
-        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))  # the MLP, as below
+        fused_mlp()
         return BlockActivations(saved["per_token"], saved["per_block"], True)
 
     def rms_norm(needs_grad: bool) -> bool:
@@ -149,8 +154,8 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
     o_grad = linears(("o_proj",), q, cd, attention_grad)["o_proj"]
     mid_grad = x_grad or o_grad
     y2_grad = rms_norm(mid_grad)
-    if rules.fused_mlp:  # its input in the compute dtype, gate, up, the three rank-r products, the three masks
-        keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
+    if rules.fused_mlp:
+        fused_mlp()
         return BlockActivations(saved["per_token"], saved["per_block"], True)
     mlp = linears(("gate_proj", "up_proj"), h, res, y2_grad)
     if mlp["gate_proj"]:

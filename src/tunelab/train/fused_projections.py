@@ -46,12 +46,12 @@ def projections_forward(x: torch.Tensor, dtype: torch.dtype, scales: tuple[float
     frozen, downs, ups = weights[0::3], weights[1::3], weights[2::3]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     down = torch.cat(downs).to(dtype)  # [projections × r, in]
-    keeps = [draw_keep(x2, rate) for _ in downs] if rate else []
-    if rate:  # one input per adapter: one down-product each
+    if rate:  # one input per adapter, each through its own mask: one down-product each
+        keeps = [draw_keep(x2, rate) for _ in downs]
         low = torch.cat([masked(x2, keep) @ a.t() for keep, a in zip(keeps, down.split([a.shape[0] for a in downs]))], dim=1)
         scales = tuple(s * keep_scale(rate) for s in scales)
     else:
-        low = x2 @ down.t()
+        keeps, low = [], x2 @ down.t()
     lows = low.split([a.shape[0] for a in downs], dim=1)
     frozen, ups = [w.to(dtype) for w in frozen], [b.to(dtype) for b in ups]
     outs = [(x2 @ w.t()).addmm_(part, b.t(), alpha=s) for w, part, b, s in zip(frozen, lows, ups, scales)]

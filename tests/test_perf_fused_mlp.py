@@ -88,23 +88,29 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_peft():
     assert error(fused_grads) <= 1.5 * error(peft_grads)
 
 
-def test_with_bit_dropout_it_draws_the_masks_the_unfused_mlp_draws():
-    """A fused and an unfused step with one seed drop the same elements (pipeline stages are
-    compared with one process), and the masks matter."""
+def assert_the_same_masks_fused_or_not(fused, batch=None) -> None:
+    """Under ``bit_dropout``, a step through the fused functions (the context ``fused``) and an
+    unfused one with the same seed drop the same elements (pipeline stages are compared with one
+    process): the same fp32 loss, gradients apart by rounding (the dropout scale is folded into the
+    adapter's); and another seed's masks change the loss."""
     model = adapted(dropout=0.3)
     objective = CausalLMObjective(model, shared_prefix=True)
-    batch = collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
+    batch = batch if batch is not None else collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
     with bit_dropout(model):
         torch.manual_seed(4)
         loss, _, grads = loss_and_grads(objective, model, batch)
-        with fused_mlps(model):
+        with fused(model):
             torch.manual_seed(4)
             fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
             torch.manual_seed(5)
             other = loss_and_grads(objective, model, batch)[0]
     assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    assert relative_error(fused_grads, grads) < 1e-5  # the dropout scale folded into the adapter's: rounding apart
+    assert relative_error(fused_grads, grads) < 1e-5
     assert other.item() != pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_with_bit_dropout_it_draws_the_masks_the_unfused_mlp_draws():
+    assert_the_same_masks_fused_or_not(fused_mlps)
 
 
 def test_with_peft_s_own_dropout_training_keeps_peft_s_forward_and_its_random_draws(monkeypatch):

@@ -4,10 +4,9 @@ backward, and step aside wherever they would not."""
 import pytest
 import torch
 
-from tests.test_perf_fused_mlp import adapted, relative_error, reseeded
+from tests.test_perf_fused_mlp import adapted, assert_the_same_masks_fused_or_not, reseeded
 from tests.test_perf_shared_prefix import chat_like, loss_and_grads
 from tunelab.data import collate_packed
-from tunelab.train.bit_dropout import bit_dropout
 from tunelab.train.fused_projections import _FusedLoraProjections, fused_projections
 from tunelab.train.objectives.causal_lm import CausalLMObjective
 
@@ -62,17 +61,7 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_peft():
 
 
 def test_with_bit_dropout_it_draws_the_masks_the_unfused_projections_draw():
-    model = adapted(dropout=0.3)
-    objective = CausalLMObjective(model, shared_prefix=True)
-    batch = collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
-    with bit_dropout(model):
-        torch.manual_seed(4)
-        loss, _, grads = loss_and_grads(objective, model, batch)
-        with fused_projections(model):
-            torch.manual_seed(4)
-            fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
-    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    assert relative_error(fused_grads, grads) < 1e-5  # the dropout scale folded into the adapter's: rounding apart
+    assert_the_same_masks_fused_or_not(fused_projections)
 
 
 def test_keys_from_another_input_a_hooked_layer_and_peft_s_dropout_take_peft_s_forward():

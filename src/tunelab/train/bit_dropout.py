@@ -11,9 +11,10 @@ of the rounded keep probability, so the expectation is the input's, as ``nn.Drop
 bits are splitmix64's output function of a counter (four elements per 64-bit word) from a seed
 that is one draw of torch's default generator per mask (``block_kernels.keep_bits``: one C++
 pass, or the same words in wrapping int64 arithmetic without a compiler). Drawing the words with
-``random_`` instead (sessions 33-35) took 2.1 ms for ``[368, 576]`` and 1.8 ms for ``[368, 1536]``
-on the AMX Xeon; the kernel takes 0.14 and 0.32 ms (bench/README.md, session 36). The mask is
-kept as booleans for the backward pass (``nn.Dropout`` keeps it in the input's dtype).
+``random_`` instead (sessions 33-35) took 0.31 ms for ``[368, 576]`` and 0.82 ms for
+``[368, 1536]`` on the AMX Xeon (2 threads); the kernel takes 0.06 and 0.16 ms, and applying the
+mask is a one-pass kernel too (``block_kernels.masked_scale``; bench/README.md, session 36). The
+mask is kept as booleans for the backward pass (``nn.Dropout`` keeps it in the input's dtype).
 
 Because each mask's seed is drawn from torch's default generator, a seeded run repeats itself and
 activation checkpointing, which restores the generator's state, recomputes the same masks. They

@@ -108,6 +108,11 @@ def fused_rate(parts: Sequence[LoraParts]) -> float | None:
     return rate if rate == 0 or all(type(p.dropper) is BitDropout for p in parts) else None
 
 
+def dropped_scales(scales: tuple[float, ...], p: float) -> tuple[float, ...]:
+    """Adapter scales with dropout ``p``'s ``keep_scale`` folded in (unchanged for ``p`` 0)."""
+    return tuple(s * keep_scale(p) for s in scales) if p else tuple(scales)
+
+
 def draw_keep(x: torch.Tensor, p: float) -> torch.Tensor | None:
     """A ``keep_mask`` for ``x`` as a ``BitDropout`` of rate ``p`` would draw it (None for ``p`` 0)."""
     return keep_mask(x.shape, p, x.device)[0] if p else None

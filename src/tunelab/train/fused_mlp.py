@@ -34,7 +34,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from tunelab.methods.peft_adapters import lora_parts
-from tunelab.train.bit_dropout import add_masked_product, draw_keep, fused_rate, keep_scale, masked
+from tunelab.train.bit_dropout import add_masked_product, draw_keep, dropped_scales, fused_rate, masked
 from tunelab.train.block_kernels import silu_mul, silu_mul_backward
 
 ACTIVATIONS = {nn.SiLU: "silu", SiLUActivation: "silu", nn.ReLU: "relu"}
@@ -71,7 +71,7 @@ def mlp_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], settings: tu
     dropout rate)``. With dropout each adapter draws its mask (``bit_dropout.draw_keep``) when the
     unfused MLP's would: gate's, up's, then down's on the product."""
     kind, dtype, scales, rate = settings
-    sg, su, sd = (s * keep_scale(rate) for s in scales) if rate else scales
+    sg, su, sd = dropped_scales(scales, rate)
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     wg, ag, bg, wu, au, bu, wd, ad, bd = (t.to(dtype) for t in weights)
     keep_g, keep_u = draw_keep(x2, rate), draw_keep(x2, rate)
@@ -90,7 +90,7 @@ def mlp_backward(saved: tuple[torch.Tensor | None, ...], settings: tuple, grad_o
     """``(d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd)`` in the compute dtype from the output's gradient;
     ``d_x`` (``[tokens, hidden]``) None unless ``input_grad``."""
     kind, dtype, scales, rate = settings
-    sg, su, sd = (s * keep_scale(rate) for s in scales) if rate else scales
+    sg, su, sd = dropped_scales(scales, rate)
     x2, gate, up, low_g, low_u, low_d, wg, ag, bg, wu, au, bu, wd, ad, bd, keep_g, keep_u, keep_d = saved
     d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
     # down_proj and its adapter

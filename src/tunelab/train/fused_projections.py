@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tunelab.methods.peft_adapters import LoraParts, lora_parts
-from tunelab.train.bit_dropout import add_masked_product, draw_keep, fused_rate, keep_scale, masked
+from tunelab.train.bit_dropout import add_masked_product, draw_keep, dropped_scales, fused_rate, masked
 from tunelab.train.fused_mlp import adapter_up_grad
 
 NAMES = ("q_proj", "k_proj", "v_proj")
@@ -49,9 +49,9 @@ def projections_forward(x: torch.Tensor, dtype: torch.dtype, scales: tuple[float
     if rate:  # one input per adapter, each through its own mask: one down-product each
         keeps = [draw_keep(x2, rate) for _ in downs]
         low = torch.cat([masked(x2, keep) @ a.t() for keep, a in zip(keeps, down.split([a.shape[0] for a in downs]))], dim=1)
-        scales = tuple(s * keep_scale(rate) for s in scales)
     else:
         keeps, low = [], x2 @ down.t()
+    scales = dropped_scales(scales, rate)
     lows = low.split([a.shape[0] for a in downs], dim=1)
     frozen, ups = [w.to(dtype) for w in frozen], [b.to(dtype) for b in ups]
     outs = [(x2 @ w.t()).addmm_(part, b.t(), alpha=s) for w, part, b, s in zip(frozen, lows, ups, scales)]
@@ -65,8 +65,7 @@ def projections_backward(saved: tuple[torch.Tensor | None, ...], scales: tuple[f
     count = len(scales)
     x2, low, down, *rest = saved
     frozen, ups, keeps = rest[:count], rest[count : 2 * count], rest[2 * count :]
-    if rate:
-        scales = tuple(s * keep_scale(rate) for s in scales)
+    scales = dropped_scales(scales, rate)
     d_outs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in d_outs]
     lows = low.split(ranks, dim=1)
     d_ups = [adapter_up_grad(d, part, s) for d, part, s in zip(d_outs, lows, scales)]

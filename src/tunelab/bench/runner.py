@@ -2,19 +2,30 @@
 
 Timings on a shared machine are noisy, so the result is a set of ratios from one invocation
 (tunelab vs Trainer + PEFT, run back to back), the median over ``repeats`` where asked, and a GEMM
-peak measured in the same invocation for MFU. The speedup only counts when the two train the same:
+peak measured in the same invocation for MFU. The speedup only counts when the two train the same
+(``parity``). In fp32 that is a direct comparison:
 
 - the first step's loss (the same weights on the same batch: only the arithmetic differs) within
-  ``STEP_ONE_PARITY`` of the precision, on every seed, and
+  ``STEP_ONE_PARITY["fp32"]`` on every seed, and
 - the held-out loss (200 examples), averaged over ``seeds`` (a different data order and adapter
   initialisation each), within ``PARITY`` of the baseline's.
 
-The final training loss (the mean of the last quarter of the steps' batches) is reported, not
-judged: in bf16 each side's gradient differs from fp32's by ~3% per step (bench/bf16_grad_fidelity.py:
-the Trainer's 2.8%, tunelab's 2.6%), a dozen steps at the benchmark's learning rate amplify that
-into final losses that differ by ~7% per seed between any two bf16 runs, and three batches of ~16
-supervised tokens cannot tell training from batch noise. One seed's held-out loss moves by several
-percent too (bench/README.md, session 23), so a single-seed run judges numerics as much as training.
+In a reduced precision (bf16, fp16) the two sides' rounding differs, and a dozen steps amplify a
+rounding difference chaotically: on the AMX Xeon one seed's bf16 held-out loss lands up to 24% from
+the fp32 run of the same seed, on both sides and under any change of rounding (bench/README.md,
+sessions 27 and 36), so a 2% band on the mean of a few seeds measured noise there. So both sides
+also train every seed in fp32 (``reference``), and the speedup counts when
+
+- in fp32 the two sides pass the direct comparison above (the same training, exactly), and
+- rounding moves tunelab no further from that fp32 run than it moves the Trainer: tunelab's
+  held-out loss's mean relative distance from the fp32 Trainer's over the seeds at most ``PARITY``
+  more than the Trainer's own, and its first step's largest distance at most
+  ``STEP_ONE_ROUNDING_TOLERANCE`` more.
+
+The direct bf16 comparison is still reported. The final training loss (the mean of the last quarter
+of the steps' batches) is reported, not judged: three batches of ~16 supervised tokens cannot tell
+training from batch noise, and a dozen bf16 steps move it by ~7% per seed between any two bf16 runs
+(bench/bf16_grad_fidelity.py: each side's bf16 gradient is ~3% from fp32's at every step).
 """
 
 from __future__ import annotations
@@ -44,7 +55,12 @@ PARITY = 0.02
 #: seed 0, against fp32's 4.3830: Trainer -0.11%; tunelab -0.05% with flash attention for suffixes,
 #: -0.68% with the math kernel; -0.07% / -0.39% with the frozen weights left in fp32).
 STEP_ONE_PARITY = {"fp32": 0.001, "bf16": 0.01, "fp16": 0.01}
+#: How much further rounding may move tunelab's first-step loss from fp32 than the Trainer's (the
+#: largest over the seeds). Measured on the AMX Xeon, short workload, 5 seeds: the Trainer's bf16
+#: step-1 loss lies +0.16..+1.21% from fp32's, tunelab's -0.88..+0.57% (session 36).
+STEP_ONE_ROUNDING_TOLERANCE = 0.005
 LOSSES = ("final_train_loss", "eval_loss")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDE_NAMES = {"tunelab": "tunelab", "hf": "Trainer + PEFT"}
 
 
@@ -95,25 +111,33 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablate: tuple[str, ...] = (),
-                  profile_steps: int = 0) -> dict[str, Any]:
-    """Both sides ``repeats`` times (alternating) for each of ``seeds`` seeds from ``workload.seed``,
-    optional lever ablations and profiles; the full result."""
-    started = time.time()
-    from tunelab.hardware import configure_threads
-
-    configure_threads(workload.threads)  # the peak must use the threads the sides use
+def run_pairs(workload: Workload, seeds: int, repeats: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Both sides' reports, ``repeats`` times (alternating) for each of ``seeds`` seeds from ``workload.seed``."""
     reports: dict[str, list[dict[str, Any]]] = {"hf": [], "tunelab": []}
     for seed in range(workload.seed, workload.seed + seeds):
         for _ in range(repeats):
             for side in ("hf", "tunelab"):
                 reports[side].append({**run_side(side, replace(workload, seed=seed)), "seed": seed})
+    return reports
+
+
+def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablate: tuple[str, ...] = (),
+                  profile_steps: int = 0, reference: bool = True) -> dict[str, Any]:
+    """Both sides ``repeats`` times (alternating) for each of ``seeds`` seeds from ``workload.seed``,
+    in fp32 once per seed as well where they ran in a reduced precision (``reference``: what the
+    parity judges rounding against), optional lever ablations and profiles; the full result."""
+    started = time.time()
+    from tunelab.hardware import configure_threads
+
+    configure_threads(workload.threads)  # the peak must use the threads the sides use
+    reports = run_pairs(workload, seeds, repeats)
     precision = reports["tunelab"][0]["precision"]
-    # Only the precision the sides ran in: on CPUs without native bf16 (AVX2-only EPYC) one bf16
+    fp32_reports = run_pairs(replace(workload, precision="fp32"), seeds) if reference and precision != "fp32" else None
+    # Only the precisions the sides ran in: on CPUs without native bf16 (AVX2-only EPYC) one bf16
     # 2048² product takes minutes, which made the CI smoke run of this benchmark take 13 minutes.
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     gemm_size = 8192 if workload.device == "cuda" else 2048  # a GPU needs a larger product to reach its peak
-    peaks = {precision: [gemm_gflops(dtype, gemm_size, device=workload.device) for _ in range(2)]}
+    peaks = {p: [gemm_gflops(DTYPES[p], gemm_size, device=workload.device) for _ in range(2)]
+             for p in dict.fromkeys([precision, *(["fp32"] if fp32_reports else [])])}
     peak_gflops = max(peaks[precision])
     sides = {side: _aggregate([derived(r, peak_gflops) for r in runs], [r["seed"] for r in runs]) for side, runs in reports.items()}
     result: dict[str, Any] = {
@@ -125,8 +149,13 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablat
         "raw": reports,
         "seeds": seeds,
         "losses_by_seed": {side: {r["seed"]: {key: r[key] for key in LOSSES} for r in runs} for side, runs in reports.items()},
-        **summary(sides["tunelab"], sides["hf"], step_one_delta(reports), STEP_ONE_PARITY[precision]),
+        **summary(sides["tunelab"], sides["hf"]),
+        **parity(reports, precision, fp32_reports),
     }
+    if fp32_reports:
+        fp32_peak = max(peaks["fp32"])
+        fp32_sides = {side: _aggregate([derived(r, fp32_peak) for r in runs], [r["seed"] for r in runs]) for side, runs in fp32_reports.items()}
+        result["fp32_reference"] = {"sides": fp32_sides, "raw": fp32_reports, **summary(fp32_sides["tunelab"], fp32_sides["hf"])}
     if ablate:
         result["ablations"] = {
             ("without " if workload.uses(lever) else "with ") + lever: derived(run_side("tunelab", workload.toggled(lever)), peak_gflops)
@@ -138,29 +167,71 @@ def run_benchmark(workload: Workload, *, repeats: int = 1, seeds: int = 1, ablat
     return result
 
 
-def summary(ours: dict[str, float], baseline: dict[str, float], step_one: float = 0.0, step_one_band: float = 0.001) -> dict[str, Any]:
-    """The ratios the issue asks for, and whether the two train the same closely enough to count
-    (``step_one``: the largest relative difference of the first step's loss over the seeds, judged
-    against ``step_one_band``)."""
-    train_delta = (ours["final_train_loss"] - baseline["final_train_loss"]) / baseline["final_train_loss"]
-    eval_delta = (ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
+def summary(ours: dict[str, float], baseline: dict[str, float]) -> dict[str, Any]:
+    """The ratios the issue asks for, and the sides' loss differences (mean over the seeds)."""
     return {
         "speedup": ours["real_tokens_per_s"] / baseline["real_tokens_per_s"],
         "cpu_time_speedup": ours["real_tokens_per_cpu_s"] / baseline["real_tokens_per_cpu_s"],
         "mem_ratio": ours["peak_memory_mb"] / baseline["peak_memory_mb"],
-        "step_one_loss_delta": step_one,
-        "loss_delta": train_delta,
-        "eval_loss_delta": eval_delta,
-        "step_one_band": step_one_band,
-        "loss_parity": abs(step_one) <= step_one_band and abs(eval_delta) <= PARITY,
+        "loss_delta": _relative(ours["final_train_loss"], baseline["final_train_loss"]),
+        "eval_loss_delta": _relative(ours["eval_loss"], baseline["eval_loss"]),
         "mfu": ours["mfu"],
     }
 
 
+def parity(reports: dict[str, list[dict[str, Any]]], precision: str,
+           fp32_reports: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Whether the sides train the same (see the module's docstring): the direct comparison of
+    ``reports``, or, given fp32 runs of the same seeds, that comparison of the fp32 runs plus each
+    side's distance from the fp32 Trainer's losses."""
+    direct = _direct_parity(reports, STEP_ONE_PARITY[precision])
+    if fp32_reports is None:
+        return {**direct, "loss_parity": direct["within"], "parity_criterion": "direct"}
+    exact = _direct_parity(fp32_reports, STEP_ONE_PARITY["fp32"])
+    reference = {key: _by_seed(fp32_reports["hf"], key) for key in ("step_one_loss", "eval_loss")}
+    distance = {side: {key: _distances(_by_seed(runs, key), reference[key]) for key in reference} for side, runs in reports.items()}
+    rounding = {
+        "step_one_max": {side: max(d["step_one_loss"]) for side, d in distance.items()},
+        "eval_mean": {side: statistics.fmean(d["eval_loss"]) for side, d in distance.items()},
+        "step_one_tolerance": STEP_ONE_ROUNDING_TOLERANCE,
+        "eval_tolerance": PARITY,
+        "by_seed": distance,
+    }
+    rounding["within"] = (rounding["step_one_max"]["tunelab"] <= rounding["step_one_max"]["hf"] + STEP_ONE_ROUNDING_TOLERANCE
+                          and rounding["eval_mean"]["tunelab"] <= rounding["eval_mean"]["hf"] + PARITY)
+    return {**direct, "loss_parity": exact["within"] and rounding["within"], "parity_criterion": "against fp32",
+            "fp32_parity": exact, "rounding": rounding}
+
+
+def _direct_parity(reports: dict[str, list[dict[str, Any]]], step_one_band: float) -> dict[str, Any]:
+    """The largest first-step loss difference over the runs within ``step_one_band``, and the
+    difference of the mean held-out losses over the seeds within ``PARITY``."""
+    step_one = step_one_delta(reports)
+    held_out = {side: statistics.fmean(_by_seed(runs, "eval_loss").values()) for side, runs in reports.items()}
+    eval_delta = _relative(held_out["tunelab"], held_out["hf"])
+    return {"step_one_loss_delta": step_one, "step_one_band": step_one_band, "eval_loss_delta": eval_delta,
+            "within": abs(step_one) <= step_one_band and abs(eval_delta) <= PARITY}
+
+
 def step_one_delta(reports: dict[str, list[dict[str, Any]]]) -> float:
     """The largest relative difference between the sides' first-step losses, over every run."""
-    deltas = [(ours["step_losses"][0] - base["step_losses"][0]) / base["step_losses"][0] for ours, base in zip(reports["tunelab"], reports["hf"])]
+    deltas = [_relative(ours["step_losses"][0], base["step_losses"][0]) for ours, base in zip(reports["tunelab"], reports["hf"])]
     return max(deltas, key=abs, default=0.0)
+
+
+def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """One value per seed (``step_one_loss``: the first step's loss), the median of its repeats
+    (which train identically)."""
+    values = [(r["seed"], r["step_losses"][0] if key == "step_one_loss" else r[key]) for r in runs]
+    return {seed: statistics.median(v for s, v in values if s == seed) for seed in sorted({s for s, _ in values})}
+
+
+def _distances(values: dict[int, float], reference: dict[int, float]) -> list[float]:
+    return [abs(_relative(values[seed], reference[seed])) for seed in sorted(reference)]
+
+
+def _relative(value: float, reference: float) -> float:
+    return (value - reference) / reference
 
 
 def _aggregate(rows: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
@@ -180,7 +251,8 @@ def _median(rows) -> dict[str, float]:
 def result_line(result: dict[str, Any]) -> str:
     return (
         f"speedup={result['speedup']:.2f} mem_ratio={result['mem_ratio']:.2f} "
-        f"loss_delta={result['loss_delta']:.3f} eval_loss_delta={result['eval_loss_delta']:.3f} mfu={result['mfu']:.2f}"
+        f"loss_delta={result['loss_delta']:.3f} eval_loss_delta={result['eval_loss_delta']:.3f} mfu={result['mfu']:.2f} "
+        f"parity={'within' if result['loss_parity'] else 'OUTSIDE'}"
     )
 
 
@@ -196,17 +268,36 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     rows = [(SIDE_NAMES[s], m) for s, m in result["sides"].items()]
     rows += [(f"tunelab {change}", m) for change, m in result.get("ablations", {}).items()]
+    # the parity's fp32 runs (MFU against the fp32 peak)
+    rows += [(f"{SIDE_NAMES[s]}, fp32", m) for s, m in result.get("fp32_reference", {}).get("sides", {}).items()]
     for name, m in rows:
         lines.append(
             f"| {name} | {m['real_tokens_per_s']:.0f} | {m['supervised_tokens_per_s']:.1f} | {m['real_tokens_per_cpu_s']:.0f} | "
             f"{m['peak_memory_mb']:.0f} | {m['first_step_seconds']:.1f} | {m['final_train_loss']:.4f} | {m['eval_loss']:.4f} | {m['mfu']:.3f} |"
         )
-    parity = "within" if result["loss_parity"] else "OUTSIDE"
+    return "\n".join([*lines, "", parity_text(result)])
+
+
+def parity_text(result: dict[str, Any]) -> str:
+    """What the parity judged, in one paragraph."""
     seeds = result.get("seeds", 1)
-    lines += ["", f"losses {parity} the parity band: step-1 loss {result.get('step_one_loss_delta', 0.0):+.2%} (band {result.get('step_one_band', 0.001):.1%}), "
-              f"{'mean over ' + str(seeds) + ' seeds: ' if seeds > 1 else ''}eval loss {result['eval_loss_delta']:+.2%} (band {PARITY:.0%}); "
-              f"final training loss {result['loss_delta']:+.2%} (reported, not judged)"]
-    return "\n".join(lines)
+    over = f"mean over {seeds} seeds: " if seeds > 1 else ""
+    verdict = f"losses {'within' if result['loss_parity'] else 'OUTSIDE'} the parity band"
+    final = f"final training loss {result['loss_delta']:+.2%}"
+    if result.get("parity_criterion") != "against fp32":
+        return (f"{verdict}: step-1 loss {result['step_one_loss_delta']:+.2%} (band {result['step_one_band']:.1%}), "
+                f"{over}held-out loss {result['eval_loss_delta']:+.2%} (band {PARITY:.0%}); {final} (reported, not judged)")
+    exact, rounding = result["fp32_parity"], result["rounding"]
+    return (
+        f"{verdict}, judged against fp32 runs of the same seeds. In fp32 the sides differ by: step-1 loss "
+        f"{exact['step_one_loss_delta']:+.2%} (band {exact['step_one_band']:.1%}), {over}held-out loss {exact['eval_loss_delta']:+.2%} "
+        f"(band {PARITY:.0%}). {result['precision']} rounding moves the held-out loss from the fp32 Trainer's by "
+        f"{rounding['eval_mean']['tunelab']:.2%} (tunelab) vs {rounding['eval_mean']['hf']:.2%} (Trainer) on average over the seeds "
+        f"(allowed: the Trainer's + {rounding['eval_tolerance'] * 100:g} points), the step-1 loss by at most "
+        f"{rounding['step_one_max']['tunelab']:.2%} vs {rounding['step_one_max']['hf']:.2%} (+ {rounding['step_one_tolerance'] * 100:g} points). "
+        f"Reported, not judged: in {result['precision']} the sides differ by step-1 loss {result['step_one_loss_delta']:+.2%}, "
+        f"{over}held-out loss {result['eval_loss_delta']:+.2%}; {final}."
+    )
 
 
 def save(result: dict[str, Any], directory: Path) -> Path:

@@ -34,10 +34,13 @@ def bench_group() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where both sides train (cuda: bench/gpu_check.sh).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Both sides' precision (auto: what the device measurably does best).")
+@click.option("--fp32-reference/--no-fp32-reference", default=True, show_default=True,
+              help="Where the sides run in bf16/fp16, also train both in fp32 per seed and judge each side's rounding against that (the parity; see bench/README.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True,
               help="Folder for train_throughput_<model>.json (relative to the current directory).")
 def train_bench(model: str, steps: int, batch_size: int, threads: int | None, repeats: int, seeds: int, ablate: tuple[str, ...],
-                use_compile: bool, profile_steps: int, workload_names: str, lora_dropout: float, quick: bool, device: str, precision: str, out: Path) -> None:
+                use_compile: bool, profile_steps: int, workload_names: str, lora_dropout: float, quick: bool, device: str, precision: str,
+                fp32_reference: bool, out: Path) -> None:
     """Train the same LoRA on the same data both ways, per workload; print the tables and one result line each."""
     from tunelab.bench.runner import format_table, result_line, run_benchmark, save
     from tunelab.bench.workload import DEFAULT_LEVERS, LEVERS, WORKLOADS, Workload
@@ -66,7 +69,7 @@ def train_bench(model: str, steps: int, batch_size: int, threads: int | None, re
     for name in names:
         workload = Workload.named(name, threads=threads, levers=on, device=device, precision=precision, lora_dropout=lora_dropout, **settings)
         click.echo(f"\nworkload {name}: {WORKLOADS[name].about}")
-        result = run_benchmark(workload, repeats=repeats, seeds=seeds, ablate=levers, profile_steps=profile_steps)
+        result = run_benchmark(workload, repeats=repeats, seeds=seeds, ablate=levers, profile_steps=profile_steps, reference=fp32_reference)
         for side, table in result.get("profiles", {}).items():
             click.echo(f"\nprofile ({side}, top 10 by self CPU time):\n{table}")
         click.echo(format_table(result))

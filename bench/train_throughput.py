@@ -8,7 +8,8 @@
 
 Same as ``tunelab bench train``, but writes bench/results/train_throughput_<model>[_long].json
 (where this repository keeps its measured results; a later ``--out`` wins) and ends with one
-``<workload>: speedup=X.XX mem_ratio=Y.YY loss_delta=Z.ZZZ eval_loss_delta=E.EEE mfu=W.WW`` line per workload. Workloads:
+``<workload>: speedup=X.XX mem_ratio=Y.YY loss_delta=Z.ZZZ eval_loss_delta=E.EEE mfu=W.WW parity=within|OUTSIDE``
+line per workload. Workloads:
 ``short`` (Rotten Tomatoes chat rows, 2-token answers) and ``long`` (fortune-cookie text, every
 token supervised). See bench/README.md.
 """

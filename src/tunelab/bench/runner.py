@@ -238,8 +238,9 @@ def _aggregate(rows: list[dict[str, float]], seeds: list[int]) -> dict[str, floa
     """Speed and memory: the median over every run. Losses: the mean over the seeds of each
     seed's median (repeats of one seed train identically; seeds are what averaging is for)."""
     out = _median(rows)
+    runs = [{**r, "seed": seed} for r, seed in zip(rows, seeds)]
     for key in LOSSES:
-        out[key] = statistics.fmean(statistics.median(r[key] for r, s in zip(rows, seeds) if s == seed) for seed in sorted(set(seeds)))
+        out[key] = statistics.fmean(_by_seed(runs, key).values())
     return out
 
 

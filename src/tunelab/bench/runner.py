@@ -185,8 +185,9 @@ def parity(reports: dict[str, list[dict[str, Any]]], precision: str,
     ``reports``, or, given fp32 runs of the same seeds, that comparison of the fp32 runs plus each
     side's distance from the fp32 Trainer's losses."""
     direct = _direct_parity(reports, STEP_ONE_PARITY[precision])
+    within = direct.pop("within")  # the verdict only where the direct comparison is the rule
     if fp32_reports is None:
-        return {**direct, "loss_parity": direct["within"], "parity_criterion": "direct"}
+        return {**direct, "loss_parity": within, "parity_criterion": "direct"}
     exact = _direct_parity(fp32_reports, STEP_ONE_PARITY["fp32"])
     reference = {key: _by_seed(fp32_reports["hf"], key) for key in ("step_one_loss", "eval_loss")}
     distance = {side: {key: _distances(_by_seed(runs, key), reference[key]) for key in reference} for side, runs in reports.items()}

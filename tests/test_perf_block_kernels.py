@@ -91,3 +91,22 @@ def test_the_formulas_backwards_are_the_gradients():
     expected = torch.autograd.grad(F.silu(gate) * up, (gate, up), d)
     h, d_gate, d_up = bk.silu_mul_backward(d, gate.detach(), up.detach())
     assert torch.allclose(h, F.silu(gate) * up) and torch.allclose(d_gate, expected[0]) and torch.allclose(d_up, expected[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_activation_kernels_read_and_write_column_blocks(dtype):
+    """gate and up as column blocks of one stacked product, the gradients written into column blocks
+    of another (``stacked_projections``): the same bits as on contiguous tensors, nothing written
+    outside the blocks."""
+    tokens, width = 37, 96
+    wide = randn(tokens, 2 * width + 5, dtype=dtype)
+    gate, up = wide[:, :width], wide[:, width : 2 * width]
+    d_h = randn(tokens, width, dtype=dtype, seed=1)
+    assert bk._takes_rows(gate, up) is not None  # the kernels, not the formulas
+    assert torch.equal(bk.silu_mul(gate, up), bk.silu_mul(gate.contiguous(), up.contiguous()))
+    out = torch.zeros(tokens, 2 * width + 5, dtype=dtype)
+    h, d_gate, d_up = bk.silu_mul_backward(d_h, gate, up, out=(out[:, :width], out[:, width : 2 * width]))
+    expected = bk.silu_mul_backward(d_h, gate.contiguous(), up.contiguous())
+    assert d_gate.data_ptr() == out.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip((h, out[:, :width], out[:, width : 2 * width]), expected))
+    assert not out[:, 2 * width :].any()

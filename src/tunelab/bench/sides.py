@@ -173,7 +173,8 @@ def run_tunelab(workload: Workload, workdir: Path, profiler: torch.profiler.prof
         show_progress=False, device=torch.device(workload.device),
         low_precision_frozen=workload.uses("low_precision_frozen"), compile=workload.uses("compile"), bucket_rows=workload.uses("bucketing"),
         fuse_mlp=workload.uses("fused_mlp"), fuse_qkv=workload.uses("fused_qkv"), reuse_loss_buffers=workload.uses("loss_buffers"),
-        chunked_rope=workload.uses("chunked_rope"), fuse_blocks=workload.uses("fused_blocks"), bit_dropout=workload.uses("bit_dropout"),
+        chunked_rope=workload.uses("chunked_rope"), fuse_blocks=workload.uses("fused_blocks"), stack_projections=workload.uses("stacked_projections"),
+        bit_dropout=workload.uses("bit_dropout"),
     )
     setup = time.perf_counter() - start
     result = trainer.fit()

@@ -31,6 +31,7 @@ LEVERS = {
     "loss_buffers": "the fused loss's [rows, vocab] buffers kept from step to step instead of allocated (and page-faulted) anew",
     "chunked_rope": "RoPE's rotate_half by chunk: the same values, a backward without two whole-size zero tensors per call",
     "fused_blocks": "each decoder block's attention and MLP halves (norm, LoRA projections, RoPE, attention, residual) as two functions with hand-written backwards",
+    "stacked_projections": "inside the fused blocks, projections reading one input as two matmuls: frozen weights and adapter down-projections stacked, up-projections block-diagonal",
     "bit_dropout": "LoRA dropout masks from 16 random bits per element instead of bernoulli_ draws (with --lora-dropout)",
     "compile": "regional torch.compile of the transformer blocks (one-time cost in the first steps)",
     "checkpointing": "activation checkpointing: blocks recomputed in the backward pass (memory for time)",
@@ -39,7 +40,7 @@ LEVERS = {
 #: checkpointing is the recipe's ``train.gradient_checkpointing``, off by default).
 DEFAULT_LEVERS = ("packing", "sliced_logits", "fused_loss", "varlen", "shared_prefix", "unread_inputs", "sliced_last_mlp",
                   "low_precision_frozen", "bucketing", "fused_mlp", "fused_qkv", "loss_buffers", "chunked_rope",
-                  "fused_blocks", "bit_dropout")
+                  "fused_blocks", "stacked_projections", "bit_dropout")
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "data"
 

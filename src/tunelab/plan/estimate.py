@@ -24,12 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.plan.architecture import BLOCK_LINEARS, Architecture
-from tunelab.plan.layer_activations import (
-    MATH_BELOW,
-    BlockRules,
-    backward_working_bytes,
-    block_activations,
-)
+from tunelab.plan.layer_activations import BlockRules, backward_working_bytes, block_activations
 from tunelab.plan.loss_memory import loss_memory
 from tunelab.plan.methods import (
     OPTIMIZER_BYTES,
@@ -107,7 +102,8 @@ def estimate(arch: Architecture, settings: Settings) -> Estimate:
         tensor_parallel=s.tensor_parallel, seq=s.seq,
         fused_mlp=fusable and {"gate_proj", "up_proj", "down_proj"} <= adapters,
         fused_qkv=fusable and {"q_proj", "k_proj", "v_proj"} <= adapters,
-        fused_block=fusable and adapters == frozenset(BLOCK_LINEARS) and s.seq < MATH_BELOW,
+        fused_block=fusable and adapters == frozenset(BLOCK_LINEARS),
+        stacked=fusable and adapters == frozenset(BLOCK_LINEARS) and s.adapter_dropout == 0 and (frozen_cast or not s.autocast),
     )
     rows = microbatch_rows(s)
     tokens = rows * s.seq

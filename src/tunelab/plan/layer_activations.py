@@ -52,8 +52,12 @@ class BlockRules:
     #: q/k/v run as one function (``train/fused_projections.py``: LoRA on the three, not split).
     fused_qkv: bool = False
     #: The block runs as two functions (``train/fused_block.py``: LoRA on every linear layer, not
-    #: split, every example shorter than ``MATH_BELOW``).
+    #: split).
     fused_block: bool = False
+    #: Its projections run stacked (``train/stacked_projections.py``: frozen weights in the compute
+    #: dtype, no adapter dropout): the adapters' A and B are copied into the stacks, not cast and
+    #: saved per forward.
+    stacked: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
         saved["per_token"] += per_token
         saved["per_block"] += per_block
 
-    if rules.autocast:  # each adapter's A and B cast to the compute dtype, kept for the backward pass
+    if rules.autocast and not rules.stacked:  # each adapter's A and B cast to the compute dtype, kept for the backward pass
         for name in rules.adapters:
             width_in, width_out = arch.linear_shape(name)
             split_in, split_out = (1, tp) if name in COLUMN_PARALLEL else (tp, 1)
@@ -101,7 +105,10 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
         # each half keeps its fp32 input and 1/rms whatever needs a gradient (the first block's too)
         keep(2 * (4 * h + 4))
         fused_projections(3, h)
-        keep(4 * (q + kv + heads * rules.seq) + cd * kv)  # padded fp32 queries, keys, probabilities and the values
+        if rules.seq < MATH_BELOW:  # padded fp32 queries, keys, probabilities and the values
+            keep(4 * (q + kv + heads * rules.seq) + cd * kv)
+        else:  # flash attention's query, key, value, output and log-sum-exp per head
+            keep(cd * (2 * q + 2 * kv) + 4 * heads)
         fused_projections(1, q)
         fused_mlp()
         return BlockActivations(saved["per_token"], saved["per_block"], True)

@@ -249,14 +249,24 @@ at::Tensor rope_backward(at::Tensor d, at::Tensor cos, at::Tensor sin, bool to_b
   return out;
 }
 
+// Row-strided 2-D operands (elements of a row contiguous, rows any distance apart): the gate and
+// up products may be column blocks of one stacked matmul's output (``stacked_projections``).
+template <typename F>
+void in_rows(int64_t rows, int64_t width, F row) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(r);
+  });
+}
+
 at::Tensor silu_mul(at::Tensor gate, at::Tensor up) {
-  auto h = at::empty_like(gate);
+  const int64_t rows = gate.size(0), width = gate.size(1), gs = gate.stride(0), us = up.stride(0);
+  auto h = at::empty({rows, width}, gate.options());
   if (low(gate)) {
     auto *g = ptr<uint16_t>(gate), *u = ptr<uint16_t>(up), *o = ptr<uint16_t>(h);
-    in_spans(gate.numel(), [=](int64_t at, int64_t n) { silu_mul_span(g + at, u + at, o + at, n); });
+    in_rows(rows, width, [=](int64_t r) { silu_mul_span(g + r * gs, u + r * us, o + r * width, width); });
   } else {
     auto *g = ptr<float>(gate), *u = ptr<float>(up), *o = ptr<float>(h);
-    in_spans(gate.numel(), [=](int64_t at, int64_t n) { silu_mul_span(g + at, u + at, o + at, n); });
+    in_rows(rows, width, [=](int64_t r) { silu_mul_span(g + r * gs, u + r * us, o + r * width, width); });
   }
   return h;
 }
@@ -307,20 +317,29 @@ at::Tensor keep_bits(int64_t count, int64_t seed, int64_t dropped) {
   return keep;
 }
 
-std::vector<at::Tensor> silu_mul_backward(at::Tensor d_h, at::Tensor gate, at::Tensor up) {
-  auto h = at::empty_like(gate), d_gate = at::empty_like(gate), d_up = at::empty_like(gate);
+// h = silu(gate)·up recomputed into ``h``, and the gradients written into ``d_gate``, ``d_up``
+// (each row-strided; d_gate and d_up may be column blocks of the stacked gradient matrix)
+void silu_mul_backward_into(at::Tensor d_h, at::Tensor gate, at::Tensor up, at::Tensor h, at::Tensor d_gate, at::Tensor d_up) {
+  const int64_t rows = gate.size(0), width = gate.size(1);
+  const int64_t ds = d_h.stride(0), gs = gate.stride(0), us = up.stride(0), hs = h.stride(0), dgs = d_gate.stride(0), dus = d_up.stride(0);
   if (low(gate)) {
     auto *d = ptr<uint16_t>(d_h), *g = ptr<uint16_t>(gate), *u = ptr<uint16_t>(up), *ho = ptr<uint16_t>(h), *dg = ptr<uint16_t>(d_gate), *du = ptr<uint16_t>(d_up);
-    in_spans(gate.numel(), [=](int64_t at, int64_t n) { silu_mul_backward_span(d + at, g + at, u + at, ho + at, dg + at, du + at, n); });
+    in_rows(rows, width, [=](int64_t r) { silu_mul_backward_span(d + r * ds, g + r * gs, u + r * us, ho + r * hs, dg + r * dgs, du + r * dus, width); });
   } else {
     auto *d = ptr<float>(d_h), *g = ptr<float>(gate), *u = ptr<float>(up), *ho = ptr<float>(h), *dg = ptr<float>(d_gate), *du = ptr<float>(d_up);
-    in_spans(gate.numel(), [=](int64_t at, int64_t n) { silu_mul_backward_span(d + at, g + at, u + at, ho + at, dg + at, du + at, n); });
+    in_rows(rows, width, [=](int64_t r) { silu_mul_backward_span(d + r * ds, g + r * gs, u + r * us, ho + r * hs, dg + r * dgs, du + r * dus, width); });
   }
+}
+
+std::vector<at::Tensor> silu_mul_backward(at::Tensor d_h, at::Tensor gate, at::Tensor up) {
+  auto h = at::empty({gate.size(0), gate.size(1)}, gate.options()), d_gate = at::empty_like(h), d_up = at::empty_like(h);
+  silu_mul_backward_into(d_h, gate, up, h, d_gate, d_up);
   return {h, d_gate, d_up};
 }
 """
 
-_FUNCTIONS = ["rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "silu_mul", "silu_mul_backward", "keep_bits", "masked_scale", "masked_add_"]
+_FUNCTIONS = ["rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "silu_mul", "silu_mul_backward",
+              "silu_mul_backward_into", "keep_bits", "masked_scale", "masked_add_"]
 
 
 @functools.cache
@@ -382,18 +401,38 @@ def rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: 
     return (d * cos.unsqueeze(1) + torch.cat((second, -first), dim=-1)).to(dtype)
 
 
+def _takes_rows(*tensors: torch.Tensor) -> ModuleType | None:
+    """The kernels, when every tensor is a 2-D CPU fp32/bf16 matrix of one dtype whose rows are
+    contiguous (rows may lie any distance apart: column blocks of a wider matrix); else None."""
+    if not all(t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1 and t.dtype == tensors[0].dtype for t in tensors):
+        return None
+    return block_kernels() if tensors[0].dtype in _FLOATS and tensors[0].shape == tensors[-1].shape else None
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) · up``, the activation rounded to the inputs' dtype before the product."""
-    kernels = _takes(gate, up) if gate.dtype == up.dtype else None
+    """``silu(gate) · up``, the activation rounded to the inputs' dtype before the product (a new
+    contiguous tensor; ``[tokens, width]`` inputs may be column blocks of a wider matrix)."""
+    kernels = _takes_rows(gate, up)
     if kernels is not None:
         return kernels.silu_mul(gate, up)
     return F.silu(gate) * up
 
 
-def silu_mul_backward(d_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def silu_mul_backward(d_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h, d_gate, d_up)`` for ``h = silu(gate) · up`` and its gradient ``d_h``: the product
-    recomputed, ``d_up = d_h · silu(gate)``, ``d_gate = silu'(gate) · (d_h · up)``."""
-    kernels = _takes(d_h, gate, up) if d_h.dtype == gate.dtype == up.dtype else None
+    recomputed, ``d_up = d_h · silu(gate)``, ``d_gate = silu'(gate) · (d_h · up)``. With ``out``,
+    ``d_gate`` and ``d_up`` are written into those two (column blocks of the stacked gradient
+    matrix, ``stacked_projections``) and returned."""
+    if out is not None:
+        kernels = _takes_rows(d_h, gate, up, *out)
+        if kernels is not None:
+            h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+            kernels.silu_mul_backward_into(d_h, gate, up, h, *out)
+            return h, out[0], out[1]
+        h, d_gate, d_up = silu_mul_backward(d_h, gate, up)
+        return h, out[0].copy_(d_gate), out[1].copy_(d_up)
+    kernels = _takes_rows(d_h, gate, up)
     if kernels is not None:
         h, d_gate, d_up = kernels.silu_mul_backward(d_h, gate, up)
         return h, d_gate, d_up

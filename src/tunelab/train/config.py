@@ -157,7 +157,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile each transformer block: faster steps after a one-time compile of minutes on CPU.")
     fuse_mlp: bool = Field(True, description="Run LoRA-adapted gated MLPs as one function with a hand-written backward (less memory, faster); false: peft's own layers.")
     fuse_qkv: bool = Field(True, description="Run LoRA-adapted q/k/v projections as one function per attention block (one down-projection matmul for the three; faster); false: peft's own layers.")
-    fuse_blocks: bool = Field(True, description="Run each LoRA-adapted Llama-family decoder block on packed rows of short examples as two functions with hand-written backwards (norms, projections, RoPE, attention, residuals; faster); false: the block's own forward.")
+    fuse_blocks: bool = Field(True, description="Run each LoRA-adapted Llama-family decoder block on packed rows as two functions with hand-written backwards (norms, projections, RoPE, attention, residuals; faster); false: the block's own forward.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="How torchrun's processes share the work: ddp, fsdp, tp or fsdp+tp, gradient compression.")
 
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")

@@ -36,6 +36,7 @@ from transformers.activations import SiLUActivation
 from tunelab.methods.peft_adapters import lora_parts
 from tunelab.train.bit_dropout import add_masked_product, draw_keep, dropped_scales, fused_rate, masked
 from tunelab.train.block_kernels import silu_mul, silu_mul_backward
+from tunelab.train.stacked_projections import ProjectionStack
 
 ACTIVATIONS = {nn.SiLU: "silu", SiLUActivation: "silu", nn.ReLU: "relu"}
 #: The probe's largest accepted difference from the module's own forward (fp32; rounding ~1e-7).
@@ -113,6 +114,41 @@ def mlp_backward(saved: tuple[torch.Tensor | None, ...], settings: tuple, grad_o
         d_x = (d_gate @ wg).addmm_(d_up, wu)
         d_x = add_masked_product(add_masked_product(d_x, d_low_g, ag, keep_g), d_low_u, au, keep_u)
     return d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd
+
+
+def stacked_mlp_forward(x: torch.Tensor, stacks: tuple[ProjectionStack, ProjectionStack], kind: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``mlp_forward`` without dropout through ``stacked_projections``: gate and up with their
+    adapters as one stack (``gate`` and ``up`` are column blocks of its product), down as another;
+    the product ``h`` is recomputed in the backward, as there."""
+    gate_up, down = stacks
+    (gate, up), (x2, low_gu) = gate_up.forward(x.reshape(-1, x.shape[-1]).to(gate_up.dtype))
+    h = silu_mul(gate, up) if kind == "silu" else _activation(kind, gate) * up
+    (out,), (_, low_d) = down.forward(h)
+    return out, (x2, gate, up, low_gu, low_d)
+
+
+def stacked_mlp_backward(saved: tuple[torch.Tensor, ...], stacks: tuple[ProjectionStack, ProjectionStack], kind: str,
+                         grad_out: torch.Tensor, input_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """``mlp_backward``'s ``(d_x, d_ag, d_bg, d_au, d_bu, d_ad, d_bd)`` for ``stacked_mlp_forward``:
+    the activation's gradients written straight into gate/up's stacked gradient matrix."""
+    gate_up, down = stacks
+    x2, gate, up, low_gu, low_d = saved
+    tokens, width = gate.shape
+    d_down = down.gradient_buffer(tokens)
+    d_down[:, : down.width].copy_(grad_out.reshape(tokens, -1))
+    d_h = down.input_gradient(d_down, True)
+    d_gu = gate_up.gradient_buffer(tokens)
+    d_gate, d_up = d_gu[:, :width], d_gu[:, width : 2 * width]
+    if kind == "silu":
+        h, _, _ = silu_mul_backward(d_h, gate, up, out=(d_gate, d_up))
+    else:
+        act = _activation(kind, gate)
+        h = act * up
+        d_up.copy_(d_h * act)
+        d_gate.copy_(_activation_backward(kind, d_h * up, gate))
+    down_grads = down.adapter_grads(h, low_d, d_down)
+    d_x = gate_up.input_gradient(d_gu, input_grad)
+    return (d_x, *gate_up.adapter_grads(x2, low_gu, d_gu), *down_grads)
 
 
 class _FusedLoraMLP(torch.autograd.Function):

@@ -168,6 +168,8 @@ class Trainer:
     chunked_rope: bool = True
     #: Run LoRA-adapted Llama-family decoder blocks as two functions with hand-written backwards (``fused_block``).
     fuse_blocks: bool = True
+    #: Inside them, projections that read one input as two matmuls (``stacked_projections``).
+    stack_projections: bool = True
 
     def __post_init__(self) -> None:
         self.layout = process_layout.layout(self.world, self.cfg.distributed, self.device)
@@ -385,7 +387,7 @@ class Trainer:
             if self.fuse_qkv and fusable:
                 fused.enter_context(fused_projections(self.model))
             if self.fuse_blocks and fusable:
-                fused.enter_context(fused_blocks(self.model))
+                fused.enter_context(fused_blocks(self.model, stack=self.stack_projections))
             cast = self.low_precision_frozen and self.precision.autocast and not self.sharded  # FSDP keeps the shards' dtype
             original = frozen_precision.cast_frozen(self.model, self.precision.dtype) if cast else frozen_precision.FrozenCast()
             if self.compile:

@@ -147,15 +147,16 @@ def test_it_steps_aside_for_peft_s_own_dropout(calls):
         assert calls["attention"] > 0
 
 
+@pytest.mark.parametrize("row", ["mixed", "one example"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_long_segments_go_through_flash_attention_inside_the_fused_block(calls, monkeypatch, precision):
+def test_long_segments_go_through_flash_attention_inside_the_fused_block(calls, monkeypatch, precision, row):
     """Segments of ``MATH_BELOW`` keys or more (here 8: the prefix, a suffix continuing it, whole
-    examples) take torch's flash kernel inside the fused half, as ``varlen_sdpa`` runs them for the
-    unfused layer: fp32 equal to it, bf16 as close to fp32 as it."""
+    examples; or a row that is one long example) take torch's flash kernel inside the fused half,
+    as ``varlen_sdpa`` runs them for the unfused layer: fp32 equal to it, bf16 as close to fp32 as it."""
     monkeypatch.setattr("tunelab.train.varlen_attention.MATH_BELOW", 8)
     model = adapted()
     objective = CausalLMObjective(model, shared_prefix=True)
-    batch = packed_row((9, 30, 5, 17))
+    batch = packed_row((9, 30, 5, 17)) if row == "mixed" else collate_packed(chat_like([30]))
     reference, _, reference_grads = loss_and_grads(objective, model, batch)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:

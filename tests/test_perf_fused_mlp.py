@@ -92,7 +92,7 @@ def assert_the_same_masks_fused_or_not(fused, batch=None) -> None:
     """Under ``bit_dropout``, a step through the fused functions (the context ``fused``) and an
     unfused one with the same seed drop the same elements (pipeline stages are compared with one
     process): the same fp32 loss, gradients apart by rounding (the dropout scale is folded into the
-    adapter's); and another seed's masks change the loss."""
+    adapter's); and another seed's masks change the gradients."""
     model = adapted(dropout=0.3)
     objective = CausalLMObjective(model, shared_prefix=True)
     batch = batch if batch is not None else collate_packed(chat_like([9, 30, 4, 17]), share_prefix=True)
@@ -103,10 +103,12 @@ def assert_the_same_masks_fused_or_not(fused, batch=None) -> None:
             torch.manual_seed(4)
             fused_loss, _, fused_grads = loss_and_grads(objective, model, batch)
             torch.manual_seed(5)
-            other = loss_and_grads(objective, model, batch)[0]
+            _, _, other_grads = loss_and_grads(objective, model, batch)
     assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     assert relative_error(fused_grads, grads) < 1e-5
-    assert other.item() != pytest.approx(loss.item(), rel=1e-4)
+    # the masks matter: another seed's gradients are far outside the tolerance above (its summed
+    # loss can land within 1e-4 of this one's by chance)
+    assert relative_error(other_grads, grads) > 1e-3
 
 
 def test_with_bit_dropout_it_draws_the_masks_the_unfused_mlp_draws():

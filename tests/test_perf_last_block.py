@@ -7,7 +7,7 @@ import torch
 
 from tests.test_perf_shared_prefix import chat_like, loss_and_grads
 from tests.test_perf_varlen import lora_model
-from tunelab.data import collate_packed
+from tunelab.data import Example, collate_packed
 from tunelab.data.collate import collate_padded, pad_packed_row
 from tunelab.models import load_model
 from tunelab.train.fused_mlp import fused_mlps
@@ -102,3 +102,17 @@ def test_a_compiled_last_block_keeps_its_whole_mlp():
     assert last_gated_mlp(model) is not None
     compile_blocks(model)  # lazy: nothing is traced until a block is called
     assert last_gated_mlp(model) is None
+
+
+def test_the_mlp_is_sliced_only_where_the_loss_reads_at_most_half_the_row():
+    """Chat rows (a few answer tokens) slice it; rows of text, every token supervised, run it whole:
+    slicing would save ~1/60 of a step and cost a kernel build each step (a row count that changes)."""
+    model = lora_model()
+    mlp = last_gated_mlp(model)
+    objective = CausalLMObjective(model)
+    chat = collate_packed(chat_like([9, 30, 4, 17]))
+    text = collate_packed([Example(input_ids=list(range(10, 40)), labels=list(range(10, 40)))])
+    assert read_positions(chat["labels"]).float().mean() < 0.5 < read_positions(text["labels"]).float().mean()
+    for batch, sliced in ((chat, True), (text, False)):
+        with objective.attention_scope(model, batch):
+            assert ("forward" in vars(mlp)) == sliced

@@ -1,4 +1,4 @@
-"""Packed rows padded to a multiple of 64 tokens so CPU bf16 kernels see repeating shapes: the
+"""Packed rows padded to a multiple of 16 or 64 tokens so CPU bf16 kernels see repeating shapes: the
 padding is no example and changes no loss, gradient or count."""
 
 import pytest
@@ -10,7 +10,7 @@ from tunelab.data import batch_tokens, collate_packed, pad_packed_row
 from tunelab.data.collate import PADDING_SEGMENT, example_index
 from tunelab.hardware import PrecisionChoice
 from tunelab.train.objectives.causal_lm import CausalLMObjective
-from tunelab.train.shape_buckets import ROW_MULTIPLE, row_multiple
+from tunelab.train.shape_buckets import ROW_MULTIPLE, SHORT_ROW_MULTIPLE, SHORT_ROW_TOKENS, pads_rows, row_multiple
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
@@ -45,9 +45,14 @@ def test_padding_changes_no_loss_or_gradient(share_prefix):
 
 def test_rows_are_padded_only_where_kernels_are_built_per_shape():
     cpu, bf16, fp32 = torch.device("cpu"), PrecisionChoice("bf16", "test"), PrecisionChoice("fp32", "test")
-    assert row_multiple(bf16, cpu) == ROW_MULTIPLE
-    assert row_multiple(fp32, cpu) == 0
-    assert row_multiple(bf16, torch.device("cuda")) == 0
+    assert pads_rows(bf16, cpu)
+    assert not pads_rows(fp32, cpu)
+    assert not pads_rows(bf16, torch.device("cuda"))
+
+
+def test_short_rows_take_the_coarser_multiple():
+    assert row_multiple(SHORT_ROW_TOKENS - 1) == SHORT_ROW_MULTIPLE > ROW_MULTIPLE == row_multiple(SHORT_ROW_TOKENS)
+    assert SHORT_ROW_TOKENS % SHORT_ROW_MULTIPLE == 0  # a padded short row is at most SHORT_ROW_TOKENS long
 
 
 def test_a_bf16_run_trains_on_padded_rows_and_counts_only_example_tokens(tmp_path, monkeypatch):
@@ -66,8 +71,8 @@ def test_a_bf16_run_trains_on_padded_rows_and_counts_only_example_tokens(tmp_pat
     recipe = (f"model: {{name: tiny-llama}}\ndata: {{train: {data}}}\nmethod: {{lora: {{r: 4, dropout: 0.0}}}}\n"
               "train: {epochs: 1, batch_size: 8, precision: bf16}\n")
     padded = train(tmp_path, recipe)
-    assert lengths and all(n % ROW_MULTIPLE == 0 for n in lengths)
-    monkeypatch.setattr(loop.shape_buckets, "row_multiple", lambda precision, device: 0)
+    assert lengths and all(n % (SHORT_ROW_MULTIPLE if n <= SHORT_ROW_TOKENS else ROW_MULTIPLE) == 0 for n in lengths)
+    monkeypatch.setattr(loop.shape_buckets, "pads_rows", lambda precision, device: False)
     plain = train(tmp_path, recipe, f"output_dir={tmp_path / 'plain'}")
     assert padded.tokens_seen == plain.tokens_seen > 0
     assert padded.final_train_loss == pytest.approx(plain.final_train_loss, rel=2e-2)

@@ -25,7 +25,7 @@ LEVERS = {
     "unread_inputs": "packed rows without the inputs no target reads: each example's tail and its last supervised token",
     "sliced_last_mlp": "the last block's MLP only at the positions the loss reads",
     "low_precision_frozen": "frozen weights held in the autocast dtype",
-    "bucketing": "packed rows padded to a multiple of 16 tokens where matmul kernels are built per shape (CPU bf16/fp16)",
+    "bucketing": "packed rows padded to a multiple of 16 tokens (64 below 256) where matmul kernels are built per shape (CPU bf16/fp16)",
     "fused_mlp": "a LoRA-adapted gated MLP as one function with a hand-written backward",
     "fused_qkv": "LoRA-adapted q/k/v projections as one function (one down-projection matmul for the three)",
     "loss_buffers": "the fused loss's [rows, vocab] buffers kept from step to step instead of allocated (and page-faulted) anew",

@@ -100,6 +100,8 @@ def block_activations(arch: Architecture, rules: BlockRules, input_requires_grad
         """What the fused gated MLP keeps: its input in the compute dtype, gate, up, the three
         rank-r products and, with dropout, the three boolean masks."""
         keep(cd * h + 2 * cd * i + 3 * cd * rules.rank + (2 * h + i if rules.dropout > 0 else 0))
+        if rules.stacked:  # gate and up are column blocks of one product whose last 2r columns stay with them
+            keep(2 * cd * rules.rank)
 
     if rules.fused_block:
         # each half keeps its fp32 input and 1/rms whatever needs a gradient (the first block's too)

@@ -95,7 +95,7 @@ def _rows(plan: _Attention, padded: list[torch.Tensor], long: list[torch.Tensor]
     parts += [x.to(parts[0].dtype) if parts else x for x in long]
     if plan.layout.skipped:  # padding segments: attended by nothing, their output zero
         parts.append(parts[0].new_zeros(plan.layout.skipped, plan.heads, plan.head_dim))
-    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()  # one long segment: flash's [length, heads, dim] view
     return out.index_select(0, plan.layout.order) if plan.layout.order is not None else out
 
 

@@ -9,6 +9,13 @@ output is never read. On chat SFT rows that is most of them (the short benchmark
 it only where it is read skips about 1/40 of a step's matmuls. At the skipped positions the block
 outputs its attention's residual (the MLP's output taken as zero): a value no loss term reads.
 
+Only where the loss reads at most half of the positions (``pays_to_slice``): on continued
+pretraining or long answers it reads nearly all of them, and slicing then saves under 1/60 of a
+step while costing more than that. The sliced row count changes every step, so oneDNN builds that
+MLP's bf16 kernels anew each step (the long workload's seed 2 on the AMX Xeon: ~45 ms of kernel
+building a step for its 119 of 128 rows, bench/README.md, "Session 38"), and the sliced MLP
+runs outside the fused block's stacked projections.
+
 Only for a gated MLP (``gate_proj``/``up_proj``/``down_proj`` with a SiLU or ReLU ``act_fn``, the
 family ``tunelab.train.fused_mlp`` computes), whose output at a position depends on that position's
 input alone; a mixture-of-experts layer (routing capacity, auxiliary outputs) keeps its forward.
@@ -53,6 +60,12 @@ def read_positions(labels: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100
     return keep
+
+
+def pays_to_slice(keep: torch.Tensor) -> bool:
+    """Whether computing the last MLP at ``keep``'s positions only is worth it: at most half of
+    them are read (see the module docstring)."""
+    return 2 * int(keep.sum()) <= keep.numel()
 
 
 @contextlib.contextmanager

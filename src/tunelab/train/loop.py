@@ -202,7 +202,7 @@ class Trainer:
         self.comm = register_compression(self.wrapped, compression) if compression is not None else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         padding = self.bucket_rows and getattr(self.objective, "row_padding", False)
-        self.row_multiple = shape_buckets.row_multiple(self.precision, self.device) if padding else 0
+        self.pads_rows = padding and shape_buckets.pads_rows(self.precision, self.device)
         self._epoch_batches: dict[int, list[list[int]]] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -303,10 +303,10 @@ class Trainer:
             atomic.append_jsonl(self.run_dir / "example_scores.jsonl", {"step": 0, "seconds": 0.0, "scores": scores})
 
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """``examples`` collated, a packed row padded to the run's shape multiple, on the device."""
+        """``examples`` collated, a packed row padded to its shape multiple (``shape_buckets``), on the device."""
         batch = self.collate(examples)
-        if self.row_multiple and "position_ids" in batch and "attention_mask" not in batch:
-            batch = pad_packed_row(batch, self.row_multiple)
+        if self.pads_rows and "position_ids" in batch and "attention_mask" not in batch:
+            batch = pad_packed_row(batch, shape_buckets.row_multiple(batch["input_ids"].shape[1]))
         return self._to_device(batch)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ import transformers.modeling_utils
 
 from tunelab.methods.peft_adapters import is_prompt_learning, unwrap_peft
 from tunelab.train.distributed import unwrap as unwrap_ddp
-from tunelab.train.last_block import last_gated_mlp, mlp_at, read_positions
+from tunelab.train.last_block import last_gated_mlp, mlp_at, pays_to_slice, read_positions
 from tunelab.train.objectives.base import ObjectiveContext, Stats, register_objective
 from tunelab.train.objectives.fused_cross_entropy import fused_linear_cross_entropy
 from tunelab.train.packing_check import packs_exactly
@@ -153,8 +153,9 @@ class CausalLMObjective:
             if self._packed_attention(batch):
                 scope.enter_context(varlen_attention(model))
             last_mlp = last_gated_mlp(model) if self.sliced_last_mlp else None
-            if last_mlp is not None:
-                scope.enter_context(mlp_at(last_mlp, read_positions(batch["labels"])))
+            keep = read_positions(batch["labels"]) if last_mlp is not None else None
+            if last_mlp is not None and pays_to_slice(keep):
+                scope.enter_context(mlp_at(last_mlp, keep))
             yield
 
     def supervised_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -64,11 +64,13 @@ def test_an_optimizer_step_reaches_the_stacked_adapters():
     assert all(torch.allclose(o, e, atol=1e-5) for o, e in zip(outs, expected))
 
 
-@pytest.mark.parametrize("change", ["dtype", "scale", "dropout"])
+@pytest.mark.parametrize("change", ["dtype", "scale", "dropout", "borrowed memory"])
 def test_projections_it_cannot_stack(change):
     parts = qkv_parts(adapted(dropout=0.1 if change == "dropout" else 0.0))
     dtype = torch.bfloat16 if change == "dtype" else torch.float32  # the frozen weights are fp32
     if change == "scale":
         parts[1] = replace(parts[1], scale=2 * parts[0].scale)
+    if change == "borrowed memory":  # memory torch does not own (a loader's arrays): stacking would not free it
+        parts[1].weight.data = torch.from_numpy(parts[1].weight.detach().numpy().copy())
     assert ProjectionStack.fits(qkv_parts(adapted()), torch.float32)
     assert not ProjectionStack.fits(parts, dtype)

@@ -320,11 +320,11 @@ class _FusedLayer:
         return held
 
     def release(self) -> None:
-        """The frozen weights back in their own storage (``ProjectionStack.release``)."""
-        for held in self.stacks.values():
-            for stack in held:
+        """The frozen weights back in their own storage (``ProjectionStack.release``), one half at a
+        time, each half's stacks dropped before the next half's weights are copied out."""
+        for half in list(self.stacks):
+            for stack in self.stacks.pop(half):
                 stack.release()
-        self.stacks.clear()
 
     def _attention_parts(self) -> list[LoraParts] | None:
         parts = [lora_parts(getattr(self.layer.self_attn, name)) for name in ATTENTION]

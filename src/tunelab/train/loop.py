@@ -395,6 +395,9 @@ class Trainer:
             try:
                 return self._fit(resume_from)
             finally:
+                # the fused functions undone first: the stacked projections give the frozen weights
+                # their own storage back before restore widens them (else both copies coexist)
+                fused.close()
                 frozen_precision.restore(original)
 
     def _fit(self, resume_from: Path | None) -> TrainResult:

@@ -13,6 +13,7 @@ from tunelab.data.collate import pad_packed_row
 from tunelab.train.frozen_precision import cast_frozen, restore
 from tunelab.train.fused_block import _AttentionHalf, _FusedLayer, _MlpHalf, fused_blocks
 from tunelab.train.objectives.causal_lm import CausalLMObjective
+from tunelab.train.stacked_projections import ProjectionStack
 
 
 @pytest.fixture
@@ -72,8 +73,22 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_the_unfused_block(
 
 
 def stacked_layers(model) -> int:
-    """How many decoder layers run their projections stacked right now (``stacked_projections``)."""
+    """How many decoder layers hold projection stacks right now (``stacked_projections``)."""
     return sum(1 for m in model.modules() if isinstance(vars(m).get("forward"), _FusedLayer) and vars(m)["forward"].stacks)
+
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    """How many times a projection stack computed a forward."""
+    counted = [0]
+    original = ProjectionStack.forward
+
+    def forward(self, x):
+        counted[0] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(ProjectionStack, "forward", forward)
+    return counted
 
 
 def test_with_frozen_weights_in_bf16_the_stacked_blocks_stay_within_bf16_rounding():
@@ -100,10 +115,10 @@ def test_with_frozen_weights_in_bf16_the_stacked_blocks_stay_within_bf16_roundin
     assert error(fused_grads) <= 1.5 * error(own_grads)
 
 
-def test_stacked_blocks_train_as_the_unfused_blocks_over_several_steps():
+def test_stacked_blocks_train_as_the_unfused_blocks_over_several_steps(stack_calls):
     """fp32 (frozen weights in the compute dtype: stacked): three AdamW steps end at the unfused run's
-    adapters, so each step's updated adapters reach the stacks; afterwards every frozen weight is
-    unchanged and owns its storage again."""
+    adapters, so each step's updated adapters reach the stacks (which every step uses, not only the
+    one that built them); afterwards every frozen weight is unchanged and owns its storage again."""
     batch = packed_row()
 
     def train(fused: bool) -> dict[str, torch.Tensor]:
@@ -116,7 +131,9 @@ def test_stacked_blocks_train_as_the_unfused_blocks_over_several_steps():
                 optimizer.zero_grad()
                 objective(model, batch)[0].backward()
                 optimizer.step()
-            assert stacked_layers(model) == (len(model.base_model.model.model.layers) if fused else 0)
+            layers = len(model.base_model.model.model.layers)
+            assert stacked_layers(model) == (layers if fused else 0)
+            assert stack_calls[0] >= (3 * 2 * layers if fused else 0)  # q/k/v and o, every step
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 assert torch.equal(p, frozen[name])

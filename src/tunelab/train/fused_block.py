@@ -312,11 +312,14 @@ class _FusedLayer:
         """The ``half``'s stacks (``"attention"``: q/k/v and o; ``"mlp"``: gate/up and down) for products in
         ``dtype``: made on the first call that can use them (the frozen weights in ``dtype``, no
         dropout), made again if the weights were re-homed."""
-        if not self.stack or rate or not all(ProjectionStack.fits(group, dtype) for group in groups):
+        if not self.stack or rate:
             return None
         held = self.stacks.get(half)
-        if held is None or not all(stack.current() for stack in held):
-            held = self.stacks[half] = tuple(ProjectionStack(group) for group in groups)
+        if held is not None and all(stack.serves(group, dtype) for stack, group in zip(held, groups)):
+            return held
+        if not all(ProjectionStack.fits(group, dtype) for group in groups):
+            return None
+        held = self.stacks[half] = tuple(ProjectionStack(group) for group in groups)
         return held
 
     def release(self) -> None:

@@ -61,12 +61,18 @@ class ProjectionStack:
         """Whether ``parts`` can be stacked for products in ``dtype``, and stacking them adds no
         memory: each frozen weight's storage is torch's own allocation and all its, so the stack
         replaces it. Weights whose memory belongs to something else (SmolLM2's fp32 weights as
-        loaded: dequantized arrays torch does not own) would stay beside their stacked copies: +410
-        MB of RSS for SmolLM2 in fp32. Weights cast by ``frozen_precision`` are always torch's."""
+        loaded from its GGUF, storage torch did not allocate) would stay beside their stacked copies:
+        +410 MB of RSS for SmolLM2 in fp32. Weights cast by ``frozen_precision`` are always torch's."""
         first = parts[0].weight
         return all(p.weight.dtype == dtype and p.weight.device == first.device and p.weight.shape[1] == first.shape[1]
                    and p.weight.is_contiguous() and p.scale == parts[0].scale and p.dropout == 0
                    and _owns_its_storage(p.weight) for p in parts)
+
+    def serves(self, parts: list[LoraParts], dtype: torch.dtype) -> bool:
+        """Whether this stack computes ``parts`` in ``dtype`` on this call: its views still the frozen
+        weights, its dtype, one scale, no dropout (``fits`` no longer holds once a stack exists:
+        the weights are its views)."""
+        return dtype == self.dtype and self.current() and all(p.dropout == 0 and p.scale == self.scale for p in parts)
 
     def current(self) -> bool:
         """Whether every frozen weight is still the view of the stack this made."""

@@ -3,7 +3,7 @@ down-projections stacked into one matrix, the up-projections block-diagonal in a
 
 ``fused_projections`` computes q, k and v of an attention block (or one projection, o_proj, alone)
 as one base product per projection, one down-product for all adapters and one up-product each:
-for q/k/v, four matmuls forward and eleven backward. On short rows each oneDNN bf16 call costs
+for q/k/v, seven matmuls forward and eleven backward. On short rows each oneDNN bf16 call costs
 ~40-90 µs however small its product (a ``[112, 576] @ [576, 16]`` adapter product: 45 µs alone,
 69-92 µs inside a step), so a step of a few hundred tokens is mostly call overhead (the long
 workload's seed 2: ~114-token rows, 2,500 matmul calls a step; bench/README.md, "Session 38").

@@ -31,6 +31,11 @@ def calls(monkeypatch):
     return counted
 
 
+def distance(grads, reference):
+    """The gradients' Euclidean distance from the reference's, over every parameter."""
+    return sum((grads[n] - g).norm() ** 2 for n, g in reference.items()) ** 0.5
+
+
 def packed_row(lengths=(9, 30, 4, 17)):
     """A shared-prefix row padded to a multiple of 16: a prefix, suffixes and a padding segment."""
     return pad_packed_row(collate_packed(chat_like(list(lengths)), share_prefix=True), 16)
@@ -66,10 +71,7 @@ def test_under_bf16_autocast_it_stays_within_bf16_rounding_of_the_unfused_block(
     assert all(g.dtype == torch.float32 for g in fused_grads.values())
     assert fused_loss.item() == pytest.approx(reference.item(), rel=1e-2)
 
-    def error(grads):
-        return sum((grads[n] - g).norm() ** 2 for n, g in reference_grads.items()) ** 0.5
-
-    assert error(fused_grads) <= 1.5 * error(own_grads)
+    assert distance(fused_grads, reference_grads) <= 1.5 * distance(own_grads, reference_grads)
 
 
 def stacked_layers(model) -> int:
@@ -108,11 +110,8 @@ def test_with_frozen_weights_in_bf16_the_stacked_blocks_stay_within_bf16_roundin
             assert stacked_layers(model) == len(model.base_model.model.model.layers)
             restore(changed)
 
-    def error(grads):
-        return sum((grads[n] - g).norm() ** 2 for n, g in reference_grads.items()) ** 0.5
-
     assert abs(fused_loss.item() - reference.item()) <= 1.5 * abs(own_loss.item() - reference.item()) + 1e-3 * abs(reference.item())
-    assert error(fused_grads) <= 1.5 * error(own_grads)
+    assert distance(fused_grads, reference_grads) <= 1.5 * distance(own_grads, reference_grads)
 
 
 def test_stacked_blocks_train_as_the_unfused_blocks_over_several_steps(stack_calls):
@@ -188,11 +187,8 @@ def test_long_segments_go_through_flash_attention_inside_the_fused_block(calls, 
         assert fused_loss.item() == pytest.approx(reference.item(), rel=1e-6)
         assert relative_error(fused_grads, reference_grads) < 1e-5
     else:
-        def error(grads):
-            return sum((grads[n] - g).norm() ** 2 for n, g in reference_grads.items()) ** 0.5
-
         assert abs(fused_loss.item() - reference.item()) <= 1.5 * abs(own_loss.item() - reference.item()) + 1e-3 * abs(reference.item())
-        assert error(fused_grads) <= 1.5 * error(own_grads)
+        assert distance(fused_grads, reference_grads) <= 1.5 * distance(own_grads, reference_grads)
 
 
 def test_a_block_whose_forward_differs_keeps_its_own():
